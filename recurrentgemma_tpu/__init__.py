@@ -1,0 +1,1 @@
+"""Griffin, Hawk and RecurrentGemma pretraining, TPU first."""

@@ -1,0 +1,55 @@
+"""Installable package for recurrentgemma_tpu (see README.md)."""
+
+import setuptools
+
+# Ranges are the versions this project is tested with; widen only after testing.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "seqio>=0.0.20,<0.1",
+    "tensorflow>=2.21,<2.22",
+    "tensorflow-text>=2.21,<2.22",
+    "tensorflow-datasets>=4.9.10,<5",
+    "ml-collections>=1.1,<2",
+    "sentencepiece>=0.2,<0.3",
+    "absl-py>=2,<3",
+    "numpy>=2,<3",
+]
+
+EXTRAS_REQUIRE = {
+    # jax[tpu] brings libtpu, which lets a CPU host compile real TPU programs.
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+    # The reference `recurrentgemma` package itself pins numpy<2.4 and absl<2, so
+    # the README installs it with --no-deps; these are the imports it needs.
+    "test": [
+        "jax[tpu]>=0.10.2,<0.11",
+        "pytest>=8",
+        "pytest-xdist>=3",
+        "jaxtyping>=0.2,<1",
+        "typeguard>=2,<3",
+        "einops>=0.6,<1",
+    ],
+}
+
+setuptools.setup(
+    name="recurrentgemma_tpu",
+    version="0.1.0",
+    description="TPU-first pretraining of Griffin, Hawk and RecurrentGemma models.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(
+        include=["recurrentgemma_tpu*", "sharding*", "pallas_kernels*", "launch*", "configs*"]
+    ),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        "console_scripts": [
+            "rg-train=recurrentgemma_tpu.train:run",
+            "rg-compile=recurrentgemma_tpu.compile:run",
+            "rg-sample=recurrentgemma_tpu.sample:run",
+        ]
+    },
+)
