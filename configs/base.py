@@ -13,33 +13,134 @@ def model() -> ml_collections.ConfigDict:
   return c
 
 
-def data() -> ml_collections.ConfigDict:
-  """Data pipeline (recurrentgemma_tpu/data)."""
+def data_source(kind: str = "default", rate: float = 1.0, **overrides) -> ml_collections.ConfigDict:
+  """One data source (an entry of `config.data.sources`); every field declared here."""
   c = ml_collections.ConfigDict()
+  c.kind = kind  # default (embedded stdlib corpus) | tfds | files
+  c.rate = rate  # mixing rate; only ratios between sources matter
+  # kind=default: directory whose *.py files are the corpus; "" = this interpreter's stdlib.
+  c.default_root = ""
+  # kind=tfds: builder name (optionally with config/version, e.g. "c4/en:3.0.1"), data_dir
+  # (local or gs://), and the builder's splits used for training and evaluation ("" = none).
+  c.tfds_name = ""
+  c.tfds_data_dir = ""
+  c.train_split = "train"
+  c.eval_split = "validation"
+  # kind=files: comma-separated globs on any tf.io.gfile filesystem; eval_pattern "" holds out
+  # validation_fraction of the documents instead. format: text (a document per file) | lines
+  # (a document per line) | jsonl | tfrecord (tf.train.Example).
+  c.pattern = ""
+  c.eval_pattern = ""
+  c.format = "text"
+  c.text_key = "text"  # text field of tfds / jsonl / tfrecord records
+  c.validation_fraction = 0.01  # kind=default/files: documents held out by hash of their id
+  c.max_documents = 0  # documents read per split; 0 = all
+  for key, value in overrides.items():
+    c[key] = value  # raises on an undeclared field
+  return c
+
+
+def data() -> ml_collections.ConfigDict:
+  """Data pipeline (recurrentgemma_tpu/data); the vocabulary size is config.model.vocab_size."""
+  c = ml_collections.ConfigDict()
+  # Named sources; more than one makes a mixture with their rates.
+  c.sources = ml_collections.ConfigDict({"default": data_source("default")})
+  c.seq_len = 1024  # T: tokens per packed row
+  c.global_batch_size = 8  # B: rows per step over all processes
+  c.eval_batch_size = 8
+  c.num_eval_batches = 0  # 0 = the whole validation split
+  c.seed = 0  # document shuffle before packing, row order of every epoch, mixture pattern
+  c.tokenizer = ""  # SentencePiece .model path; "" = train one on the embedded corpus, cached
+  # Local directory for the tokenizer and prepared stores; "" = $RECURRENTGEMMA_TPU_DATA_CACHE
+  # or ~/.cache/recurrentgemma_tpu/data.
+  c.cache_dir = ""
   return c
 
 
 def optimizer() -> ml_collections.ConfigDict:
   """AdamW, schedule and clipping (recurrentgemma_tpu/train_step.py)."""
   c = ml_collections.ConfigDict()
+  # Peak learning rate, reached at the end of the linear warmup.
+  c.learning_rate = 3e-4
+  # Linear warmup from 0 to `learning_rate` over this many steps.
+  c.warmup_steps = 1000
+  # Length of the whole schedule (warmup included); cosine decays to
+  # `learning_rate * final_lr_ratio` at this step and stays there after it.
+  c.decay_steps = 100_000
+  c.final_lr_ratio = 0.1
+  # AdamW moments. b2=0.95 is the usual large-LM choice (the papers give none).
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.eps = 1e-8
+  # Decoupled weight decay; never applied to norms, biases or RG-LRU params.
+  c.weight_decay = 0.1
+  # Global-norm gradient clipping threshold; 0 disables clipping.
+  c.grad_clip_norm = 1.0
+  # Coefficient of the z-loss (log Z)^2 that keeps the softmax normaliser near 1;
+  # 0 disables it.
+  c.z_loss = 0.0
+  # Gradient accumulation: the global batch is split into this many
+  # micro-batches, processed sequentially inside one step.
+  c.num_microbatches = 1
+  # dtype of the Adam moments: "float32" or "bfloat16" (halves their memory).
+  c.mu_dtype = "float32"
   return c
 
 
 def train() -> ml_collections.ConfigDict:
   """Training loop (recurrentgemma_tpu/train.py)."""
   c = ml_collections.ConfigDict()
+  # Number of optimizer steps to run in total (a resumed run continues up to it).
+  c.steps = 10_000
+  # Seed of parameter initialisation and of the per-step RNG key carried in the train state.
+  c.seed = 0
+  # Fetch, check (NaN/Inf) and write training metrics every this many steps.
+  c.log_every = 50
+  # Evaluate on the validation split every this many steps (0: only the final evaluation).
+  c.eval_every = 1000
+  # Validation batches per evaluation (each of the data config's global batch size).
+  c.eval_steps = 20
+  # Peak FLOP/s per device used for MFU; 0 takes the chip table in sharding/ on TPU/GPU and a
+  # measured matmul peak on CPU (where no datasheet number applies).
+  c.peak_flops_per_device = 0.0
   return c
 
 
 def checkpoint() -> ml_collections.ConfigDict:
   """Orbax checkpointing (recurrentgemma_tpu/checkpoints)."""
   c = ml_collections.ConfigDict()
+  # Save every this many steps (0: only on preemption and at the end of training).
+  c.save_every = 1000
+  # Keep the newest this many checkpoints ...
+  c.keep_last = 3
+  # ... plus, forever, every checkpoint whose step is a multiple of this (0: none); must be a
+  # multiple of save_every.
+  c.keep_every = 0
+  # Write checkpoints in a background thread while training continues.
+  c.async_save = True
+  # Start from the parameters (not the optimizer state) of this checkpoint: a workdir, a training
+  # checkpoint directory or step, or a parameters-only checkpoint (e.g. converted from the published
+  # RecurrentGemma format). Ignored when the workdir already holds a checkpoint to resume from.
+  c.init_from = ""
   return c
 
 
 def mesh() -> ml_collections.ConfigDict:
   """Device mesh and partitioning strategy (sharding/)."""
   c = ml_collections.ConfigDict()
+  # Partitioning strategy: one logical-axis rule table in sharding/rules.py.
+  # "griffin": the paper's Megatron tensor parallelism on `model` + ZeRO-3 on
+  # `fsdp` + sequence parallelism on `seq`; "fsdp": ZeRO-3 only; "dp": pure
+  # data parallelism (replicated parameters).
+  c.strategy = "griffin"
+  # Mesh axis sizes within one slice (ICI). Exactly one may be -1, meaning
+  # "all remaining devices"; their product must equal the devices per slice.
+  c.data = 1
+  c.fsdp = -1
+  c.model = 1
+  c.seq = 1
+  # Number of TPU slices joined over DCN; the `slice` axis shards the batch.
+  c.num_slices = 1
   return c
 
 
