@@ -1,0 +1,280 @@
+"""Deterministic global batches from prepared stores: `make_pipeline(config).batch(step)`.
+
+Global row g of the training stream (g = step * B + r for row r of the step's global batch) is a
+pure function of (data config, seed, g):
+  1. the mixture assigns g to a source i and an index j within that source's stream, by a fixed,
+     seeded pattern of period P in which source i holds round(P * rate_i) slots, so
+     j = (g // P) * count_i + (rank of g % P among source i's slots), O(1) for any g;
+  2. j picks epoch e = j // N_i and position j % N_i, mapped through the permutation of the N_i
+     packed rows keyed by (seed, source, e): every epoch sees every row once, in a new order.
+A process computes only the rows it owns, so batches do not depend on the number of processes or
+devices, and resuming at step k needs no replay. seqio's own Mixture samples with a stateful
+tf.data stream, which cannot jump to row g; that is why mixing happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+
+from recurrentgemma_tpu.data import permute, store, vocab as vocab_lib
+from recurrentgemma_tpu.data.config import DataConfig, data_config_from
+
+# Mixture pattern period: rates are honoured exactly over every P consecutive rows, quantised to
+# 1/P. Large enough for rates of 0.1%, small enough to build instantly.
+MIXTURE_PERIOD = 4096
+
+Batch = dict[str, np.ndarray]
+
+
+def derive_features(targets: np.ndarray, segment_ids: np.ndarray, bos_id: int) -> Batch:
+  """The model's features from packed targets, exactly as seqio.LMFeatureConverter(pack=True).
+
+  Args:
+    targets: [B, T] next-token targets (0 on padding).
+    segment_ids: [B, T] document number within the row, 0 on padding.
+    bos_id: first input token of every document.
+
+  Returns:
+    `inputs, targets, segment_ids, positions` (int32) and `loss_weights` (float32), [B, T] each.
+  """
+  targets = targets.astype(np.int32)
+  seg = segment_ids.astype(np.int32)
+  prev_seg = np.zeros_like(seg)
+  prev_seg[:, 1:] = seg[:, :-1]
+  first = seg != prev_seg  # a document (or the padding after it) starts here
+  inputs = np.empty_like(targets)
+  inputs[:, 0] = bos_id
+  inputs[:, 1:] = targets[:, :-1]
+  inputs = np.where(first, bos_id, inputs).astype(np.int32)
+  # positions: distance from the last document start, 0 on padding.
+  t = np.broadcast_to(np.arange(seg.shape[1], dtype=np.int32), seg.shape)
+  last_start = np.maximum.accumulate(np.where(first, t, 0), axis=1)
+  nonpad = seg > 0
+  positions = np.where(nonpad, t - last_start, 0).astype(np.int32)
+  return {
+      "inputs": inputs,
+      "targets": targets,
+      "segment_ids": seg,
+      "positions": positions,
+      "loss_weights": nonpad.astype(np.float32),
+  }
+
+
+def _mixture_pattern(rates: list[float], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(source of each slot, rank of each slot within its source, slots per source)."""
+  if len(rates) == 1:
+    return np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1, np.int64)
+  share = np.asarray(rates, np.float64) / sum(rates) * MIXTURE_PERIOD
+  counts = np.floor(share).astype(np.int64)
+  # Largest remainder, ties to the lower index, so counts sum to the period.
+  for i in np.argsort(-(share - counts), kind="stable")[: MIXTURE_PERIOD - counts.sum()]:
+    counts[i] += 1
+  pattern = np.repeat(np.arange(len(rates)), counts)
+  pattern = pattern[permute.permute(np.arange(MIXTURE_PERIOD), MIXTURE_PERIOD,
+                                    permute.derive_key("mixture", seed))]
+  rank = np.zeros(MIXTURE_PERIOD, np.int64)
+  for i in range(len(rates)):
+    slots = pattern == i
+    rank[slots] = np.arange(slots.sum())
+  return pattern, rank, counts
+
+
+class Pipeline:
+  """Batches for one process. Build with `make_pipeline(config)`.
+
+  Attributes:
+    config: the typed data settings.
+    vocab: the tokenizer (`encode`, `decode`, `eos_id`, `bos_id`, `size`).
+    process_index, process_count: which rows `batch(step)` returns by default.
+    local_batch_size: rows per process per step (global_batch_size // process_count).
+  """
+
+  def __init__(self, cfg: DataConfig, vocab: vocab_lib.Vocabulary, stores: list[store.Store],
+               process_index: int, process_count: int):
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+    if cfg.global_batch_size % process_count:
+      raise ValueError(f"config.data.global_batch_size={cfg.global_batch_size} is not divisible "
+                       f"by the process count {process_count}.")
+    if cfg.eval_batch_size % process_count:
+      raise ValueError(f"config.data.eval_batch_size={cfg.eval_batch_size} is not divisible "
+                       f"by the process count {process_count}.")
+    self.config = cfg
+    self.vocab = vocab
+    self.stores = stores
+    self.process_index = process_index
+    self.process_count = process_count
+    self.local_batch_size = cfg.global_batch_size // process_count
+    self._pattern, self._rank, self._counts = _mixture_pattern(
+        [s.rate for s in cfg.sources], cfg.seed)
+    for s, c in zip(cfg.sources, self._counts):
+      if c == 0:
+        raise ValueError(f"config.data.sources.{s.name}.rate={s.rate} is below 1/{MIXTURE_PERIOD} "
+                         "of the total rate; raise it or remove the source.")
+    self._train_rows = np.array([st.train.num_rows for st in stores], np.int64)
+
+  @property
+  def num_train_rows(self) -> int:
+    """Packed training rows over all sources (one epoch of each)."""
+    return int(self._train_rows.sum())
+
+  @property
+  def num_eval_rows(self) -> int:
+    return sum(st.validation.num_rows for st in self.stores)
+
+  def _local_rows(self, rows: slice | None, batch_size: int) -> range:
+    if rows is None:
+      local = batch_size // self.process_count
+      return range(self.process_index * local, (self.process_index + 1) * local)
+    r = range(batch_size)[rows]
+    if r.step != 1 or len(r) == 0:
+      raise ValueError(f"rows={rows} must select a non-empty contiguous range of [0, {batch_size}).")
+    return r
+
+  def source_of(self, global_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(source, store row) of global training rows: the determinism map of the module docstring."""
+    g = np.asarray(global_rows, np.int64)
+    period, slot = np.divmod(g, len(self._pattern))
+    src = self._pattern[slot]
+    j = period * self._counts[src] + self._rank[slot]
+    n = self._train_rows[src]
+    epoch, pos = np.divmod(j, n)
+    out = np.empty_like(g)
+    for i in np.unique(src):
+      for e in np.unique(epoch[src == i]):
+        sel = (src == i) & (epoch == e)
+        key = permute.derive_key(self.config.seed, self.config.sources[i].name, int(e))
+        out[sel] = permute.permute(pos[sel], int(n[i]), key)
+    return src, out
+
+  def batch(self, step: int, rows: slice | None = None) -> Batch:
+    """Rows `rows` (default: this process's block) of the global training batch at `step`.
+
+    Returns:
+      dict of numpy arrays [len(rows), seq_len]; see `derive_features`.
+    """
+    if step < 0:
+      raise ValueError(f"step={step} must be >= 0.")
+    local = self._local_rows(rows, self.config.global_batch_size)
+    g = step * self.config.global_batch_size + np.arange(local.start, local.stop, dtype=np.int64)
+    src, idx = self.source_of(g)
+    t = self.config.seq_len
+    targets = np.empty((len(g), t), np.int32)
+    segments = np.empty((len(g), t), np.int32)
+    for i in np.unique(src):
+      sel = np.nonzero(src == i)[0]
+      split = self.stores[i].train
+      order = np.argsort(idx[sel], kind="stable")  # sorted reads are sequential on disk
+      targets[sel[order]] = split.targets[idx[sel][order]]
+      segments[sel[order]] = split.segment_ids[idx[sel][order]]
+    return derive_features(targets, segments, self.vocab.bos_id)
+
+  def iterate(self, start_step: int = 0) -> Iterator[Batch]:
+    """Local batches from `start_step` on; resuming at step k yields what step k always yields."""
+    step = start_step
+    while True:
+      yield self.batch(step)
+      step += 1
+
+  def eval_batches(self, rows: slice | None = None) -> Iterator[Batch]:
+    """This process's rows of each evaluation batch: every source's validation rows in order.
+
+    The last batch is completed with padding rows (all-zero `loss_weights`), so every process
+    yields the same number of batches.
+    """
+    cfg = self.config
+    total = self.num_eval_rows
+    if total == 0:
+      raise ValueError("no validation rows: every source's validation split is empty (raise "
+                       "validation_fraction, set eval_pattern, or set the tfds eval_split).")
+    num = -(-total // cfg.eval_batch_size)
+    if cfg.num_eval_batches:
+      num = min(num, cfg.num_eval_batches)
+    local = self._local_rows(rows, cfg.eval_batch_size)
+    bounds = np.cumsum([0] + [st.validation.num_rows for st in self.stores])
+    for b in range(num):
+      g = b * cfg.eval_batch_size + np.arange(local.start, local.stop)
+      targets = np.zeros((len(g), cfg.seq_len), np.int32)
+      segments = np.zeros((len(g), cfg.seq_len), np.int32)
+      for i, st in enumerate(self.stores):
+        sel = np.nonzero((g >= bounds[i]) & (g < bounds[i + 1]))[0]
+        if sel.size:
+          targets[sel] = st.validation.targets[g[sel] - bounds[i]]
+          segments[sel] = st.validation.segment_ids[g[sel] - bounds[i]]
+      yield derive_features(targets, segments, self.vocab.bos_id)
+
+
+def make_pipeline(config, *, process_index: int | None = None,
+                  process_count: int | None = None) -> Pipeline:
+  """Builds the data pipeline of an experiment config, preparing what is not cached yet.
+
+  Args:
+    config: the full experiment config (reads `config.data` and `config.model.vocab_size`).
+    process_index: this process; default `jax.process_index()`.
+    process_count: processes sharing the global batch; default `jax.process_count()`.
+
+  Returns:
+    A `Pipeline`. The first call on a machine trains the embedded tokenizer (if used) and writes
+    each source's store under the cache directory; later calls only memory-map them.
+  """
+  cfg = data_config_from(config)
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if cfg.global_batch_size % process_count:
+    raise ValueError(f"config.data.global_batch_size={cfg.global_batch_size} is not divisible by "
+                     f"the process count {process_count}.")
+  vocab = vocab_lib.Vocabulary(vocab_lib.tokenizer_path(cfg), cfg.vocab_size)
+  stores = []
+  for source in cfg.sources:
+    path = store.prepare(cfg, source, vocab)
+    stores.append(store.open_store(path))
+    logging.info("data source %s: %s", source.name, stores[-1].meta["rows"])
+  return Pipeline(cfg, vocab, stores, process_index, process_count)
+
+
+def process_rows(sharding, global_batch_size: int) -> slice:
+  """The contiguous block of batch rows whose shards live on this process's devices.
+
+  Raises:
+    ValueError: if this process's rows are not one contiguous block (a sharding the process-local
+      batch convention cannot express).
+  """
+  shape = (global_batch_size, 1)
+  starts, stops = [], []
+  for index in sharding.addressable_devices_indices_map(shape).values():
+    r = range(global_batch_size)[index[0]]
+    starts.append(r.start)
+    stops.append(r.stop)
+  lo, hi = min(starts), max(stops)
+  covered = np.zeros(global_batch_size, bool)
+  for a, b in zip(starts, stops):
+    covered[a:b] = True
+  if not covered[lo:hi].all():
+    raise ValueError(f"this process's batch rows under {sharding} are not contiguous.")
+  return slice(lo, hi)
+
+
+def to_global_arrays(local_batch: Batch, sharding, global_batch_size: int) -> dict:
+  """Turns this process's rows into global jax arrays [global_batch_size, T] with `sharding`."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return {
+      k: jax.make_array_from_process_local_data(
+          sharding, v, (global_batch_size,) + v.shape[1:])
+      for k, v in local_batch.items()
+  }
+
+
+def global_batch(pipeline: Pipeline, step: int, sharding) -> dict:
+  """The training batch at `step` as global jax arrays laid out by `sharding` (batch on axis 0).
+
+  Each process reads only the rows its devices hold, whatever the mesh order of processes.
+  """
+  b = pipeline.config.global_batch_size
+  return to_global_arrays(pipeline.batch(step, process_rows(sharding, b)), sharding, b)

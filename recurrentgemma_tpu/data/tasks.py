@@ -1,0 +1,163 @@
+"""seqio Tasks and Mixtures for the configured sources, and their packed, tokenized examples.
+
+Each source becomes a registered `seqio.Task` (a FunctionDataSource over our readers, or a
+TfdsDataSource) with the standard tokenize / append-EOS preprocessors plus one that cuts long
+documents into pieces of at most `seq_len` tokens; `seqio.LMFeatureConverter(pack=True)` packs them.
+Several sources are also registered as a `seqio.Mixture` with their rates, for users of seqio's own
+tools; the training pipeline mixes at the row level instead (see pipeline.py for why).
+
+This module imports TensorFlow; only preparing a store needs it, reading one does not.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from recurrentgemma_tpu.data import corpus
+from recurrentgemma_tpu.data.config import DataConfig, SourceConfig
+from recurrentgemma_tpu.data.vocab import Vocabulary
+
+# Documents held in the pre-packing shuffle buffer; enough to separate neighbouring documents of
+# one file, small enough to keep preparation memory flat.
+SHUFFLE_BUFFER = 4096
+
+
+class _ReaderErrors:
+  """Keeps the first exception raised inside a tf.data generator, which TF would otherwise wrap
+  into an opaque InvalidArgumentError, so prepare() can re-raise it as is."""
+
+  def __init__(self):
+    self.error: BaseException | None = None
+    self._lock = threading.Lock()
+
+  def record(self, e: BaseException) -> None:
+    with self._lock:
+      if self.error is None:
+        self.error = e
+
+
+def _docs_dataset(reader: Callable[[SourceConfig, str], Iterator[tuple[str, str]]],
+                  source: SourceConfig, errors: _ReaderErrors, split: str,
+                  shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
+  del shuffle_files, seed  # order is fixed here; shuffling happens once, seeded, in prepare()
+
+  def gen():
+    try:
+      for n, (_, text) in enumerate(reader(source, split)):
+        if source.max_documents and n >= source.max_documents:
+          return
+        yield {"text": text}
+    except BaseException as e:  # re-raised by prepare() with its own message
+      errors.record(e)
+      raise
+
+  return tf.data.Dataset.from_generator(
+      gen, output_signature={"text": tf.TensorSpec((), tf.string)})
+
+
+@seqio.map_over_dataset
+def _select_text(example, text_key):
+  return {"text": example[text_key]}
+
+
+def _take(dataset: tf.data.Dataset, n: int) -> tf.data.Dataset:
+  return dataset.take(n) if n else dataset
+
+
+def _split_into_chunks(dataset: tf.data.Dataset, sequence_length) -> tf.data.Dataset:
+  """Cuts each tokenized document into consecutive pieces of at most seq_len tokens.
+
+  Packing trims rather than splits, which would drop everything past the first seq_len tokens of
+  a long document (most stdlib modules, most books).
+  """
+  length = sequence_length["targets"]
+
+  def chunks(example):
+    tokens = example["targets"]
+    n = tf.size(tokens)
+    starts = tf.range(0, n, length)
+    ragged = tf.RaggedTensor.from_row_splits(tokens, tf.concat([starts, [n]], axis=0))
+    return tf.data.Dataset.from_tensor_slices({"targets": ragged})
+
+  return dataset.flat_map(chunks)
+
+
+def task_name(source: SourceConfig, key: str) -> str:
+  return f"recurrentgemma_tpu.{source.name}.{key[:12]}"
+
+
+def register_task(source: SourceConfig, key: str, vocab: Vocabulary,
+                  errors: _ReaderErrors) -> seqio.Task:
+  """Registers (once per content key) and returns the seqio Task of one source."""
+  name = task_name(source, key)
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)  # a fresh error holder per preparation
+  preprocessors: list = []
+  if source.kind == "tfds":
+    splits = {corpus.TRAIN: source.train_split}
+    if source.eval_split:
+      splits[corpus.VALIDATION] = source.eval_split
+    data_source = seqio.TfdsDataSource(
+        tfds_name=source.tfds_name, tfds_data_dir=source.tfds_data_dir or None, splits=splits)
+    preprocessors += [functools.partial(_select_text, text_key=source.text_key),
+                      functools.partial(_take, n=source.max_documents)]
+  else:
+    reader = corpus.read_default if source.kind == "default" else corpus.read_files
+    data_source = seqio.FunctionDataSource(
+        dataset_fn=functools.partial(_docs_dataset, reader, source, errors),
+        splits=list(corpus.SPLITS))
+  preprocessors += [
+      functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+      seqio.preprocessors.tokenize,
+      seqio.preprocessors.append_eos,
+      _split_into_chunks,
+  ]
+  return seqio.TaskRegistry.add(
+      name,
+      source=data_source,
+      preprocessors=preprocessors,
+      output_features={"targets": seqio.Feature(
+          vocabulary=vocab.seqio_vocabulary(), add_eos=True, dtype=tf.int32)},
+  )
+
+
+def register_mixture(cfg: DataConfig, tasks: list[seqio.Task], key: str) -> seqio.Mixture:
+  """The configured mixture as a seqio.Mixture (same tasks and rates)."""
+  name = f"recurrentgemma_tpu.mixture.{key[:12]}"
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  return seqio.MixtureRegistry.add(
+      name, [(t.name, s.rate) for t, s in zip(tasks, cfg.sources)])
+
+
+def packed_examples(task: seqio.Task, split: str, cfg: DataConfig, vocab: Vocabulary,
+                    errors: _ReaderErrors) -> Iterator[dict[str, np.ndarray]]:
+  """Packed rows of one split: `targets` and `segment_ids`, each [seq_len] int32.
+
+  The training split's document pieces are shuffled once with the data seed before packing, so a
+  row is not a run of consecutive lines of one file.
+  """
+  lengths = {"targets": cfg.seq_len}
+  ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, use_cached=False,
+                        num_epochs=1)
+  if split == corpus.TRAIN:
+    ds = ds.shuffle(SHUFFLE_BUFFER, seed=cfg.seed, reshuffle_each_iteration=False)
+  ds = seqio.LMFeatureConverter(pack=True, bos_id=vocab.bos_id)(ds, lengths)
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.with_options(options)
+  try:
+    for ex in ds.as_numpy_iterator():
+      yield {"targets": ex["decoder_target_tokens"], "segment_ids": ex["decoder_segment_ids"]}
+  except tf.errors.OpError as e:
+    if errors.error is not None:
+      raise errors.error from None
+    raise corpus.CorpusError(f"task {task.name} ({split}): {e.message}") from None
+  if errors.error is not None:
+    raise errors.error
