@@ -7,12 +7,14 @@ Public API (stable; the training loop and `recurrentgemma_tpu.compile` use exact
   weight_decay_mask(logical_axes) -> pytree of bool              # no decay on norms, biases, RG-LRU
   make_optimizer(opt_config, logical_axes) -> optax.GradientTransformation
   TrainState(step, params, opt_state)                            # a flax struct (a pytree)
+  compute_gradients(params, batch, *, model_config, opt_config) -> (grads, metrics)  # pure
   train_step(state, batch, *, model_config, opt_config, tx) -> (state, metrics)   # pure
   eval_step(params, batch, *, model_config) -> metrics                             # pure, sums
   StepFunctions / build_step_functions(model_config, opt_config, mesh, strategy)
       .create_state(rng) -> TrainState       # created already sharded (never a full host copy)
       .train_step(state, batch) -> (state, metrics)   # jitted, explicit shardings, state donated
       .eval_step(params, batch) -> metrics            # jitted
+      .gradients(params, batch) -> (grads, metrics)   # jitted compute_gradients
       .shard_batch(local_batch) -> global batch       # process-local numpy -> global jax.Arrays
       .state_shardings, .batch_shardings, .param_logical_axes, .rules, .mesh
       .lower_train_step(global_batch, seq_len) -> jax.stages.Lowered  # for AOT compile, no data
@@ -112,10 +114,16 @@ class TrainState:
 
 
 def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
-  """Linear warmup from 0 to the peak, then cosine decay to peak * final_lr_ratio at decay_steps."""
-  return optax.warmup_cosine_decay_schedule(
+  """Linear warmup to the peak, then cosine decay to peak * final_lr_ratio at decay_steps.
+
+  The update with step index k (0-based) uses the optax schedule's value at k + 1: optax's warmup starts
+  at exactly 0, which would make the first update a no-op. So update k uses peak * (k + 1) / warmup
+  during warmup, the peak at k + 1 = warmup_steps, and the final rate from k + 1 = decay_steps on.
+  """
+  base = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=c.learning_rate, warmup_steps=c.warmup_steps,
       decay_steps=c.decay_steps, end_value=c.learning_rate * c.final_lr_ratio)
+  return lambda count: base(count + 1)
 
 
 def _is_axes(x: Any) -> bool:
@@ -188,24 +196,24 @@ def _microbatches(batch: Batch, n: int) -> Batch:
   return {k: split(v) for k, v in batch.items()}
 
 
-def train_step(state: TrainState, batch: Batch, *, model_config: model_lib.ModelConfig,
-               opt_config: OptimizerConfig, tx: optax.GradientTransformation,
-               param_logical_axes: Any = None) -> tuple[TrainState, Metrics]:
-  """One optimizer update on one global batch (pure; bind the keyword arguments with partial).
+def compute_gradients(params: Any, batch: Batch, *, model_config: model_lib.ModelConfig,
+                      opt_config: OptimizerConfig,
+                      param_logical_axes: Any = None) -> tuple[Any, Metrics]:
+  """Gradients of the objective over one global batch, accumulated over micro-batches.
 
   Args:
-    state: current TrainState.
+    params: model parameters.
     batch: dict of [B, T] arrays (module docstring).
     model_config: the model.
-    opt_config: micro-batch count and z-loss coefficient are read from it.
-    tx: the optimizer from `make_optimizer(opt_config, ...)`.
+    opt_config: its micro-batch count and z-loss coefficient are used.
     param_logical_axes: when given, gradient accumulators are constrained to the parameters'
       sharding, so XLA keeps them ZeRO-sharded instead of choosing a layout itself.
 
   Returns:
-    (new state, metrics) as described in the module docstring.
+    (grads with the params' dtypes, metrics `loss`, `z_loss`, `total_loss`, `accuracy`, `num_tokens`).
   """
-  total_weight = jnp.maximum(jnp.sum(batch["loss_weights"].astype(jnp.float32)), 1.0)
+  num_tokens = jnp.sum(batch["loss_weights"].astype(jnp.float32))
+  total_weight = jnp.maximum(num_tokens, 1.0)
   loss_and_grad = jax.value_and_grad(
       functools.partial(_loss_sums, model_config=model_config, z_loss=opt_config.z_loss), has_aux=True)
 
@@ -216,32 +224,52 @@ def train_step(state: TrainState, batch: Batch, *, model_config: model_lib.Model
 
   n = opt_config.num_microbatches
   if n == 1:
-    (total, (ce, zl, acc)), grads = loss_and_grad(state.params, batch, total_weight)
+    (total, (ce, zl, acc)), grads = loss_and_grad(params, batch, total_weight)
   else:
+    if batch["inputs"].shape[0] % n:
+      raise ValueError(f"batch of {batch['inputs'].shape[0]} rows does not split into "
+                       f"optimizer.num_microbatches={n}")
+
     def accumulate(carry, micro):
       micro = {k: nn.with_logical_constraint(v, BATCH_AXES) for k, v in micro.items()}
-      (t, aux), g = loss_and_grad(state.params, micro, total_weight)
+      (t, aux), g = loss_and_grad(params, micro, total_weight)
       g_acc, sums = carry
+      # float32 accumulators: summing bf16 gradients over many micro-batches loses precision.
       g_acc = constrain_like_params(jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g))
       return (g_acc, jax.tree.map(jnp.add, sums, (t,) + aux)), None
 
-    zeros = constrain_like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+    zeros = constrain_like_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     sums0 = tuple(jnp.zeros((), jnp.float32) for _ in range(4))
     (grads, (total, ce, zl, acc)), _ = jax.lax.scan(accumulate, (zeros, sums0), _microbatches(batch, n))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  metrics = {"loss": ce, "z_loss": zl, "total_loss": total, "accuracy": acc, "num_tokens": num_tokens}
+  return grads, metrics
 
-  grad_norm = optax.global_norm(grads)
+
+def train_step(state: TrainState, batch: Batch, *, model_config: model_lib.ModelConfig,
+               opt_config: OptimizerConfig, tx: optax.GradientTransformation,
+               param_logical_axes: Any = None) -> tuple[TrainState, Metrics]:
+  """One optimizer update on one global batch (pure; bind the keyword arguments with partial).
+
+  Args:
+    state: current TrainState.
+    batch: dict of [B, T] arrays (module docstring).
+    model_config: the model.
+    opt_config: micro-batch count, z-loss coefficient and schedule are read from it.
+    tx: the optimizer from `make_optimizer(opt_config, ...)`.
+    param_logical_axes: see `compute_gradients`.
+
+  Returns:
+    (new state, metrics) as described in the module docstring.
+  """
+  grads, metrics = compute_gradients(state.params, batch, model_config=model_config,
+                                     opt_config=opt_config, param_logical_axes=param_logical_axes)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {
-      "loss": ce,
-      "z_loss": zl,
-      "total_loss": total,
-      "accuracy": acc,
-      "grad_norm": grad_norm,
+  metrics = metrics | {
+      "grad_norm": optax.global_norm(grads),
       "param_norm": optax.global_norm(params),
       "learning_rate": jnp.asarray(learning_rate_schedule(opt_config)(state.step), jnp.float32),
-      "num_tokens": jnp.sum(batch["loss_weights"].astype(jnp.float32)),
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -317,6 +345,7 @@ class StepFunctions:
   init_fn: _InMeshContext
   train_fn: _InMeshContext
   eval_fn: _InMeshContext
+  grad_fn: _InMeshContext
 
   def create_state(self, rng: jax.Array) -> TrainState:
     """Initial state, each array created directly in its shards (no full copy anywhere)."""
@@ -328,6 +357,10 @@ class StepFunctions:
 
   def eval_step(self, params: Any, batch: Batch) -> Metrics:
     return self.eval_fn(params, batch)
+
+  def gradients(self, params: Any, batch: Batch) -> tuple[Any, Metrics]:
+    """Jitted `compute_gradients` with the training shardings (for inspection and tests)."""
+    return self.grad_fn(params, batch)
 
   def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     """Process-local numpy rows -> global arrays laid out as `batch_shardings`."""
@@ -383,11 +416,16 @@ def build_step_functions(model_config: model_lib.ModelConfig, opt_config: Optimi
                      out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(eval_step, model_config=model_config),
                     in_shardings=(param_shardings, batch_shardings), out_shardings=metric_sharding)
+  grad_fn = jax.jit(functools.partial(compute_gradients, model_config=model_config,
+                                      opt_config=opt_config, param_logical_axes=logical),
+                    in_shardings=(param_shardings, batch_shardings),
+                    out_shardings=(param_shardings, metric_sharding))
   return StepFunctions(
       model_config=model_config, opt_config=opt_config, mesh=mesh, strategy=strategy, rules=rules,
       tx=tx, param_logical_axes=logical, abstract_state=abstract_state, state_shardings=state_shardings,
       batch_shardings=batch_shardings, init_fn=_InMeshContext(init_fn, mesh, rules),
-      train_fn=_InMeshContext(train_fn, mesh, rules), eval_fn=_InMeshContext(eval_fn, mesh, rules))
+      train_fn=_InMeshContext(train_fn, mesh, rules), eval_fn=_InMeshContext(eval_fn, mesh, rules),
+      grad_fn=_InMeshContext(grad_fn, mesh, rules))
 
 
 def from_config(config: Any, mesh: jax.sharding.Mesh) -> StepFunctions:
