@@ -8,8 +8,45 @@ import ml_collections
 
 
 def model() -> ml_collections.ConfigDict:
-  """Model architecture (converted to recurrentgemma_tpu.model.ModelConfig)."""
+  """Model architecture (converted to recurrentgemma_tpu.model.ModelConfig).
+
+  Defaults describe a small Griffin; presets (configs/ladder.py, recurrentgemma_*.py) override.
+  """
   c = ml_collections.ConfigDict()
+  # Single source of truth for the vocabulary: the data pipeline trains/accepts a tokenizer of
+  # at most this size.
+  c.vocab_size = 4096
+  c.width = 256  # D, model width
+  c.num_layers = 6  # residual blocks
+  # Temporal-mixing pattern, repeated over the layers: a family name ('griffin' = recurrent,
+  # recurrent, local_attention; 'hawk' = recurrent; 'mqa' = global_attention) or a
+  # comma-separated list of 'recurrent' | 'local_attention' | 'global_attention'.
+  c.block_pattern = "griffin"
+  c.mlp_expansion = 3  # MLP hidden width = mlp_expansion * width (the paper's M = 3)
+  c.num_heads = 2  # query heads of the MQA blocks (one shared key/value head)
+  c.head_dim = 0  # 0: width // num_heads (reference code); the paper's ladder uses 128
+  c.lru_width = 0  # D_RNN, RG-LRU width; 0: width
+  # Blocks of the block-diagonal RG-LRU gates (also the model-parallel unit of the recurrence);
+  # 0: num_heads, like the reference code and the published checkpoints; the paper uses 16.
+  c.num_gate_blocks = 0
+  c.conv_width = 4  # temporal width of the recurrent block's Conv1D
+  c.attention_window = 1024  # local attention: a token sees itself and this many before it
+  c.logits_soft_cap = 0.0  # tanh(logits / cap) * cap; 0 disables (RecurrentGemma: 30)
+  c.embeddings_scale_by_sqrt_dim = False  # multiply input embeddings by sqrt(width) (RG: True)
+  # RG-LRU Lambda init: 'code' draws a in [0.9, 0.999] (released code and checkpoints);
+  # 'paper' draws a^8 in [0.9, 0.999] (Griffin paper section 2.4).
+  c.lambda_init = "code"
+  c.rope_fraction = 0.5  # fraction of each head's dims RoPE rotates (reference code: half)
+  c.rope_base = 10_000.0  # RoPE max wavelength
+  c.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16' (TPU presets use bfloat16)
+  c.param_dtype = "float32"  # parameter storage dtype
+  c.scan_layers = True  # scan over repeated block_pattern groups (fast compiles for deep models)
+  # Rematerialisation per residual block: 'none' | 'block' (save nothing) | 'dots' (save matmul
+  # outputs) | 'dots_no_batch' (save matmul outputs without batch dims, i.e. weight-like ones).
+  c.remat = "none"
+  # RG-LRU scan implementation for pallas_kernels.linear_scan: 'auto' | 'xla_linear' |
+  # 'xla_associative' | 'pallas_tpu' | 'pallas_gpu'.
+  c.scan_impl = "auto"
   return c
 
 
@@ -33,7 +70,7 @@ def data_source(kind: str = "default", rate: float = 1.0, **overrides) -> ml_col
   c.eval_pattern = ""
   c.format = "text"
   c.text_key = "text"  # text field of tfds / jsonl / tfrecord records
-  c.validation_fraction = 0.01  # kind=default/files: documents held out by hash of their id
+  c.validation_fraction = 0.02  # kind=default/files: documents held out by hash of their id
   c.max_documents = 0  # documents read per split; 0 = all
   for key, value in overrides.items():
     c[key] = value  # raises on an undeclared field
@@ -96,10 +133,9 @@ def train() -> ml_collections.ConfigDict:
   c.seed = 0
   # Fetch, check (NaN/Inf) and write training metrics every this many steps.
   c.log_every = 50
-  # Evaluate on the validation split every this many steps (0: only the final evaluation).
+  # Evaluate on the validation split every this many steps (0: only the final evaluation); the
+  # batches are config.data.eval_batch_size x num_eval_batches.
   c.eval_every = 1000
-  # Validation batches per evaluation (each of the data config's global batch size).
-  c.eval_steps = 20
   # Peak FLOP/s per device used for MFU; 0 takes the chip table in sharding/ on TPU/GPU and a
   # measured matmul peak on CPU (where no datasheet number applies).
   c.peak_flops_per_device = 0.0

@@ -1,0 +1,167 @@
+"""Multi-query attention (one K/V head) with RoPE: local sliding-window and global.
+
+Training / full-sequence path: blockwise. The sequence is cut into chunks of C = window tokens and
+each query chunk attends to its own chunk and the one before, which covers the window exactly
+(a query at t sees keys t - window .. t, like the reference). Logits are [B, H, T, 2C] instead of
+the reference's [B, H, T, T]: memory O(T x window). Global attention is the same code with one
+chunk of the whole sequence.
+
+Decoding path: keys and values of the last S tokens live in a ring buffer (slot = position % S,
+S = window for local layers); a chunk of new tokens attends to buffer + itself.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from recurrentgemma_tpu.model.config import GLOBAL_ATTENTION, ModelConfig
+from recurrentgemma_tpu.model.layers import constrain, lecun_normal, param
+from recurrentgemma_tpu.model.rglru import Segments
+
+_NEG_INF = -2.3819763e38  # the reference's mask value; finite so fully masked rows stay finite
+
+
+class AttentionCache(NamedTuple):
+  k: jax.Array  # [B, S, K] ring buffer of roped keys
+  v: jax.Array  # [B, S, K]
+
+
+def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, rope_dims: int,
+               base: float) -> jax.Array:
+  """Rotates the first `rope_dims` dims of each head (rotate-half pairing), leaves the rest."""
+  if rope_dims == 0:
+    return x_BTHK
+  x_rope, x_pass = x_BTHK[..., :rope_dims], x_BTHK[..., rope_dims:]
+  freq_exponents = 2.0 * jnp.arange(rope_dims // 2) / rope_dims
+  inv_freq = 1.0 / (base**freq_exponents)
+  angles = positions_BT[:, :, None, None] * inv_freq  # [B, T, 1, rope_dims / 2]
+  sin = jnp.sin(angles).astype(x_BTHK.dtype)
+  cos = jnp.cos(angles).astype(x_BTHK.dtype)
+  first, second = jnp.split(x_rope, 2, axis=-1)
+  return jnp.concatenate([first * cos - second * sin, second * cos + first * sin, x_pass], -1)
+
+
+def _softmax_attend(q, k, v, mask, scale, out_dtype, q_spec, k_spec, l_spec, o_spec):
+  logits = jnp.einsum(f"{q_spec},{k_spec}->{l_spec}", q, k,
+                      preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask, logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(out_dtype)
+  return jnp.einsum(f"{l_spec},{k_spec}->{o_spec}", probs, v)
+
+
+def blockwise_attention(q_BTHK: jax.Array, k_BTK: jax.Array, v_BTK: jax.Array,
+                        segment_ids_BT: jax.Array, window: int | None) -> jax.Array:
+  """Causal MQA within documents and (if window) within `window` positions; O(T x window) memory.
+
+  A query at index t attends to keys s with s <= t, t - s <= window, same segment id.
+  """
+  B, T, H, K = q_BTHK.shape
+  scale = K**-0.5
+  if window is None or window >= T - 1:
+    chunk, lookback = T, 0  # one chunk: the window condition never bites
+  else:
+    chunk, lookback = window, 1  # keys of chunk i: chunks i-1 and i cover [t - window, t]
+  n = -(-T // chunk)
+  pad = n * chunk - T
+  # Padded tokens get segment -1, which no real token (segment >= 0) matches.
+  seg = jnp.pad(segment_ids_BT, ((0, 0), (0, pad)), constant_values=-1)
+  q = jnp.pad(q_BTHK, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, chunk, H, K)
+  k = jnp.pad(k_BTK, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, K)
+  v = jnp.pad(v_BTK, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, K)
+  q_seg = seg.reshape(B, n, chunk)
+  q_idx = jnp.arange(n * chunk).reshape(n, chunk)
+
+  def with_lookback(x, fill):
+    """[B, n, C, ...] -> [B, n, (lookback + 1) * C, ...]: each chunk preceded by its previous."""
+    if lookback == 0:
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (lookback, 0)
+    xp = jnp.pad(x, widths, constant_values=fill)
+    return jnp.concatenate([xp[:, j:j + n] for j in range(lookback + 1)], axis=2)
+
+  k_s = with_lookback(k, 0)
+  v_s = with_lookback(v, 0)
+  k_seg = with_lookback(q_seg, -2)  # -2: the chunk before the first one does not exist
+  k_idx = with_lookback(q_idx[None], -1)[0]  # [n, S]
+  diff = q_idx[:, :, None] - k_idx[:, None, :]  # [n, C, S]
+  mask = diff >= 0
+  if window is not None:
+    mask &= diff <= window
+  mask = mask[None, :, None] & (q_seg[:, :, None, :, None] == k_seg[:, :, None, None, :])
+  out = _softmax_attend(q, k_s, v_s, mask, scale, q_BTHK.dtype, "bnqhk", "bnsk", "bnhqs",
+                        "bnqhk")
+  return out.reshape(B, n * chunk, H, K)[:, :T]
+
+
+def cached_attention(q_BTHK: jax.Array, k_BTK: jax.Array, v_BTK: jax.Array,
+                     cache: AttentionCache, num_tokens_B: jax.Array,
+                     window: int | None) -> tuple[jax.Array, AttentionCache]:
+  """Attends a chunk of new tokens to the ring buffer plus itself; returns the updated buffer.
+
+  `num_tokens_B` counts the tokens already in the row, so the chunk's positions are
+  num_tokens + [0, T). One document per row.
+  """
+  B, T, H, K = q_BTHK.shape
+  S = cache.k.shape[1]
+  q_pos = num_tokens_B[:, None] + jnp.arange(T)[None]  # [B, T]
+  # The position each slot holds: the latest p < num_tokens with p % S == slot.
+  slots = jnp.arange(S)[None]
+  last = num_tokens_B[:, None] - 1
+  slot_pos = last - jnp.mod(last - slots, S)  # [B, S]; negative when the slot is still empty
+  k_pos = jnp.concatenate([slot_pos, q_pos], axis=1)  # [B, S + T]
+  diff = q_pos[:, :, None] - k_pos[:, None, :]
+  mask = (diff >= 0) & (k_pos[:, None, :] >= 0)
+  if window is not None:
+    mask &= diff <= window
+  keys = jnp.concatenate([cache.k.astype(k_BTK.dtype), k_BTK], axis=1)
+  values = jnp.concatenate([cache.v.astype(v_BTK.dtype), v_BTK], axis=1)
+  out = _softmax_attend(q_BTHK, keys, values, mask[:, None], K**-0.5, q_BTHK.dtype, "bthk",
+                        "bsk", "bhts", "bthk")
+  # Only the last S new tokens survive in the buffer; their slots are distinct.
+  keep = min(T, S)
+  new_pos = q_pos[:, T - keep:]
+  rows = jnp.arange(B)[:, None]
+  new_k = cache.k.at[rows, new_pos % S].set(k_BTK[:, T - keep:].astype(cache.k.dtype))
+  new_v = cache.v.at[rows, new_pos % S].set(v_BTK[:, T - keep:].astype(cache.v.dtype))
+  return out, AttentionCache(k=new_k, v=new_v)
+
+
+class AttentionBlock(nn.Module):
+  """MQA: H query heads, one shared key/value head of size K; RoPE on a fraction of each head."""
+
+  config: ModelConfig
+  block_type: str
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, seg: Segments, cache: AttentionCache | None,
+               num_tokens_B: jax.Array | None) -> tuple[jax.Array, AttentionCache | None]:
+    cfg = self.config
+    D, H, K = cfg.width, cfg.num_heads, cfg.head_dim_
+    pd, cd = cfg.parameter_dtype, cfg.compute_dtype
+    wq = param(self, "q_w", lecun_normal(in_axis=0, out_axis=(1, 2)), (D, H, K),
+               ("embed", "heads", "head_dim"), pd)
+    wk = param(self, "k_w", lecun_normal(), (D, K), ("embed", "kv"), pd)
+    wv = param(self, "v_w", lecun_normal(), (D, K), ("embed", "kv"), pd)
+    wo = param(self, "out_w",
+               lecun_normal(cfg.final_w_init_variance_scale, in_axis=(0, 1), out_axis=2),
+               (H, K, D), ("heads", "head_dim", "embed"), pd)
+    bo = param(self, "out_b", nn.initializers.zeros_init(), (D,), ("embed",), pd)
+    x = x_BTD.astype(cd)
+    q = jnp.einsum("btd,dhk->bthk", x, wq.astype(cd))
+    k = jnp.einsum("btd,dk->btk", x, wk.astype(cd))
+    v = jnp.einsum("btd,dk->btk", x, wv.astype(cd))
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    q = apply_rope(q, seg.positions, cfg.rope_dims, cfg.rope_base)
+    k = apply_rope(k[:, :, None], seg.positions, cfg.rope_dims, cfg.rope_base)[:, :, 0]
+    window = None if self.block_type == GLOBAL_ATTENTION else cfg.attention_window
+    if cache is None:
+      # doc_index refines segment_ids (it also splits where a position restarts at 0).
+      out, new_cache = blockwise_attention(q, k, v, seg.doc_index, window), None
+    else:
+      out, new_cache = cached_attention(q, k, v, cache, num_tokens_B, window)
+    out = constrain(out, ("batch", "length", "heads", "head_dim"))
+    y = jnp.einsum("bthk,hkd->btd", out, wo.astype(cd)) + bo.astype(cd)
+    return y, new_cache

@@ -1,0 +1,105 @@
+"""Shared building blocks: initialisers, RMSNorm, the tied embedder and the gated GeLU MLP.
+
+Every parameter is created through `param()`, which attaches its logical axis names (DESIGN.md's
+alphabet) so `sharding/` can place it; `init_params` strips the boxes to plain arrays.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from recurrentgemma_tpu.model.config import ModelConfig
+
+Axes = tuple[str | None, ...]
+
+
+def lecun_normal(scale: float = 1.0, in_axis: int | Sequence[int] = -2,
+                 out_axis: int | Sequence[int] = -1) -> nn.initializers.Initializer:
+  """Untruncated fan-in normal, as the reference code uses for every dense weight."""
+  return nn.initializers.variance_scaling(scale, "fan_in", "normal", in_axis=in_axis,
+                                          out_axis=out_axis)
+
+
+def param(module: nn.Module, name: str, init: nn.initializers.Initializer, shape: Sequence[int],
+          axes: Axes, dtype: Any) -> jax.Array:
+  """Creates a parameter carrying logical axis names (unboxed to a plain array on use)."""
+  if len(axes) != len(shape):
+    raise ValueError(f"{name}: axes {axes} do not match shape {tuple(shape)}")
+  boxed = module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), dtype)
+  return nn.meta.unbox(boxed)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """Annotates an activation; a no-op unless sharding/ installs logical-axis rules."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with the scale stored as an offset from 1 (zero init), eps 1e-6, like the reference."""
+
+  config: ModelConfig
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    cfg = self.config
+    scale_D = param(self, "scale", nn.initializers.zeros_init(), (cfg.width,), ("embed",),
+                    cfg.parameter_dtype)
+    x = x_BTD.astype(cfg.compute_dtype)
+    # The variance is taken in float32 even in bfloat16 runs: it is a reduction over D.
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(cfg.compute_dtype)
+    return normed * (scale_D.astype(cfg.compute_dtype) + 1)
+
+
+class Embedder(nn.Module):
+  """Tied input embedding and output projection."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)
+    self.table_VD = param(self, "input_embedding", init, (cfg.vocab_size, cfg.width),
+                          ("vocab", "embed"), cfg.parameter_dtype)
+
+  def encode(self, tokens_BT: jax.Array) -> jax.Array:
+    cfg = self.config
+    x_BTD = jnp.take(self.table_VD, tokens_BT, axis=0).astype(cfg.compute_dtype)
+    if cfg.embeddings_scale_by_sqrt_dim:
+      # The published models were trained with the factor rounded to bfloat16; keeping that
+      # rounding is what makes their checkpoints reproduce the reference logits.
+      x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, jnp.bfloat16).astype(cfg.compute_dtype)
+    return x_BTD
+
+  def decode(self, x_BTD: jax.Array) -> jax.Array:
+    cfg = self.config
+    table = self.table_VD.astype(cfg.compute_dtype)
+    return jnp.einsum("btd,vd->btv", x_BTD, table, preferred_element_type=jnp.float32)
+
+
+class MLPBlock(nn.Module):
+  """Gated GeLU MLP: gelu(x W_gate) * (x W_up), then W_down; expansion `mlp_expansion`."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    cfg = self.config
+    D, F = cfg.width, cfg.mlp_width
+    pd, cd = cfg.parameter_dtype, cfg.compute_dtype
+    # [0] is the GeLU (gate) branch, [1] the linear branch: the reference's `ffw_up` layout.
+    w_up = param(self, "ffw_up_w", lecun_normal(in_axis=1, out_axis=2), (2, D, F),
+                 (None, "embed", "mlp"), pd)
+    b_up = param(self, "ffw_up_b", nn.initializers.zeros_init(), (2, F), (None, "mlp"), pd)
+    w_down = param(self, "ffw_down_w", lecun_normal(cfg.final_w_init_variance_scale), (F, D),
+                   ("mlp", "embed"), pd)
+    b_down = param(self, "ffw_down_b", nn.initializers.zeros_init(), (D,), ("embed",), pd)
+    x = x_BTD.astype(cd)
+    up_CBTF = jnp.einsum("btd,cdf->cbtf", x, w_up.astype(cd)) + b_up.astype(cd)[:, None, None]
+    h_BTF = jax.nn.gelu(up_CBTF[0]) * up_CBTF[1]
+    h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
+    return jnp.einsum("btf,fd->btd", h_BTF, w_down.astype(cd)) + b_down.astype(cd)

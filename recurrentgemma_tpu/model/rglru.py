@@ -1,0 +1,196 @@
+"""The recurrent block of Griffin / Hawk: Conv1D + RG-LRU branch times a GeLU branch.
+
+RG-LRU (Griffin paper eqs. 1-4, in the reference code's log-space form):
+  r_t = sigmoid(W_a x_t + b_a), i_t = sigmoid(W_x x_t + b_x)
+  log a_t = -c * softplus(Lambda) * r_t                       (c = 8)
+  h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x_t)
+At a document start the state is dropped (a_t := 0) and the sqrt factor skipped, exactly like the
+reference, so a packed row equals its documents run alone. Gates are block-diagonal with
+`num_gate_blocks` blocks, which are also the unit of model-parallel sharding (no communication).
+"""
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from recurrentgemma_tpu.model.config import ModelConfig
+from recurrentgemma_tpu.model.layers import constrain, lecun_normal, param
+
+LRU_C = 8.0  # the paper's c
+SQRT_MAX_GRADIENT = 1000.0  # RecurrentGemma report: the sqrt's derivative is clipped at 1000
+A_MIN, A_MAX = 0.9, 0.999  # the ring Lambda is initialised on (see `lambda_init`)
+
+
+class Segments(NamedTuple):
+  """Per-token packing information shared by every block of one forward pass."""
+
+  segment_ids: jax.Array  # [B, T] int32, document number, 0 = padding
+  positions: jax.Array  # [B, T] int32, position within the document (RoPE)
+  doc_start: jax.Array  # [B, T] bool, state resets here
+  doc_index: jax.Array  # [B, T] int32, cumulative count of doc starts in the row
+
+
+class RecurrentCache(NamedTuple):
+  rg_lru: jax.Array  # [B, R] float32 state
+  conv: jax.Array  # [B, W - 1, R] last conv inputs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def sqrt_bound_derivative(x: jax.Array, max_gradient: float) -> jax.Array:
+  """sqrt(x) whose derivative is clipped at max_gradient (sqrt' blows up at 0 in bfloat16)."""
+  return jnp.sqrt(x)
+
+
+def _sqrt_fwd(x, max_gradient):
+  return jnp.sqrt(x), x
+
+
+def _sqrt_bwd(max_gradient, x, g):
+  # d sqrt(x)/dx = 1 / (2 sqrt(x)) <= max_gradient  <=>  x >= 1 / (4 max_gradient^2).
+  x_floor = jnp.maximum(x, 1.0 / (4.0 * max_gradient**2))
+  return (g / (2.0 * jnp.sqrt(x_floor)),)
+
+
+sqrt_bound_derivative.defvjp(_sqrt_fwd, _sqrt_bwd)
+
+
+def lambda_initializer(kind: str) -> nn.initializers.Initializer:
+  """Initialises Lambda (stored so that a = exp(-softplus(Lambda))).
+
+  'code' (default, the released checkpoints): a^2 ~ U[A_MIN^2, A_MAX^2], so a in [0.9, 0.999].
+  'paper' (Griffin section 2.4): a^c ~ U[A_MIN, A_MAX].
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    u = jax.random.uniform(key, shape, jnp.float32)
+    if kind == "code":
+      log_a = 0.5 * jnp.log(u * (A_MAX**2 - A_MIN**2) + A_MIN**2 + 1e-8)
+    elif kind == "paper":
+      log_a = jnp.log(u * (A_MAX - A_MIN) + A_MIN) / LRU_C
+    else:
+      raise ValueError(f"lambda_init={kind!r} must be 'code' or 'paper'")
+    # softplus^{-1}(-log a) = log(exp(-log a) - 1); expm1 keeps precision for a close to 1.
+    return jnp.log(jnp.expm1(-log_a)).astype(dtype)
+
+  return init
+
+
+def run_linear_scan(x_BTR: jax.Array, a_BTR: jax.Array, h0_BR: jax.Array | None,
+                    impl: str) -> tuple[jax.Array, jax.Array]:
+  """The one place the model calls the scan; the sequence-parallel variant plugs in here."""
+  x_BTR = constrain(x_BTR, ("batch", "length", "rnn"))
+  a_BTR = constrain(a_BTR, ("batch", "length", "rnn"))
+  return pallas_kernels.linear_scan(x_BTR, a_BTR, h0_BR, impl=impl)
+
+
+class BlockDiagonalLinear(nn.Module):
+  """x -> x W + b with W block-diagonal: N blocks of [R/N, R/N]."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTR: jax.Array) -> jax.Array:
+    cfg = self.config
+    N, R = cfg.num_gate_blocks_, cfg.lru_width_
+    I = R // N
+    pd, cd = cfg.parameter_dtype, cfg.compute_dtype
+    w = param(self, "w", lecun_normal(), (N, I, I), ("rnn_block", None, None), pd)
+    b = param(self, "b", nn.initializers.zeros_init(), (N, I), ("rnn_block", None), pd)
+    x_BTNI = x_BTR.astype(cd).reshape(*x_BTR.shape[:-1], N, I)
+    y_BTNJ = jnp.einsum("btni,nij->btnj", x_BTNI, w.astype(cd)) + b.astype(cd)
+    return y_BTNJ.reshape(x_BTR.shape)
+
+
+class RGLRU(nn.Module):
+  """Real-Gated Linear Recurrent Unit; the recurrence runs in float32."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTR: jax.Array, seg: Segments,
+               h0_BR: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    cfg = self.config
+    a_param = param(self, "a_param", lambda_initializer(cfg.lambda_init), (cfg.lru_width_,),
+                    ("rnn",), cfg.parameter_dtype)
+    gate_x = jax.nn.sigmoid(BlockDiagonalLinear(cfg, name="input_gate")(x_BTR))
+    gate_a = jax.nn.sigmoid(BlockDiagonalLinear(cfg, name="a_gate")(x_BTR))
+    # Decay and normaliser in float32 even in bfloat16 runs: a is close to 1, where bfloat16
+    # cannot tell 0.999 from 1 and sqrt(1 - a^2) loses all its digits.
+    log_a = -LRU_C * gate_a.astype(jnp.float32) * jax.nn.softplus(a_param.astype(jnp.float32))
+    a = jnp.exp(log_a)
+    multiplier = sqrt_bound_derivative(1.0 - jnp.exp(2.0 * log_a), SQRT_MAX_GRADIENT)
+    reset = seg.doc_start[..., None]
+    multiplier = jnp.where(reset, 1.0, multiplier)
+    a = jnp.where(reset, 0.0, a)
+    x_in = (x_BTR * gate_x).astype(jnp.float32) * multiplier
+    y_BTR, h_last = run_linear_scan(x_in, a, h0_BR, cfg.scan_impl)
+    return y_BTR.astype(cfg.compute_dtype), h_last
+
+
+class Conv1D(nn.Module):
+  """Depthwise causal convolution of temporal width W that never looks across a document start."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTR: jax.Array, seg: Segments,
+               tail_BWR: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    cfg = self.config
+    W, R = cfg.conv_width, cfg.lru_width_
+    cd = cfg.compute_dtype
+    w_WR = param(self, "w", lecun_normal(0.01), (W, R), ("conv", "rnn"), cfg.parameter_dtype)
+    b_R = param(self, "b", nn.initializers.zeros_init(), (R,), ("rnn",), cfg.parameter_dtype)
+    B, T, _ = x_BTR.shape
+    x = x_BTR.astype(cd)
+    if tail_BWR is None:
+      tail_BWR = jnp.zeros((B, W - 1, R), cd)
+    # The previous W-1 inputs (zeros at the start of a row, the cache when decoding) sit before
+    # the chunk with document index 0; any start inside the chunk raises the index, which masks
+    # everything before it.
+    x_ext = jnp.concatenate([tail_BWR.astype(cd), x], axis=1)  # [B, W-1+T, R]
+    idx_ext = jnp.concatenate([jnp.zeros((B, W - 1), seg.doc_index.dtype), seg.doc_index], axis=1)
+    out = jnp.zeros_like(x)
+    w = w_WR.astype(cd)
+    for shift in range(W):  # x[t - shift] * w[W - 1 - shift]
+      start = W - 1 - shift
+      window = x_ext[:, start:start + T]
+      same_doc = (idx_ext[:, start:start + T] == seg.doc_index)[..., None]
+      out = out + jnp.where(same_doc, window, 0) * w[W - 1 - shift]
+    out = out + b_R.astype(cd)
+    new_tail = x_ext[:, -(W - 1):] if W > 1 else x_ext[:, :0]
+    return out, new_tail
+
+
+class RecurrentBlock(nn.Module):
+  """linear_y -> GeLU  (x)  linear_x -> Conv1D -> RG-LRU, then linear_out."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, seg: Segments,
+               cache: RecurrentCache | None) -> tuple[jax.Array, RecurrentCache]:
+    cfg = self.config
+    D, R = cfg.width, cfg.lru_width_
+    pd, cd = cfg.parameter_dtype, cfg.compute_dtype
+    zeros = nn.initializers.zeros_init()
+    wy = param(self, "linear_y_w", lecun_normal(), (D, R), ("embed", "rnn"), pd)
+    by = param(self, "linear_y_b", zeros, (R,), ("rnn",), pd)
+    wx = param(self, "linear_x_w", lecun_normal(), (D, R), ("embed", "rnn"), pd)
+    bx = param(self, "linear_x_b", zeros, (R,), ("rnn",), pd)
+    wo = param(self, "linear_out_w", lecun_normal(cfg.final_w_init_variance_scale), (R, D),
+               ("rnn", "embed"), pd)
+    bo = param(self, "linear_out_b", zeros, (D,), ("embed",), pd)
+    x = x_BTD.astype(cd)
+    y_BTR = jax.nn.gelu(jnp.einsum("btd,dr->btr", x, wy.astype(cd)) + by.astype(cd))
+    y_BTR = constrain(y_BTR, ("batch", "length", "rnn"))
+    u_BTR = jnp.einsum("btd,dr->btr", x, wx.astype(cd)) + bx.astype(cd)
+    u_BTR = constrain(u_BTR, ("batch", "length", "rnn"))
+    u_BTR, conv_tail = Conv1D(cfg, name="conv_1d")(
+        u_BTR, seg, None if cache is None else cache.conv)
+    u_BTR, h_last = RGLRU(cfg, name="rg_lru")(u_BTR, seg, None if cache is None else cache.rg_lru)
+    out = jnp.einsum("btr,rd->btd", u_BTR * y_BTR, wo.astype(cd)) + bo.astype(cd)
+    return out, RecurrentCache(rg_lru=h_last, conv=conv_tail)
