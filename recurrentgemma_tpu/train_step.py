@@ -127,7 +127,7 @@ def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
 
 
 def _is_axes(x: Any) -> bool:
-  return x is None or (isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x))
+  return x is None or (type(x) is tuple and all(e is None or isinstance(e, str) for e in x))
 
 
 def weight_decay_mask(logical_axes: Any) -> Any:
@@ -304,6 +304,13 @@ def check_batch_shape(global_batch: int, seq_len: int, mesh: jax.sharding.Mesh, 
     raise ValueError(f"sequence length {seq_len} does not divide over mesh axis seq={seq_shards}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Axes:
+  """Logical axes wrapped as a pytree leaf (a bare tuple would be traversed)."""
+
+  axes: tuple
+
+
 class _InMeshContext:
   """A jitted function called (or lowered) with the mesh and logical-axis rules installed.
 
@@ -370,6 +377,20 @@ class StepFunctions:
     return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], np.asarray(local_batch[k]))
             for k in BATCH_KEYS}
 
+  def state_logical_axes(self) -> TrainState:
+    """Logical axes of every array in the state (optimizer moments follow their parameter)."""
+    boxed = jax.tree.map(_Axes, self.param_logical_axes, is_leaf=_is_axes)
+    opt = optax.tree_map_params(self.tx, lambda _, a: a, self.abstract_state.opt_state, boxed,
+                                transform_non_params=lambda x: _Axes(()) if hasattr(x, "shape") else x,
+                                is_leaf=lambda x: isinstance(x, _Axes))
+    unbox = lambda t: jax.tree.map(lambda a: a.axes, t, is_leaf=lambda x: isinstance(x, _Axes))
+    return TrainState(step=(), params=self.param_logical_axes, opt_state=unbox(opt))
+
+  def state_report(self) -> tuple[list[dict[str, Any]], str]:
+    """Every state array with its logical axes, mesh sharding and per-device bytes."""
+    return rules_lib.sharding_report(self.abstract_state, self.state_logical_axes(),
+                                     self.state_shardings)
+
   def abstract_batch(self, global_batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Shape/dtype/sharding stand-ins for a global batch (for ahead-of-time lowering)."""
     check_batch_shape(global_batch, seq_len, self.mesh, self.opt_config.num_microbatches, self.rules)
@@ -403,7 +424,8 @@ def build_step_functions(model_config: model_lib.ModelConfig, opt_config: Optimi
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract_state.opt_state, param_shardings,
-      transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
+      transform_non_params=lambda x: replicated if hasattr(x, "shape") else x,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
   state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
   batch_sharding = NamedSharding(mesh, rules_lib.logical_to_spec(BATCH_AXES, rules))
   batch_shardings = {k: batch_sharding for k in BATCH_KEYS}

@@ -113,7 +113,7 @@ def logical_to_spec(logical_axes: Optional[Sequence[Optional[str]]], rules: Rule
 
 
 def _is_axes_leaf(x: Any) -> bool:
-  return x is None or (isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x))
+  return x is None or (type(x) is tuple and all(e is None or isinstance(e, str) for e in x))
 
 
 def tree_specs(logical_tree: Any, rules: Rules) -> Any:
