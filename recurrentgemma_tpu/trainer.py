@@ -1,0 +1,403 @@
+"""The training loop: config -> mesh + model + data -> jitted train step -> metrics and checkpoints.
+
+`train_and_evaluate(config, workdir)` is the whole job; `python -m recurrentgemma_tpu.train` only
+parses flags and calls it. The same code runs on one CPU and on every host of a TPU pod: each
+process feeds its own rows of the global batch, process 0 writes logs, all processes checkpoint.
+
+Exact resume: the global batch of step k is a function of (data config, k) only, the train step is
+deterministic, and a checkpoint holds the parameters, optimizer state and step. Re-running the same
+command after any interruption therefore reproduces the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from recurrentgemma_tpu import data as data_lib
+from recurrentgemma_tpu import metrics as metrics_lib
+from recurrentgemma_tpu import model as model_lib
+from recurrentgemma_tpu import train_step as train_step_lib
+from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
+from sharding import chips as chips_lib
+from sharding import mesh as mesh_lib
+from sharding import rules as rules_lib
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+# Metrics that stop training when they are NaN or Inf.
+_WATCHED = ("loss", "grad_norm")
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a NaN/Inf loss or gradient norm; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """What `train_and_evaluate` did.
+
+  Attributes:
+    status: "completed" (reached train.steps), "preempted" (saved on SIGTERM and stopped) or
+      "already_done" (the workdir's checkpoint was already at train.steps).
+    step: the step the returned state is at.
+    eval: the last evaluation's metrics (loss, perplexity, accuracy), empty if none ran.
+  """
+
+  status: str
+  step: int
+  eval: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything derived from the config before any array is built (see `validate_config`)."""
+
+  model: model_lib.ModelConfig
+  optimizer: train_step_lib.OptimizerConfig
+  mesh: mesh_lib.MeshConfig
+  checkpoint: ckpt_lib.CheckpointOptions
+  data: data_lib.DataConfig
+  steps: int
+  seed: int
+  log_every: int
+  eval_every: int
+  peak_flops_per_device: float
+  init_from: str
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> int:
+  value = int(value)
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ValueError(f"config.{name}={value} must be {'>= 0' if allow_zero else '> 0'}.")
+  return value
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Plan:
+  """Checks the whole config without compiling anything; raises ValueError naming the bad field.
+
+  Unknown keys were already rejected by `lock_config` when the flags were parsed; this catches
+  values that are individually wrong, impossible combinations (checkpoint retention against the
+  save interval, a batch that does not divide over the mesh or the micro-batches) and typos in the
+  typed groups (each `from_config` rejects unknown fields).
+  """
+  for group in ("model", "data", "optimizer", "train", "checkpoint", "mesh"):
+    if group not in config:
+      raise ValueError(f"config has no `{group}` group; build configs on configs/base.get_config().")
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  model = model_lib.ModelConfig.from_config(config.model)
+  optimizer = train_step_lib.OptimizerConfig.from_config(config.optimizer)
+  mesh = mesh_lib.MeshConfig.from_config(config.mesh)
+  sizes = mesh.resolve(num_devices)
+  rules_lib.check_strategy_mesh(mesh.strategy, sizes)
+  checkpoint = ckpt_lib.CheckpointOptions.from_config(config.checkpoint)
+  data = data_lib.data_config_from(config)
+  t = config.train
+  plan = Plan(
+      model=model, optimizer=optimizer, mesh=mesh, checkpoint=checkpoint, data=data,
+      steps=_positive("train.steps", t.steps), seed=int(t.seed),
+      log_every=_positive("train.log_every", t.log_every),
+      eval_every=_positive("train.eval_every", t.eval_every, allow_zero=True),
+      peak_flops_per_device=float(t.peak_flops_per_device),
+      init_from=str(config.checkpoint.init_from))
+  if plan.init_from:
+    ckpt_lib.resolve_params_path(plan.init_from)  # a bad path fails now, not after data preparation
+  if plan.peak_flops_per_device < 0:
+    raise ValueError(f"config.train.peak_flops_per_device={plan.peak_flops_per_device} must be >= 0 "
+                     "(0 = chip table / measured).")
+  # Batch against mesh: the same check the step functions run, done here on a device-free mesh
+  # shape so a bad combination fails in milliseconds instead of after the data is prepared.
+  rules = rules_lib.rules_for(mesh.strategy)
+  fake_mesh = _ShapeOnlyMesh(sizes)
+  for what, batch, micro in (("data.global_batch_size", data.global_batch_size,
+                              optimizer.num_microbatches),
+                             ("data.eval_batch_size", data.eval_batch_size, 1)):
+    try:
+      train_step_lib.check_batch_shape(batch, data.seq_len, fake_mesh, micro, rules)
+    except ValueError as e:
+      raise ValueError(f"config.{what}={batch} does not fit mesh {sizes}: {e}") from e
+  return plan
+
+
+class _ShapeOnlyMesh:
+  """Stands in for a Mesh where only axis sizes are read (`mesh.shape[axis]`)."""
+
+  def __init__(self, sizes: dict[str, int]):
+    self.shape = dict(sizes)
+
+
+# ------------------------------------------------------------------------------------ preemption
+
+
+class PreemptionWatch:
+  """Turns SIGTERM into "save at the next step boundary and stop".
+
+  Single process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption service
+  (started by `jax.distributed.initialize`) catches the signal on whichever host receives it and
+  agrees on one step for all hosts via `reached_preemption_sync_point`, which must then be asked at
+  every step; a Python handler would replace its native one, so none is installed.
+  """
+
+  def __init__(self):
+    self._requested = threading.Event()
+    self._previous = None
+    self._multiprocess = jax.process_count() > 1
+    if not self._multiprocess and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting.")
+    self._requested.set()
+
+  def reached(self, step: int) -> bool:
+    """True when training should save and stop after `step` (call at every step)."""
+    if self._multiprocess:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _state_item(state: train_step_lib.TrainState) -> dict[str, Any]:
+  """The non-parameter part of the train state, as saved in the checkpoint's `state` item."""
+  return {"step": state.step, "opt_state": state.opt_state}
+
+
+def peak_flops_per_device(plan: Plan) -> float:
+  """Configured peak, else the chip table (TPU), else a measured matmul peak (CPU)."""
+  if plan.peak_flops_per_device:
+    return plan.peak_flops_per_device
+  device = jax.devices()[0]
+  if device.platform == "tpu":
+    return chips_lib.chip_for_device_kind(device.device_kind).peak_bf16_flops
+  if device.platform == "cpu":
+    # Virtual CPU devices share the same cores, so the whole host's matmul rate is split among them.
+    return metrics_lib.measure_matmul_peak() / jax.local_device_count()
+  return 0.0  # GPUs: set train.peak_flops_per_device; MFU is reported as NaN meanwhile.
+
+
+def evaluate(fns: train_step_lib.StepFunctions, params: Any, pipeline: data_lib.Pipeline) -> dict[str, float]:
+  """Mean loss, perplexity and accuracy over the validation batches (padding excluded)."""
+  sharding = fns.batch_shardings["inputs"]
+  size = pipeline.config.eval_batch_size
+  rows = data_lib.process_rows(sharding, size)
+  total = None
+  for local in pipeline.eval_batches(rows):
+    out = fns.eval_step(params, data_lib.to_global_arrays(local, sharding, size))
+    total = out if total is None else jax.tree.map(jnp.add, total, out)
+  host = {k: float(v) for k, v in jax.device_get(total).items()}
+  tokens = max(host["num_tokens"], 1.0)
+  loss = host["loss_sum"] / tokens
+  return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "accuracy": host["correct"] / tokens,
+          "num_tokens": host["num_tokens"]}
+
+
+def _mean_records(records: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+  keys = records[-1][1].keys()
+  return {k: float(np.mean([m[k] for _, m in records])) for k in keys}
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+class _Loop:
+  """State of one run of the loop; split out of `train_and_evaluate` to keep each piece short."""
+
+  def __init__(self, plan: Plan, config: ml_collections.ConfigDict, workdir: str):
+    self.plan, self.config, self.workdir = plan, config, workdir
+    self.mesh = mesh_lib.create_mesh(plan.mesh)
+    self.fns = train_step_lib.build_step_functions(plan.model, plan.optimizer, self.mesh,
+                                                   plan.mesh.strategy)
+    self.pipeline = data_lib.make_pipeline(config)
+    self.ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), plan.checkpoint)
+    self.writer = metrics_lib.MetricsWriter(workdir, total_steps=plan.steps)
+    self.lagged = metrics_lib.LaggedMetrics()
+    self.interval: list[tuple[int, dict[str, float]]] = []
+    self.tokens_per_step = plan.data.global_batch_size * plan.data.seq_len
+    self.flops_per_token = metrics_lib.training_flops_per_token(plan.model, plan.data.seq_len)
+    self.peak_total = peak_flops_per_device(plan) * jax.device_count()
+    self.last_eval: dict[str, float] = {}
+
+  # ---------------------------------------------------------------- state
+
+  def initial_state(self) -> tuple[train_step_lib.TrainState, int]:
+    """Resumes from the newest readable checkpoint, else initialises (optionally from init_from)."""
+    fns = self.fns
+    abstract_params = _abstract(fns.abstract_state.params, fns.state_shardings.params)
+    abstract_rest = _abstract(_state_item(fns.abstract_state), _state_item(fns.state_shardings))
+    restored = self.ckpt.restore_latest(abstract_params, abstract_rest)
+    if restored is not None:
+      self._check_resumable(restored.meta)
+      state = train_step_lib.TrainState(step=restored.state["step"], params=restored.params,
+                                        opt_state=restored.state["opt_state"])
+      logging.info("Resumed from %s at step %d.", self.ckpt.directory, restored.step)
+      return state, restored.step
+    if self.plan.init_from:
+      params = ckpt_lib.load_params(self.plan.init_from, abstract_params)
+      opt_state = jax.jit(fns.tx.init, out_shardings=fns.state_shardings.opt_state)(params)
+      state = train_step_lib.TrainState(
+          step=jax.device_put(jnp.zeros((), jnp.int32), fns.state_shardings.step), params=params,
+          opt_state=opt_state)
+      logging.info("Initialised parameters from %s.", self.plan.init_from)
+      return state, 0
+    return fns.create_state(jax.random.key(self.plan.seed)), 0
+
+  def _check_resumable(self, meta: dict[str, Any]) -> None:
+    """Refuses to resume with a different model or data stream, which would silently change results."""
+    saved = json.loads(meta.get("config", "{}"))
+    current = json.loads(self.config.to_json_best_effort())
+    for group in ("model", "data"):
+      if group in saved and saved[group] != current[group]:
+        raise ValueError(
+            f"config.{group} differs from the one the checkpoint in {self.ckpt.directory} was trained "
+            f"with; resuming would not continue the same run. Saved: {saved[group]}; now: "
+            f"{current[group]}. Use a new --workdir (or --init_from to start from its parameters).")
+
+  def save(self, state: train_step_lib.TrainState, step: int) -> None:
+    # Never write a state whose own step went non-finite: check it first (this blocks on step).
+    self.drain(keep_newest=0)
+    meta = {"config": self.config.to_json_best_effort(), "seed": self.plan.seed,
+            "data": {"next_step": step, "global_batch_size": self.plan.data.global_batch_size,
+                     "seq_len": self.plan.data.seq_len},
+            "process_count": jax.process_count(), "device_count": jax.device_count()}
+    if self.ckpt.save(step, state.params, _state_item(state), meta):
+      logging.info("Saving checkpoint for step %d (async=%s).", step, self.plan.checkpoint.async_save)
+
+  # ---------------------------------------------------------------- metrics
+
+  def drain(self, keep_newest: int) -> None:
+    """Reads back finished steps' metrics; stops training on NaN/Inf."""
+    records = self.lagged.pop(keep_newest=keep_newest)
+    bad = metrics_lib.first_nonfinite(records, _WATCHED)
+    if bad is not None:
+      step, key, value = bad
+      raise NonFiniteError(
+          f"{key} is {value} at step {step} (the update from step {step - 1}); stopping. The newest "
+          f"checkpoint in {self.ckpt.directory} (step {self.ckpt.latest_step()}) predates it.")
+    self.interval.extend(records)
+
+  def log(self, upto: int, seconds: float, steps: int) -> None:
+    """Writes the mean of the drained records up to step `upto` plus speed figures."""
+    records = [r for r in self.interval if r[0] <= upto]
+    self.interval = [r for r in self.interval if r[0] > upto]
+    if not records:
+      return
+    scalars = _mean_records(records)
+    step_time = seconds / max(steps, 1)
+    tokens_per_second = self.tokens_per_step / step_time
+    scalars.update(step_time=step_time, tokens_per_second=tokens_per_second,
+                   mfu=metrics_lib.mfu(tokens_per_second, self.flops_per_token, self.peak_total))
+    self.writer.write(upto, scalars)
+    self.writer.console(upto, {k: scalars[k] for k in
+                               ("loss", "grad_norm", "learning_rate", "tokens_per_second", "mfu")})
+
+  def run_eval(self, state: train_step_lib.TrainState, step: int) -> None:
+    self.last_eval = evaluate(self.fns, state.params, self.pipeline)
+    self.writer.write(step, self.last_eval, prefix="eval")
+    self.writer.console(step, {k: self.last_eval[k] for k in ("loss", "perplexity", "accuracy")},
+                        prefix="eval")
+    self.writer.flush()
+
+  # ---------------------------------------------------------------- loop
+
+  def run(self) -> TrainResult:
+    plan = self.plan
+    state, step = self.initial_state()
+    _write_config(self.workdir, self.config)
+    self.writer.start(step)
+    if step >= plan.steps:
+      logging.info("Checkpoint is at step %d >= train.steps=%d: nothing to train.", step, plan.steps)
+      self.run_eval(state, step)
+      return TrainResult("already_done", step, self.last_eval)
+    watch = PreemptionWatch()
+    sharding = self.fns.batch_shardings["inputs"]
+    status = "completed"
+    try:
+      start = step
+      t_log, step_log, paused = time.time(), step, 0.0
+      while step < plan.steps:
+        batch = data_lib.global_batch(self.pipeline, step, sharding)
+        state, metrics = self.fns.train_step(state, batch)
+        step += 1
+        self.lagged.push(step, metrics)
+        if step == start + 1:
+          # Keep compilation out of the speed figures: time from the end of the first step.
+          jax.block_until_ready(metrics)
+          logging.info("First step (including compilation) took %.1f s.", time.time() - t_log)
+          t_log, step_log, paused = time.time(), step, 0.0
+          self.writer.start_clock(step)
+        # Lag one step: read back the previous boundary's metrics now that this step is queued.
+        if (step - 1) % plan.log_every == 0 and step - 1 > step_log:
+          self.drain(keep_newest=1)
+          now = time.time()
+          self.log(step - 1, now - t_log - paused, step - 1 - step_log)
+          t_log, step_log, paused = now, step - 1, 0.0
+        preempted = watch.reached(step)
+        if preempted or self.ckpt.is_periodic_step(step) or step == plan.steps:
+          t = time.time()
+          self.save(state, step)
+          paused += time.time() - t
+        if preempted:
+          status = "preempted"
+          logging.warning("Stopped for preemption after saving step %d.", step)
+          break
+        if plan.eval_every and step % plan.eval_every == 0 and step < plan.steps:
+          t = time.time()
+          self.run_eval(state, step)
+          paused += time.time() - t
+      self.drain(keep_newest=0)
+      if step > step_log:
+        self.log(step, time.time() - t_log - paused, step - step_log)
+      if status == "completed":
+        self.run_eval(state, step)
+    finally:
+      watch.close()
+      self.ckpt.close()
+      self.writer.close()
+    return TrainResult(status, step, self.last_eval)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Trains (or resumes) the model of `config` in `workdir`, evaluating and checkpointing.
+
+  Args:
+    config: a full experiment config (configs/base.py), already locked and overridden.
+    workdir: output directory: checkpoints/, tensorboard/, metrics.jsonl, config.json.
+
+  Returns:
+    A TrainResult. Raises NonFiniteError on NaN/Inf and ValueError on a bad config (before any
+    compile).
+  """
+  plan = validate_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  return _Loop(plan, config, workdir).run()
