@@ -86,8 +86,11 @@ def _source_from_dict(name: str, d: Mapping[str, Any]) -> SourceConfig:
            f"{where}.validation_fraction={s.validation_fraction!r}; it must be in [0, 1).")
   _require(s.max_documents >= 0, f"{where}.max_documents={s.max_documents!r}; it must be >= 0.")
   if s.kind == "tfds":
-    _require(bool(s.tfds_name), f"{where}.tfds_name is empty; give a builder such as 'lm1b' or "
-             "'c4/en:3.0.1'.")
+    _require(bool(s.tfds_name), f"{where}.tfds_name is empty; give a versioned builder such as "
+             "'lm1b:1.1.0' or 'c4/en:3.0.1'.")
+    # seqio insists on a pinned version, and so do we: the store key relies on it.
+    _require(":" in s.tfds_name, f"{where}.tfds_name={s.tfds_name!r} has no version; pin one, "
+             "e.g. 'lm1b:1.1.0' or 'c4/en:3.0.1'.")
     _require(bool(s.train_split), f"{where}.train_split is empty.")
     _require(bool(s.text_key), f"{where}.text_key is empty; name the text feature, e.g. 'text'.")
   if s.kind == "files":

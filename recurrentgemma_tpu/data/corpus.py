@@ -174,15 +174,16 @@ def _records(path: str, fmt: str, text_key: str) -> Iterator[tuple[int, str]]:
 
 def read_files(source: SourceConfig, split: str) -> Iterator[tuple[str, str]]:
   """Documents of a `files` source for one split."""
+  where = f"config.data.sources.{source.name}"
   if split == VALIDATION and source.eval_pattern:
-    files, holdout = expand_globs(source.eval_pattern, f"sources.{source.name}.eval_pattern"), None
+    files, holdout = expand_globs(source.eval_pattern, f"{where}.eval_pattern"), None
   else:
-    files = expand_globs(source.pattern, f"sources.{source.name}.pattern")
+    files = expand_globs(source.pattern, f"{where}.pattern")
     holdout = None if source.eval_pattern else source.validation_fraction
     if source.eval_pattern:
       overlap = set(files) & set(expand_globs(source.eval_pattern, "eval_pattern"))
       if overlap:
-        raise CorpusError(f"sources.{source.name}: files in both pattern and eval_pattern, e.g. "
+        raise CorpusError(f"{where}: files in both pattern and eval_pattern, e.g. "
                           f"{sorted(overlap)[0]}; an eval split must not overlap train.")
   for path in files:
     for i, text in _records(path, source.format, source.text_key):

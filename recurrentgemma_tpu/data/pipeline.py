@@ -147,7 +147,7 @@ class Pipeline:
       for e in np.unique(epoch[src == i]):
         sel = (src == i) & (epoch == e)
         key = permute.derive_key(self.config.seed, self.config.sources[i].name, int(e))
-        out[sel] = permute.permute(pos[sel], int(n[i]), key)
+        out[sel] = permute.permute(pos[sel], int(self._train_rows[i]), key)
     return src, out
 
   def batch(self, step: int, rows: slice | None = None) -> Batch:

@@ -66,9 +66,10 @@ def store_key(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> tuple
   if source.kind == "default":
     desc["data_fingerprint"] = corpus.default_fingerprint(source)
   elif source.kind == "files":
-    files = corpus.expand_globs(source.pattern, f"sources.{source.name}.pattern")
+    where = f"config.data.sources.{source.name}"
+    files = corpus.expand_globs(source.pattern, f"{where}.pattern")
     if source.eval_pattern:
-      files += corpus.expand_globs(source.eval_pattern, f"sources.{source.name}.eval_pattern")
+      files += corpus.expand_globs(source.eval_pattern, f"{where}.eval_pattern")
     desc["data_fingerprint"] = corpus.files_fingerprint(files)
   # TFDS datasets are versioned by their builder name/version, already in the source settings.
   key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()

@@ -144,8 +144,9 @@ def packed_examples(task: seqio.Task, split: str, cfg: DataConfig, vocab: Vocabu
   row is not a run of consecutive lines of one file.
   """
   lengths = {"targets": cfg.seq_len}
+  # try_in_mem_cache=False: preparation reads each split once, so an in-memory copy only costs RAM.
   ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, use_cached=False,
-                        num_epochs=1)
+                        num_epochs=1, try_in_mem_cache=False)
   if split == corpus.TRAIN:
     ds = ds.shuffle(SHUFFLE_BUFFER, seed=cfg.seed, reshuffle_each_iteration=False)
   ds = seqio.LMFeatureConverter(pack=True, bos_id=vocab.bos_id)(ds, lengths)

@@ -22,7 +22,7 @@ from recurrentgemma_tpu.data.config import DataConfig, SourceConfig
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 # Lines longer than this are split for training only (SentencePiece skips over-long sentences).
 _MAX_TRAIN_LINE = 2048
-# Unigram training on more text than this adds minutes and changes little at small vocabularies.
+# Caps the training text (the stdlib is about 12M characters) so a large default_root stays quick.
 _MAX_TRAIN_CHARS = 24_000_000
 
 
@@ -53,7 +53,10 @@ def _train(source: SourceConfig, vocab_size: int, path: str) -> None:
         sentence_iterator=_training_lines(source),
         model_writer=out,
         vocab_size=vocab_size,
-        model_type="unigram",
+        # BPE, like Gemma's tokenizer: its merge order makes segmentation unique, whereas unigram
+        # Viterbi ties (e.g. two whitespace pieces in either order) are broken differently by
+        # tf_text's SentencePiece build (used in seqio's TF preprocessing) and the Python one.
+        model_type="bpe",
         # Code and prose: keep whitespace and case exactly so decode(encode(x)) == x.
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
@@ -64,7 +67,7 @@ def _train(source: SourceConfig, vocab_size: int, path: str) -> None:
         pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
         character_coverage=0.9995,
         shuffle_input_sentence=False,
-        num_threads=1,  # threads make the EM step's float sums order dependent
+        num_threads=1,  # one thread: no dependence on how work is split
         minloglevel=2,
     )
   os.replace(tmp, path)
@@ -72,7 +75,7 @@ def _train(source: SourceConfig, vocab_size: int, path: str) -> None:
 
 def embedded_model_path(cfg: DataConfig, source: SourceConfig) -> str:
   key = hashlib.sha256(
-      f"spm-v1\0{corpus.default_fingerprint(source)}\0{cfg.vocab_size}".encode()
+      f"spm-bpe-v1\0{corpus.default_fingerprint(source)}\0{cfg.vocab_size}".encode()
   ).hexdigest()[:16]
   return os.path.join(cfg.resolved_cache_dir, "tokenizers", f"embedded-{cfg.vocab_size}-{key}.model")
 

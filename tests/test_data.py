@@ -1,0 +1,382 @@
+"""Data pipeline: sources, packing, determinism, resume, mixtures, errors (single process).
+
+References: documents tokenized directly with the sentencepiece library (not through seqio/TF),
+seqio's own LMFeatureConverter for the packed features, and single-process/single-device batches.
+The 2-process jax.distributed check is in test_data_multiprocess.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import shutil
+import sysconfig
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from configs import base
+from recurrentgemma_tpu import data
+from recurrentgemma_tpu.data import corpus, permute, vocab as vocab_lib
+
+VOCAB = 512  # >= 256 byte-fallback pieces + specials, trains in about a second
+SEQ = 64
+# Small stdlib modules (present in every CPython) as the embedded corpus of the tests.
+_CORPUS_FILES = ("abc.py", "bisect.py", "colorsys.py", "copyreg.py", "fnmatch.py", "genericpath.py",
+                 "glob.py", "heapq.py", "keyword.py", "linecache.py", "nturl2path.py", "opcode.py",
+                 "operator.py", "queue.py", "sched.py", "shlex.py", "stat.py", "string.py",
+                 "textwrap.py", "this.py", "token.py", "types.py", "uu.py", "weakref.py")
+
+
+@pytest.fixture(scope="session")
+def corpus_root(tmp_path_factory) -> str:
+  root = tmp_path_factory.mktemp("corpus")
+  stdlib = sysconfig.get_paths()["stdlib"]
+  for name in _CORPUS_FILES:
+    if os.path.exists(os.path.join(stdlib, name)):
+      shutil.copy(os.path.join(stdlib, name), root / name)
+  os.makedirs(root / "pkg")
+  (root / "pkg" / "latin1.py").write_bytes("# caf\xe9\n".encode("latin-1"))  # skipped: not UTF-8
+  (root / "pkg" / "uni.py").write_text("s = 'naïve — ünïcödé ✓'\n\tx = 1\n", encoding="utf-8")
+  return str(root)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+  return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def make_config(corpus_root: str, cache_dir: str, **data_overrides) -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.model.vocab_size = VOCAB
+  config.data.sources = ml_collections.ConfigDict(
+      {"default": base.data_source("default", default_root=corpus_root, validation_fraction=0.15)})
+  config.data.seq_len = SEQ
+  config.data.global_batch_size = 8
+  config.data.eval_batch_size = 8
+  config.data.cache_dir = cache_dir
+  for k, v in data_overrides.items():
+    config.data[k] = v
+  return config
+
+
+@pytest.fixture(scope="session")
+def pipeline(corpus_root, cache_dir) -> data.Pipeline:
+  return data.make_pipeline(make_config(corpus_root, cache_dir), process_index=0, process_count=1)
+
+
+def reference_chunks(docs: list[str], sp: spm.SentencePieceProcessor, seq: int) -> list[tuple]:
+  """Each document as tokens + EOS, cut into pieces of at most seq tokens (the pipeline's contract)."""
+  out = []
+  for text in docs:
+    ids = sp.EncodeAsIds(text) + [sp.eos_id()]
+    out += [tuple(ids[i:i + seq]) for i in range(0, len(ids), seq)]
+  return out
+
+
+def stored_segments(split: data.pipeline.store.Split) -> list[tuple]:
+  """Every packed document piece of a split, recovered from targets and segment_ids alone."""
+  out = []
+  targets = np.asarray(split.targets, np.int64)
+  segs = np.asarray(split.segment_ids, np.int64)
+  for row, seg in zip(targets, segs):
+    for s in np.unique(seg[seg > 0]):
+      idx = np.nonzero(seg == s)[0]
+      assert np.all(np.diff(idx) == 1), "a document's tokens must be contiguous in its row"
+      out.append(tuple(row[idx].tolist()))
+    assert np.all(row[seg == 0] == 0), "padding must be token 0"
+  return out
+
+
+# ---------------------------------------------------------------- vocabulary
+
+
+def test_embedded_tokenizer_is_deterministic_and_lossless(pipeline, corpus_root, tmp_path):
+  cfg = data.data_config_from(make_config(corpus_root, str(tmp_path)))
+  again = vocab_lib.tokenizer_path(cfg)  # trained from scratch in a fresh cache
+  with open(again, "rb") as f:
+    assert f.read() == pipeline.vocab.model_bytes
+  assert pipeline.vocab.size == VOCAB
+  assert (pipeline.vocab.eos_id, pipeline.vocab.bos_id, pipeline.vocab.pad_id) == (1, 2, 0)
+  text = open(os.path.join(corpus_root, "pkg", "uni.py"), encoding="utf-8").read()
+  text += "\n\n    indented  twice\r\n" + open(os.path.join(corpus_root, "heapq.py")).read()
+  assert pipeline.vocab.decode(pipeline.vocab.encode(text)) == text
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packing_recovers_every_document(pipeline, corpus_root):
+  sp = spm.SentencePieceProcessor(model_proto=pipeline.vocab.model_bytes)
+  source = pipeline.config.sources[0]
+  for split, rows in ((corpus.TRAIN, pipeline.stores[0].train),
+                      (corpus.VALIDATION, pipeline.stores[0].validation)):
+    docs = [text for _, text in corpus.read_default(source, split)]
+    assert docs, split
+    got = collections.Counter(stored_segments(rows))
+    want = collections.Counter(reference_chunks(docs, sp, SEQ))
+    assert got == want, split
+  train_ids = {d for d, _ in corpus.read_default(source, corpus.TRAIN)}
+  val_ids = {d for d, _ in corpus.read_default(source, corpus.VALIDATION)}
+  assert val_ids and not train_ids & val_ids
+  assert "pkg/latin1.py" not in train_ids | val_ids
+  # Packing fills rows: all but the tail of the stream are at least half full.
+  fill = (np.asarray(pipeline.stores[0].train.segment_ids) > 0).mean(axis=1)
+  assert np.median(fill) > 0.9
+
+
+def test_features_match_seqio_lm_feature_converter():
+  import seqio
+  import tensorflow as tf
+
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(4, 500, size=rng.integers(1, 40)).astype(np.int32) for _ in range(60)]
+  ds = tf.data.Dataset.from_generator(
+      lambda: ({"targets": d} for d in docs),
+      output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+  for bos in (0, 2):
+    packed = list(seqio.LMFeatureConverter(pack=True, bos_id=bos)(ds, {"targets": 48})
+                  .as_numpy_iterator())
+    want = {k: np.stack([p[k] for p in packed]) for k in packed[0]}
+    got = data.derive_features(want["decoder_target_tokens"], want["decoder_segment_ids"], bos)
+    np.testing.assert_array_equal(got["inputs"], want["decoder_input_tokens"])
+    np.testing.assert_array_equal(got["positions"], want["decoder_positions"])
+    np.testing.assert_array_equal(got["loss_weights"], want["decoder_loss_weights"])
+    assert got["loss_weights"].dtype == np.float32 and got["inputs"].dtype == np.int32
+
+
+# ---------------------------------------------------------------- determinism and resume
+
+
+def test_permutation_is_a_bijection():
+  for n in (1, 2, 3, 7, 64, 1000, 4097):
+    for key in (0, 1, 12345):
+      assert sorted(permute.permute(np.arange(n), n, key).tolist()) == list(range(n))
+  assert not np.array_equal(permute.permute(np.arange(100), 100, 1),
+                            permute.permute(np.arange(100), 100, 2))
+
+
+def test_epochs_cover_every_row_once_and_reshuffle(pipeline):
+  n = pipeline.num_train_rows
+  _, first = pipeline.source_of(np.arange(n))
+  _, second = pipeline.source_of(np.arange(n, 2 * n))
+  assert sorted(first.tolist()) == list(range(n)) == sorted(second.tolist())
+  assert not np.array_equal(first, second)
+
+
+def test_batches_independent_of_process_count_and_resume(pipeline, corpus_root, cache_dir):
+  config = make_config(corpus_root, cache_dir)
+  steps_per_epoch = pipeline.num_train_rows // 8
+  steps = [0, 1, 2, steps_per_epoch, steps_per_epoch + 1, 5 * steps_per_epoch + 3]
+  full = {k: pipeline.batch(k) for k in steps}
+  for count in (2, 4, 8):
+    parts = [data.make_pipeline(config, process_index=p, process_count=count) for p in range(count)]
+    for k in steps:
+      for key in full[k]:
+        np.testing.assert_array_equal(
+            np.concatenate([p.batch(k)[key] for p in parts]), full[k][key])
+  resumed = data.make_pipeline(config, process_index=0, process_count=1).iterate(start_step=2)
+  for k in (2, 3, 4):
+    want = pipeline.batch(k)
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  # The batch rows are the stored rows named by the determinism map.
+  _, idx = pipeline.source_of(np.arange(8, 16))
+  np.testing.assert_array_equal(full[1]["targets"], pipeline.stores[0].train.targets[idx])
+  other = data.make_pipeline(make_config(corpus_root, cache_dir, seed=1), process_index=0,
+                             process_count=1)
+  assert not np.array_equal(other.batch(0)["targets"], full[0]["targets"])
+
+
+def test_global_arrays_on_8_devices_equal_single_process_batch(pipeline):
+  devices = np.array(jax.devices())
+  assert devices.size == 8
+  for order in (devices, devices[::-1]):
+    mesh = jax.sharding.Mesh(order.reshape(4, 2), ("data", "model"))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    arrays = data.global_batch(pipeline, 3, sharding)
+    want = pipeline.batch(3)
+    for key in want:
+      assert arrays[key].shape == (8, SEQ) and arrays[key].sharding == sharding
+      np.testing.assert_array_equal(np.asarray(arrays[key]), want[key])
+
+
+def test_eval_batches_cover_validation_rows_in_order(pipeline):
+  batches = list(pipeline.eval_batches())
+  n = pipeline.num_eval_rows
+  assert len(batches) == -(-n // 8)
+  targets = np.concatenate([b["targets"] for b in batches])
+  np.testing.assert_array_equal(targets[:n], pipeline.stores[0].validation.targets)
+  assert not np.concatenate([b["loss_weights"] for b in batches])[n:].any()
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _write_file_corpora(root) -> dict[str, list[str]]:
+  """Small documents (each shorter than SEQ tokens) in every file format; returns format -> docs."""
+  import tensorflow as tf
+
+  docs = [f"document {i}: the {'quick' if i % 2 else 'lazy'} fox no. {i * 7}" for i in range(40)]
+  docs.append("unicode ✓ ünï")
+  out = {}
+  (root / "text").mkdir()
+  for i, d in enumerate(docs):
+    (root / "text" / f"doc{i:02d}.txt").write_text(d, encoding="utf-8")
+  out["text"] = docs
+  (root / "lines").mkdir()
+  (root / "lines" / "a.txt").write_text("\n".join(docs[:20]) + "\n", encoding="utf-8")
+  (root / "lines" / "b.txt").write_text("\n\n".join(docs[20:]), encoding="utf-8")
+  out["lines"] = docs
+  (root / "jsonl").mkdir()
+  with open(root / "jsonl" / "a.jsonl", "w", encoding="utf-8") as f:
+    for i, d in enumerate(docs):
+      f.write(json.dumps({"id": i, "body": d}) + "\n")
+  out["jsonl"] = docs
+  (root / "tfrecord").mkdir()
+  with tf.io.TFRecordWriter(str(root / "tfrecord" / "a.tfrecord")) as w:
+    for d in docs:
+      ex = tf.train.Example(features=tf.train.Features(feature={
+          "body": tf.train.Feature(bytes_list=tf.train.BytesList(value=[d.encode()]))}))
+      w.write(ex.SerializeToString())
+  out["tfrecord"] = docs
+  return out
+
+
+def _decoded_docs(p: data.Pipeline, split) -> list[str]:
+  return [p.vocab.decode(seg[:-1]) for seg in stored_segments(split)]  # drop EOS
+
+
+@pytest.mark.parametrize("fmt,pattern,key", [
+    ("text", "text/doc0*.txt,text/doc[1-4]*.txt", "text"),
+    ("lines", "lines/*.txt", "text"),
+    ("jsonl", "jsonl/*.jsonl", "body"),
+    ("tfrecord", "tfrecord/*", "body"),
+])
+def test_file_sources(fmt, pattern, key, corpus_root, cache_dir, tmp_path):
+  docs = _write_file_corpora(tmp_path)[fmt]
+  config = make_config(corpus_root, cache_dir)
+  globs = ",".join(str(tmp_path / p) for p in pattern.split(","))
+  config.data.sources = ml_collections.ConfigDict({"web": base.data_source(
+      "files", pattern=globs, format=fmt, text_key=key, validation_fraction=0.2)})
+  p = data.make_pipeline(config, process_index=0, process_count=1)
+  train, val = _decoded_docs(p, p.stores[0].train), _decoded_docs(p, p.stores[0].validation)
+  assert sorted(train + val) == sorted(docs)
+  assert train and val and not set(train) & set(val)
+
+
+def test_file_source_with_eval_pattern(corpus_root, cache_dir, tmp_path):
+  docs = _write_file_corpora(tmp_path)["lines"]
+  config = make_config(corpus_root, cache_dir)
+  config.data.sources = ml_collections.ConfigDict({"web": base.data_source(
+      "files", pattern=str(tmp_path / "lines" / "a.txt"), format="lines",
+      eval_pattern=str(tmp_path / "lines" / "b.txt"))})
+  p = data.make_pipeline(config, process_index=0, process_count=1)
+  assert sorted(_decoded_docs(p, p.stores[0].train)) == sorted(docs[:20])
+  assert sorted(_decoded_docs(p, p.stores[0].validation)) == sorted(docs[20:])
+
+
+def test_tfds_source_with_mock_data(corpus_root, cache_dir, tmp_path):
+  import tensorflow_datasets as tfds
+
+  config = make_config(corpus_root, cache_dir)
+  config.data.sources = ml_collections.ConfigDict({"lm1b": base.data_source(
+      "tfds", tfds_name="lm1b:1.1.0", tfds_data_dir=str(tmp_path), eval_split="test")})
+  with tfds.testing.mock_data(num_examples=30):
+    want = {s: sorted(ex["text"].decode() for ex in tfds.as_numpy(
+        tfds.load("lm1b", split=s, data_dir=str(tmp_path)))) for s in ("train", "test")}
+    p = data.make_pipeline(config, process_index=0, process_count=1)
+  assert len(want["train"]) == 30
+  assert sorted(_decoded_docs(p, p.stores[0].train)) == want["train"]
+  assert sorted(_decoded_docs(p, p.stores[0].validation)) == want["test"]
+
+
+def test_mixture_rates_and_rows(pipeline, corpus_root, cache_dir, tmp_path):
+  _write_file_corpora(tmp_path)
+  config = make_config(corpus_root, cache_dir)
+  config.data.sources = ml_collections.ConfigDict({
+      "default": base.data_source("default", rate=3.0, default_root=corpus_root,
+                                  validation_fraction=0.15),
+      "web": base.data_source("files", rate=1.0, pattern=str(tmp_path / "jsonl" / "*"),
+                              format="jsonl", text_key="body")})
+  p = data.make_pipeline(config, process_index=0, process_count=1)
+  period = data.pipeline.MIXTURE_PERIOD
+  src, idx = p.source_of(np.arange(3 * period))
+  assert (src == 0).sum() == 3 * 3 * period // 4 and (src == 1).sum() == 3 * period // 4
+  # Each source's stream is consumed in order: its k-th row is row k of its own epoch sequence.
+  for i in (0, 1):
+    n = p.stores[i].train.num_rows
+    j = np.arange((src == i).sum())
+    key = lambda e: permute.derive_key(p.config.seed, p.config.sources[i].name, e)  # noqa: E731
+    want = np.concatenate([permute.permute(j[j // n == e] % n, n, key(e))
+                           for e in np.unique(j // n)])
+    np.testing.assert_array_equal(idx[src == i], want)
+  # The default source's store is shared with the single-source pipeline (same key).
+  assert p.stores[0].path == pipeline.stores[0].path
+  b = p.batch(5)
+  s, r = p.source_of(np.arange(40, 48))
+  for row in range(8):
+    np.testing.assert_array_equal(b["targets"][row], p.stores[s[row]].train.targets[r[row]])
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _expect(config, match, exc=ValueError, **kw):
+  with pytest.raises(exc, match=match):
+    data.make_pipeline(config, process_index=kw.get("index", 0), process_count=kw.get("count", 1))
+
+
+def test_errors_name_the_bad_value(corpus_root, cache_dir, tmp_path):
+  def files_config(**source):
+    c = make_config(corpus_root, cache_dir)
+    c.data.sources = ml_collections.ConfigDict({"web": base.data_source("files", **source)})
+    return c
+
+  _expect(make_config(corpus_root, cache_dir, seq_len=0), r"config.data.seq_len=0")
+  _expect(make_config(corpus_root, cache_dir, global_batch_size=6), r"global_batch_size=6.*4",
+          count=4)
+  missing = str(tmp_path / "nope" / "*.txt")
+  _expect(files_config(pattern=missing),
+          re.escape(f"config.data.sources.web.pattern: no file matches '{missing}'"),
+          data.CorpusError)
+  (tmp_path / "empty.txt").write_text("  \n\n", encoding="utf-8")
+  _expect(files_config(pattern=str(tmp_path / "empty.txt"), format="lines"),
+          "no training documents", data.CorpusError)
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"fine line\nnot utf8 \xff\xfe here\n")
+  _expect(files_config(pattern=str(bad), format="lines"),
+          rf"{bad} \(record 1\) is not valid UTF-8", data.CorpusError)
+  badjson = tmp_path / "bad.jsonl"
+  badjson.write_text('{"text": "ok"}\n{"text": 3}\n', encoding="utf-8")
+  _expect(files_config(pattern=str(badjson), format="jsonl"),
+          rf"{badjson} \(line 2\) has no string field 'text'", data.CorpusError)
+  _expect(files_config(pattern=str(bad), format="csv"), r"format='csv'; valid formats")
+  c = make_config(corpus_root, cache_dir)
+  c.data.sources.default.kind = "hf"
+  _expect(c, r"kind='hf'; valid kinds")
+  c.data.sources.default.kind = "tfds"
+  c.data.sources.default.tfds_name = "c4/en"
+  _expect(c, r"tfds_name='c4/en' has no version")
+  _expect(make_config(corpus_root, cache_dir, tokenizer=str(tmp_path / "no.model")),
+          r"tokenizer=.*no.model' does not exist", data.TokenizerError)
+  (tmp_path / "junk.model").write_bytes(b"not a model")
+  _expect(make_config(corpus_root, cache_dir, tokenizer=str(tmp_path / "junk.model")),
+          r"junk.model' is not a SentencePiece model", data.TokenizerError)
+
+
+def test_user_tokenizer_by_path(pipeline, corpus_root, cache_dir, tmp_path):
+  path = tmp_path / "user.model"
+  path.write_bytes(pipeline.vocab.model_bytes)
+  config = make_config(corpus_root, cache_dir, tokenizer=str(path))
+  p = data.make_pipeline(config, process_index=0, process_count=1)
+  np.testing.assert_array_equal(p.batch(0)["targets"], pipeline.batch(0)["targets"])
+  config.model.vocab_size = VOCAB - 1
+  _expect(config, rf"has {VOCAB} pieces but config.model.vocab_size={VOCAB - 1}",
+          data.TokenizerError)
