@@ -181,9 +181,15 @@ def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def _state_item(state: train_step_lib.TrainState) -> dict[str, Any]:
+def state_item(state: train_step_lib.TrainState) -> dict[str, Any]:
   """The non-parameter part of the train state, as saved in the checkpoint's `state` item."""
   return {"step": state.step, "opt_state": state.opt_state}
+
+
+def abstract_checkpoint(fns: train_step_lib.StepFunctions) -> tuple[Any, Any]:
+  """Restore targets (params, state item) laid out on `fns`'s mesh: restoring reshards onto it."""
+  return (_abstract(fns.abstract_state.params, fns.state_shardings.params),
+          _abstract(state_item(fns.abstract_state), state_item(fns.state_shardings)))
 
 
 def peak_flops_per_device(plan: Plan) -> float:
@@ -229,8 +235,8 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 # ------------------------------------------------------------------------------------ the loop
 
 
-class _Loop:
-  """State of one run of the loop; split out of `train_and_evaluate` to keep each piece short."""
+class Trainer:
+  """One training run in a workdir: `initial_state()` (resume / init_from / fresh), then `run()`."""
 
   def __init__(self, plan: Plan, config: ml_collections.ConfigDict, workdir: str):
     self.plan, self.config, self.workdir = plan, config, workdir
@@ -252,8 +258,7 @@ class _Loop:
   def initial_state(self) -> tuple[train_step_lib.TrainState, int]:
     """Resumes from the newest readable checkpoint, else initialises (optionally from init_from)."""
     fns = self.fns
-    abstract_params = _abstract(fns.abstract_state.params, fns.state_shardings.params)
-    abstract_rest = _abstract(_state_item(fns.abstract_state), _state_item(fns.state_shardings))
+    abstract_params, abstract_rest = abstract_checkpoint(fns)
     restored = self.ckpt.restore_latest(abstract_params, abstract_rest)
     if restored is not None:
       self._check_resumable(restored.meta)
@@ -289,7 +294,7 @@ class _Loop:
             "data": {"next_step": step, "global_batch_size": self.plan.data.global_batch_size,
                      "seq_len": self.plan.data.seq_len},
             "process_count": jax.process_count(), "device_count": jax.device_count()}
-    if self.ckpt.save(step, state.params, _state_item(state), meta):
+    if self.ckpt.save(step, state.params, state_item(state), meta):
       logging.info("Saving checkpoint for step %d (async=%s).", step, self.plan.checkpoint.async_save)
 
   # ---------------------------------------------------------------- metrics
@@ -400,4 +405,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   plan = validate_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  return _Loop(plan, config, workdir).run()
+  return Trainer(plan, config, workdir).run()

@@ -223,13 +223,13 @@ def resolve_params_path(path: str | os.PathLike[str]) -> epath.Path:
     raise FileNotFoundError(f"init_from={os.fspath(path)!r} does not exist.")
   if (path / PARAMS_ITEM).is_dir():
     return path / PARAMS_ITEM
+  if (path / "_METADATA").exists():  # a pytree checkpoint itself (its subdirectories are not steps)
+    return path
   for root in (path, path / "checkpoints"):
     if root.is_dir():
-      steps = ocp.utils.checkpoint_steps(root)
+      steps = [s for s in ocp.utils.checkpoint_steps(root) if (root / str(s) / PARAMS_ITEM).is_dir()]
       if steps:
         return root / str(max(steps)) / PARAMS_ITEM
-  if (path / "_METADATA").exists() or (path / "_CHECKPOINT_METADATA").exists():
-    return path
   raise FileNotFoundError(
       f"init_from={os.fspath(path)!r} is neither a parameters checkpoint (written by save_params or "
       "`python -m recurrentgemma_tpu.checkpoints` conversion), a training checkpoint step, "

@@ -1,0 +1,178 @@
+"""Orbax training checkpoints: retention, interrupted and corrupt saves, resharded restore, init_from."""
+
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from recurrentgemma_tpu import train_step as train_step_lib
+from recurrentgemma_tpu import trainer
+from recurrentgemma_tpu.checkpoints import manager as ckpt
+from sharding import mesh as mesh_lib
+from test_train_common import small_config
+
+
+def _options(**kw):
+  return ckpt.CheckpointOptions(**{"save_every": 2, "keep_last": 2, "keep_every": 0,
+                                   "async_save": True, **kw})
+
+
+def _toy_state(value: float):
+  """A sharded 'params' tree and a 'state' tree, all filled from `value`."""
+  mesh = jax.make_mesh((8,), ("x",))
+  sh = NamedSharding(mesh, PartitionSpec("x"))
+  params = {"w": jax.device_put(jnp.full((16, 4), value, jnp.float32), sh),
+            "b": jnp.full((3,), -value, jnp.float32)}
+  state = {"step": jnp.asarray(int(value), jnp.int32), "mu": {"w": jnp.full((16, 4), 2 * value)}}
+  return params, state
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _save_steps(m, steps):
+  for s in steps:
+    p, st = _toy_state(float(s))
+    assert m.save(s, p, st, {"data": {"next_step": s}})
+  m.wait_until_finished()
+
+
+def test_keep_last_plus_keep_every(tmp_path):
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=2, keep_every=4))
+  _save_steps(m, [s for s in range(1, 13) if m.is_periodic_step(s)])
+  # Newest two (10, 12) plus every multiple of 4 (4, 8, 12).
+  assert m.all_steps() == [4, 8, 10, 12]
+  assert sorted(os.listdir(tmp_path / "ck")) == ["10", "12", "4", "8"]
+  m.close()
+
+
+def test_saving_an_existing_step_is_refused(tmp_path):
+  m = ckpt.CheckpointManager(tmp_path, _options())
+  _save_steps(m, [2])
+  p, st = _toy_state(99.0)
+  assert not m.save(2, p, st, {})
+  r = m.restore_latest(_abstract(p), _abstract(st))
+  np.testing.assert_array_equal(r.params["w"], np.full((16, 4), 2.0))
+  m.close()
+
+
+def test_interrupted_save_is_never_used(tmp_path):
+  m = ckpt.CheckpointManager(tmp_path, _options(keep_last=5))
+  _save_steps(m, [2, 4, 6])
+  m.close()
+  # A save killed midway leaves the step under Orbax's temporary name (renamed only on commit).
+  os.rename(tmp_path / "6", tmp_path / "6.orbax-checkpoint-tmp-1795320000")
+  p, st = _toy_state(0.0)
+  m = ckpt.CheckpointManager(tmp_path, _options(keep_last=5))
+  assert m.latest_step() == 4
+  r = m.restore_latest(_abstract(p), _abstract(st))
+  assert r.step == 4 and r.meta["data"] == {"next_step": 4}
+  np.testing.assert_array_equal(r.params["w"], np.full((16, 4), 4.0))
+  np.testing.assert_array_equal(r.state["mu"]["w"], np.full((16, 4), 8.0))
+  # The resumed run reaches step 6 again: its save replaces the leftover of the killed one.
+  p6, st6 = _toy_state(60.0)
+  assert m.save(6, p6, st6, {})
+  m.close()
+  assert sorted(os.listdir(tmp_path)) == ["2", "4", "6"]
+  m = ckpt.CheckpointManager(tmp_path, _options(keep_last=5))
+  np.testing.assert_array_equal(m.restore_latest(_abstract(p), _abstract(st)).params["w"],
+                                np.full((16, 4), 60.0))
+  m.close()
+
+
+def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path, caplog):
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5))
+  _save_steps(m, [2, 4])
+  m.close()
+  # Committed but unreadable: the array data of step 4 is gone (e.g. a truncated copy).
+  for root, dirs, _ in os.walk(tmp_path / "ck" / "4" / "params"):
+    for d in dirs:
+      if d == "d" or d.startswith("ocdbt"):
+        shutil.rmtree(os.path.join(root, d))
+  p, st = _toy_state(0.0)
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5))
+  with caplog.at_level(logging.WARNING):
+    r = m.restore_latest(_abstract(p), _abstract(st))
+  assert r.step == 2
+  np.testing.assert_array_equal(r.params["w"], np.full((16, 4), 2.0))
+  assert any("step 4" in rec.getMessage() and "falling back" in rec.getMessage() for rec in caplog.records)
+  assert m.all_steps() == [2]
+  assert os.listdir(tmp_path / "ck_corrupt")  # moved aside for inspection, not deleted
+  # Training can redo step 4 under the same number.
+  p4, st4 = _toy_state(4.0)
+  assert m.save(4, p4, st4, {})
+  m.close()
+
+
+def test_no_checkpoint_means_fresh_start(tmp_path):
+  m = ckpt.CheckpointManager(tmp_path, _options())
+  p, st = _toy_state(0.0)
+  assert m.restore_latest(_abstract(p), _abstract(st)) is None
+  m.close()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"save_every": -1}, "save_every"),
+    ({"keep_last": 0}, "keep_last"),
+    ({"save_every": 3, "keep_every": 4}, "multiple of"),
+])
+def test_options_are_validated(kw, match):
+  with pytest.raises(ValueError, match=match):
+    _options(**kw)
+
+
+def _step_functions(config, devices, **mesh):
+  cfg = mesh_lib.MeshConfig(strategy="griffin", **mesh)
+  plan = trainer.validate_config(config, num_devices=len(devices))
+  return train_step_lib.build_step_functions(plan.model, plan.optimizer,
+                                             mesh_lib.create_mesh(cfg, devices), "griffin")
+
+
+def test_restore_onto_other_meshes_and_device_counts(tmp_path):
+  """A real train state saved on 8 devices (fsdp=8) restores on 2x2 (fsdp x model), 4 and 1 device."""
+  config = small_config()
+  devices = jax.devices()
+  fns8 = _step_functions(config, devices, fsdp=8)
+  state = fns8.create_state(jax.random.key(3))
+  m = ckpt.CheckpointManager(tmp_path, _options())
+  assert m.save(2, state.params, trainer.state_item(state), {})
+  m.close()
+  expected = jax.device_get((state.params, trainer.state_item(state)))
+  for mesh_kw, n in (({"fsdp": 2, "model": 2}, 4), ({"fsdp": 4}, 4), ({"fsdp": 1}, 1)):
+    fns = _step_functions(config, devices[:n], **mesh_kw)
+    m = ckpt.CheckpointManager(tmp_path, _options())
+    abstract_params, abstract_rest = trainer.abstract_checkpoint(fns)
+    r = m.restore_latest(abstract_params, abstract_rest)
+    m.close()
+    got = jax.device_get((r.params, r.state))
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    for leaf, sharding in zip(jax.tree.leaves(r.params), jax.tree.leaves(fns.state_shardings.params)):
+      assert leaf.sharding == sharding
+      assert len(leaf.sharding.device_set) == n
+
+
+def test_load_params_from_each_accepted_location(tmp_path):
+  p, st = _toy_state(6.0)
+  m = ckpt.CheckpointManager(tmp_path / "wd" / "checkpoints", _options())
+  _save_steps(m, [2, 6])
+  m.close()
+  ckpt.save_params(tmp_path / "plain", p)
+  target = _abstract(p)
+  for where, value in ((tmp_path / "wd", 6.0), (tmp_path / "wd" / "checkpoints", 6.0),
+                       (tmp_path / "wd" / "checkpoints" / "2", 2.0), (tmp_path / "plain", 6.0)):
+    got = ckpt.load_params(where, target)
+    np.testing.assert_array_equal(got["w"], np.full((16, 4), value))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    ckpt.load_params(tmp_path / "missing", target)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="neither a parameters checkpoint"):
+    ckpt.load_params(tmp_path / "empty", target)
+  wrong = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32), "b": target["b"]}
+  with pytest.raises(ValueError, match="do not match"):
+    ckpt.load_params(tmp_path / "plain", wrong)
