@@ -380,3 +380,80 @@ def test_user_tokenizer_by_path(pipeline, corpus_root, cache_dir, tmp_path):
   config.model.vocab_size = VOCAB - 1
   _expect(config, rf"has {VOCAB} pieces but config.model.vocab_size={VOCAB - 1}",
           data.TokenizerError)
+
+
+# ---------------------------------------------------------------- multi-process (jax.distributed)
+
+_MP_STEPS = (0, 1, 5, 40, 300)  # 300 steps of 8 rows is past the first epoch
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_single_process_global_batches(pipeline, corpus_root, cache_dir,
+                                                              tmp_path):
+  """2 jax.distributed processes (gloo CPU collectives, 2 devices each) == 1 process."""
+  import socket
+  import subprocess
+  import sys
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd(),
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen(
+      [sys.executable, __file__, "worker", str(pid), str(port), corpus_root, cache_dir,
+       str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+      for pid in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=240)[0].decode(errors="replace"))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  for order in ("forward", "reversed"):
+    got = np.load(tmp_path / f"global_{order}.npz")
+    for step in _MP_STEPS:
+      want = pipeline.batch(step)
+      for key in want:
+        np.testing.assert_array_equal(got[f"{step}/{key}"], want[key], err_msg=f"{order} {step}")
+  # Each process read only its own block: rows 0-3 on process 0, 4-7 on process 1 by default.
+  for pid in range(2):
+    local = np.load(tmp_path / f"local_{pid}.npz")
+    for step in _MP_STEPS:
+      np.testing.assert_array_equal(local[f"{step}/targets"],
+                                    pipeline.batch(step)["targets"][4 * pid:4 * pid + 4])
+
+
+def _worker(pid: int, port: int, corpus_root: str, cache_dir: str, out: str) -> None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                             process_id=pid, initialization_timeout=120)
+  from jax.experimental import multihost_utils
+
+  assert jax.process_count() == 2 and jax.device_count() == 4
+  p = data.make_pipeline(make_config(corpus_root, cache_dir))  # process index/count from jax
+  np.savez(os.path.join(out, f"local_{pid}.npz"),
+           **{f"{k}/targets": p.batch(k)["targets"] for k in _MP_STEPS})
+  devices = np.array(jax.devices())
+  for order, devs in (("forward", devices), ("reversed", devices[::-1])):
+    mesh = jax.sharding.Mesh(devs, ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    result = {}
+    for step in _MP_STEPS:
+      arrays = data.global_batch(p, step, sharding)
+      for key, value in multihost_utils.process_allgather(arrays, tiled=True).items():
+        result[f"{step}/{key}"] = np.asarray(value)
+    if pid == 0:
+      np.savez(os.path.join(out, f"global_{order}.npz"), **result)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  import sys
+
+  assert sys.argv[1] == "worker", sys.argv
+  _worker(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7])
