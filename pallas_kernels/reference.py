@@ -13,9 +13,12 @@ def _prepare(x, a, h0, reverse):
   a32 = a.astype(jnp.float32)
   if reverse:
     x32, a32 = jnp.flip(x32, 1), jnp.flip(a32, 1)
-  if h0 is None:
-    h0 = jnp.zeros((x.shape[0], x.shape[2]), jnp.float32)
-  return x32, a32, h0.astype(jnp.float32)
+  # Deriving the state from x32 gives it x's varying manual axes under shard_map, which lax.scan
+  # requires of a carry (an h0 replicated over a sequence axis would otherwise mismatch).
+  h = jnp.zeros_like(x32[:, 0])
+  if h0 is not None:
+    h = h + h0.astype(jnp.float32)
+  return x32, a32, h
 
 
 def _finish(y32, h_last, x_dtype, reverse):

@@ -3,10 +3,44 @@
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels import gpu
 from pallas_kernels import reference
+from pallas_kernels import tpu
 
 IMPLS = ("auto", "xla_linear", "xla_associative", "pallas_tpu", "pallas_gpu")
+
+# On CPU the sequential lax.scan beat lax.associative_scan at every training-like shape measured
+# (benchmarks/scan.py; docs/kernels.md), forward and backward, float32 and bfloat16.
+CPU_IMPL = "xla_linear"
+
+
+def _impl_fn(impl: str, interpret: bool):
+  if impl == "xla_linear":
+    return reference.xla_linear_scan
+  if impl == "xla_associative":
+    return reference.xla_associative_scan
+  if impl == "pallas_tpu":
+    return lambda x, a, h0, *, reverse: tpu.linear_scan(x, a, h0, reverse=reverse, interpret=interpret)
+  if impl == "pallas_gpu":
+    return lambda x, a, h0, *, reverse: gpu.linear_scan(x, a, h0, reverse=reverse, interpret=interpret)
+  raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+
+
+def validate(x: jax.Array, a: jax.Array, h0: Optional[jax.Array], impl: str) -> None:
+  """Raises ValueError naming the bad argument; shared by every entry point."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+  if x.ndim != 3 or x.shape != a.shape:
+    raise ValueError(f"x and a must be [batch, time, channels] of one shape; got {x.shape=} {a.shape=}")
+  if x.shape[1] == 0:
+    raise ValueError(f"the time axis must be non-empty; got {x.shape=}")
+  for name, v in (("x", x), ("a", a)):
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a floating dtype; got {name}.dtype={v.dtype}")
+  if h0 is not None and h0.shape != (x.shape[0], x.shape[2]):
+    raise ValueError(f"h0 must be [batch, channels]={(x.shape[0], x.shape[2])}; got {h0.shape=}")
 
 
 def linear_scan(
@@ -16,6 +50,7 @@ def linear_scan(
     *,
     reverse: bool = False,
     impl: str = "auto",
+    interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Computes h_t = a_t * h_{t-1} + x_t over axis 1, accumulating in float32.
 
@@ -24,19 +59,36 @@ def linear_scan(
     a: decay factors, same shape as x.
     h0: optional initial state, [batch, channels]; zeros when None.
     reverse: scan from the last time step to the first.
-    impl: one of IMPLS.
+    impl: one of IMPLS. "auto" picks per platform when the program is lowered (so an
+      ahead-of-time compile for TPU gets the TPU kernel even on a CPU host): pallas_tpu on TPU,
+      pallas_gpu on CUDA/ROCm, CPU_IMPL elsewhere.
+    interpret: run the Pallas kernels in the Pallas interpreter (for CPU tests); with "auto",
+      every platform then uses the kernel chosen for TPU so the test exercises it.
 
   Returns:
     (y, h_last): y has x's shape and dtype; h_last is float32 [batch, channels].
   """
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
-  if x.ndim != 3 or x.shape != a.shape:
-    raise ValueError(f"x and a must be [batch, time, channels] of one shape; got {x.shape=} {a.shape=}")
-  if h0 is not None and h0.shape != (x.shape[0], x.shape[2]):
-    raise ValueError(f"h0 must be [batch, channels]={(x.shape[0], x.shape[2])}; got {h0.shape=}")
-  if impl in ("auto", "xla_linear"):
-    return reference.xla_linear_scan(x, a, h0, reverse=reverse)
-  if impl == "xla_associative":
-    return reference.xla_associative_scan(x, a, h0, reverse=reverse)
-  raise NotImplementedError(f"impl={impl!r} is not built yet")
+  validate(x, a, h0, impl)
+  if impl != "auto":
+    return _impl_fn(impl, interpret)(x, a, h0, reverse=reverse)
+  if interpret:
+    return _impl_fn("pallas_tpu", True)(x, a, h0, reverse=reverse)
+  if h0 is None:
+    # platform_dependent branches must agree on their operands.
+    h0 = jnp.zeros((x.shape[0], x.shape[2]), jnp.float32)
+
+  def branch(name):
+    if name == "pallas_tpu" and (x.dtype not in tpu.SUPPORTED_DTYPES or a.dtype not in tpu.SUPPORTED_DTYPES):
+      name = "xla_linear"  # e.g. float16: the TPU kernel takes f32/bf16 and TPUs compute f16 poorly.
+    if name == "pallas_gpu" and (x.dtype not in gpu.SUPPORTED_DTYPES or a.dtype not in gpu.SUPPORTED_DTYPES):
+      name = "xla_linear"
+    fn = _impl_fn(name, False)
+    return lambda x, a, h0: fn(x, a, h0, reverse=reverse)
+
+  return jax.lax.platform_dependent(
+      x, a, h0,
+      tpu=branch("pallas_tpu"),
+      cuda=branch("pallas_gpu"),
+      rocm=branch("pallas_gpu"),
+      default=branch(CPU_IMPL),
+  )

@@ -37,6 +37,11 @@ ACC_DTYPE = jnp.float32
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
+def _out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+  """An output type that varies over the same shard_map mesh axes as `like` (check_vma)."""
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
+
+
 def chunk_rows(*dtypes) -> int:
   """Rows in one native (sublane x lane) tile: 8 for 32-bit, 16 for packed 16-bit dtypes."""
   return max(SUBLANES * 4 // jnp.dtype(d).itemsize for d in dtypes)
@@ -223,8 +228,8 @@ def _fwd_call(x, a, h0, *, reverse: bool, blocks: BlockSizes, interpret: bool):
       grid=grid.grid,
       in_specs=[seq_spec, seq_spec, state_spec],
       out_specs=[seq_spec, state_spec],
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
-                 jax.ShapeDtypeStruct(h0.shape, ACC_DTYPE)],
+      out_shape=[_out_struct(x.shape, x.dtype, x),
+                 _out_struct(h0.shape, ACC_DTYPE, x)],
       scratch_shapes=[pltpu.VMEM((grid.batch, grid.channels), ACC_DTYPE)],
       compiler_params=_compiler_params(),
       interpret=interpret,
@@ -259,9 +264,9 @@ def _bwd_call(dy, a, y, h0, dh_last, *, reverse: bool, blocks: BlockSizes, inter
       grid=grid.grid,
       in_specs=[seq_spec, seq_spec, seq_spec, edge_spec, state_spec],
       out_specs=[seq_spec, seq_spec, state_spec],
-      out_shape=[jax.ShapeDtypeStruct(dy.shape, y.dtype),
-                 jax.ShapeDtypeStruct(a.shape, a.dtype),
-                 jax.ShapeDtypeStruct(h0.shape, ACC_DTYPE)],
+      out_shape=[_out_struct(dy.shape, y.dtype, dy),
+                 _out_struct(a.shape, a.dtype, dy),
+                 _out_struct(h0.shape, ACC_DTYPE, dy)],
       scratch_shapes=[pltpu.VMEM((grid.batch, grid.channels), ACC_DTYPE)],
       compiler_params=_compiler_params(),
       interpret=interpret,
@@ -318,10 +323,11 @@ def linear_scan(
     if v.dtype not in SUPPORTED_DTYPES:
       raise ValueError(f"pallas_tpu supports float32 and bfloat16; got {name}.dtype={v.dtype}")
   batch, seq_len, channels = x.shape
-  if h0 is None:
-    h0 = jnp.zeros((batch, channels), ACC_DTYPE)
-  elif h0.shape != (batch, channels):
+  if h0 is not None and h0.shape != (batch, channels):
     raise ValueError(f"h0 must be [batch, channels]={(batch, channels)}; got {h0.shape=}")
+  # Derived from x so that, under shard_map, the state varies over the same mesh axes as x.
+  zeros = jnp.zeros_like(x[:, 0], ACC_DTYPE)
+  h0 = zeros if h0 is None else zeros + h0.astype(ACC_DTYPE)
   # Pad time to whole tiles with identity steps (a = 1, x = 0), on the side the scan visits last.
   pad = -seq_len % chunk_rows(x.dtype, a.dtype)
   if pad:
