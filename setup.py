@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "tensorflow>=2.21,<2.22",
     "tensorflow-text>=2.21,<2.22",
     "tensorflow-datasets>=4.9.10,<5",
+    # TFDS builders import it (via etils.epath) as soon as a real, non-mocked builder is opened.
+    "importlib_resources>=6,<8",
     "ml-collections>=1.1,<2",
     "sentencepiece>=0.2,<0.3",
     "absl-py>=2,<3",

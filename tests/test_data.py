@@ -364,6 +364,10 @@ def test_errors_name_the_bad_value(corpus_root, cache_dir, tmp_path):
   c.data.sources.default.kind = "tfds"
   c.data.sources.default.tfds_name = "c4/en"
   _expect(c, r"tfds_name='c4/en' has no version")
+  c.data.sources.default.tfds_name = "lm1b:1.1.0"
+  c.data.sources.default.tfds_data_dir = str(tmp_path / "no_tfds")  # never built: no download
+  _expect(c, r"sources.default: cannot open TFDS 'lm1b:1.1.0' split 'train' in data_dir "
+          r".*no_tfds'", data.CorpusError)
   _expect(make_config(corpus_root, cache_dir, tokenizer=str(tmp_path / "no.model")),
           r"tokenizer=.*no.model' does not exist", data.TokenizerError)
   (tmp_path / "junk.model").write_bytes(b"not a model")

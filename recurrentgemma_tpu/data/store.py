@@ -124,7 +124,7 @@ def prepare(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> str:
     for split in corpus.SPLITS:
       has_split = not (source.kind == "tfds" and split == corpus.VALIDATION
                        and not source.eval_split)
-      rows = tasks.packed_examples(task, split, cfg, vocab, errors) if has_split else iter(())
+      rows = tasks.packed_examples(task, source, split, cfg, vocab, errors) if has_split else iter(())
       counts[split] = _write_split(rows, tmp, split, cfg.seq_len, token_dtype, seg_dtype)
     if counts[corpus.TRAIN] == 0:
       raise corpus.CorpusError(

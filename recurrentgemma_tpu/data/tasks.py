@@ -103,8 +103,11 @@ def register_task(source: SourceConfig, key: str, vocab: Vocabulary,
     splits = {corpus.TRAIN: source.train_split}
     if source.eval_split:
       splits[corpus.VALIDATION] = source.eval_split
+    # read_only: never download or generate a dataset from here; on a pod every host would try,
+    # and without network access it could hang. Datasets are built beforehand (`tfds build`).
     data_source = seqio.TfdsDataSource(
-        tfds_name=source.tfds_name, tfds_data_dir=source.tfds_data_dir or None, splits=splits)
+        tfds_name=source.tfds_name, tfds_data_dir=source.tfds_data_dir or None, splits=splits,
+        read_only=True)
     preprocessors += [functools.partial(_select_text, text_key=source.text_key),
                       functools.partial(_take, n=source.max_documents)]
   else:
@@ -136,8 +139,8 @@ def register_mixture(cfg: DataConfig, tasks: list[seqio.Task], key: str) -> seqi
       name, [(t.name, s.rate) for t, s in zip(tasks, cfg.sources)])
 
 
-def packed_examples(task: seqio.Task, split: str, cfg: DataConfig, vocab: Vocabulary,
-                    errors: _ReaderErrors) -> Iterator[dict[str, np.ndarray]]:
+def packed_examples(task: seqio.Task, source: SourceConfig, split: str, cfg: DataConfig,
+                    vocab: Vocabulary, errors: _ReaderErrors) -> Iterator[dict[str, np.ndarray]]:
   """Packed rows of one split: `targets` and `segment_ids`, each [seq_len] int32.
 
   The training split's document pieces are shuffled once with the data seed before packing, so a
@@ -145,8 +148,18 @@ def packed_examples(task: seqio.Task, split: str, cfg: DataConfig, vocab: Vocabu
   """
   lengths = {"targets": cfg.seq_len}
   # try_in_mem_cache=False: preparation reads each split once, so an in-memory copy only costs RAM.
-  ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, use_cached=False,
-                        num_epochs=1, try_in_mem_cache=False)
+  try:
+    ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, use_cached=False,
+                          num_epochs=1, try_in_mem_cache=False)
+  except (AssertionError, ValueError, KeyError, OSError, tf.errors.OpError) as e:
+    if source.kind != "tfds":
+      raise
+    tfds_split = source.train_split if split == corpus.TRAIN else source.eval_split
+    raise corpus.CorpusError(
+        f"config.data.sources.{source.name}: cannot open TFDS {source.tfds_name!r} split "
+        f"{tfds_split!r} in data_dir {source.tfds_data_dir or '(TFDS default)'!r}: {e} "
+        "(build it first, e.g. `tfds build NAME --data_dir=DIR`; nothing is downloaded from here; "
+        "set eval_split to a split the builder has, or to '' for none)") from None
   if split == corpus.TRAIN:
     ds = ds.shuffle(SHUFFLE_BUFFER, seed=cfg.seed, reshuffle_each_iteration=False)
   ds = seqio.LMFeatureConverter(pack=True, bos_id=vocab.bos_id)(ds, lengths)
