@@ -1,11 +1,13 @@
-"""Pure-XLA linear scans: the references every kernel is checked against.
+"""Reference linear scans h_t = a_t * h_{t-1} + x_t over axis 1 of [B, T, C] arrays.
 
-Both compute h_t = a_t * h_{t-1} + x_t over axis 1 of [B, T, C] arrays,
-accumulating in float32 and returning outputs in the dtype of x.
+`xla_linear_scan` and `xla_associative_scan` are implementations in their own right (float32
+accumulation, outputs in x's dtype; the CPU path of `linear_scan`); `numpy_linear_scan` and
+`numpy_linear_scan_vjp` are the float64 ground truth every implementation is tested against.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _prepare(x, a, h0, reverse):
@@ -53,3 +55,41 @@ def xla_associative_scan(x, a, h0=None, *, reverse=False):
 
   _, y32 = jax.lax.associative_scan(combine, (a32, x32), axis=1)
   return _finish(y32, y32[:, -1], x.dtype, reverse)
+
+
+def numpy_linear_scan(x, a, h0=None, *, reverse=False):
+  """float64 NumPy loop: the ground truth the tests hold every implementation to.
+
+  Returns (y [B, T, C], h_last [B, C]), both float64.
+  """
+  x = np.asarray(x, np.float64)
+  a = np.asarray(a, np.float64)
+  h = np.zeros((x.shape[0], x.shape[2])) if h0 is None else np.asarray(h0, np.float64)
+  y = np.empty_like(x)
+  for t in (range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])):
+    h = a[:, t] * h + x[:, t]
+    y[:, t] = h
+  return y, h
+
+
+def numpy_linear_scan_vjp(x, a, h0, dy, dh_last, *, reverse=False):
+  """float64 cotangents (dx, da, dh0) of numpy_linear_scan for output cotangents (dy, dh_last).
+
+  With g_t = dL/dh_t in scan order: g_t = dy_t + a_{t+1} g_{t+1} (g after the last step is
+  dh_last), dx_t = g_t, da_t = g_t * h_{t-1} (h0 before the first step), dh0 = a_first * g_first.
+  """
+  a = np.asarray(a, np.float64)
+  dy = np.asarray(dy, np.float64)
+  h0 = np.zeros((a.shape[0], a.shape[2])) if h0 is None else np.asarray(h0, np.float64)
+  y, _ = numpy_linear_scan(x, a, h0, reverse=reverse)
+  order = list(range(a.shape[1] - 1, -1, -1)) if reverse else list(range(a.shape[1]))
+  dx = np.empty_like(dy)
+  da = np.empty_like(dy)
+  m = np.asarray(dh_last, np.float64)  # a_{t+1} g_{t+1}, flowing into h_t from later steps
+  for i in reversed(range(len(order))):
+    t = order[i]
+    g = dy[:, t] + m
+    dx[:, t] = g
+    da[:, t] = g * (y[:, order[i - 1]] if i > 0 else h0)
+    m = a[:, t] * g
+  return dx, da, m
