@@ -317,6 +317,11 @@ def test_mixture_rates_and_rows(pipeline, corpus_root, cache_dir, tmp_path):
     want = np.concatenate([permute.permute(j[j // n == e] % n, n, key(e))
                            for e in np.unique(j // n)])
     np.testing.assert_array_equal(idx[src == i], want)
+  import seqio
+
+  mixture = seqio.get_mixture_or_task(p.mixture_name)
+  assert sorted(t.name for t in mixture.tasks) == sorted(p.task_names)
+  assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == dict(zip(p.task_names, (3.0, 1.0)))
   # The default source's store is shared with the single-source pipeline (same key).
   assert p.stores[0].path == pipeline.stores[0].path
   b = p.batch(5)
@@ -357,6 +362,10 @@ def test_errors_name_the_bad_value(corpus_root, cache_dir, tmp_path):
   badjson.write_text('{"text": "ok"}\n{"text": 3}\n', encoding="utf-8")
   _expect(files_config(pattern=str(badjson), format="jsonl"),
           rf"{badjson} \(line 2\) has no string field 'text'", data.CorpusError)
+  corrupt = tmp_path / "corrupt.tfrecord"
+  corrupt.write_bytes(b"\x00" * 7 + b"not a tfrecord at all")
+  _expect(files_config(pattern=str(corrupt), format="tfrecord"), rf"cannot read {corrupt}",
+          data.CorpusError)
   _expect(files_config(pattern=str(bad), format="csv"), r"format='csv'; valid formats")
   c = make_config(corpus_root, cache_dir)
   c.data.sources.default.kind = "hf"

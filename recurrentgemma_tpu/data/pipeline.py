@@ -87,6 +87,7 @@ class Pipeline:
 
   Attributes:
     config: the typed data settings.
+    task_names, mixture_name: the sources as registered seqio Tasks / Mixture.
     vocab: the tokenizer (`encode`, `decode`, `eos_id`, `bos_id`, `size`).
     process_index, process_count: which rows `batch(step)` returns by default.
     local_batch_size: rows per process per step (global_batch_size // process_count).
@@ -115,6 +116,8 @@ class Pipeline:
         raise ValueError(f"config.data.sources.{s.name}.rate={s.rate} is below 1/{MIXTURE_PERIOD} "
                          "of the total rate; raise it or remove the source.")
     self._train_rows = np.array([st.train.num_rows for st in stores], np.int64)
+    self.task_names: list[str] = []  # registered seqio Task of each source (make_pipeline)
+    self.mixture_name: str | None = None  # registered seqio Mixture when there are several
 
   @property
   def num_train_rows(self) -> int:
@@ -235,7 +238,15 @@ def make_pipeline(config, *, process_index: int | None = None,
     path = store.prepare(cfg, source, vocab)
     stores.append(store.open_store(path))
     logging.info("data source %s: %s", source.name, stores[-1].meta["rows"])
-  return Pipeline(cfg, vocab, stores, process_index, process_count)
+  pipeline = Pipeline(cfg, vocab, stores, process_index, process_count)
+  # The same data as seqio Tasks (and a Mixture), for seqio's own tools (inspection, caching).
+  from recurrentgemma_tpu.data import tasks  # pylint: disable=g-import-not-at-top (TensorFlow)
+
+  pipeline.task_names = [tasks.ensure_task(s, st.meta["key"], vocab)
+                         for s, st in zip(cfg.sources, stores)]
+  if len(cfg.sources) > 1:
+    pipeline.mixture_name = tasks.register_mixture(cfg, pipeline.task_names)
+  return pipeline
 
 
 def process_rows(sharding, global_batch_size: int) -> slice:

@@ -116,7 +116,7 @@ def prepare(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> str:
   tmp = f"{path}.tmp-{uuid.uuid4().hex}"
   os.makedirs(tmp)
   try:
-    errors = tasks._ReaderErrors()  # pylint: disable=protected-access
+    errors = tasks.ReaderErrors()
     task = tasks.register_task(source, key, vocab, errors)
     token_dtype = _dtype_for(vocab.size - 1)
     seg_dtype = _dtype_for(cfg.seq_len)

@@ -12,6 +12,7 @@ This module imports TensorFlow; only preparing a store needs it, reading one doe
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 from collections.abc import Callable, Iterator
 
@@ -28,7 +29,7 @@ from recurrentgemma_tpu.data.vocab import Vocabulary
 SHUFFLE_BUFFER = 4096
 
 
-class _ReaderErrors:
+class ReaderErrors:
   """Keeps the first exception raised inside a tf.data generator, which TF would otherwise wrap
   into an opaque InvalidArgumentError, so prepare() can re-raise it as is."""
 
@@ -43,7 +44,7 @@ class _ReaderErrors:
 
 
 def _docs_dataset(reader: Callable[[SourceConfig, str], Iterator[tuple[str, str]]],
-                  source: SourceConfig, errors: _ReaderErrors, split: str,
+                  source: SourceConfig, errors: ReaderErrors, split: str,
                   shuffle_files: bool = False, seed: int | None = None) -> tf.data.Dataset:
   del shuffle_files, seed  # order is fixed here; shuffling happens once, seeded, in prepare()
 
@@ -93,7 +94,7 @@ def task_name(source: SourceConfig, key: str) -> str:
 
 
 def register_task(source: SourceConfig, key: str, vocab: Vocabulary,
-                  errors: _ReaderErrors) -> seqio.Task:
+                  errors: ReaderErrors) -> seqio.Task:
   """Registers (once per content key) and returns the seqio Task of one source."""
   name = task_name(source, key)
   if name in seqio.TaskRegistry.names():
@@ -130,17 +131,25 @@ def register_task(source: SourceConfig, key: str, vocab: Vocabulary,
   )
 
 
-def register_mixture(cfg: DataConfig, tasks: list[seqio.Task], key: str) -> seqio.Mixture:
-  """The configured mixture as a seqio.Mixture (same tasks and rates)."""
-  name = f"recurrentgemma_tpu.mixture.{key[:12]}"
-  if name in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.remove(name)
-  return seqio.MixtureRegistry.add(
-      name, [(t.name, s.rate) for t, s in zip(tasks, cfg.sources)])
+def ensure_task(source: SourceConfig, key: str, vocab: Vocabulary) -> str:
+  """Registers the Task of an already prepared source (for seqio tools); returns its name."""
+  name = task_name(source, key)
+  if name not in seqio.TaskRegistry.names():
+    register_task(source, key, vocab, ReaderErrors())
+  return name
+
+
+def register_mixture(cfg: DataConfig, task_names: list[str]) -> str:
+  """Registers the configured sources as a seqio.Mixture with their rates; returns its name."""
+  desc = "\0".join(f"{n}:{s.rate!r}" for n, s in zip(task_names, cfg.sources))
+  name = f"recurrentgemma_tpu.mixture.{hashlib.sha256(desc.encode()).hexdigest()[:12]}"
+  if name not in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.add(name, [(n, s.rate) for n, s in zip(task_names, cfg.sources)])
+  return name
 
 
 def packed_examples(task: seqio.Task, source: SourceConfig, split: str, cfg: DataConfig,
-                    vocab: Vocabulary, errors: _ReaderErrors) -> Iterator[dict[str, np.ndarray]]:
+                    vocab: Vocabulary, errors: ReaderErrors) -> Iterator[dict[str, np.ndarray]]:
   """Packed rows of one split: `targets` and `segment_ids`, each [seq_len] int32.
 
   The training split's document pieces are shuffled once with the data seed before packing, so a
