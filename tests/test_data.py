@@ -269,6 +269,12 @@ def test_file_sources(fmt, pattern, key, corpus_root, cache_dir, tmp_path):
   train, val = _decoded_docs(p, p.stores[0].train), _decoded_docs(p, p.stores[0].validation)
   assert sorted(train + val) == sorted(docs)
   assert train and val and not set(train) & set(val)
+  if fmt == "lines":  # the split survives moving the corpus (ids are relative to the glob root)
+    shutil.copytree(tmp_path / "lines", tmp_path / "elsewhere" / "lines")
+    config.data.sources.web.pattern = str(tmp_path / "elsewhere" / "lines" / "*.txt")
+    moved = data.make_pipeline(config, process_index=0, process_count=1)
+    assert moved.stores[0].path != p.stores[0].path
+    assert sorted(_decoded_docs(moved, moved.stores[0].validation)) == sorted(val)
 
 
 def test_file_source_with_eval_pattern(corpus_root, cache_dir, tmp_path):

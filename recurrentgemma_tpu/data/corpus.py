@@ -91,21 +91,39 @@ def read_default(source: SourceConfig, split: str) -> Iterator[tuple[str, str]]:
       yield rel, text
 
 
-def expand_globs(pattern: str, what: str) -> list[str]:
-  """Sorted matches of comma-separated globs; errors name the glob that matched nothing."""
+def _glob_root(glob: str) -> str:
+  """The directory part of a glob before its first wildcard."""
+  cut = min((i for i, c in enumerate(glob) if c in "*?["), default=len(glob))
+  return glob[:cut].rpartition("/")[0]
+
+
+def expand_globs_with_ids(pattern: str, what: str) -> dict[str, str]:
+  """Matches of comma-separated globs -> document-id prefix, in sorted path order.
+
+  The id is the path relative to the glob's fixed directory, so the train/validation split of a
+  corpus does not change when it is mounted or copied somewhere else.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  files: set[str] = set()
+  files: dict[str, str] = {}
   for glob in (p.strip() for p in pattern.split(",")):
     if not glob:
       continue
     matches = tf.io.gfile.glob(glob)
     if not matches:
       raise CorpusError(f"{what}: no file matches {glob!r}.")
-    files.update(m for m in matches if not tf.io.gfile.isdir(m))
+    root = _glob_root(glob)
+    for m in matches:
+      if not tf.io.gfile.isdir(m):
+        files.setdefault(m, m[len(root):].lstrip("/") if root and m.startswith(root) else m)
   if not files:
     raise CorpusError(f"{what}: {pattern!r} matches only directories.")
-  return sorted(files)
+  return dict(sorted(files.items()))
+
+
+def expand_globs(pattern: str, what: str) -> list[str]:
+  """Sorted matches of comma-separated globs; errors name the glob that matched nothing."""
+  return list(expand_globs_with_ids(pattern, what))
 
 
 def files_fingerprint(files: list[str]) -> str:
@@ -176,18 +194,18 @@ def read_files(source: SourceConfig, split: str) -> Iterator[tuple[str, str]]:
   """Documents of a `files` source for one split."""
   where = f"config.data.sources.{source.name}"
   if split == VALIDATION and source.eval_pattern:
-    files, holdout = expand_globs(source.eval_pattern, f"{where}.eval_pattern"), None
+    files, holdout = expand_globs_with_ids(source.eval_pattern, f"{where}.eval_pattern"), None
   else:
-    files = expand_globs(source.pattern, f"{where}.pattern")
+    files = expand_globs_with_ids(source.pattern, f"{where}.pattern")
     holdout = None if source.eval_pattern else source.validation_fraction
     if source.eval_pattern:
       overlap = set(files) & set(expand_globs(source.eval_pattern, "eval_pattern"))
       if overlap:
         raise CorpusError(f"{where}: files in both pattern and eval_pattern, e.g. "
                           f"{sorted(overlap)[0]}; an eval split must not overlap train.")
-  for path in files:
+  for path, file_id in files.items():
     for i, text in _records(path, source.format, source.text_key):
-      doc_id = f"{path}#{i}"
+      doc_id = f"{file_id}#{i}"
       if holdout is not None and in_validation(doc_id, holdout) != (split == VALIDATION):
         continue
       if text.strip():
