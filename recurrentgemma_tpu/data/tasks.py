@@ -6,7 +6,8 @@ documents into pieces of at most `seq_len` tokens; `seqio.LMFeatureConverter(pac
 Several sources are also registered as a `seqio.Mixture` with their rates, for users of seqio's own
 tools; the training pipeline mixes at the row level instead (see pipeline.py for why).
 
-This module imports TensorFlow; only preparing a store needs it, reading one does not.
+This module imports TensorFlow: make_pipeline uses it to prepare stores and register the tasks;
+the batch path (memory-mapped stores, numpy) never touches it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ SHUFFLE_BUFFER = 4096
 
 class ReaderErrors:
   """Keeps the first exception raised inside a tf.data generator, which TF would otherwise wrap
-  into an opaque InvalidArgumentError, so prepare() can re-raise it as is."""
+  into an opaque InvalidArgumentError, so packed_examples() can re-raise it as is."""
 
   def __init__(self):
     self.error: BaseException | None = None
@@ -54,7 +55,7 @@ def _docs_dataset(reader: Callable[[SourceConfig, str], Iterator[tuple[str, str]
         if source.max_documents and n >= source.max_documents:
           return
         yield {"text": text}
-    except BaseException as e:  # re-raised by prepare() with its own message
+    except Exception as e:  # re-raised by packed_examples() as is
       errors.record(e)
       raise
 
