@@ -385,6 +385,12 @@ def test_errors_name_the_bad_value(corpus_root, cache_dir, tmp_path):
           r".*no_tfds'", data.CorpusError)
   _expect(make_config(corpus_root, cache_dir, tokenizer=str(tmp_path / "no.model")),
           r"tokenizer=.*no.model' does not exist", data.TokenizerError)
+  small = make_config(corpus_root, str(tmp_path / "c1"))
+  small.model.vocab_size = 100
+  _expect(small, r"config.model.vocab_size=100 is too small .* at least 263", data.TokenizerError)
+  small.model.vocab_size = 200_000  # more pieces than the 26-file corpus can make
+  _expect(small, r"embedded tokenizer at config.model.vocab_size=200000 on .* failed",
+          data.TokenizerError)
   (tmp_path / "junk.model").write_bytes(b"not a model")
   _expect(make_config(corpus_root, cache_dir, tokenizer=str(tmp_path / "junk.model")),
           r"junk.model' is not a SentencePiece model", data.TokenizerError)

@@ -48,6 +48,23 @@ def _train(source: SourceConfig, vocab_size: int, path: str) -> None:
   """Trains the embedded tokenizer and writes it atomically to `path`."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  # 256 byte pieces, 4 special ids and 2 user symbols must fit before any learned piece.
+  minimum = 256 + 4 + 2 + 1
+  if vocab_size < minimum:
+    raise TokenizerError(f"config.model.vocab_size={vocab_size} is too small for the embedded "
+                         f"byte-fallback tokenizer; use at least {minimum}, or give "
+                         "config.data.tokenizer.")
+  try:
+    _run_trainer(source, vocab_size, tmp)
+  except RuntimeError as e:  # SentencePiece reports e.g. a vocabulary larger than the corpus allows
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise TokenizerError(f"training the embedded tokenizer at config.model.vocab_size="
+                         f"{vocab_size} on {corpus.default_root(source)!r} failed: {e}") from None
+  os.replace(tmp, path)
+
+
+def _run_trainer(source: SourceConfig, vocab_size: int, tmp: str) -> None:
   with open(tmp, "wb") as out:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_lines(source),
@@ -70,7 +87,6 @@ def _train(source: SourceConfig, vocab_size: int, path: str) -> None:
         num_threads=1,  # one thread: no dependence on how work is split
         minloglevel=2,
     )
-  os.replace(tmp, path)
 
 
 def embedded_model_path(cfg: DataConfig, source: SourceConfig) -> str:
