@@ -220,6 +220,13 @@ def _compiler_params() -> pltpu.CompilerParams:
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
+def _cost(flops_per_element: int, arrays: list[jax.Array]) -> pl.CostEstimate:
+  """Tells XLA's scheduler the kernel is a cheap, memory-bound pass over its operands."""
+  elements = arrays[0].size
+  return pl.CostEstimate(flops=flops_per_element * elements, transcendentals=0,
+                         bytes_accessed=sum(v.size * v.dtype.itemsize for v in arrays))
+
+
 def _fwd_call(x, a, h0, *, reverse: bool, blocks: BlockSizes, interpret: bool):
   grid = _make_grid(x.shape, blocks, chunk_rows(x.dtype, a.dtype))
   seq_spec, state_spec = _seq_spec(grid, reverse), _state_spec(grid)
@@ -232,6 +239,7 @@ def _fwd_call(x, a, h0, *, reverse: bool, blocks: BlockSizes, interpret: bool):
                  _out_struct(h0.shape, ACC_DTYPE, x)],
       scratch_shapes=[pltpu.VMEM((grid.batch, grid.channels), ACC_DTYPE)],
       compiler_params=_compiler_params(),
+      cost_estimate=_cost(2, [x, a, x]),
       interpret=interpret,
       name="linear_scan_fwd",
   )(x, a, h0)
@@ -269,6 +277,7 @@ def _bwd_call(dy, a, y, h0, dh_last, *, reverse: bool, blocks: BlockSizes, inter
                  _out_struct(h0.shape, ACC_DTYPE, dy)],
       scratch_shapes=[pltpu.VMEM((grid.batch, grid.channels), ACC_DTYPE)],
       compiler_params=_compiler_params(),
+      cost_estimate=_cost(4, [dy, a, y, dy, a]),
       interpret=interpret,
       name="linear_scan_bwd",
   )(dy, a, y, h_edge, dh_last)
