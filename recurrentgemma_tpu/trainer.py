@@ -11,6 +11,7 @@ command after any interruption therefore reproduces the uninterrupted run bit fo
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -39,6 +40,8 @@ CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 # Metrics that stop training when they are NaN or Inf.
 _WATCHED = ("loss", "grad_norm")
+# Steps the host may dispatch ahead of the device (2: one running, one queued).
+MAX_IN_FLIGHT = 2
 
 
 class NonFiniteError(RuntimeError):
@@ -305,6 +308,11 @@ class Trainer:
     bad = metrics_lib.first_nonfinite(records, _WATCHED)
     if bad is not None:
       step, key, value = bad
+      # Keep the loss curve up to the last good step in the logs before stopping.
+      for good_step, m in self.interval + [r for r in records if r[0] < step]:
+        self.writer.write(good_step, m)
+      self.interval = []
+      self.writer.flush()
       raise NonFiniteError(
           f"{key} is {value} at step {step} (the update from step {step - 1}); stopping. The newest "
           f"checkpoint in {self.ckpt.directory} (step {self.ckpt.latest_step()}) predates it.")
@@ -317,7 +325,8 @@ class Trainer:
     if not records:
       return
     scalars = _mean_records(records)
-    step_time = seconds / max(steps, 1)
+    # An interval holding only the first (compiling) step has no meaningful speed.
+    step_time = seconds / steps if steps > 0 else float("nan")
     tokens_per_second = self.tokens_per_step / step_time
     scalars.update(step_time=step_time, tokens_per_second=tokens_per_second,
                    mfu=metrics_lib.mfu(tokens_per_second, self.flops_per_token, self.peak_total))
@@ -346,42 +355,53 @@ class Trainer:
     watch = PreemptionWatch()
     sharding = self.fns.batch_shardings["inputs"]
     status = "completed"
+    in_flight: collections.deque[jax.Array] = collections.deque()
     try:
       start = step
-      t_log, step_log, paused = time.time(), step, 0.0
+      # step_log: last step written to the logs; step_timed: the step at t_log (speed figures).
+      t_log, step_log, step_timed, paused = time.time(), step, step, 0.0
       while step < plan.steps:
         batch = data_lib.global_batch(self.pipeline, step, sharding)
         state, metrics = self.fns.train_step(state, batch)
         step += 1
         self.lagged.push(step, metrics)
+        # Bound how far the host runs ahead: the device always has the next step queued, but a
+        # SIGTERM is acted on within MAX_IN_FLIGHT steps and step times are measured, not queued.
+        in_flight.append(metrics["loss"])
+        if len(in_flight) > MAX_IN_FLIGHT:
+          jax.block_until_ready(in_flight.popleft())
         if step == start + 1:
           # Keep compilation out of the speed figures: time from the end of the first step.
           jax.block_until_ready(metrics)
           logging.info("First step (including compilation) took %.1f s.", time.time() - t_log)
-          t_log, step_log, paused = time.time(), step, 0.0
+          t_log, step_timed, paused = time.time(), step, 0.0
           self.writer.start_clock(step)
         # Lag one step: read back the previous boundary's metrics now that this step is queued.
         if (step - 1) % plan.log_every == 0 and step - 1 > step_log:
           self.drain(keep_newest=1)
           now = time.time()
-          self.log(step - 1, now - t_log - paused, step - 1 - step_log)
-          t_log, step_log, paused = now, step - 1, 0.0
+          self.log(step - 1, now - t_log - paused, step - 1 - step_timed)
+          t_log, step_log, step_timed, paused = now, step - 1, step - 1, 0.0
         preempted = watch.reached(step)
-        if preempted or self.ckpt.is_periodic_step(step) or step == plan.steps:
+        saving = preempted or self.ckpt.is_periodic_step(step) or step == plan.steps
+        evaluating = plan.eval_every and step % plan.eval_every == 0 and step < plan.steps
+        if saving or evaluating:
+          # Finish (and NaN-check) the queued steps first: that wait is training time, the save's
+          # host copy and the evaluation are not.
+          self.drain(keep_newest=0)
           t = time.time()
-          self.save(state, step)
+          if saving:
+            self.save(state, step)
+          if evaluating and not preempted:
+            self.run_eval(state, step)
           paused += time.time() - t
         if preempted:
           status = "preempted"
           logging.warning("Stopped for preemption after saving step %d.", step)
           break
-        if plan.eval_every and step % plan.eval_every == 0 and step < plan.steps:
-          t = time.time()
-          self.run_eval(state, step)
-          paused += time.time() - t
       self.drain(keep_newest=0)
       if step > step_log:
-        self.log(step, time.time() - t_log - paused, step - step_log)
+        self.log(step, time.time() - t_log - paused, step - step_timed)
       if status == "completed":
         self.run_eval(state, step)
     finally:
