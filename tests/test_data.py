@@ -130,6 +130,19 @@ def test_packing_recovers_every_document(pipeline, corpus_root):
   assert np.median(fill) > 0.9
 
 
+def test_describe_counts_every_token(pipeline):
+  from recurrentgemma_tpu.data import prepare
+
+  sp = spm.SentencePieceProcessor(model_proto=pipeline.vocab.model_bytes)
+  summary = prepare.describe(pipeline, show_rows=2)
+  for split in (corpus.TRAIN, corpus.VALIDATION):
+    docs = [t for _, t in corpus.read_default(pipeline.config.sources[0], split)]
+    assert summary["sources"]["default"][split]["tokens"] == sum(
+        len(sp.EncodeAsIds(t)) + 1 for t in docs)  # + EOS
+  row = pipeline.batch(0)["targets"][1]
+  assert summary["step0_rows"][1] == pipeline.vocab.decode(row[row > 0][:200])
+
+
 def test_features_match_seqio_lm_feature_converter():
   import seqio
   import tensorflow as tf

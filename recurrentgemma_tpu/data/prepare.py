@@ -1,0 +1,63 @@
+r"""Prepares (or checks) the tokenizer and stores of a config ahead of a job, and describes them.
+
+  python -m recurrentgemma_tpu.data.prepare --config=configs/tiny.py [--config.data.cache_dir=DIR]
+      [--show_rows=1]
+
+Training prepares whatever is missing on its own; running this first (on each host, or once on a
+machine whose cache directory is then copied) moves the one-time work out of the job's start-up
+and shows what the model will see.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from recurrentgemma_tpu.data.pipeline import Pipeline, make_pipeline
+
+
+def describe(pipeline: Pipeline, show_rows: int = 0) -> dict[str, Any]:
+  """Per-source rows and tokens, the tokenizer, and optionally the decoded start of step 0."""
+  cfg = pipeline.config
+  out: dict[str, Any] = {
+      "tokenizer": pipeline.vocab.path, "tokenizer_pieces": pipeline.vocab.size,
+      "seq_len": cfg.seq_len, "global_batch_size": cfg.global_batch_size,
+      "steps_per_epoch": pipeline.num_train_rows / cfg.global_batch_size,
+      "task_names": pipeline.task_names, "mixture_name": pipeline.mixture_name, "sources": {},
+  }
+  for source, st in zip(cfg.sources, pipeline.stores):
+    entry = {"store": st.path, "rate": source.rate}
+    for name, split in (("train", st.train), ("validation", st.validation)):
+      tokens = int((np.asarray(split.segment_ids) > 0).sum())
+      entry[name] = {"rows": split.num_rows, "tokens": tokens,
+                     "fill": round(tokens / max(1, split.num_rows * cfg.seq_len), 4)}
+    out["sources"][source.name] = entry
+  if show_rows:
+    batch = pipeline.batch(0, rows=slice(0, min(show_rows, cfg.global_batch_size)))
+    out["step0_rows"] = [pipeline.vocab.decode(t[w > 0][:200])
+                         for t, w in zip(batch["targets"], batch["loss_weights"])]
+  return out
+
+
+def run() -> None:
+  """Command-line entry point; flags are defined here so importing `describe` defines none."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                                lock_config=True)
+  show_rows = flags.DEFINE_integer("show_rows", 0, "Decode the start of this many rows of step 0.")
+  flags.mark_flags_as_required(["config"])
+
+  def main(argv) -> None:
+    del argv
+    pipeline = make_pipeline(config_flag.value, process_index=0, process_count=1)
+    print(json.dumps(describe(pipeline, show_rows.value), indent=1, ensure_ascii=False))
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
