@@ -124,7 +124,7 @@ def _num_chunks(grid: _Grid, block):
 
 
 def _chunk_order(num_chunks, descending: bool):
-  """Maps loop iteration j to (chunk index, row order) in scan order."""
+  """Maps loop iteration j to the index of the chunk it visits (scan order)."""
   def chunk_index(j):
     return num_chunks - 1 - j if descending else j
   return chunk_index
