@@ -143,6 +143,18 @@ def test_describe_counts_every_token(pipeline):
   assert summary["step0_rows"][1] == pipeline.vocab.decode(row[row > 0][:200])
 
 
+def test_store_preparation_is_reproducible(pipeline, corpus_root, tmp_path):
+  """Hosts prepare their own copies; they must be byte-identical."""
+  config = make_config(corpus_root, str(tmp_path), tokenizer=pipeline.vocab.path)
+  again = data.make_pipeline(config, process_index=0, process_count=1)
+  assert os.path.basename(again.stores[0].path) == os.path.basename(pipeline.stores[0].path)
+  for name in sorted(os.listdir(pipeline.stores[0].path)):
+    if name.endswith(".bin"):
+      with open(os.path.join(pipeline.stores[0].path, name), "rb") as a, \
+           open(os.path.join(again.stores[0].path, name), "rb") as b:
+        assert a.read() == b.read(), name
+
+
 def test_features_match_seqio_lm_feature_converter():
   import seqio
   import tensorflow as tf
@@ -372,7 +384,7 @@ def test_errors_name_the_bad_value(corpus_root, cache_dir, tmp_path):
           data.CorpusError)
   (tmp_path / "empty.txt").write_text("  \n\n", encoding="utf-8")
   _expect(files_config(pattern=str(tmp_path / "empty.txt"), format="lines"),
-          "no training documents", data.CorpusError)
+          "config.data.sources.web .files. has no training documents", data.CorpusError)
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"fine line\nnot utf8 \xff\xfe here\n")
   _expect(files_config(pattern=str(bad), format="lines"),
@@ -438,8 +450,11 @@ def test_two_processes_build_the_single_process_global_batches(pipeline, corpus_
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.getcwd(),
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  # A cold cache: both processes find nothing, one trains the tokenizer and prepares the store
+  # while the other waits on the lock; the batches must still equal those of the parent's cache.
+  cold = str(tmp_path / "cold_cache")
   procs = [subprocess.Popen(
-      [sys.executable, __file__, "worker", str(pid), str(port), corpus_root, cache_dir,
+      [sys.executable, __file__, "worker", str(pid), str(port), corpus_root, cold,
        str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
       for pid in range(2)]
   logs = []

@@ -10,7 +10,8 @@ seqio's LMFeatureConverter does), so the store holds 2 numbers per token instead
 The key hashes everything that decides the rows (source settings and a fingerprint of its data,
 tokenizer bytes, seq_len, seed), so a store is never reused for different data. A store is
 written to a temporary directory and renamed into place: readers never see a partial store and
-processes that prepare the same store at once (e.g. every host on a shared disk) are harmless.
+processes that prepare the same store at once (e.g. every host on a shared disk) are harmless;
+processes of one machine also take turns through a file lock, so only the first does the work.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import uuid
 
 import numpy as np
 
-from recurrentgemma_tpu.data import corpus
+from recurrentgemma_tpu.data import corpus, locks
 from recurrentgemma_tpu.data.config import DataConfig, SourceConfig
 from recurrentgemma_tpu.data.vocab import Vocabulary
 
@@ -108,8 +109,15 @@ def prepare(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> str:
   """Builds the store of one source unless it is already cached; returns its directory."""
   key, desc = store_key(cfg, source, vocab)
   path = store_path(cfg, source, key)
-  if os.path.exists(os.path.join(path, "meta.json")):
-    return path
+  if not os.path.exists(os.path.join(path, "meta.json")):
+    with locks.exclusive(path):
+      if not os.path.exists(os.path.join(path, "meta.json")):  # not built meanwhile
+        _build(cfg, source, vocab, key, desc, path)
+  return path
+
+
+def _build(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary, key: str, desc: dict,
+           path: str) -> None:
   from recurrentgemma_tpu.data import tasks  # pylint: disable=g-import-not-at-top (TensorFlow)
 
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -128,8 +136,8 @@ def prepare(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> str:
       counts[split] = _write_split(rows, tmp, split, cfg.seq_len, token_dtype, seg_dtype)
     if counts[corpus.TRAIN] == 0:
       raise corpus.CorpusError(
-          f"source {source.name!r} ({source.kind}) has no training documents; check its "
-          f"pattern / tfds split / validation_fraction ({desc['source']}).")
+          f"config.data.sources.{source.name} ({source.kind}) has no training documents; check "
+          f"its pattern / tfds split / validation_fraction ({desc['source']}).")
     meta = {
         "key": key, "description": desc, "seq_len": cfg.seq_len, "rows": counts,
         "token_dtype": token_dtype.name, "segment_dtype": seg_dtype.name,
@@ -146,7 +154,6 @@ def prepare(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> str:
     logging.info("prepared %s: %s rows in %.1fs", path, counts, meta["prepare_seconds"])
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return path
 
 
 def open_store(path: str) -> Store:

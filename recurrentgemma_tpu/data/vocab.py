@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import sentencepiece as spm
 
-from recurrentgemma_tpu.data import corpus
+from recurrentgemma_tpu.data import corpus, locks
 from recurrentgemma_tpu.data.config import DataConfig, SourceConfig
 
 # Same special-id layout as the Gemma tokenizer, so a user's Gemma model and ours agree.
@@ -114,7 +114,9 @@ def tokenizer_path(cfg: DataConfig) -> str:
         format="text", text_key="", validation_fraction=0.01, max_documents=0)
   path = embedded_model_path(cfg, default)
   if not os.path.exists(path):
-    _train(default, cfg.vocab_size, path)
+    with locks.exclusive(path):
+      if not os.path.exists(path):  # another local process may have trained it meanwhile
+        _train(default, cfg.vocab_size, path)
   return path
 
 
