@@ -34,16 +34,16 @@ def _kernel_names(compiled_text: str) -> list[str]:
   return sorted(re.search(r"%(\S+?)(?:\.\d+)? = ", line).group(1) for line in calls)
 
 
-@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("topology,reverse", [(t, False) for t in TOPOLOGIES] + [("v5p:2x2x1", True)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_forward_and_backward_compile_to_mosaic(topology, dtype):
+def test_forward_and_backward_compile_to_mosaic(topology, reverse, dtype):
   sharding = jax.sharding.SingleDeviceSharding(_devices(topology)[0])
   # Odd sizes: time and channels are not multiples of the blocks.
   x = jax.ShapeDtypeStruct((3, 300, 1100), dtype, sharding=sharding)
   h0 = jax.ShapeDtypeStruct((3, 1100), jnp.float32, sharding=sharding)
 
   def loss(x, a, h0):
-    y, h_last = pallas_kernels.linear_scan(x, a, h0, impl="auto")
+    y, h_last = pallas_kernels.linear_scan(x, a, h0, reverse=reverse, impl="auto")
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h_last)
 
   compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, h0).compile()
