@@ -52,6 +52,7 @@ setuptools.setup(
             "rg-train=recurrentgemma_tpu.train:run",
             "rg-compile=recurrentgemma_tpu.compile:run",
             "rg-sample=recurrentgemma_tpu.sample:run",
+            "rg-prepare-data=recurrentgemma_tpu.data.prepare:run",
         ]
     },
 )
