@@ -134,12 +134,13 @@ def weight_decay_mask(logical_axes: Any) -> Any:
   """True for the parameters weight decay applies to.
 
   Decided from logical axes, not parameter names, so it follows the model without a name list:
-  decay applies to weight matrices (two or more dimensions besides the stacked `layers` axis) except
-  the RG-LRU's block-diagonal gates (`rnn_block`). Norm scales, biases and the RG-LRU's `a` parameter
-  are vectors and are excluded by that rule; the RecurrentGemma report trains the RG-LRU without decay.
+  decay applies to weight matrices (two or more *named* axes besides the stacked `layers` axis) except
+  the RG-LRU's block-diagonal gates (`rnn_block`). Norm scales, biases (including the MLP's stacked
+  `[branch, mlp]` bias, whose branch axis is unnamed) and the RG-LRU's `a` parameter have one named
+  axis and are excluded by that rule; the RecurrentGemma report trains the RG-LRU without decay.
   """
   def decays(axes):
-    dims = [a for a in (axes or ()) if a != "layers"]
+    dims = [a for a in (axes or ()) if a is not None and a != "layers"]
     return len(dims) >= 2 and "rnn_block" not in dims
   return jax.tree.map(decays, logical_axes, is_leaf=_is_axes)
 

@@ -4,8 +4,10 @@ Why not `compiled.cost_analysis()["flops"]` alone: XLA's cost analysis counts th
 loop once, whatever its trip count, so a model whose layers run under `lax.scan` (or a step that
 accumulates micro-batches in a loop) is under-counted by the number of iterations. Here every
 computation's dot / convolution FLOPs are counted and multiplied along the call graph by the trip
-count of each enclosing loop, read from the loop condition (`counter < constant`, the form `lax.scan`
-and `fori_loop` produce; the counter starts at 0). Only matrix products are counted, which is also
+count of each enclosing loop, taken from XLA's `known_trip_count` annotation (CPU) or read from the
+loop condition (`counter < constant`, the form `lax.scan` and `fori_loop` produce, counting from 0;
+the TPU compiler drops the annotation). Convolutions (how TPU XLA writes most matmuls) count only the
+window taps that land on real input, see `_conv_macs`. Only matrix products are counted, which is also
 what 6 x params x tokens counts.
 """
 
@@ -13,6 +15,8 @@ import dataclasses
 import math
 import re
 from typing import Optional
+
+import numpy as np
 
 _COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
@@ -102,15 +106,53 @@ def _instruction_flops(comp: Computation, ins: Instruction) -> float:
     k = math.prod(lhs[int(i)] for i in cdims.group(1).split(",") if i)
     return 2.0 * math.prod(out) * k
   if ins.opcode == "convolution":
+    lhs = comp.shape_of(ops[0]) if ops else None
     kernel = comp.shape_of(ops[1]) if len(ops) > 1 else None
-    labels = re.search(r"dim_labels=\w*_(\w+)->", ins.rest)
-    if kernel is None or labels is None or "o" not in labels.group(1):
+    if lhs is None or kernel is None:
       return 0.0
-    # Each output element takes (kernel elements / output features) multiply-adds; this holds for
-    # feature- and batch-grouped convolutions too, which is how TPU XLA writes batched matmuls.
-    o = kernel[labels.group(1).index("o")]
-    return 2.0 * math.prod(out) * math.prod(kernel) / max(o, 1)
+    return 2.0 * _conv_macs(lhs, kernel, out, ins.rest)
   return 0.0
+
+
+def _window_field(rest: str, name: str, n: int, default: int) -> list[str]:
+  m = re.search(rf"\b{name}=([\dx_\-]+)", rest)
+  return m.group(1).split("x") if m else [str(default)] * n
+
+
+def _valid_pairs(in_size: int, out_size: int, k: int, stride: int, lo: int, lhs_dil: int,
+                 rhs_dil: int) -> int:
+  """(output position, kernel tap) pairs of one spatial dim that read a real (not padded) input."""
+  o = np.arange(out_size)[:, None]
+  tap = np.arange(k)[None, :]
+  q = o * stride + tap * rhs_dil - lo  # position in the dilated input
+  valid = (q >= 0) & (q <= (in_size - 1) * lhs_dil) & (q % lhs_dil == 0)
+  return int(valid.sum())
+
+
+def _conv_macs(lhs: tuple[int, ...], kernel: tuple[int, ...], out: tuple[int, ...], rest: str) -> float:
+  """Multiply-adds of an HLO convolution, counting only taps that land on real input.
+
+  TPU XLA expresses batched matmuls as convolutions whose batch dimensions are spatial dims with a
+  window and padding chosen so one tap per output position is real; counting window x output
+  positions would overcount those by the window size, so padding and dilation are applied exactly.
+  """
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
+  if labels is None:
+    return 0.0
+  lhs_l, rhs_l, out_l = labels.groups()
+  spatial = sorted(c for c in lhs_l if c.isdigit())
+  n = len(spatial)
+  sizes = _window_field(rest, "size", n, 1)
+  strides = _window_field(rest, "stride", n, 1)
+  pads = _window_field(rest, "pad", n, 0)
+  lhs_dil = _window_field(rest, "lhs_dilate", n, 1)
+  rhs_dil = _window_field(rest, "rhs_dilate", n, 1)
+  macs = float(out[out_l.index("b")] * out[out_l.index("f")] * kernel[rhs_l.index("i")])
+  for j, d in enumerate(spatial):
+    lo = int(pads[j].split("_")[0]) if "_" in pads[j] else 0
+    macs *= _valid_pairs(lhs[lhs_l.index(d)], out[out_l.index(d)], int(sizes[j]), int(strides[j]),
+                         lo, int(lhs_dil[j]), int(rhs_dil[j]))
+  return macs
 
 
 def trip_count(comps: dict[str, Computation], condition: str) -> Optional[int]:
@@ -125,11 +167,27 @@ def trip_count(comps: dict[str, Computation], condition: str) -> Optional[int]:
       if m:
         consts[ins.name] = int(m.group(1))
   for ins in comp.instructions:
-    if ins.opcode == "compare" and "direction=LT" in ins.rest:
+    is_lt = ins.opcode == "compare" and "direction=LT" in ins.rest
+    if ins.opcode == "fusion":
+      # The CPU backend wraps the compare in a fusion: look inside it for `param0 < param1`.
+      callee = re.search(r"calls=%?([\w.\-]+)", ins.rest)
+      inner = comps.get(callee.group(1)) if callee else None
+      is_lt = inner is not None and any(i.opcode == "compare" and "direction=LT" in i.rest
+                                        for i in inner.instructions)
+    if is_lt:
       ops = _operands(ins.rest)
       if len(ops) == 2 and ops[1] in consts:
         return consts[ops[1]]
   return None
+
+
+def _loop_trip_count(comps: dict[str, Computation], ins: Instruction) -> Optional[int]:
+  """Trip count of a while instruction: XLA's own annotation when present, else from its condition."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', ins.rest)
+  if known:
+    return int(known.group(1))
+  cond = re.search(r"condition=%?([\w.\-]+)", ins.rest)
+  return trip_count(comps, cond.group(1)) if cond else None
 
 
 @dataclasses.dataclass
@@ -162,8 +220,7 @@ def matmul_flops(hlo_text: str) -> FlopCount:
       flops += _instruction_flops(comp, ins)
       if ins.opcode == "while":
         body = re.search(r"body=%?([\w.\-]+)", ins.rest)
-        cond = re.search(r"condition=%?([\w.\-]+)", ins.rest)
-        n = trip_count(comps, cond.group(1)) if cond else None
+        n = _loop_trip_count(comps, ins)
         loops.append((body.group(1) if body else "?", n))
         if body:
           flops += (n if n is not None else 1) * total(body.group(1), stack + (name,))
@@ -223,9 +280,8 @@ def while_loops(hlo_text: str) -> list[dict]:
       if ins.opcode != "while":
         continue
       body = re.search(r"body=%?([\w.\-]+)", ins.rest).group(1)
-      cond = re.search(r"condition=%?([\w.\-]+)", ins.rest).group(1)
       inside = reachable(comps, body)
-      out.append(dict(body=body, parent=comp.name, trip_count=trip_count(comps, cond),
+      out.append(dict(body=body, parent=comp.name, trip_count=_loop_trip_count(comps, ins),
                       collectives=collectives(comps, inside),
                       nested_loops=sum(1 for c in inside for i in comps[c].instructions
                                        if i.opcode == "while"),

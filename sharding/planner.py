@@ -15,6 +15,7 @@ order, so the plans it prints as fitting are proven by the compiler and ordered 
 import dataclasses
 import itertools
 import math
+import os
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -43,6 +44,9 @@ def topology_devices(topology: str, num_slices: int = 1) -> tuple[chips_lib.Chip
   chip, shape = chips_lib.parse_topology(topology)
   if num_slices < 1:
     raise ValueError(f"num_slices={num_slices} must be >= 1")
+  # Compiling for a topology never touches a TPU, so several planner processes (a search, a test run,
+  # a colleague's compile) may share libtpu; without this the second one fails on libtpu's lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
   devices = list(topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices)

@@ -112,6 +112,21 @@ def logical_to_spec(logical_axes: Optional[Sequence[Optional[str]]], rules: Rule
   return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
 
 
+def active_placement(logical_axes: Sequence[Optional[str]]) -> Optional[tuple[Any, tuple[MeshAxes, ...]]]:
+  """Where an activation with these logical axes lives under the mesh and rules being traced with.
+
+  For code that must place work by hand (a Pallas kernel inside `shard_map`, which the partitioner
+  cannot split): returns (abstract mesh, one mesh-axes entry per dimension), or None when no mesh or
+  no rules are installed (single-device use). `StepFunctions` installs both around every step.
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return None
+  spec = logical_to_spec(logical_axes, rules)
+  return mesh, tuple(spec) + (None,) * (len(logical_axes) - len(spec))
+
+
 def _is_axes_leaf(x: Any) -> bool:
   return x is None or (type(x) is tuple and all(e is None or isinstance(e, str) for e in x))
 

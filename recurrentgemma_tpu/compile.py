@@ -1,0 +1,239 @@
+r"""Ahead-of-time compile and fit check of the real train step for a TPU topology, on a CPU host.
+
+    python -m recurrentgemma_tpu.compile --config=configs/griffin_14b.py --topology=v5p:4x4x8 \
+        [--num_slices=N] [--mesh=DATA,FSDP,SEQ,MODEL] [--strategy=griffin] [--remat=block] \
+        [--batch=512] [--seq_len=2048] [--microbatches=4] [--scan_impl=pallas_tpu] [--arrays] \
+        [--search] [--config.KEY=VALUE ...]
+
+Builds exactly what the training loop runs (`recurrentgemma_tpu.train_step.from_config`: model,
+optimizer, Pallas kernels, shardings, donated state) for the topology's TPU devices, compiles it with
+the TPU compiler through libtpu, prints per-chip memory against the chip's HBM and the compiled FLOPs
+against 6 x params x tokens, and exits 0 only when it fits (1 when it does not, 2 on a bad request).
+`--search` tries mesh factorisations x remat policies x micro-batch counts, compiles them in order of
+estimated step time, and prints the fitting plans ranked (exit 0 when at least one fits).
+"""
+
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from sharding import chips as chips_lib
+from sharding import planner
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x8 or v5e:16x16.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", None, "Slices over DCN (default: config.mesh.num_slices).")
+_MESH = flags.DEFINE_string("mesh", None, "Override mesh sizes within a slice as DATA,FSDP,SEQ,MODEL "
+                            "(one may be -1).")
+_STRATEGY = flags.DEFINE_string("strategy", None, "Override config.mesh.strategy.")
+_REMAT = flags.DEFINE_string("remat", None, "Override config.model.remat.")
+_BATCH = flags.DEFINE_integer("batch", None, "Override config.data.global_batch_size (sequences).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Override config.data.seq_len.")
+_MICRO = flags.DEFINE_integer("microbatches", None, "Override config.optimizer.num_microbatches.")
+_SCAN_IMPL = flags.DEFINE_string(
+    "scan_impl", "pallas_tpu", "RG-LRU scan used when config.model.scan_impl is 'auto': 'auto' would "
+    "resolve for this CPU host, not for the TPU being compiled for.")
+_MAX_HBM = flags.DEFINE_float("max_hbm_fraction", 0.95, "Fits when total per-chip memory <= this "
+                              "fraction of HBM (headroom for the runtime and fragmentation).")
+_ARRAYS = flags.DEFINE_bool("arrays", False, "Print every state array's logical axes, sharding and "
+                            "per-device bytes.")
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the compiled HLO text to this path.")
+_SEARCH = flags.DEFINE_bool("search", False, "Search mesh x remat x micro-batches for fitting plans.")
+_SEARCH_REMATS = flags.DEFINE_list("search_remat", ["block", "dots", "none"], "Remat policies to try.")
+_SEARCH_MICRO = flags.DEFINE_list("search_microbatches", ["1", "2", "4", "8", "16"], "Micro-batch counts.")
+_SEARCH_MAX_MODEL = flags.DEFINE_integer("search_max_model", 16, "Largest `model` axis to try.")
+_SEARCH_MAX_SEQ = flags.DEFINE_integer("search_max_seq", 1, "Largest `seq` axis to try.")
+_SEARCH_COMPILES = flags.DEFINE_integer("search_max_compiles", 6, "Most plans to compile.")
+_SEARCH_WANT = flags.DEFINE_integer("search_want", 3, "Stop after this many fitting plans.")
+
+
+def matmul_flops_per_token(mc: Any, seq_len: int) -> float:
+  """Forward matmul FLOPs per token of a model (analytic; for the estimate and the report).
+
+  Weight matmuls cost 2 FLOPs per weight; attention adds 2 x 2 x heads x head_dim per attended key,
+  with causal (global) or windowed (local) context averaged over the sequence. Tied embeddings are
+  used once, by the output projection (the input lookup is a gather).
+  """
+  from recurrentgemma_tpu.model import config as model_config  # pylint: disable=g-import-not-at-top
+  d, f, r, h, k = mc.width, mc.mlp_width, mc.lru_width_, mc.num_heads, mc.head_dim_
+  mlp = 2 * 3 * d * f  # two up branches and one down
+  recurrent = 2 * (2 * d * r + r * d + 2 * r * r // mc.num_gate_blocks_)
+  attention_proj = 2 * (d * h * k + 2 * d * k + h * k * d)
+
+  def mean_context(window: Optional[int]) -> float:
+    t = seq_len
+    if window is None or window >= t:
+      return (t + 1) / 2
+    # Positions < window see t + 1 keys, later ones window + 1 (the current token included).
+    return (window * (window + 1) / 2 + (t - window) * (window + 1)) / t
+
+  total = 2 * d * mc.vocab_size
+  for kind in mc.block_types:
+    total += mlp
+    if kind == model_config.RECURRENT:
+      total += recurrent
+    else:
+      window = mc.attention_window if kind == model_config.LOCAL_ATTENTION else None
+      total += attention_proj + 2 * 2 * h * k * mean_context(window)
+  return float(total)
+
+
+def apply_overrides(config: Any) -> None:
+  """Writes the short command-line overrides into the (locked) config."""
+  if _MESH.value is not None:
+    parts = _MESH.value.split(",")
+    if len(parts) != 4:
+      raise ValueError(f"--mesh={_MESH.value!r} must be DATA,FSDP,SEQ,MODEL (4 integers, one may be -1)")
+    try:
+      sizes = [int(p) for p in parts]
+    except ValueError as e:
+      raise ValueError(f"--mesh={_MESH.value!r} must be 4 integers") from e
+    config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.model = sizes
+  if _NUM_SLICES.value is not None:
+    config.mesh.num_slices = _NUM_SLICES.value
+  if _STRATEGY.value is not None:
+    config.mesh.strategy = _STRATEGY.value
+  if _REMAT.value is not None:
+    config.model.remat = _REMAT.value
+  if _BATCH.value is not None:
+    config.data.global_batch_size = _BATCH.value
+  if _SEQ_LEN.value is not None:
+    config.data.seq_len = _SEQ_LEN.value
+  if _MICRO.value is not None:
+    config.optimizer.num_microbatches = _MICRO.value
+  if config.model.scan_impl == "auto":
+    config.model.scan_impl = _SCAN_IMPL.value
+
+
+def compile_config(config: Any, topology: str, *, max_hbm_fraction: float = 0.95,
+                   print_arrays: bool = False, dump_hlo: Optional[str] = None,
+                   log=print) -> planner.CompileReport:
+  """Compiles `config`'s train step for `topology` (x config.mesh.num_slices) and reports per chip.
+
+  Every check (mesh shape, strategy, divisibility, batch split) runs before the compile.
+  """
+  from recurrentgemma_tpu import train_step  # pylint: disable=g-import-not-at-top
+  num_slices = int(config.mesh.num_slices)
+  chip, devices, per_chip = planner.topology_devices(topology, num_slices)
+  mesh = train_step.create_mesh(config, devices)
+  fns = train_step.from_config(config, mesh)
+  batch, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
+  train_step.check_batch_shape(batch, seq_len, mesh, fns.opt_config.num_microbatches, fns.rules)
+  num_params = sum(x.size for x in jax.tree.leaves(fns.abstract_state.params))
+  if print_arrays:
+    log(fns.state_report()[1])
+  t0 = time.time()
+  try:
+    compiled = fns.lower_train_step(batch, seq_len).compile()
+  except NotImplementedError as e:
+    if "Mosaic kernels cannot be automatically partitioned" not in str(e):
+      raise
+    raise ValueError(
+        f"scan_impl={fns.model_config.scan_impl!r}: the model calls the Pallas TPU scan on sharded "
+        "operands outside shard_map, which the partitioner cannot split; compile with "
+        "--scan_impl=xla_linear (see docs/sharding.md, 'Pallas kernels and shard_map')") from None
+  seconds = time.time() - t0
+  if dump_hlo:
+    with open(dump_hlo, "w") as f:
+      f.write(compiled.as_text())
+  return planner.analyze(compiled, topology=topology, num_slices=num_slices, chip=chip,
+                         devices_per_chip=per_chip, mesh=dict(mesh.shape),
+                         six_nd=6.0 * num_params * batch * seq_len, max_hbm_fraction=max_hbm_fraction,
+                         compile_seconds=seconds)
+
+
+def search_config(config: Any, topology: str, *, remats: Sequence[str], microbatches: Sequence[int],
+                  max_model: int, max_seq: int, max_compiles: int, want: int,
+                  max_hbm_fraction: float = 0.95, log=print) -> list[planner.SearchResult]:
+  """Ranks and compiles plans for `config` on `topology`; returns every candidate with its status."""
+  from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import train_step  # pylint: disable=g-import-not-at-top
+  from sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top
+
+  num_slices = int(config.mesh.num_slices)
+  chip, devices, per_chip = planner.topology_devices(topology, num_slices)
+  mc = model_lib.ModelConfig.from_config(config.model)
+  opt = train_step.OptimizerConfig.from_config(config.optimizer)
+  batch, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
+  logical = model_lib.param_logical_axes(mc)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(mc, jax.random.key(0)))
+  num_params = sum(x.size for x in jax.tree.leaves(shapes))
+  stats = planner.ModelStats(
+      num_params=num_params, width=mc.width, num_layers=mc.num_layers, vocab_size=mc.vocab_size,
+      matmul_flops_per_token=matmul_flops_per_token(mc, seq_len), global_batch=batch, seq_len=seq_len,
+      param_bytes=jax.numpy.dtype(mc.parameter_dtype).itemsize,
+      opt_bytes_per_param=4 + (2 if opt.mu_dtype == "bfloat16" else 4))
+  strategy = str(config.mesh.strategy)
+  rules = rules_lib.rules_for(strategy)
+
+  def valid(plan: planner.Plan) -> Optional[str]:
+    # The same divisibility check the real build does, on a shape-only mesh of the right sizes.
+    sizes = {"slice": num_slices, "data": plan.data, "fsdp": plan.fsdp, "seq": plan.seq, "model": plan.model}
+    try:
+      rules_lib.check_strategy_mesh(strategy, sizes)
+      abstract = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+      rules_lib.tree_shardings(logical, abstract, rules, shapes=shapes)
+    except ValueError as e:
+      return str(e).splitlines()[0] + (" " + str(e).splitlines()[1].strip() if "\n" in str(e) else "")
+    return None
+
+  per_slice = len(devices) // num_slices
+  plans, rejected = planner.candidate_plans(per_slice, num_slices, batch, seq_len, remats, microbatches,
+                                            max_model=max_model, max_seq=max_seq, valid=valid)
+  for why in rejected:
+    log(f"  rejected {why}")
+  if not plans:
+    raise ValueError(f"no candidate plan for {len(devices)} devices, batch {batch}, seq_len {seq_len}")
+
+  def compile_plan(plan: planner.Plan) -> planner.CompileReport:
+    trial = config.copy_and_resolve_references()
+    trial.mesh.data, trial.mesh.fsdp, trial.mesh.seq, trial.mesh.model = (plan.data, plan.fsdp, plan.seq,
+                                                                         plan.model)
+    trial.model.remat = plan.remat
+    trial.optimizer.num_microbatches = plan.num_microbatches
+    return compile_config(trial, topology, max_hbm_fraction=max_hbm_fraction, log=log)
+
+  estimate = lambda p: planner.estimate_step(p, stats, chip, num_slices, per_chip)
+  log(f"{len(plans)} candidate plans; compiling up to {max_compiles} in order of estimated step time")
+  return planner.search(plans, estimate, compile_plan, max_hbm_fraction * chip.hbm_bytes * per_chip,
+                        max_compiles=max_compiles, want=want, log=log)
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None or _TOPOLOGY.value is None:
+    raise app.UsageError("--config and --topology are required")
+  config = _CONFIG.value
+  try:
+    apply_overrides(config)
+    chips_lib.parse_topology(_TOPOLOGY.value)
+    if _SEARCH.value:
+      results = search_config(
+          config, _TOPOLOGY.value, remats=_SEARCH_REMATS.value,
+          microbatches=[int(m) for m in _SEARCH_MICRO.value], max_model=_SEARCH_MAX_MODEL.value,
+          max_seq=_SEARCH_MAX_SEQ.value, max_compiles=_SEARCH_COMPILES.value, want=_SEARCH_WANT.value,
+          max_hbm_fraction=_MAX_HBM.value)
+      print(planner.format_search(results))
+      return 0 if any(r.status == "fits" for r in results) else 1
+    report = compile_config(config, _TOPOLOGY.value, max_hbm_fraction=_MAX_HBM.value,
+                            print_arrays=_ARRAYS.value, dump_hlo=_DUMP_HLO.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(planner.format_report(report))
+  return 0 if report.fits else 1
+
+
+def run() -> None:
+  """Console-script entry point (`rg-compile`)."""
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,152 @@
+"""Ahead-of-time planning: HLO FLOP counting, chip table, TPU meshes and the compile CLI.
+
+TPU programs are compiled on this CPU host through libtpu (jax.experimental.topologies); nothing runs
+on a TPU. The CLI is run as a subprocess, exactly as a user would.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sharding import chips
+from sharding import hlo
+from sharding import mesh as mesh_lib
+from sharding import planner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.tpu_compile
+
+
+def _scan_program(x, w, q):
+  """Layer scan of matmuls (batch dims included) plus a batched attention-like contraction."""
+  def layer(h, w_l):
+    return jnp.tanh(jnp.einsum("bsd,de->bse", h, w_l)), None
+  h, _ = jax.lax.scan(layer, x, w)
+  scores = jnp.einsum("bqd,bkd->bqk", h, q)
+  return jnp.sum(jnp.tanh(scores))  # tanh: the cotangent of the scores is not a constant
+
+
+def _expected_flops(B, S, D, L, K):
+  # forward: L layers of 2BSD^2 and one 2BSKD; backward: twice each (w.r.t. both operands).
+  return 3 * (L * 2 * B * S * D * D + 2 * B * S * K * D)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_matmul_flops_apply_loop_trip_counts(platform):
+  B, S, D, L, K = 4, 24, 256, 7, 40
+  if platform == "tpu":
+    _, devices, _ = planner.topology_devices("v5p:2x2x1")
+    mesh = jax.sharding.Mesh(np.asarray(devices[:1]), ("x",))
+  else:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))
+  rep = NamedSharding(mesh, P())
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=rep) for s in [(B, S, D), (L, D, D), (B, K, D)]]
+  compiled = jax.jit(jax.grad(_scan_program, argnums=(0, 1, 2))).lower(*args).compile()
+  count = hlo.matmul_flops(compiled.as_text())
+  assert count.exact and sorted(n for _, n in count.loops) == [L, L]
+  assert count.flops == _expected_flops(B, S, D, L, K)
+  # XLA's own count sees each loop body once: that is why the HLO is read here.
+  xla = compiled.cost_analysis()
+  xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+  assert xla["flops"] < 0.5 * count.flops
+
+
+def test_topologies_give_the_chip_tables_devices():
+  for topology, name, per_chip in [("v4:2x2x1", "v4", 2), ("v5e:2x2", "v5e", 1), ("v5p:2x2x1", "v5p", 1),
+                                   ("v6e:2x2", "v6e", 1)]:
+    chip, devices, k = planner.topology_devices(topology)
+    assert chip.name == name and k == per_chip
+    assert chips.chip_for_device_kind(devices[0].device_kind) is chip
+    assert len(devices) == 4 * per_chip
+
+
+@pytest.mark.parametrize("topology, message", [
+    ("v5p-256", "is not of the form"),
+    ("v7x:2x2", "'v7x' is not one of"),
+    ("v5p:0x4x4", "zero dimension"),
+])
+def test_topology_errors(topology, message):
+  with pytest.raises(ValueError, match=message):
+    chips.parse_topology(topology)
+
+
+def test_multislice_mesh_puts_only_slice_on_dcn():
+  _, devices, _ = planner.topology_devices("v5p:2x2x1", num_slices=2)
+  mesh = mesh_lib.create_mesh(mesh_lib.MeshConfig(fsdp=-1, model=2, num_slices=2), devices)
+  assert dict(mesh.shape) == {"slice": 2, "data": 1, "fsdp": 2, "seq": 1, "model": 2}
+  for s in range(2):
+    assert {d.slice_index for d in mesh.devices[s].flat} == {s}
+
+
+def test_step_estimate_components():
+  stats = planner.ModelStats(num_params=10**9, width=2048, num_layers=24, vocab_size=32000,
+                             matmul_flops_per_token=2e9, global_batch=64, seq_len=2048)
+  chip = chips.CHIPS["v5p"]
+  base = planner.estimate_step(planner.Plan(1, 8, 1, 1, "none", 1), stats, chip, 1)
+  assert base.tp_s == 0 and base.seq_s == 0 and base.dcn_s == 0
+  # compute: 3 x forward FLOPs over 8 chips at peak.
+  np.testing.assert_allclose(base.compute_s, 3 * 2e9 * 64 * 2048 / (8 * chip.peak_bf16_flops))
+  tp = planner.estimate_step(planner.Plan(1, 4, 1, 2, "none", 1), stats, chip, 1)
+  assert tp.tp_s > 0 and tp.fsdp_s < base.fsdp_s  # smaller ZeRO shards to gather
+  micro = planner.estimate_step(planner.Plan(1, 8, 1, 1, "none", 4), stats, chip, 1)
+  assert micro.fsdp_s == pytest.approx(4 * base.fsdp_s) and micro.memory_bytes < base.memory_bytes
+  remat = planner.estimate_step(planner.Plan(1, 8, 1, 1, "block", 1), stats, chip, 1)
+  assert remat.compute_s == pytest.approx(base.compute_s * 4 / 3)
+  dcn = planner.estimate_step(planner.Plan(1, 8, 1, 1, "none", 1), stats, chip, 2)
+  assert dcn.dcn_s > 0
+
+
+def _cli(*args, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "recurrentgemma_tpu.compile", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_cli_rejects_a_bad_mesh_before_compiling():
+  code, out, err = _cli("--config=configs/tiny.py", "--topology=v5p:2x2x1", "--mesh=3,1,1,1")
+  assert code == 2, (out, err)
+  assert "has 3 devices per slice but there are 4" in err
+
+
+def test_cli_tiny_multislice_and_exit_status_gates_on_fit():
+  args = ["--config=configs/tiny.py", "--topology=v5p:2x2x1", "--num_slices=2", "--mesh=1,-1,1,2",
+          "--scan_impl=xla_linear"]
+  code, out, err = _cli(*args)
+  assert code == 0, err[-3000:]
+  assert "mesh: slice=2 data=1 fsdp=2 seq=1 model=2" in out and "FITS: yes" in out
+  code, out, err = _cli(*args, "--max_hbm_fraction=1e-6")
+  assert code == 1 and "FITS: NO" in out, err[-3000:]
+
+
+def _field(text, name):
+  return float(re.search(rf"{name}\s+([\d.]+) GiB", text).group(1))
+
+
+@pytest.mark.slow
+def test_cli_compiles_reduced_depth_griffin_14b_on_v5p():
+  """One (recurrent, recurrent, local attention) group of the paper's 14B at full width on 4 chips."""
+  code, out, err = _cli("--config=configs/griffin_14b.py", "--topology=v5p:2x2x1", "--mesh=1,-1,1,2",
+                        "--config.model.num_layers=3", "--batch=4", "--seq_len=512",
+                        "--scan_impl=xla_linear")
+  assert code == 0, err[-3000:]
+  assert "FITS: yes" in out
+  # ZeRO-3 x tensor parallelism over 4 chips: each holds a quarter of params + Adam moments (f32).
+  from configs import ladder  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
+  c = ladder.get_config("griffin", "14b").model
+  c.num_layers = 3
+  mc = model_lib.ModelConfig.from_config(c)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(mc, jax.random.key(0)))
+  num_params = sum(x.size for x in jax.tree.leaves(shapes))
+  state_gib = 12 * num_params / 4 / 2**30
+  assert _field(out, "arguments") == pytest.approx(state_gib, rel=0.03)
+  ratio = float(re.search(r"ratio ([\d.]+)", out).group(1))
+  assert 1.0 < ratio < 1.6, out  # matmuls of fwd + bwd (+ attention, remat) vs 6ND

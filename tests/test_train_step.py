@@ -1,0 +1,148 @@
+"""Optimizer, schedule, loss and step against float64 numpy references (single device)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from recurrentgemma_tpu import model as model_lib
+from recurrentgemma_tpu import train_step as ts
+from test_sharding import build, make_batch, shrunk  # tests/ is on sys.path under pytest
+
+
+def test_config_file_and_dataclass_agree():
+  assert ts.OptimizerConfig.from_config(base.optimizer()) == ts.OptimizerConfig()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(decay_steps=10, warmup_steps=10), "must exceed warmup_steps"),
+    (dict(num_microbatches=0), "num_microbatches=0"),
+    (dict(mu_dtype="float16"), "mu_dtype"),
+    (dict(final_lr_ratio=2.0), "final_lr_ratio"),
+])
+def test_optimizer_config_errors(changes, message):
+  with pytest.raises(ValueError, match=message):
+    ts.OptimizerConfig(**changes)
+
+
+def test_unknown_optimizer_field_is_rejected():
+  c = base.optimizer()
+  c.unlocked = True  # a new field, as a typo on the command line would create
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['unlocked'\]"):
+    ts.OptimizerConfig.from_config(c)
+
+
+def test_schedule_warmup_then_cosine():
+  c = ts.OptimizerConfig(learning_rate=1e-3, warmup_steps=10, decay_steps=100, final_lr_ratio=0.1)
+  schedule = ts.learning_rate_schedule(c)
+  for k in [0, 4, 9, 10, 50, 98, 99, 150]:
+    t = k + 1  # update k uses the schedule at k + 1 (see learning_rate_schedule)
+    if t <= 10:
+      want = 1e-3 * t / 10
+    else:
+      progress = min((t - 10) / 90, 1.0)
+      want = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + math.cos(math.pi * progress))
+    np.testing.assert_allclose(float(schedule(k)), want, rtol=1e-5, err_msg=f"update {k}")
+
+
+def test_weight_decay_mask_excludes_norms_biases_and_rglru():
+  mask = ts.weight_decay_mask(model_lib.param_logical_axes(shrunk("griffin")))
+  block = mask["groups"]["block_0"]
+  assert mask["embedder"]["input_embedding"] is True
+  assert mask["final_norm"]["scale"] is False
+  assert block["mlp_block"]["ffw_up_w"] and block["mlp_block"]["ffw_down_w"]
+  assert not block["mlp_block"]["ffw_up_b"] and not block["mlp_block"]["ffw_down_b"]
+  rec = block["recurrent_block"]
+  assert rec["linear_x_w"] and rec["linear_y_w"] and rec["linear_out_w"] and rec["conv_1d"]["w"]
+  assert not rec["linear_x_b"] and not rec["conv_1d"]["b"]
+  assert not any(jax.tree.leaves(rec["rg_lru"]))  # gates (weights and biases) and a_param
+  att = mask["groups"]["block_2"]["attention_block"]
+  assert att["q_w"] and att["k_w"] and att["v_w"] and att["out_w"] and not att["out_b"]
+
+
+def _numpy_adamw(params, grads_seq, c: ts.OptimizerConfig, mask):
+  """Clip by global norm, then AdamW, in float64."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v2 = {k: np.zeros_like(v) for k, v in p.items()}
+  for step, grads in enumerate(grads_seq):
+    g = {k: np.asarray(x, np.float64) for k, x in grads.items()}
+    norm = math.sqrt(sum(np.sum(x * x) for x in g.values()))
+    scale = min(1.0, c.grad_clip_norm / norm)
+    t = step + 1
+    lr = c.learning_rate * min(t / c.warmup_steps, 1.0)  # still in warmup in this test
+    for k in p:
+      gk = g[k] * scale
+      m[k] = c.b1 * m[k] + (1 - c.b1) * gk
+      v2[k] = c.b2 * v2[k] + (1 - c.b2) * gk * gk
+      mhat, vhat = m[k] / (1 - c.b1**t), v2[k] / (1 - c.b2**t)
+      p[k] = p[k] - lr * (mhat / (np.sqrt(vhat) + c.eps) + c.weight_decay * p[k] * mask[k])
+  return p
+
+
+def test_adamw_with_clipping_and_mask_matches_numpy():
+  c = ts.OptimizerConfig(learning_rate=0.1, warmup_steps=5, decay_steps=50, weight_decay=0.3,
+                         grad_clip_norm=0.5, b2=0.99)
+  logical = {"w": ("embed", "mlp"), "scale": ("embed",), "gate": ("rnn_block", None, None)}
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(4, 3)), "scale": rng.normal(size=(4,)), "gate": rng.normal(size=(2, 2, 2))}
+  grads_seq = [{k: rng.normal(size=v.shape) for k, v in params.items()} for _ in range(3)]
+  tx = ts.make_optimizer(c, logical)
+  p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  state = tx.init(p)
+  for g in grads_seq:
+    updates, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+  want = _numpy_adamw(params, grads_seq, c, {"w": 1.0, "scale": 0.0, "gate": 0.0})
+  for k in params:
+    np.testing.assert_allclose(np.asarray(p[k]), want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _reference_losses(mc, params, batch):
+  apply = jax.jit(lambda p, b: model_lib.apply(p, mc, b["inputs"], segment_ids=b["segment_ids"],
+                                                positions=b["positions"]))
+  logits = np.asarray(apply(params, batch), np.float64)
+  log_z = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+  target = np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+  w = batch["loss_weights"].astype(np.float64)
+  correct = (logits.argmax(-1) == batch["targets"]).astype(np.float64)
+  return np.sum((log_z - target) * w), np.sum(log_z**2 * w), np.sum(correct * w), w.sum()
+
+
+def test_loss_z_loss_and_eval_sums_match_float64():
+  mc = shrunk("griffin")
+  params = model_lib.init_params(mc, jax.random.key(3))
+  batch = make_batch(7)
+  ce_sum, z_sum, correct, weight = _reference_losses(mc, params, batch)
+  opt = ts.OptimizerConfig(z_loss=1e-3)
+  _, metrics = jax.jit(lambda p, b: ts.compute_gradients(p, b, model_config=mc, opt_config=opt))(params, batch)
+  np.testing.assert_allclose(metrics["loss"], ce_sum / weight, rtol=1e-5)
+  np.testing.assert_allclose(metrics["z_loss"], z_sum / weight, rtol=1e-5)
+  np.testing.assert_allclose(metrics["total_loss"], (ce_sum + 1e-3 * z_sum) / weight, rtol=1e-5)
+  np.testing.assert_allclose(metrics["accuracy"], correct / weight, rtol=1e-5)
+  assert float(metrics["num_tokens"]) == weight
+  sums = jax.jit(lambda p, b: ts.eval_step(p, b, model_config=mc))(params, batch)
+  np.testing.assert_allclose(sums["loss_sum"], ce_sum, rtol=1e-5)
+  assert float(sums["num_tokens"]) == weight and float(sums["correct"]) == correct
+
+
+def test_step_applies_adamw_to_the_gradients_and_counts_steps():
+  mc = shrunk("mqa")
+  fns = build(mc, (1, 1, 1, 1), grad_clip_norm=0.0, weight_decay=0.0)
+  state = fns.create_state(jax.random.key(0))
+  params0 = jax.device_get(state.params)
+  batch = fns.shard_batch(make_batch(4))
+  grads, _ = fns.gradients(state.params, batch)
+  grads = jax.device_get(grads)
+  new_state, metrics = fns.train_step(state, batch)
+  lr = 3e-4 / 2  # warmup_steps=2 in `build`: update 0 uses half the peak
+  np.testing.assert_allclose(metrics["learning_rate"], lr, rtol=1e-6)
+  # First Adam update: m_hat = g, v_hat = g^2, so the step is lr * g / (|g| + eps).
+  for p0, g, p1 in zip(jax.tree.leaves(params0), jax.tree.leaves(grads), jax.tree.leaves(new_state.params)):
+    g = np.asarray(g, np.float64)
+    np.testing.assert_allclose(np.asarray(p1), np.asarray(p0) - lr * g / (np.abs(g) + 1e-8), rtol=1e-5,
+                               atol=1e-7)
+  assert int(new_state.step) == 1
