@@ -42,7 +42,7 @@ def sequence_parallel_linear_scan(
     h0: Optional[jax.Array] = None,
     *,
     mesh: Mesh,
-    axis_name: str,
+    axis_name: Optional[str],
     reverse: bool = False,
     impl: str = "auto",
     interpret: bool = False,
@@ -57,7 +57,9 @@ def sequence_parallel_linear_scan(
     a: decay factors, same shape as x.
     h0: optional initial state, [batch, channels]; zeros when None.
     mesh: the device mesh.
-    axis_name: mesh axis that shards time (size 1 is allowed: then no communication happens).
+    axis_name: mesh axis that shards time, or None when time is not sharded (then, as with an axis
+      of size 1, there is no communication: this is the shard_map wrapper a Pallas TPU kernel needs
+      for batch- or channel-sharded operands).
     reverse: scan from the last time step to the first.
     impl: per-shard implementation, as for linear_scan.
     interpret: run Pallas kernels in the interpreter.
@@ -68,16 +70,16 @@ def sequence_parallel_linear_scan(
     (y, h_last) as for linear_scan; y sharded like x, h_last as P(batch_axes, channel_axes).
   """
   scan.validate(x, a, h0, impl)
-  if axis_name not in mesh.shape:
+  if axis_name is not None and axis_name not in mesh.shape:
     raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
-  used = [axis_name, *_mesh_axes(batch_axes), *_mesh_axes(channel_axes)]
+  used = [*_mesh_axes(axis_name), *_mesh_axes(batch_axes), *_mesh_axes(channel_axes)]
   for axis in used:
     if axis not in mesh.shape:
       raise ValueError(f"mesh axis {axis!r} is not in the mesh {dict(mesh.shape)}")
   if len(set(used)) != len(used):
     raise ValueError(f"a mesh axis may shard only one dimension; got {axis_name=} {batch_axes=} "
                      f"{channel_axes=}")
-  num_shards = mesh.shape[axis_name]
+  num_shards = 1 if axis_name is None else mesh.shape[axis_name]
   for dim, axes in ((0, batch_axes), (1, axis_name), (2, channel_axes)):
     size = 1
     for axis in _mesh_axes(axes):

@@ -92,3 +92,23 @@ def test_sequence_parallel_compiles_per_shard_kernel():
   # The kernels see per-device shapes: [2, 256, 256] of the global [4, 512, 256].
   assert re.search(r"bf16\[2,256,256\]\{[^}]*\} custom-call\(", text) or "bf16[2,256,256]" in text
   assert "all-gather" in text
+
+
+def test_batch_and_channel_sharded_kernel_compiles_through_wrapper():
+  # Mosaic kernels have no SPMD partitioning rule: called directly on sharded operands under jit,
+  # lowering fails ("Mosaic kernels cannot be automatically partitioned"). The wrapper with
+  # axis_name=None is the shard_map the model uses for data / model sharded activations.
+  devices = _devices("v5p:2x2x1")
+  mesh = Mesh(np.asarray(devices).reshape(2, 2), ("data", "model"))
+  x = jax.ShapeDtypeStruct((8, 512, 1024), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P("data", None, "model")))
+
+  def loss(x, a):
+    y, _ = pallas_kernels.sequence_parallel_linear_scan(
+        x, a, mesh=mesh, axis_name=None, batch_axes="data", channel_axes="model")
+    return jnp.sum(y.astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss, (0, 1))).lower(x, x).compile().as_text()
+  assert len(_kernel_names(text)) == 2
+  assert "bf16[4,512,512]" in text  # per-device blocks of the [8, 512, 1024] operands
+  assert "all-gather" not in text and "all-reduce" not in text

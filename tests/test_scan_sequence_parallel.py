@@ -82,6 +82,19 @@ def test_eight_sequence_shards_with_sharded_channels_and_no_h0():
   np.testing.assert_allclose(h_last, h_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_unsharded_time_axis_needs_no_communication():
+  mesh = _mesh((4, 2), ("data", "model"))
+  x, a, h0, _, _ = _inputs((4, 24, 64), seed=4)
+  fn = jax.jit(functools.partial(pallas_kernels.sequence_parallel_linear_scan, mesh=mesh,
+                                 axis_name=None, batch_axes="data", channel_axes="model",
+                                 impl="pallas_tpu", interpret=True))
+  y, h_last = fn(x, a, h0)
+  assert y.sharding.spec == P("data", None, "model")
+  y_ref, h_ref = reference.numpy_linear_scan(x, a, h0)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(h_last, h_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_mesh_arguments():
   mesh = _mesh((2, 4), ("data", "seq"))
   x = jnp.ones((2, 30, 8))
