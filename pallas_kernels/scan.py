@@ -78,9 +78,9 @@ def linear_scan(
     h0 = jnp.zeros((x.shape[0], x.shape[2]), jnp.float32)
 
   def branch(name):
-    if name == "pallas_tpu" and (x.dtype not in tpu.SUPPORTED_DTYPES or a.dtype not in tpu.SUPPORTED_DTYPES):
-      name = "xla_linear"  # e.g. float16: the TPU kernel takes f32/bf16 and TPUs compute f16 poorly.
-    if name == "pallas_gpu" and (x.dtype not in gpu.SUPPORTED_DTYPES or a.dtype not in gpu.SUPPORTED_DTYPES):
+    supported = {"pallas_tpu": tpu.SUPPORTED_DTYPES, "pallas_gpu": gpu.SUPPORTED_DTYPES}.get(name)
+    if supported is not None and (x.dtype not in supported or a.dtype not in supported):
+      # e.g. float16 on TPU: the kernel takes f32/bf16; the XLA scan computes the same values.
       name = "xla_linear"
     fn = _impl_fn(name, False)
     return lambda x, a, h0: fn(x, a, h0, reverse=reverse)

@@ -112,3 +112,13 @@ def test_batch_and_channel_sharded_kernel_compiles_through_wrapper():
   assert len(_kernel_names(text)) == 2
   assert "bf16[4,512,512]" in text  # per-device blocks of the [8, 512, 1024] operands
   assert "all-gather" not in text and "all-reduce" not in text
+
+
+def test_auto_falls_back_to_xla_for_float16_on_tpu():
+  sharding = jax.sharding.SingleDeviceSharding(_devices("v5e:2x2")[0])
+  x = jax.ShapeDtypeStruct((2, 64, 256), jnp.float16, sharding=sharding)
+  text = jax.jit(lambda x, a: pallas_kernels.linear_scan(x, a)[0]).lower(x, x).compile().as_text()
+  assert not _kernel_names(text)
+  with pytest.raises(ValueError, match="got x.dtype=float16"):
+    pallas_kernels.linear_scan(jnp.ones((1, 4, 8), jnp.float16), jnp.ones((1, 4, 8), jnp.float16),
+                               impl="pallas_tpu")
