@@ -103,17 +103,28 @@ def test_hand_computed(impl):
   np.testing.assert_allclose(np.asarray(h_last).ravel(), [3.0])
 
 
-@pytest.mark.parametrize("blocks", [
-    tpu.BlockSizes(),  # defaults: one block per axis at these sizes
-    tpu.BlockSizes(batch=1, time=32, channel_tiles=2),  # 2 time blocks, the last partial
+@pytest.mark.parametrize("blocks,dtype,reverse", [
+    (tpu.BlockSizes(), jnp.float32, False),  # defaults: one block per axis at these sizes
+    # T = 50 pads to 64 rows of bf16 (16-row tiles): time blocks of 48 + a partial 16, reversed.
+    (tpu.BlockSizes(batch=1, time=48, channel_tiles=2), jnp.bfloat16, True),
 ])
-def test_tpu_kernel_block_configurations(blocks):
-  x, a, h0, dy, dh_last = _inputs((2, 50, 300), jnp.float32, seed=1)
-  f = functools.partial(tpu.linear_scan, block_sizes=blocks, interpret=True)
-  y, h_last = jax.jit(f)(jnp.asarray(x, jnp.float32), jnp.asarray(a, jnp.float32), jnp.asarray(h0))
-  y_ref, h_ref = reference.numpy_linear_scan(x, a, h0)
-  _assert_close(y, y_ref, 1e-5, "y")
-  _assert_close(h_last, h_ref, 1e-5, "h_last")
+def test_tpu_kernel_block_configurations(blocks, dtype, reverse):
+  x, a, h0, dy, dh_last = _inputs((2, 50, 300), dtype, seed=1)
+  f = functools.partial(tpu.linear_scan, reverse=reverse, block_sizes=blocks, interpret=True)
+
+  def loss(x, a, h0):
+    y, h_last = f(x, a, h0)
+    return jnp.sum(y.astype(jnp.float32) * dy) + jnp.sum(h_last * dh_last), (y, h_last)
+
+  grads, (y, h_last) = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(
+      jnp.asarray(x, dtype), jnp.asarray(a, dtype), jnp.asarray(h0, jnp.float32))
+  tol = TOLERANCE[dtype]
+  y_ref, h_ref = reference.numpy_linear_scan(x, a, h0, reverse=reverse)
+  _assert_close(y, y_ref, tol, "y")
+  _assert_close(h_last, h_ref, tol, "h_last")
+  grads_ref = reference.numpy_linear_scan_vjp(x, a, h0, dy, dh_last, reverse=reverse)
+  for name, g, g_ref in zip(("dx", "da", "dh0"), grads, grads_ref):
+    _assert_close(g, g_ref, tol, name)
 
 
 def test_auto_uses_xla_linear_on_cpu():
