@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from pallas_kernels import scan
 
@@ -41,8 +41,8 @@ def sequence_parallel_linear_scan(
     a: jax.Array,
     h0: Optional[jax.Array] = None,
     *,
-    mesh: Mesh,
-    axis_name: Optional[str],
+    mesh: Union[Mesh, AbstractMesh],
+    axis_name: AxisNames,
     reverse: bool = False,
     impl: str = "auto",
     interpret: bool = False,
@@ -56,10 +56,11 @@ def sequence_parallel_linear_scan(
       channel_axes) over `mesh` (other layouts are resharded to that on entry).
     a: decay factors, same shape as x.
     h0: optional initial state, [batch, channels]; zeros when None.
-    mesh: the device mesh.
-    axis_name: mesh axis that shards time, or None when time is not sharded (then, as with an axis
-      of size 1, there is no communication: this is the shard_map wrapper a Pallas TPU kernel needs
-      for batch- or channel-sharded operands).
+    mesh: the device mesh, concrete or abstract (e.g. `jax.sharding.get_abstract_mesh()` while
+      tracing under a mesh; sharding.rules.active_placement returns it with the per-dim axes).
+    axis_name: mesh axis (or axes) that shard time, or None when time is not sharded (then, as with
+      an axis of size 1, there is no communication: this is the shard_map wrapper a Pallas TPU
+      kernel needs for batch- or channel-sharded operands).
     reverse: scan from the last time step to the first.
     impl: per-shard implementation, as for linear_scan.
     interpret: run Pallas kernels in the interpreter.
@@ -70,8 +71,10 @@ def sequence_parallel_linear_scan(
     (y, h_last) as for linear_scan; y sharded like x, h_last as P(batch_axes, channel_axes).
   """
   scan.validate(x, a, h0, impl)
-  if axis_name is not None and axis_name not in mesh.shape:
-    raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
+  for axis in _mesh_axes(axis_name):
+    if axis not in mesh.shape:
+      raise ValueError(f"axis_name={axis_name!r}: {axis!r} is not an axis of the mesh "
+                       f"{dict(mesh.shape)}")
   used = [*_mesh_axes(axis_name), *_mesh_axes(batch_axes), *_mesh_axes(channel_axes)]
   for axis in used:
     if axis not in mesh.shape:
@@ -79,7 +82,10 @@ def sequence_parallel_linear_scan(
   if len(set(used)) != len(used):
     raise ValueError(f"a mesh axis may shard only one dimension; got {axis_name=} {batch_axes=} "
                      f"{channel_axes=}")
-  num_shards = 1 if axis_name is None else mesh.shape[axis_name]
+  num_shards = 1
+  for axis in _mesh_axes(axis_name):
+    num_shards *= mesh.shape[axis]
+  axis_name = _as_spec_entry(axis_name)
   for dim, axes in ((0, batch_axes), (1, axis_name), (2, channel_axes)):
     size = 1
     for axis in _mesh_axes(axes):

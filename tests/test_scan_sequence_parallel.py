@@ -95,13 +95,32 @@ def test_unsharded_time_axis_needs_no_communication():
   np.testing.assert_allclose(h_last, h_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_abstract_mesh_and_time_over_two_mesh_axes():
+  # How the model calls it while tracing under an installed mesh (sharding.rules.active_placement
+  # returns the abstract mesh); time split 8 ways over two mesh axes.
+  mesh = _mesh((2, 4), ("data", "seq"))
+  x, a, h0, _, _ = _inputs((2, 64, 32), seed=5)
+
+  @jax.jit
+  def fn(x, a, h0):
+    return pallas_kernels.sequence_parallel_linear_scan(
+        x, a, h0, mesh=jax.sharding.get_abstract_mesh(), axis_name=("data", "seq"),
+        impl="xla_linear", reverse=True)
+
+  with jax.set_mesh(mesh):
+    y, h_last = fn(x, a, h0)
+  y_ref, h_ref = reference.numpy_linear_scan(x, a, h0, reverse=True)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(h_last, h_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_mesh_arguments():
   mesh = _mesh((2, 4), ("data", "seq"))
   x = jnp.ones((2, 30, 8))
   scan = functools.partial(pallas_kernels.sequence_parallel_linear_scan, mesh=mesh)
   with pytest.raises(ValueError, match=r"x.shape\[1\]=30 must be divisible by the 4 shards"):
     scan(x, x, axis_name="seq")
-  with pytest.raises(ValueError, match="axis_name='time' is not an axis of the mesh"):
+  with pytest.raises(ValueError, match="axis_name='time': 'time' is not an axis of the mesh"):
     scan(x, x, axis_name="time")
   with pytest.raises(ValueError, match="a mesh axis may shard only one dimension"):
     scan(x, x, axis_name="seq", batch_axes="seq")
