@@ -54,8 +54,7 @@ def main() -> None:
   t = time.perf_counter()
   pipeline = data.make_pipeline(config, process_index=0, process_count=1)
   prepare = time.perf_counter() - t
-  stored = sum(int((np.asarray(s.train.segment_ids) > 0).sum())
-               + int((np.asarray(s.validation.segment_ids) > 0).sum()) for s in pipeline.stores)
+  stored = sum(sum(s.count("tokens").values()) for s in pipeline.stores)
   result.update(prepare_seconds=round(prepare, 2), stored_tokens=stored,
                 prepare_tokens_per_s=round(stored / prepare),
                 train_rows=pipeline.num_train_rows,

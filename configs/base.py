@@ -72,6 +72,9 @@ def data_source(kind: str = "default", rate: float = 1.0, **overrides) -> ml_col
   c.text_key = "text"  # text field of tfds / jsonl / tfrecord records
   c.validation_fraction = 0.02  # kind=default/files: documents held out by hash of their id
   c.max_documents = 0  # documents read per split; 0 = all
+  # Stores the source is prepared in; local processes (rg-prepare-data --workers=N) build them in
+  # parallel. Changing it changes the rows (it is part of the data definition).
+  c.num_shards = 1
   for key, value in overrides.items():
     c[key] = value  # raises on an undeclared field
   return c

@@ -143,16 +143,62 @@ def test_describe_counts_every_token(pipeline):
   assert summary["step0_rows"][1] == pipeline.vocab.decode(row[row > 0][:200])
 
 
+def _assert_same_store_bytes(paths_a: list[str], paths_b: list[str]) -> None:
+  assert [os.path.basename(p) for p in paths_a] == [os.path.basename(p) for p in paths_b]
+  for a, b in zip(paths_a, paths_b):
+    names = sorted(n for n in os.listdir(a) if n.endswith(".bin"))
+    assert names == sorted(n for n in os.listdir(b) if n.endswith(".bin"))
+    for name in names:
+      with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+        assert fa.read() == fb.read(), (a, name)
+
+
 def test_store_preparation_is_reproducible(pipeline, corpus_root, tmp_path):
   """Hosts prepare their own copies; they must be byte-identical."""
   config = make_config(corpus_root, str(tmp_path), tokenizer=pipeline.vocab.path)
   again = data.make_pipeline(config, process_index=0, process_count=1)
-  assert os.path.basename(again.stores[0].path) == os.path.basename(pipeline.stores[0].path)
-  for name in sorted(os.listdir(pipeline.stores[0].path)):
-    if name.endswith(".bin"):
-      with open(os.path.join(pipeline.stores[0].path, name), "rb") as a, \
-           open(os.path.join(again.stores[0].path, name), "rb") as b:
-        assert a.read() == b.read(), name
+  _assert_same_store_bytes(pipeline.stores[0].paths, again.stores[0].paths)
+
+
+def test_sharded_source_prepared_in_parallel(pipeline, corpus_root, tmp_path):
+  """3 shards built by 2 concurrent preparers == built one by one; every document kept."""
+  import threading
+
+  def sharded(cache):
+    config = make_config(corpus_root, str(tmp_path / cache), tokenizer=pipeline.vocab.path)
+    config.data.sources.default.num_shards = 3
+    return config
+
+  results, errors = [], []
+
+  def work():
+    try:
+      results.append(data.make_pipeline(sharded("parallel"), process_index=0, process_count=1))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=work) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=300)
+  assert not errors and len(results) == 2
+  sequential = data.make_pipeline(sharded("sequential"), process_index=0, process_count=1)
+  assert len(sequential.stores[0].paths) == 3
+  _assert_same_store_bytes(results[0].stores[0].paths, sequential.stores[0].paths)
+  assert all(s.train.num_rows > 0 for s in sequential.stores[0].shards)
+  sp = spm.SentencePieceProcessor(model_proto=pipeline.vocab.model_bytes)
+  source = sequential.config.sources[0]
+  for split, rows in ((corpus.TRAIN, sequential.stores[0].train),
+                      (corpus.VALIDATION, sequential.stores[0].validation)):
+    docs = [text for _, text in corpus.read_default(source, split)]
+    want = collections.Counter(reference_chunks(docs, sp, SEQ))
+    assert collections.Counter(stored_segments(rows)) == want, split
+  for k in (0, 7, 400):
+    np.testing.assert_array_equal(results[1].batch(k)["targets"], sequential.batch(k)["targets"])
+  _, idx = sequential.source_of(np.arange(16, 24))  # rows come from across the shards
+  np.testing.assert_array_equal(sequential.batch(2)["targets"],
+                                sequential.stores[0].train.targets[idx])
 
 
 def test_features_match_seqio_lm_feature_converter():
@@ -298,7 +344,7 @@ def test_file_sources(fmt, pattern, key, corpus_root, cache_dir, tmp_path):
     shutil.copytree(tmp_path / "lines", tmp_path / "elsewhere" / "lines")
     config.data.sources.web.pattern = str(tmp_path / "elsewhere" / "lines" / "*.txt")
     moved = data.make_pipeline(config, process_index=0, process_count=1)
-    assert moved.stores[0].path != p.stores[0].path
+    assert moved.stores[0].paths != p.stores[0].paths
     assert sorted(_decoded_docs(moved, moved.stores[0].validation)) == sorted(val)
 
 
@@ -354,7 +400,7 @@ def test_mixture_rates_and_rows(pipeline, corpus_root, cache_dir, tmp_path):
   assert sorted(t.name for t in mixture.tasks) == sorted(p.task_names)
   assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == dict(zip(p.task_names, (3.0, 1.0)))
   # The default source's store is shared with the single-source pipeline (same key).
-  assert p.stores[0].path == pipeline.stores[0].path
+  assert p.stores[0].paths == pipeline.stores[0].paths
   b = p.batch(5)
   s, r = p.source_of(np.arange(40, 48))
   for row in range(8):

@@ -43,6 +43,9 @@ class SourceConfig:
   validation_fraction: float
   # Caps the documents read per split (0 = all); lets a huge corpus be prepared in part.
   max_documents: int
+  # Independent stores the source is prepared in (by seqio ShardInfo); processes of a machine
+  # prepare different shards in parallel. Part of the data definition: changing it changes rows.
+  num_shards: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,8 @@ def _source_from_dict(name: str, d: Mapping[str, Any]) -> SourceConfig:
   _require(0.0 <= s.validation_fraction < 1.0,
            f"{where}.validation_fraction={s.validation_fraction!r}; it must be in [0, 1).")
   _require(s.max_documents >= 0, f"{where}.max_documents={s.max_documents!r}; it must be >= 0.")
+  _require(1 <= s.num_shards <= 100_000,
+           f"{where}.num_shards={s.num_shards!r}; it must be in [1, 100000].")
   if s.kind == "tfds":
     _require(bool(s.tfds_name), f"{where}.tfds_name is empty; give a versioned builder such as "
              "'lm1b:1.1.0' or 'c4/en:3.0.1'.")

@@ -24,3 +24,19 @@ def exclusive(path: str) -> Iterator[None]:
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def try_exclusive(path: str) -> Iterator[bool]:
+  """Like `exclusive`, but yields False at once instead of waiting when another holder has it."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path + ".lock", "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

@@ -93,7 +93,7 @@ class Pipeline:
     local_batch_size: rows per process per step (global_batch_size // process_count).
   """
 
-  def __init__(self, cfg: DataConfig, vocab: vocab_lib.Vocabulary, stores: list[store.Store],
+  def __init__(self, cfg: DataConfig, vocab: vocab_lib.Vocabulary, stores: list[store.SourceStore],
                process_index: int, process_count: int):
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
@@ -169,10 +169,7 @@ class Pipeline:
     segments = np.empty((len(g), t), np.int32)
     for i in np.unique(src):
       sel = np.nonzero(src == i)[0]
-      split = self.stores[i].train
-      order = np.argsort(idx[sel], kind="stable")  # sorted reads are sequential on disk
-      targets[sel[order]] = split.targets[idx[sel][order]]
-      segments[sel[order]] = split.segment_ids[idx[sel][order]]
+      targets[sel], segments[sel] = self.stores[i].train.gather(idx[sel])
     return derive_features(targets, segments, self.vocab.bos_id)
 
   def iterate(self, start_step: int = 0) -> Iterator[Batch]:
@@ -205,8 +202,7 @@ class Pipeline:
       for i, st in enumerate(self.stores):
         sel = np.nonzero((g >= bounds[i]) & (g < bounds[i + 1]))[0]
         if sel.size:
-          targets[sel] = st.validation.targets[g[sel] - bounds[i]]
-          segments[sel] = st.validation.segment_ids[g[sel] - bounds[i]]
+          targets[sel], segments[sel] = st.validation.gather(g[sel] - bounds[i])
       yield derive_features(targets, segments, self.vocab.bos_id)
 
 
@@ -235,14 +231,13 @@ def make_pipeline(config, *, process_index: int | None = None,
   vocab = vocab_lib.Vocabulary(vocab_lib.tokenizer_path(cfg), cfg.vocab_size)
   stores = []
   for source in cfg.sources:
-    path = store.prepare(cfg, source, vocab)
-    stores.append(store.open_store(path))
-    logging.info("data source %s: %s", source.name, stores[-1].meta["rows"])
+    stores.append(store.prepare(cfg, source, vocab))
+    logging.info("data source %s: %s rows", source.name, stores[-1].count("rows"))
   pipeline = Pipeline(cfg, vocab, stores, process_index, process_count)
   # The same data as seqio Tasks (and a Mixture), for seqio's own tools (inspection, caching).
   from recurrentgemma_tpu.data import tasks  # pylint: disable=g-import-not-at-top (TensorFlow)
 
-  pipeline.task_names = [tasks.ensure_task(s, st.meta["key"], vocab)
+  pipeline.task_names = [tasks.ensure_task(s, st.key, vocab)
                          for s, st in zip(cfg.sources, stores)]
   if len(cfg.sources) > 1:
     pipeline.mixture_name = tasks.register_mixture(cfg, pipeline.task_names)

@@ -28,11 +28,11 @@ def describe(pipeline: Pipeline, show_rows: int = 0) -> dict[str, Any]:
       "task_names": pipeline.task_names, "mixture_name": pipeline.mixture_name, "sources": {},
   }
   for source, st in zip(cfg.sources, pipeline.stores):
-    entry = {"store": st.path, "rate": source.rate}
-    for name, split in (("train", st.train), ("validation", st.validation)):
-      tokens = int((np.asarray(split.segment_ids) > 0).sum())
-      entry[name] = {"rows": split.num_rows, "tokens": tokens,
-                     "fill": round(tokens / max(1, split.num_rows * cfg.seq_len), 4)}
+    entry = {"stores": st.paths, "rate": source.rate}
+    rows, tokens = st.count("rows"), st.count("tokens")
+    for split in rows:
+      entry[split] = {"rows": rows[split], "tokens": tokens[split],
+                      "fill": round(tokens[split] / max(1, rows[split] * cfg.seq_len), 4)}
     out["sources"][source.name] = entry
   if show_rows:
     batch = pipeline.batch(0, rows=slice(0, min(show_rows, cfg.global_batch_size)))

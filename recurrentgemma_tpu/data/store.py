@@ -1,23 +1,27 @@
 """The prepared store: tokenized, packed rows of one source, read by global row index.
 
-Layout of `<cache_dir>/stores/<source>-<key>/`:
-  meta.json                       shapes, dtypes, and what the key was made of
+A source is prepared in `num_shards` independent shards (seqio ShardInfo over its documents);
+shard i lives in `<cache_dir>/stores/<source>-<key>[-shard<i>-of-<S>]/`:
+  meta.json                       shapes, dtypes, row and token counts, what the key was made of
   {train,validation}.targets.bin  [rows, seq_len] next-token targets
   {train,validation}.segments.bin [rows, seq_len] document number in the row, 0 = padding
-`inputs`, `positions` and `loss_weights` follow from these two (pipeline.py derives them exactly as
-seqio's LMFeatureConverter does), so the store holds 2 numbers per token instead of 5.
+and the source's rows are its shards' rows concatenated in shard order. `inputs`, `positions` and
+`loss_weights` follow from targets and segments (pipeline.py derives them exactly as seqio's
+LMFeatureConverter does), so the store holds 2 numbers per token instead of 5.
 
 The key hashes everything that decides the rows (source settings and a fingerprint of its data,
-tokenizer bytes, seq_len, seed), so a store is never reused for different data. A store is
+tokenizer bytes, seq_len, seed), so a store is never reused for different data. A shard is
 written to a temporary directory and renamed into place: readers never see a partial store and
-processes that prepare the same store at once (e.g. every host on a shared disk) are harmless;
-processes of one machine also take turns through a file lock, so only the first does the work.
+processes that prepare the same shard at once (e.g. every host on a shared disk) are harmless.
+Processes of one machine coordinate through file locks: each first takes shards nobody is
+building, then waits for the rest, so N local processes prepare N shards at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -49,14 +53,71 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class Store:
+  """One prepared shard."""
+
   path: str
   train: Split
   validation: Split
   meta: dict
 
 
+class Rows:
+  """One split of a source: its shards' rows concatenated by index, read on demand."""
+
+  def __init__(self, parts: list[Split]):
+    self.parts = parts
+    self.offsets = np.cumsum([0] + [p.num_rows for p in parts]).astype(np.int64)
+    self.seq_len = parts[0].targets.shape[1]
+
+  @property
+  def num_rows(self) -> int:
+    return int(self.offsets[-1])
+
+  def gather(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, segment_ids) of rows `index`, int32 [len(index), seq_len] each."""
+    index = np.asarray(index, np.int64)
+    targets = np.empty((index.size, self.seq_len), np.int32)
+    segments = np.empty((index.size, self.seq_len), np.int32)
+    part = np.searchsorted(self.offsets, index, side="right") - 1
+    for p in np.unique(part):
+      sel = np.nonzero(part == p)[0]
+      local = index[sel] - self.offsets[p]
+      order = np.argsort(local, kind="stable")  # sorted reads are sequential on disk
+      sel, local = sel[order], local[order]
+      targets[sel] = self.parts[p].targets[local]
+      segments[sel] = self.parts[p].segment_ids[local]
+    return targets, segments
+
+  @property
+  def targets(self) -> np.ndarray:
+    """All rows' targets in memory (for tools and tests; training uses `gather`)."""
+    return self.gather(np.arange(self.num_rows))[0]
+
+  @property
+  def segment_ids(self) -> np.ndarray:
+    return self.gather(np.arange(self.num_rows))[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceStore:
+  """All shards of one source."""
+
+  key: str
+  shards: list[Store]
+  train: Rows
+  validation: Rows
+
+  @property
+  def paths(self) -> list[str]:
+    return [s.path for s in self.shards]
+
+  def count(self, what: str) -> dict[str, int]:
+    """Summed per-split `rows` or `tokens` (non-padding) of the shards."""
+    return {split: sum(s.meta[what][split] for s in self.shards) for split in corpus.SPLITS}
+
+
 def store_key(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> tuple[str, dict]:
-  """Content key of a source's store and the description it hashes."""
+  """Content key of a source's stores and the description it hashes."""
   desc: dict = {
       "format_version": FORMAT_VERSION,
       "source": {k: v for k, v in dataclasses.asdict(source).items() if k not in ("name", "rate")},
@@ -77,47 +138,68 @@ def store_key(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> tuple
   return key, desc
 
 
-def store_path(cfg: DataConfig, source: SourceConfig, key: str) -> str:
-  return os.path.join(cfg.resolved_cache_dir, "stores", f"{source.name}-{key[:20]}")
+def shard_path(cfg: DataConfig, source: SourceConfig, key: str, shard: int) -> str:
+  name = f"{source.name}-{key[:20]}"
+  if source.num_shards > 1:
+    name += f"-shard{shard:05d}-of-{source.num_shards:05d}"
+  return os.path.join(cfg.resolved_cache_dir, "stores", name)
 
 
 def _dtype_for(max_value: int) -> np.dtype:
   return np.dtype(np.uint16) if max_value < 2**16 else np.dtype(np.int32)
 
 
-def _write_split(rows, directory: str, split: str, seq_len: int, token_dtype, seg_dtype) -> int:
-  n = 0
+def _write_split(rows, directory: str, split: str, token_dtype, seg_dtype) -> tuple[int, int]:
+  """Writes packed rows; returns (rows, non-padding tokens)."""
+  n = tokens = 0
   with open(os.path.join(directory, f"{split}.targets.bin"), "wb") as ft, \
        open(os.path.join(directory, f"{split}.segments.bin"), "wb") as fs:
     tbuf, sbuf = [], []
-    for row in rows:
-      tbuf.append(row["targets"])
-      sbuf.append(row["segment_ids"])
-      if len(tbuf) == _WRITE_ROWS:
+    for row in itertools.chain(rows, [None]):
+      if row is not None:
+        tbuf.append(row["targets"])
+        sbuf.append(row["segment_ids"])
+      if tbuf and (len(tbuf) == _WRITE_ROWS or row is None):
+        segs = np.stack(sbuf)
         ft.write(np.stack(tbuf).astype(token_dtype).tobytes())
-        fs.write(np.stack(sbuf).astype(seg_dtype).tobytes())
+        fs.write(segs.astype(seg_dtype).tobytes())
         n += len(tbuf)
+        tokens += int((segs > 0).sum())
         tbuf, sbuf = [], []
-    if tbuf:
-      ft.write(np.stack(tbuf).astype(token_dtype).tobytes())
-      fs.write(np.stack(sbuf).astype(seg_dtype).tobytes())
-      n += len(tbuf)
-  return n
+  return n, tokens
 
 
-def prepare(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> str:
-  """Builds the store of one source unless it is already cached; returns its directory."""
+def _done(path: str) -> bool:
+  return os.path.exists(os.path.join(path, "meta.json"))
+
+
+def prepare(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary) -> SourceStore:
+  """Builds the shards of one source that are not cached yet; returns the opened source."""
   key, desc = store_key(cfg, source, vocab)
-  path = store_path(cfg, source, key)
-  if not os.path.exists(os.path.join(path, "meta.json")):
-    with locks.exclusive(path):
-      if not os.path.exists(os.path.join(path, "meta.json")):  # not built meanwhile
-        _build(cfg, source, vocab, key, desc, path)
-  return path
+  paths = [shard_path(cfg, source, key, i) for i in range(source.num_shards)]
+  missing = [i for i, p in enumerate(paths) if not _done(p)]
+  # First the shards no other local process is building, then wait for the others' shards.
+  for i in missing:
+    with locks.try_exclusive(paths[i]) as mine:
+      if mine and not _done(paths[i]):
+        _build(cfg, source, vocab, key, desc, i, paths[i])
+  for i in missing:
+    if not _done(paths[i]):
+      with locks.exclusive(paths[i]):
+        if not _done(paths[i]):
+          _build(cfg, source, vocab, key, desc, i, paths[i])
+  shards = [open_store(p) for p in paths]
+  if sum(s.train.num_rows for s in shards) == 0:
+    raise corpus.CorpusError(
+        f"config.data.sources.{source.name} ({source.kind}) has no training documents; check "
+        f"its pattern / tfds split / validation_fraction ({desc['source']}).")
+  return SourceStore(key=key, shards=shards, train=Rows([s.train for s in shards]),
+                     validation=Rows([s.validation for s in shards]))
 
 
 def _build(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary, key: str, desc: dict,
-           path: str) -> None:
+           shard: int, path: str) -> None:
+  """Prepares shard `shard` of a source into `path` (atomically)."""
   from recurrentgemma_tpu.data import tasks  # pylint: disable=g-import-not-at-top (TensorFlow)
 
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -128,18 +210,16 @@ def _build(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary, key: str, d
     task = tasks.register_task(source, key, vocab, errors)
     token_dtype = _dtype_for(vocab.size - 1)
     seg_dtype = _dtype_for(cfg.seq_len)
-    counts, start = {}, time.time()
+    rows, tokens, start = {}, {}, time.time()
     for split in corpus.SPLITS:
       has_split = not (source.kind == "tfds" and split == corpus.VALIDATION
                        and not source.eval_split)
-      rows = tasks.packed_examples(task, source, split, cfg, vocab, errors) if has_split else iter(())
-      counts[split] = _write_split(rows, tmp, split, cfg.seq_len, token_dtype, seg_dtype)
-    if counts[corpus.TRAIN] == 0:
-      raise corpus.CorpusError(
-          f"config.data.sources.{source.name} ({source.kind}) has no training documents; check "
-          f"its pattern / tfds split / validation_fraction ({desc['source']}).")
+      examples = (tasks.packed_examples(task, source, split, cfg, vocab, errors, shard)
+                  if has_split else iter(()))
+      rows[split], tokens[split] = _write_split(examples, tmp, split, token_dtype, seg_dtype)
     meta = {
-        "key": key, "description": desc, "seq_len": cfg.seq_len, "rows": counts,
+        "key": key, "description": desc, "shard": [shard, source.num_shards],
+        "seq_len": cfg.seq_len, "rows": rows, "tokens": tokens,
         "token_dtype": token_dtype.name, "segment_dtype": seg_dtype.name,
         "prepare_seconds": round(time.time() - start, 2),
     }
@@ -151,13 +231,13 @@ def _build(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary, key: str, d
       if not os.path.exists(os.path.join(path, "meta.json")):
         raise
       # Another process finished the same store first; its bytes equal ours.
-    logging.info("prepared %s: %s rows in %.1fs", path, counts, meta["prepare_seconds"])
+    logging.info("prepared %s: %s rows in %.1fs", path, rows, meta["prepare_seconds"])
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 def open_store(path: str) -> Store:
-  """Memory-maps a prepared store."""
+  """Memory-maps a prepared shard."""
   with open(os.path.join(path, "meta.json")) as f:
     meta = json.load(f)
   t = meta["seq_len"]

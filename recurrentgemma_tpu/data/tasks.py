@@ -28,6 +28,7 @@ from recurrentgemma_tpu.data.vocab import Vocabulary
 # Documents held in the pre-packing shuffle buffer; enough to separate neighbouring documents of
 # one file, small enough to keep preparation memory flat.
 SHUFFLE_BUFFER = 4096
+_REGISTRY_LOCK = threading.Lock()
 
 
 class ReaderErrors:
@@ -98,8 +99,6 @@ def register_task(source: SourceConfig, key: str, vocab: Vocabulary,
                   errors: ReaderErrors) -> seqio.Task:
   """Registers (once per content key) and returns the seqio Task of one source."""
   name = task_name(source, key)
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)  # a fresh error holder per preparation
   preprocessors: list = []
   if source.kind == "tfds":
     splits = {corpus.TRAIN: source.train_split}
@@ -123,19 +122,24 @@ def register_task(source: SourceConfig, key: str, vocab: Vocabulary,
       seqio.preprocessors.append_eos,
       _split_into_chunks,
   ]
-  return seqio.TaskRegistry.add(
-      name,
-      source=data_source,
-      preprocessors=preprocessors,
-      output_features={"targets": seqio.Feature(
-          vocabulary=vocab.seqio_vocabulary(), add_eos=True, dtype=tf.int32)},
-  )
+  with _REGISTRY_LOCK:  # threads of one process may prepare shards of the same source
+    if name in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.remove(name)  # a fresh error holder per preparation
+    return seqio.TaskRegistry.add(
+        name,
+        source=data_source,
+        preprocessors=preprocessors,
+        output_features={"targets": seqio.Feature(
+            vocabulary=vocab.seqio_vocabulary(), add_eos=True, dtype=tf.int32)},
+    )
 
 
 def ensure_task(source: SourceConfig, key: str, vocab: Vocabulary) -> str:
   """Registers the Task of an already prepared source (for seqio tools); returns its name."""
   name = task_name(source, key)
-  if name not in seqio.TaskRegistry.names():
+  with _REGISTRY_LOCK:
+    registered = name in seqio.TaskRegistry.names()
+  if not registered:
     register_task(source, key, vocab, ReaderErrors())
   return name
 
@@ -144,23 +148,28 @@ def register_mixture(cfg: DataConfig, task_names: list[str]) -> str:
   """Registers the configured sources as a seqio.Mixture with their rates; returns its name."""
   desc = "\0".join(f"{n}:{s.rate!r}" for n, s in zip(task_names, cfg.sources))
   name = f"recurrentgemma_tpu.mixture.{hashlib.sha256(desc.encode()).hexdigest()[:12]}"
-  if name not in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.add(name, [(n, s.rate) for n, s in zip(task_names, cfg.sources)])
+  with _REGISTRY_LOCK:
+    if name not in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.add(name, [(n, s.rate) for n, s in zip(task_names, cfg.sources)])
   return name
 
 
 def packed_examples(task: seqio.Task, source: SourceConfig, split: str, cfg: DataConfig,
-                    vocab: Vocabulary, errors: ReaderErrors) -> Iterator[dict[str, np.ndarray]]:
-  """Packed rows of one split: `targets` and `segment_ids`, each [seq_len] int32.
+                    vocab: Vocabulary, errors: ReaderErrors,
+                    shard: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Packed rows of one shard of one split: `targets` and `segment_ids`, each [seq_len] int32.
 
   The training split's document pieces are shuffled once with the data seed before packing, so a
-  row is not a run of consecutive lines of one file.
+  row is not a run of consecutive lines of one file. Shards are seqio's: by file for TFDS when the
+  split has enough files, otherwise every num_shards-th document (read by all, tokenized by one).
   """
   lengths = {"targets": cfg.seq_len}
+  shard_info = (seqio.ShardInfo(index=shard, num_shards=source.num_shards)
+                if source.num_shards > 1 else None)
   # try_in_mem_cache=False: preparation reads each split once, so an in-memory copy only costs RAM.
   try:
     ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False, use_cached=False,
-                          num_epochs=1, try_in_mem_cache=False)
+                          num_epochs=1, try_in_mem_cache=False, shard_info=shard_info)
   except (AssertionError, ValueError, KeyError, OSError, tf.errors.OpError) as e:
     if source.kind != "tfds":
       raise

@@ -90,7 +90,9 @@ def _run_trainer(source: SourceConfig, vocab_size: int, tmp: str) -> None:
 
 def embedded_model_path(cfg: DataConfig, source: SourceConfig) -> str:
   key = hashlib.sha256(
-      f"spm-bpe-v1\0{corpus.default_fingerprint(source)}\0{cfg.vocab_size}".encode()
+      # The training text is the corpus's train split, so the held-out fraction is part of it.
+      f"spm-bpe-v1\0{corpus.default_fingerprint(source)}\0{source.validation_fraction!r}\0"
+      f"{cfg.vocab_size}".encode()
   ).hexdigest()[:16]
   return os.path.join(cfg.resolved_cache_dir, "tokenizers", f"embedded-{cfg.vocab_size}-{key}.model")
 
@@ -110,7 +112,7 @@ def tokenizer_path(cfg: DataConfig) -> str:
     default = SourceConfig(
         name="default", kind="default", rate=1.0, default_root="", tfds_name="",
         tfds_data_dir="", train_split="", eval_split="", pattern="", eval_pattern="",
-        format="text", text_key="", validation_fraction=0.01, max_documents=0)
+        format="text", text_key="", validation_fraction=0.02, max_documents=0, num_shards=1)
   path = embedded_model_path(cfg, default)
   if not os.path.exists(path):
     with locks.exclusive(path):
