@@ -445,6 +445,9 @@ def test_errors_name_the_bad_value(corpus_root, cache_dir, tmp_path):
           data.CorpusError)
   _expect(files_config(pattern=str(bad), format="csv"), r"format='csv'; valid formats")
   c = make_config(corpus_root, cache_dir)
+  c.data.sources.rare = base.data_source("files", rate=1e-4, pattern=missing)  # checked first
+  _expect(c, r"config.data.sources.rare.rate=0.0001 is below 1/4096 of the total rate")
+  c = make_config(corpus_root, cache_dir)
   c.data.sources.default.kind = "hf"
   _expect(c, r"kind='hf'; valid kinds")
   c.data.sources.default.kind = "tfds"

@@ -13,6 +13,9 @@ from typing import Any
 
 SOURCE_KINDS = ("default", "tfds", "files")
 FILE_FORMATS = ("text", "lines", "jsonl", "tfrecord")
+# Mixture pattern period (pipeline.py): rates are honoured exactly over every P consecutive rows,
+# quantised to 1/P. Large enough for rates of 0.1%, small enough to build instantly.
+MIXTURE_PERIOD = 4096
 # Cache location when `config.data.cache_dir` is empty; tests point the env var at a tmp dir.
 CACHE_ENV = "RECURRENTGEMMA_TPU_DATA_CACHE"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "recurrentgemma_tpu", "data")
@@ -130,6 +133,11 @@ def data_config_from(config: Any) -> DataConfig:
            f"config.data.num_eval_batches={d.num_eval_batches}; it must be >= 0 (0 = all).")
   _require(len(d.sources) > 0, "config.data.sources is empty; define at least one source.")
   sources = tuple(_source_from_dict(name, d.sources[name]) for name in sorted(d.sources))
+  total = sum(s.rate for s in sources)
+  for s in sources:
+    _require(len(sources) == 1 or s.rate / total * MIXTURE_PERIOD >= 1,
+             f"config.data.sources.{s.name}.rate={s.rate} is below 1/{MIXTURE_PERIOD} of the total "
+             f"rate {total}; raise it or remove the source.")
   if d.tokenizer:
     _require(bool(str(d.tokenizer).strip()), "config.data.tokenizer is blank.")
   return DataConfig(

@@ -20,11 +20,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from recurrentgemma_tpu.data import permute, store, vocab as vocab_lib
-from recurrentgemma_tpu.data.config import DataConfig, data_config_from
+from recurrentgemma_tpu.data.config import MIXTURE_PERIOD, DataConfig, data_config_from
 
-# Mixture pattern period: rates are honoured exactly over every P consecutive rows, quantised to
-# 1/P. Large enough for rates of 0.1%, small enough to build instantly.
-MIXTURE_PERIOD = 4096
 
 Batch = dict[str, np.ndarray]
 
@@ -225,9 +222,11 @@ def make_pipeline(config, *, process_index: int | None = None,
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  if cfg.global_batch_size % process_count:
-    raise ValueError(f"config.data.global_batch_size={cfg.global_batch_size} is not divisible by "
-                     f"the process count {process_count}.")
+  # Checked before any preparation, which can take minutes.
+  for field in ("global_batch_size", "eval_batch_size"):
+    if getattr(cfg, field) % process_count:
+      raise ValueError(f"config.data.{field}={getattr(cfg, field)} is not divisible by the "
+                       f"process count {process_count}.")
   vocab = vocab_lib.Vocabulary(vocab_lib.tokenizer_path(cfg), cfg.vocab_size)
   stores = []
   for source in cfg.sources:
