@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+import sharding.rules
 from recurrentgemma_tpu.model.config import ModelConfig
 from recurrentgemma_tpu.model.layers import constrain, lecun_normal, param
 
@@ -82,9 +83,18 @@ def lambda_initializer(kind: str) -> nn.initializers.Initializer:
 def run_linear_scan(x_BTR: jax.Array, a_BTR: jax.Array, h0_BR: jax.Array | None,
                     impl: str) -> tuple[jax.Array, jax.Array]:
   """The one place the model calls the scan; the sequence-parallel variant plugs in here."""
-  x_BTR = constrain(x_BTR, ("batch", "length", "rnn"))
-  a_BTR = constrain(a_BTR, ("batch", "length", "rnn"))
-  return pallas_kernels.linear_scan(x_BTR, a_BTR, h0_BR, impl=impl)
+  axes = ("batch", "length", "rnn")
+  x_BTR = constrain(x_BTR, axes)
+  a_BTR = constrain(a_BTR, axes)
+  placement = sharding.rules.active_placement(axes)
+  if placement is None:
+    return pallas_kernels.linear_scan(x_BTR, a_BTR, h0_BR, impl=impl)
+  # Under a mesh the scan runs per shard (Mosaic kernels cannot be auto-partitioned); with time
+  # sharded over `seq` the shards also exchange carries (pallas_kernels.sequence_parallel).
+  mesh, (batch_axes, time_axes, rnn_axes) = placement
+  return pallas_kernels.sequence_parallel_linear_scan(
+      x_BTR, a_BTR, h0_BR, mesh=mesh, axis_name=time_axes, batch_axes=batch_axes,
+      channel_axes=rnn_axes, impl=impl)
 
 
 class BlockDiagonalLinear(nn.Module):
