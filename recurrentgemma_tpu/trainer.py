@@ -195,10 +195,10 @@ def abstract_checkpoint(fns: train_step_lib.StepFunctions) -> tuple[Any, Any]:
           _abstract(state_item(fns.abstract_state), state_item(fns.state_shardings)))
 
 
-def peak_flops_per_device(plan: Plan) -> float:
-  """Configured peak, else the chip table (TPU), else a measured matmul peak (CPU)."""
-  if plan.peak_flops_per_device:
-    return plan.peak_flops_per_device
+def peak_flops_per_device(configured: float = 0.0) -> float:
+  """`configured` if set, else the chip table's peak (TPU), else a measured matmul peak (CPU)."""
+  if configured:
+    return configured
   device = jax.devices()[0]
   if device.platform == "tpu":
     return chips_lib.chip_for_device_kind(device.device_kind).peak_bf16_flops
@@ -229,6 +229,18 @@ def _mean_records(records: list[tuple[int, dict[str, float]]]) -> dict[str, floa
   return {k: float(np.mean([m[k] for _, m in records])) for k in keys}
 
 
+def _diff(saved: Any, current: Any, path: str, changed: list[str], one_sided: list[str]) -> None:
+  """Collects `path: saved -> current` for differing leaves and paths present on one side only."""
+  if isinstance(saved, dict) and isinstance(current, dict):
+    for key in sorted(set(saved) | set(current)):
+      if key not in saved or key not in current:
+        one_sided.append(f"{path}.{key}")
+      else:
+        _diff(saved[key], current[key], f"{path}.{key}", changed, one_sided)
+  elif saved != current:
+    changed.append(f"{path}: saved {saved!r}, now {current!r}")
+
+
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
@@ -253,7 +265,7 @@ class Trainer:
     self.interval: list[tuple[int, dict[str, float]]] = []
     self.tokens_per_step = plan.data.global_batch_size * plan.data.seq_len
     self.flops_per_token = metrics_lib.training_flops_per_token(plan.model, plan.data.seq_len)
-    self.peak_total = peak_flops_per_device(plan) * jax.device_count()
+    self.peak_total = peak_flops_per_device(plan.peak_flops_per_device) * jax.device_count()
     self.last_eval: dict[str, float] = {}
 
   # ---------------------------------------------------------------- state
@@ -280,15 +292,23 @@ class Trainer:
     return fns.create_state(jax.random.key(self.plan.seed)), 0
 
   def _check_resumable(self, meta: dict[str, Any]) -> None:
-    """Refuses to resume with a different model or data stream, which would silently change results."""
+    """Refuses to resume with a different model or data stream, which would silently change results.
+
+    Fields that exist on one side only (the code gained or lost a config field since the save) are
+    reported as a warning: their default is assumed to keep the old behaviour.
+    """
     saved = json.loads(meta.get("config", "{}"))
     current = json.loads(self.config.to_json_best_effort())
+    changed, one_sided = [], []
     for group in ("model", "data"):
-      if group in saved and saved[group] != current[group]:
-        raise ValueError(
-            f"config.{group} differs from the one the checkpoint in {self.ckpt.directory} was trained "
-            f"with; resuming would not continue the same run. Saved: {saved[group]}; now: "
-            f"{current[group]}. Use a new --workdir (or --init_from to start from its parameters).")
+      _diff(saved.get(group, {}), current.get(group, {}), f"config.{group}", changed, one_sided)
+    if one_sided:
+      logging.warning("Resuming although these config fields exist on one side only: %s", one_sided)
+    if changed:
+      raise ValueError(
+          f"The checkpoint in {self.ckpt.directory} was trained with a different model/data config; "
+          f"resuming would not continue the same run: {'; '.join(changed)}. Use a new --workdir "
+          "(or --init_from to start from its parameters).")
 
   def save(self, state: train_step_lib.TrainState, step: int) -> None:
     # Never write a state whose own step went non-finite: check it first (this blocks on step).

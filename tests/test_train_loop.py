@@ -62,6 +62,11 @@ def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
   params = ckpt.load_params(tmp_path, jax.eval_shape(lambda: _fresh_params(plan)))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
   m.close()
+  # Resuming that workdir with another data stream is refused instead of silently mixing runs.
+  changed = small_config(optimizer__learning_rate=1e30, optimizer__grad_clip_norm=0.0,
+                         checkpoint__save_every=1, train__steps=STEPS, data__seed=1)
+  with pytest.raises(ValueError, match=r"config.data.seed: saved 0, now 1"):
+    trainer.train_and_evaluate(changed, str(tmp_path))
 
 
 def _fresh_params(plan):

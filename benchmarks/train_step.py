@@ -1,0 +1,154 @@
+r"""Train-step throughput: tokens/s and MFU for Griffin, Hawk and MQA of the same size (Griffin Fig. 3).
+
+  python benchmarks/train_step.py                         # 3 families x T in {2048, 8192}
+  python benchmarks/train_step.py --design_target          # DESIGN.md's 21M Griffin, ours vs reference
+
+Each row times the real jitted train step (loss + grad + AdamW, donated state, the mesh of all local
+devices) on random tokens after a compile/warm-up step. MFU counts model FLOPs
+(`metrics.training_flops_per_token`) against the chip table's peak on TPU and a measured matmul
+peak on CPU. `--reference` also times the `recurrentgemma` package (if installed) on the same model.
+"""
+
+import functools
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from recurrentgemma_tpu import metrics as metrics_lib  # pylint: disable=wrong-import-position
+from recurrentgemma_tpu import model as model_lib  # pylint: disable=wrong-import-position
+from recurrentgemma_tpu import train_step as train_step_lib  # pylint: disable=wrong-import-position
+from recurrentgemma_tpu import trainer  # pylint: disable=wrong-import-position
+
+_FAMILIES = flags.DEFINE_list("families", ["griffin", "hawk", "mqa"], "Block patterns to compare.")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192"], "Sequence lengths T.")
+_TOKENS = flags.DEFINE_integer("tokens_per_batch", 8192, "Batch size is this divided by T (at least 1).")
+_WIDTH = flags.DEFINE_integer("width", 512, "Model width D (heads = D / 128, as in the paper).")
+_LAYERS = flags.DEFINE_integer("layers", 6, "Residual blocks.")
+_VOCAB = flags.DEFINE_integer("vocab", 4096, "Vocabulary size.")
+_WINDOW = flags.DEFINE_integer("window", 1024, "Local-attention window (the paper's 1024 at T=2048).")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per row (after one compile/warm-up step).")
+_DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype; auto = float32 on CPU, bfloat16 elsewhere.")
+_REMAT = flags.DEFINE_string("remat", "none", "Remat policy (model.remat).")
+_DESIGN = flags.DEFINE_bool(
+    "design_target", False, "Only DESIGN.md's target config: Griffin, width 512, 6 layers, vocab "
+    "4096, T=1024, batch 4 (lru_width = width and window = T, like the reference package's default).")
+_REFERENCE = flags.DEFINE_bool("reference", False, "Also time the reference recurrentgemma package.")
+
+
+def model_config(family: str, seq_len: int) -> model_lib.ModelConfig:
+  c = base.get_config().model
+  c.vocab_size = _VOCAB.value
+  c.width = _WIDTH.value
+  c.num_layers = _LAYERS.value
+  c.block_pattern = family
+  c.num_heads = max(_WIDTH.value // 128, 1)
+  c.lru_width = _WIDTH.value if _DESIGN.value else 4 * _WIDTH.value // 3 // 2 * 2
+  c.attention_window = seq_len if _DESIGN.value else min(_WINDOW.value, seq_len)
+  dtype = _DTYPE.value
+  if dtype == "auto":
+    dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
+  c.dtype = dtype
+  c.remat = _REMAT.value
+  return model_lib.ModelConfig.from_config(c)
+
+
+def random_batch(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, vocab, (batch, seq_len + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "segment_ids": np.ones((batch, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+          "loss_weights": np.ones((batch, seq_len), np.float32)}
+
+
+def _time(step, state, batch, steps: int) -> tuple[float, float]:
+  """(compile + first step seconds, mean seconds of the next `steps` steps)."""
+  t = time.perf_counter()
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  first = time.perf_counter() - t
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready((state, m))
+  return first, (time.perf_counter() - t) / steps
+
+
+def time_ours(mc: model_lib.ModelConfig, batch: int, seq_len: int) -> tuple[float, float]:
+  opt = train_step_lib.OptimizerConfig(warmup_steps=10, decay_steps=1000)
+  mesh_config = base.get_config().mesh
+  mesh = train_step_lib.create_mesh(mesh_config)
+  fns = train_step_lib.build_step_functions(mc, opt, mesh, str(mesh_config.strategy))
+  state = fns.create_state(jax.random.key(0))
+  return _time(fns.train_step, state, fns.shard_batch(random_batch(batch, seq_len, mc.vocab_size)),
+               _STEPS.value)
+
+
+def time_reference(mc: model_lib.ModelConfig, batch: int, seq_len: int) -> tuple[float, float]:
+  """The same model in the reference package, with a plain jitted loss + grad + AdamW step."""
+  import recurrentgemma.jax as rg  # pylint: disable=g-import-not-at-top
+  kinds = {"recurrent": rg.TemporalBlockType.RECURRENT,
+           "local_attention": rg.TemporalBlockType.ATTENTION,
+           "global_attention": rg.TemporalBlockType.ATTENTION}
+  cfg = rg.GriffinConfig(
+      vocab_size=mc.vocab_size, width=mc.width, mlp_expanded_width=mc.mlp_width,
+      num_heads=mc.num_heads, block_types=tuple(kinds[b] for b in mc.block_types),
+      embeddings_scale_by_sqrt_dim=mc.embeddings_scale_by_sqrt_dim,
+      attention_window_size=mc.attention_window, logits_soft_cap=mc.logits_soft_cap,
+      lru_width=mc.lru_width_)
+  model = rg.Griffin(cfg, dtype=mc.compute_dtype)
+  b = random_batch(batch, seq_len, mc.vocab_size)
+  params = model.init(jax.random.key(0), b["inputs"], b["positions"])
+  tx = optax.adamw(1e-3)
+
+  def loss_fn(p, b):
+    logits, _ = model.apply(p, b["inputs"], b["positions"], return_cache=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), b["targets"]).mean()
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, b):
+    p, o = state
+    loss, g = jax.value_and_grad(loss_fn)(p, b)
+    u, o = tx.update(g, o, p)
+    return (optax.apply_updates(p, u), o), loss
+
+  return _time(step, (params, tx.init(params)), b, _STEPS.value)
+
+
+def main(argv):
+  del argv
+  if _DESIGN.value:
+    rows = [("griffin", 1024, 4)]
+  else:
+    rows = [(f, int(t), max(_TOKENS.value // int(t), 1)) for t in _SEQ_LENS.value for f in _FAMILIES.value]
+  peak = trainer.peak_flops_per_device() * jax.device_count()
+  device = jax.devices()[0]
+  print(f"# {jax.device_count()} x {device.device_kind} ({device.platform}); peak used for MFU "
+        f"{peak / 1e9:.1f} GFLOP/s in total; jax {jax.__version__}")
+  print(f"{'impl':<10} {'family':<8} {'T':>6} {'B':>3} {'params':>9} {'compile_s':>9} {'step_s':>8} "
+        f"{'tokens/s':>10} {'MFU':>6}")
+  impls = [("ours", time_ours)] + ([("reference", time_reference)] if _REFERENCE.value else [])
+  for family, seq_len, batch in rows:
+    mc = model_config(family, seq_len)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(
+        lambda: model_lib.init_params(mc, jax.random.key(0)))))
+    flops = metrics_lib.training_flops_per_token(mc, seq_len)
+    for name, fn in impls:
+      first, step_s = fn(mc, batch, seq_len)
+      tps = batch * seq_len / step_s
+      print(f"{name:<10} {family:<8} {seq_len:>6} {batch:>3} {n_params / 1e6:>8.1f}M {first:>9.1f} "
+            f"{step_s:>8.3f} {tps:>10.0f} {metrics_lib.mfu(tps, flops, peak):>6.1%}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
