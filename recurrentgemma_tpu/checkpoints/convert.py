@@ -21,15 +21,6 @@ from recurrentgemma_tpu.checkpoints.official import (OFFICIAL_PRESETS, import_of
                                                      official_config_from_params)
 from recurrentgemma_tpu.model import ModelConfig
 
-_INPUT = flags.DEFINE_string("input", None, "Official Orbax checkpoint directory (params).")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory to write params/ and model_config.json.")
-_PRESET = flags.DEFINE_enum("preset", None, list(OFFICIAL_PRESETS),
-                            "Published preset: supplies window, soft-cap and embedding scale.")
-_WINDOW = flags.DEFINE_integer("attention_window", None, "Overrides the preset's window.")
-_SOFT_CAP = flags.DEFINE_float("logits_soft_cap", None, "Overrides the preset's soft-cap.")
-_SCALE = flags.DEFINE_bool("embeddings_scale_by_sqrt_dim", None, "Overrides the preset.")
-
-
 def read_official(path: str) -> dict[str, Any]:
   """Reads an official checkpoint (saved with PyTreeCheckpointer) as host numpy arrays."""
   if not os.path.isdir(path):
@@ -56,13 +47,26 @@ def convert(input_dir: str, output_dir: str, preset: str | None = None,
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not _INPUT.value or not _OUTPUT.value:
+  f = flags.FLAGS
+  if not f.input or not f.output:
     raise app.UsageError("--input and --output are required")
-  config = convert(_INPUT.value, _OUTPUT.value, _PRESET.value,
-                   attention_window_size=_WINDOW.value, logits_soft_cap=_SOFT_CAP.value,
-                   embeddings_scale_by_sqrt_dim=_SCALE.value)
-  print(f"wrote {_OUTPUT.value}/params and model_config.json for {config}")
+  config = convert(f.input, f.output, f.preset, attention_window_size=f.attention_window,
+                   logits_soft_cap=f.logits_soft_cap,
+                   embeddings_scale_by_sqrt_dim=f.embeddings_scale_by_sqrt_dim)
+  print(f"wrote {f.output}/params and model_config.json for {config}")
+
+
+def run() -> None:
+  # Flags are defined here rather than at import so tests and other CLIs can import convert().
+  flags.DEFINE_string("input", None, "Official Orbax checkpoint directory (params).")
+  flags.DEFINE_string("output", None, "Directory to write params/ and model_config.json.")
+  flags.DEFINE_enum("preset", None, list(OFFICIAL_PRESETS),
+                    "Published preset: supplies window, soft-cap and embedding scale.")
+  flags.DEFINE_integer("attention_window", None, "Overrides the preset's window.")
+  flags.DEFINE_float("logits_soft_cap", None, "Overrides the preset's soft-cap.")
+  flags.DEFINE_bool("embeddings_scale_by_sqrt_dim", None, "Overrides the preset's scale.")
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -1,0 +1,7 @@
+"""Griffin 400M of the Griffin paper's scaling ladder (see configs/ladder.py)."""
+
+from configs import ladder
+
+
+def get_config():
+  return ladder.get_config("griffin", "400m")
