@@ -36,8 +36,8 @@ _BATCH = flags.DEFINE_integer("batch", None, "Override config.data.global_batch_
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Override config.data.seq_len.")
 _MICRO = flags.DEFINE_integer("microbatches", None, "Override config.optimizer.num_microbatches.")
 _SCAN_IMPL = flags.DEFINE_string(
-    "scan_impl", "pallas_tpu", "RG-LRU scan used when config.model.scan_impl is 'auto': 'auto' would "
-    "resolve for this CPU host, not for the TPU being compiled for.")
+    "scan_impl", None, "Override config.model.scan_impl. 'auto' (the presets' value) resolves when the "
+    "program is lowered, so compiling for a TPU topology already uses the Pallas TPU kernel.")
 _MAX_HBM = flags.DEFINE_float("max_hbm_fraction", 0.95, "Fits when total per-chip memory <= this "
                               "fraction of HBM (headroom for the runtime and fragmentation).")
 _ARRAYS = flags.DEFINE_bool("arrays", False, "Print every state array's logical axes, sharding and "
@@ -106,7 +106,7 @@ def apply_overrides(config: Any) -> None:
     config.data.seq_len = _SEQ_LEN.value
   if _MICRO.value is not None:
     config.optimizer.num_microbatches = _MICRO.value
-  if config.model.scan_impl == "auto":
+  if _SCAN_IMPL.value is not None:
     config.model.scan_impl = _SCAN_IMPL.value
 
 

@@ -16,9 +16,13 @@ Public API (stable; the training loop and `recurrentgemma_tpu.compile` use exact
       .eval_step(params, batch) -> metrics            # jitted
       .gradients(params, batch) -> (grads, metrics)   # jitted compute_gradients
       .shard_batch(local_batch) -> global batch       # process-local numpy -> global jax.Arrays
-      .state_shardings, .batch_shardings, .param_logical_axes, .rules, .mesh
+      .state_shardings, .batch_shardings, .param_logical_axes, .rules, .mesh, .tx, .abstract_state
+      .abstract_batch(global_batch, seq_len) -> ShapeDtypeStructs with shardings
       .lower_train_step(global_batch, seq_len) -> jax.stages.Lowered  # for AOT compile, no data
+      .state_logical_axes() / .state_report() -> every state array's axes, sharding, bytes per device
   from_config(config, mesh) -> StepFunctions   # reads config.model, config.optimizer, config.mesh
+  create_mesh(config, devices=None) -> Mesh    # config.mesh over the devices
+  check_batch_shape(global_batch, seq_len, mesh, num_microbatches, rules)   # raises before compiling
 
 A batch is the dict of docs/architecture.md: `inputs`, `targets`, `segment_ids`, `positions` (int32) and
 `loss_weights` (float32), all `[batch, time]`. The loss is the cross-entropy summed over tokens with

@@ -150,3 +150,23 @@ def test_cli_compiles_reduced_depth_griffin_14b_on_v5p():
   assert _field(out, "arguments") == pytest.approx(state_gib, rel=0.03)
   ratio = float(re.search(r"ratio ([\d.]+)", out).group(1))
   assert 1.0 < ratio < 1.6, out  # matmuls of fwd + bwd (+ attention, remat) vs 6ND
+
+
+def test_search_ranks_by_estimate_and_compiles_in_that_order():
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.scan_impl = "xla_linear"
+  logs = []
+  results = compile_lib.search_config(config, "v5p:2x2x1", remats=["none", "block"], microbatches=[1, 2],
+                                      max_model=4, max_seq=1, max_compiles=2, want=1, log=logs.append)
+  steps = [r.estimate.step_s for r in results]
+  assert steps == sorted(steps)
+  # tiny has 2 heads and 2 gate blocks: model=4 would split them, so the rule check rejects it
+  # before compiling.
+  assert any(line.startswith("  rejected 1x1x1x4: these arrays do not divide") for line in logs), logs
+  assert all(r.plan.model <= 2 for r in results)
+  tried = [r for r in results if r.status != "not compiled"]
+  assert tried and tried[0] is results[0]  # the best estimate is compiled first
+  assert tried[-1].status == "fits" and tried[-1].report.fits
+  assert all(r.status == "not compiled" for r in results[len(tried):])
