@@ -1,5 +1,6 @@
 """Parity with the reference `recurrentgemma` package: converted parameters give its logits."""
 
+import functools
 import os
 
 import jax
@@ -53,6 +54,16 @@ def _packed_inputs(B=2, T=37, vocab=97):
   return tokens, jnp.asarray(pos, jnp.int32)
 
 
+@functools.lru_cache(maxsize=None)
+def _case(case: str):
+  """(official config, official params, official logits) on packed inputs; built once per case."""
+  official_cfg, model = _official_model(case)
+  tokens, pos = _packed_inputs()
+  params = _official_params(model, tokens, pos)
+  ref, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, pos, return_cache=False))(params)
+  return official_cfg, params, np.asarray(ref)
+
+
 def _rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.abs(a - b).max() / np.abs(b).max()
@@ -60,10 +71,8 @@ def _rel_err(a, b):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_converted_params_reproduce_official_logits(case):
-  official_cfg, model = _official_model(case)
+  official_cfg, params, ref = _case(case)
   tokens, pos = _packed_inputs()
-  params = _official_params(model, tokens, pos)
-  ref, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, pos, return_cache=False))(params)
   cfg, ours = import_official(params, official_cfg)
   assert cfg.num_layers == len(official_cfg.block_types)
   got = apply(ours, cfg, tokens, positions=pos)
@@ -74,9 +83,7 @@ def test_converted_params_reproduce_official_logits(case):
 
 
 def test_config_inferred_from_shapes_matches_the_package():
-  official_cfg, model = _official_model("griffin_softcap_scaled")
-  tokens, pos = _packed_inputs()
-  params = _official_params(model, tokens, pos)
+  _, params, _ = _case("griffin_softcap_scaled")
   theirs = rg_common.GriffinConfig.from_flax_params_or_variables(
       params, preset=None, embeddings_scale_by_sqrt_dim=True, attention_window_size=8,
       logits_soft_cap=30.0)
@@ -91,9 +98,7 @@ def test_config_inferred_from_shapes_matches_the_package():
 
 
 def test_import_rejects_mismatched_config():
-  official_cfg, model = _official_model("hawk_no_cap")
-  tokens, pos = _packed_inputs()
-  params = _official_params(model, tokens, pos)
+  official_cfg, params, _ = _case("hawk_no_cap")
   wrong = official_cfg._replace(block_types=(R, R))
   with pytest.raises(ValueError, match=r"blocks \['blocks.2'\] beyond"):
     import_official(params, wrong)
@@ -101,10 +106,8 @@ def test_import_rejects_mismatched_config():
 
 def test_convert_cli_writes_a_checkpoint_that_loads_and_matches(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
-  official_cfg, model = _official_model("griffin_softcap_scaled")
+  _, params, ref = _case("griffin_softcap_scaled")
   tokens, pos = _packed_inputs()
-  params = _official_params(model, tokens, pos)
-  ref, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, pos, return_cache=False))(params)
   src = os.path.join(tmp_path, "official")
   ocp.PyTreeCheckpointer().save(src, {"params": params})  # the reference's save_parameters
   out = os.path.join(tmp_path, "converted")

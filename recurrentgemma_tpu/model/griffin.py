@@ -53,10 +53,11 @@ class ResidualBlock(nn.Module):
     return out, (None if cache is None else new_cache)
 
 
-def _block_class(cfg: ModelConfig):
+def _block_class(cfg: ModelConfig, in_scan: bool):
   if cfg.remat == "none":
     return ResidualBlock
-  return nn.remat(ResidualBlock, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  # Inside lax.scan, XLA cannot CSE the recomputation away, so the barriers are not needed.
+  return nn.remat(ResidualBlock, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not in_scan)
 
 
 class BlockGroup(nn.Module):
@@ -67,11 +68,12 @@ class BlockGroup(nn.Module):
 
   config: ModelConfig
   block_types: tuple[str, ...]
+  in_scan: bool = False
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, cache: Any, seg: Segments,
                num_tokens_B: jax.Array | None) -> tuple[jax.Array, Any]:
-    block_cls = _block_class(self.config)
+    block_cls = _block_class(self.config, self.in_scan)
     new_cache = {}
     for i, block_type in enumerate(self.block_types):
       name = f"block_{i}"
@@ -105,7 +107,7 @@ class Griffin(nn.Module):
           unroll=1 if cfg.scan_layers else cfg.num_groups,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, new_cache["groups"] = scan(cfg, cfg.block_pattern, name="groups")(
+      x, new_cache["groups"] = scan(cfg, cfg.block_pattern, in_scan=True, name="groups")(
           x, None if cache is None else cache["groups"], seg, num_tokens_B)
     if cfg.remainder_types:
       x, new_cache["remainder"] = BlockGroup(cfg, cfg.remainder_types, name="remainder")(
