@@ -86,9 +86,9 @@ def _time(step, state, batch, steps: int) -> tuple[float, float]:
 
 def time_ours(mc: model_lib.ModelConfig, batch: int, seq_len: int) -> tuple[float, float]:
   opt = train_step_lib.OptimizerConfig(warmup_steps=10, decay_steps=1000)
-  mesh_config = base.get_config().mesh
-  mesh = train_step_lib.create_mesh(mesh_config)
-  fns = train_step_lib.build_step_functions(mc, opt, mesh, str(mesh_config.strategy))
+  config = base.get_config()
+  mesh = train_step_lib.create_mesh(config)
+  fns = train_step_lib.build_step_functions(mc, opt, mesh, str(config.mesh.strategy))
   state = fns.create_state(jax.random.key(0))
   return _time(fns.train_step, state, fns.shard_batch(random_batch(batch, seq_len, mc.vocab_size)),
                _STEPS.value)
@@ -107,7 +107,7 @@ def time_reference(mc: model_lib.ModelConfig, batch: int, seq_len: int) -> tuple
       attention_window_size=mc.attention_window, logits_soft_cap=mc.logits_soft_cap,
       lru_width=mc.lru_width_)
   model = rg.Griffin(cfg, dtype=mc.compute_dtype)
-  b = random_batch(batch, seq_len, mc.vocab_size)
+  b = {k: jnp.asarray(v) for k, v in random_batch(batch, seq_len, mc.vocab_size).items()}
   params = model.init(jax.random.key(0), b["inputs"], b["positions"])
   tx = optax.adamw(1e-3)
 
