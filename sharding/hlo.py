@@ -28,6 +28,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 
 @dataclasses.dataclass
 class Instruction:
+  is_root: bool
   name: str
   shape: str  # the printed result shape, e.g. "bf16[4,32,256]{2,1,0}"
   opcode: str
@@ -71,7 +72,8 @@ def parse(hlo_text: str) -> dict[str, Computation]:
       continue
     m = _INSTR.match(line)
     if m:
-      current.instructions.append(Instruction(m.group(2), m.group(3), m.group(4), m.group(5)))
+      current.instructions.append(Instruction(bool(m.group(1)), m.group(2), m.group(3), m.group(4),
+                                              m.group(5)))
   return comps
 
 
@@ -155,17 +157,47 @@ def _conv_macs(lhs: tuple[int, ...], kernel: tuple[int, ...], out: tuple[int, ..
   return macs
 
 
-def trip_count(comps: dict[str, Computation], condition: str) -> Optional[int]:
-  """Trip count of a loop whose condition is `counter < constant` with the counter from 0."""
+def _constant_value(comp: Computation, name: str) -> Optional[int]:
+  """The integer value of a scalar constant (looking through copies and converts), else None."""
+  for ins in comp.instructions:
+    if ins.name != name:
+      continue
+    if ins.opcode == "constant":
+      m = re.match(r"\s*(-?\d+)\)", ins.rest)
+      return int(m.group(1)) if m else None
+    if ins.opcode in ("copy", "convert", "bitcast"):
+      ops = _operands(ins.rest)
+      return _constant_value(comp, ops[0]) if ops else None
+  return None
+
+
+def _find(comp: Computation, name: str) -> Optional[Instruction]:
+  return next((i for i in comp.instructions if i.name == name), None)
+
+
+def _tuple_index(comp: Computation, name: str) -> Optional[int]:
+  """K when `name` is get-tuple-element(param, index=K), looking through copies and converts."""
+  ins = _find(comp, name)
+  while ins is not None and ins.opcode in ("copy", "convert", "bitcast"):
+    ops = _operands(ins.rest)
+    ins = _find(comp, ops[0]) if ops else None
+  if ins is None or ins.opcode != "get-tuple-element":
+    return None
+  m = re.search(r"index=(\d+)", ins.rest)
+  return int(m.group(1)) if m else None
+
+
+def trip_count(comps: dict[str, Computation], condition: str, body: Optional[str] = None,
+               init_comp: Optional[Computation] = None, init_tuple: Optional[str] = None) -> Optional[int]:
+  """Trip count of a loop whose condition is `counter < limit` (the form `lax.scan` and `fori_loop`
+  produce, and XLA's windowed einsums, which may count in steps of 2).
+
+  The counter's start is read from the while's operand tuple and its step from the body's update
+  `counter + constant`; without a body the loop is assumed to count 0, 1, 2, ... (lax.scan).
+  """
   comp = comps.get(condition)
   if comp is None:
     return None
-  consts = {}
-  for ins in comp.instructions:
-    if ins.opcode == "constant":
-      m = re.match(r"\s*(-?\d+)\)", ins.rest)
-      if m:
-        consts[ins.name] = int(m.group(1))
   for ins in comp.instructions:
     is_lt = ins.opcode == "compare" and "direction=LT" in ins.rest
     if ins.opcode == "fusion":
@@ -174,20 +206,67 @@ def trip_count(comps: dict[str, Computation], condition: str) -> Optional[int]:
       inner = comps.get(callee.group(1)) if callee else None
       is_lt = inner is not None and any(i.opcode == "compare" and "direction=LT" in i.rest
                                         for i in inner.instructions)
-    if is_lt:
-      ops = _operands(ins.rest)
-      if len(ops) == 2 and ops[1] in consts:
-        return consts[ops[1]]
+    if not is_lt:
+      continue
+    ops = _operands(ins.rest)
+    if len(ops) != 2:
+      continue
+    limit = _constant_value(comp, ops[1])
+    if limit is None:
+      continue
+    if body is None:
+      return limit
+    index = _tuple_index(comp, ops[0])
+    start, step = _counter_start(init_comp, init_tuple, index), _counter_step(comps.get(body), index)
+    if index is None or start is None or step is None or step <= 0:
+      return None
+    return max(0, -(-(limit - start) // step))
   return None
 
 
-def _loop_trip_count(comps: dict[str, Computation], ins: Instruction) -> Optional[int]:
+def _counter_step(body: Optional[Computation], index: Optional[int]) -> Optional[int]:
+  """The constant c in the body's `counter_out = counter_in + c` for tuple element `index`."""
+  if body is None or index is None:
+    return None
+  root = next((i for i in body.instructions if i.opcode == "tuple" and i.is_root), None)
+  if root is None:
+    return None
+  outs = _operands(root.rest)
+  update = _find(body, outs[index]) if index < len(outs) else None
+  while update is not None and update.opcode in ("copy", "convert", "bitcast"):
+    update = _find(body, _operands(update.rest)[0])
+  if update is None or update.opcode != "add":
+    return None
+  a, b = _operands(update.rest)
+  for counter, const in ((a, b), (b, a)):
+    if _tuple_index(body, counter) == index:
+      return _constant_value(body, const)
+  return None
+
+
+def _counter_start(comp: Optional[Computation], init_tuple: Optional[str], index: Optional[int]) -> Optional[int]:
+  """The counter's initial value: element `index` of the tuple passed to the while, if constant."""
+  if comp is None or init_tuple is None or index is None:
+    return None
+  tup = _find(comp, init_tuple)
+  if tup is None or tup.opcode != "tuple":
+    return None
+  elems = _operands(tup.rest)
+  return _constant_value(comp, elems[index]) if index < len(elems) else None
+
+
+def _loop_trip_count(comps: dict[str, Computation], ins: Instruction, parent: str) -> Optional[int]:
   """Trip count of a while instruction: XLA's own annotation when present, else from its condition."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', ins.rest)
   if known:
     return int(known.group(1))
   cond = re.search(r"condition=%?([\w.\-]+)", ins.rest)
-  return trip_count(comps, cond.group(1)) if cond else None
+  body = re.search(r"body=%?([\w.\-]+)", ins.rest)
+  if not cond or not body:
+    return None
+  operands = _operands(ins.rest)
+  return trip_count(comps, cond.group(1), body.group(1), comps.get(parent),
+                    operands[0] if operands else None)
 
 
 @dataclasses.dataclass
@@ -220,7 +299,7 @@ def matmul_flops(hlo_text: str) -> FlopCount:
       flops += _instruction_flops(comp, ins)
       if ins.opcode == "while":
         body = re.search(r"body=%?([\w.\-]+)", ins.rest)
-        n = _loop_trip_count(comps, ins)
+        n = _loop_trip_count(comps, ins, name)
         loops.append((body.group(1) if body else "?", n))
         if body:
           flops += (n if n is not None else 1) * total(body.group(1), stack + (name,))
@@ -281,7 +360,7 @@ def while_loops(hlo_text: str) -> list[dict]:
         continue
       body = re.search(r"body=%?([\w.\-]+)", ins.rest).group(1)
       inside = reachable(comps, body)
-      out.append(dict(body=body, parent=comp.name, trip_count=_loop_trip_count(comps, ins),
+      out.append(dict(body=body, parent=comp.name, trip_count=_loop_trip_count(comps, ins, comp.name),
                       collectives=collectives(comps, inside),
                       nested_loops=sum(1 for c in inside for i in comps[c].instructions
                                        if i.opcode == "while"),

@@ -170,3 +170,41 @@ def test_search_ranks_by_estimate_and_compiles_in_that_order():
   assert tried and tried[0] is results[0]  # the best estimate is compiled first
   assert tried[-1].status == "fits" and tried[-1].report.fits
   assert all(r.status == "not compiled" for r in results[len(tried):])
+
+
+_STEP2_LOOP = """HloModule step2
+
+%body (p: (s32[], f32[8,8])) -> (s32[], f32[8,8]) {
+  %p = (s32[], f32[8,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8,8] get-tuple-element(%p), index=1
+  %d1 = f32[8,8] dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %d2 = f32[8,8] dot(%d1, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %next = s32[] add(%i, %two)
+  ROOT %t = (s32[], f32[8,8]) tuple(%next, %d2)
+}
+
+%cond (p: (s32[], f32[8,8])) -> pred[] {
+  %p = (s32[], f32[8,8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(16)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[8,8]) -> f32[8,8] {
+  %x = f32[8,8] parameter(0)
+  %start = s32[] constant(START)
+  %init = (s32[], f32[8,8]) tuple(%start, %x)
+  %w = (s32[], f32[8,8]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8,8] get-tuple-element(%w), index=1
+}
+"""
+
+
+@pytest.mark.parametrize("start, trips", [(0, 8), (4, 6), (3, 7)])
+def test_loop_counting_in_steps_of_two(start, trips):
+  """TPU XLA's windowed einsums unroll by two: the counter steps by 2 and the body holds two matmuls."""
+  count = hlo.matmul_flops(_STEP2_LOOP.replace("START", str(start)))
+  assert count.loops == [("body", trips)]
+  assert count.flops == trips * 2 * (2 * 8 * 8 * 8)
