@@ -239,10 +239,9 @@ def test_scan_unrolled_and_remat_variants_agree():
     return -jnp.take_along_axis(logp, targets[..., None], -1).mean()
 
   ref_logits = np.asarray(apply(params, cfg, tokens))
-  # Forward-only settings: same parameters, same function.
-  for change in (dict(scan_layers=False), dict(scan_impl="xla_associative")):
-    np.testing.assert_allclose(np.asarray(apply(params, cfg.replace(**change), tokens)),
-                               ref_logits, rtol=1e-5, atol=1e-5, err_msg=str(change))
+  # Unrolling the layer loop: same parameters, same function.
+  np.testing.assert_allclose(np.asarray(apply(params, cfg.replace(scan_layers=False), tokens)),
+                             ref_logits, rtol=1e-5, atol=1e-5)
   # Rematerialisation only changes the backward pass.
   grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
   ref_loss, ref_grad = grad_fn(params, cfg)

@@ -99,7 +99,11 @@ class MLPBlock(nn.Module):
                    ("mlp", "embed"), pd)
     b_down = param(self, "ffw_down_b", nn.initializers.zeros_init(), (D,), ("embed",), pd)
     x = x_BTD.astype(cd)
-    up_CBTF = jnp.einsum("btd,cdf->cbtf", x, w_up.astype(cd)) + b_up.astype(cd)[:, None, None]
-    h_BTF = jax.nn.gelu(up_CBTF[0]) * up_CBTF[1]
+    w_up, b_up = w_up.astype(cd), b_up.astype(cd)
+    # Two plain matmuls rather than one einsum over the stacked [2, D, F] weight: the stacked
+    # form lowers to a batched dot plus transposes, ~3x slower on the CPU backend.
+    gate_BTF = jnp.einsum("btd,df->btf", x, w_up[0]) + b_up[0]
+    up_BTF = jnp.einsum("btd,df->btf", x, w_up[1]) + b_up[1]
+    h_BTF = jax.nn.gelu(gate_BTF) * up_BTF
     h_BTF = constrain(h_BTF, ("batch", "length", "mlp"))
     return jnp.einsum("btf,fd->btd", h_BTF, w_down.astype(cd)) + b_down.astype(cd)
