@@ -354,9 +354,10 @@ class Trainer:
     self.writer.console(upto, {k: scalars[k] for k in
                                ("loss", "grad_norm", "learning_rate", "tokens_per_second", "mfu")})
 
-  def run_eval(self, state: train_step_lib.TrainState, step: int) -> None:
+  def run_eval(self, state: train_step_lib.TrainState, step: int, *, record: bool = True) -> None:
     self.last_eval = evaluate(self.fns, state.params, self.pipeline)
-    self.writer.write(step, self.last_eval, prefix="eval")
+    if record:
+      self.writer.write(step, self.last_eval, prefix="eval")
     self.writer.console(step, {k: self.last_eval[k] for k in ("loss", "perplexity", "accuracy")},
                         prefix="eval")
     self.writer.flush()
@@ -370,7 +371,9 @@ class Trainer:
     self.writer.start(step)
     if step >= plan.steps:
       logging.info("Checkpoint is at step %d >= train.steps=%d: nothing to train.", step, plan.steps)
-      self.run_eval(state, step)
+      self.run_eval(state, step, record=False)  # already in the logs from the run that got here
+      self.writer.close()
+      self.ckpt.close()
       return TrainResult("already_done", step, self.last_eval)
     watch = PreemptionWatch()
     sharding = self.fns.batch_shardings["inputs"]

@@ -109,37 +109,37 @@ def _logged_step(workdir) -> int:
 
 
 @pytest.mark.slow
-def test_exact_resume_after_sigkill(reference, tmp_path):
-  proc = _start(tmp_path, checkpoint__save_every=3)
-  wait_for(lambda: _logged_step(tmp_path) >= 8, proc, 300, "step 8")
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  killed_at = _logged_step(tmp_path)
-  assert killed_at < STEPS, "the run finished before it could be killed"
-  proc = _start(tmp_path, checkpoint__save_every=3)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out[-4000:]
-  assert "Resumed from" in out
-  # Same loss at every step (one record per step, re-run steps replaced) and identical parameters.
-  assert _losses(tmp_path) == _losses(reference)
-  jax.tree.map(np.testing.assert_array_equal, _params_at(tmp_path), _params_at(reference))
-
-
-@pytest.mark.slow
-def test_sigterm_saves_at_next_step_and_exits_cleanly(reference, tmp_path):
-  proc = _start(tmp_path, checkpoint__save_every=0)  # the only save is the preemption one
+def test_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_run(reference, tmp_path):
+  """Preempted (SIGTERM), resumed, hard-killed (SIGKILL), resumed again: same run as `reference`."""
+  # 1. SIGTERM: the job saves the step it is at and exits cleanly.
+  proc = _start(tmp_path, checkpoint__save_every=4)
   wait_for(lambda: _logged_step(tmp_path) >= 5, proc, 300, "step 5")
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-4000:]
   assert "Stopped for preemption" in out
-  steps = ckpt.CheckpointManager(tmp_path / "checkpoints", ckpt.CheckpointOptions(0, 3, 0, False))
-  saved = steps.all_steps()
-  steps.close()
-  assert len(saved) == 1 and 5 < saved[0] < STEPS, saved
-  jax.tree.map(np.testing.assert_array_equal, _params_at(tmp_path, saved[0]),
-               _params_at(reference, saved[0]))
+  m = ckpt.CheckpointManager(tmp_path / "checkpoints", ckpt.CheckpointOptions(4, 100, 0, False))
+  preempted_at = m.latest_step()
+  m.close()
+  assert 5 < preempted_at < STEPS and preempted_at % 4, preempted_at  # not a periodic save
+  assert preempted_at == _logged_step(tmp_path)  # saved where it stopped
+  jax.tree.map(np.testing.assert_array_equal, _params_at(tmp_path, preempted_at),
+               _params_at(reference, preempted_at))
+  # 2. Resume, then SIGKILL mid-run (no chance to save).
+  proc = _start(tmp_path, checkpoint__save_every=4)
+  wait_for(lambda: _logged_step(tmp_path) >= preempted_at + 6, proc, 300, "6 more steps")
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert _logged_step(tmp_path) < STEPS, "the run finished before it could be killed"
+  # 3. Resume to the end: loss at every step (one record per step, re-run steps replaced) and the
+  # final parameters are identical to the uninterrupted run's.
+  proc = _start(tmp_path, checkpoint__save_every=4)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-4000:]
+  assert "Resumed from" in out
+  assert _losses(tmp_path) == _losses(reference)
+  jax.tree.map(np.testing.assert_array_equal, _params_at(tmp_path), _params_at(reference))
 
 
 # ---------------------------------------------------------------------------- two processes
