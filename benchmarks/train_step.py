@@ -52,7 +52,8 @@ def model_config(family: str, seq_len: int) -> model_lib.ModelConfig:
   c.num_layers = _LAYERS.value
   c.block_pattern = family
   c.num_heads = max(_WIDTH.value // 128, 1)
-  c.lru_width = _WIDTH.value if _DESIGN.value else 4 * _WIDTH.value // 3 // 2 * 2
+  # The paper's D_RNN ~ 4D/3 (Table 2), rounded to a multiple of 128 so the gate blocks divide it.
+  c.lru_width = _WIDTH.value if _DESIGN.value else max(round(4 * _WIDTH.value / 3 / 128), 1) * 128
   c.attention_window = seq_len if _DESIGN.value else min(_WINDOW.value, seq_len)
   dtype = _DTYPE.value
   if dtype == "auto":
