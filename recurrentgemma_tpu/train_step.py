@@ -363,15 +363,22 @@ class StepFunctions:
     """Initial state, each array created directly in its shards (no full copy anywhere)."""
     return self.init_fn(rng)
 
+  def _check(self, batch: Batch, num_microbatches: int) -> None:
+    b, t = batch["inputs"].shape
+    check_batch_shape(b, t, self.mesh, num_microbatches, self.rules)
+
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     """Jitted `train_step`; `state` is donated (do not reuse it after the call)."""
+    self._check(batch, self.opt_config.num_microbatches)
     return self.train_fn(state, batch)
 
   def eval_step(self, params: Any, batch: Batch) -> Metrics:
+    self._check(batch, 1)
     return self.eval_fn(params, batch)
 
   def gradients(self, params: Any, batch: Batch) -> tuple[Any, Metrics]:
     """Jitted `compute_gradients` with the training shardings (for inspection and tests)."""
+    self._check(batch, self.opt_config.num_microbatches)
     return self.grad_fn(params, batch)
 
   def shard_batch(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -213,6 +213,10 @@ def test_batch_shape_errors():
     fns.abstract_batch(6, SEQ_LEN)
   with pytest.raises(ValueError, match="num_microbatches=3"):
     ts.check_batch_shape(8, SEQ_LEN, fns.mesh, 3, fns.rules)
+  # The jitted step checks too: 4 micro-batches of 2 rows cannot spread over 4 batch shards.
+  micro = build(shrunk("griffin"), (2, 2, 1, 2), num_microbatches=4)
+  with pytest.raises(ValueError, match="micro-batch of 2 sequences"):
+    micro.gradients(None, make_batch(0))
 
 
 # ----------------------------------------------------------- sharded == single device
@@ -250,11 +254,12 @@ def test_sharded_loss_and_grads_equal_single_device(family, mesh_name):
 
 def test_train_step_metrics_match_single_device_and_microbatches():
   mc, params, batch, ref_grads, ref_metrics = reference("griffin")
-  fns = build(mc, (2, 2, 1, 2), num_microbatches=4)
+  fns = build(mc, (2, 2, 1, 2), num_microbatches=2)
   state = fns.create_state(jax.random.key(0))
   state = state.replace(params=jax.device_put(params, fns.state_shardings.params))
   new_state, metrics = fns.train_step(state, fns.shard_batch(batch))
-  # Four strided micro-batches accumulate to the single-device, single-pass gradient.
+  # Two strided micro-batches (4 rows each, one per batch shard) accumulate to the single-device,
+  # single-pass gradient.
   ref_norm = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(ref_grads)))
   np.testing.assert_allclose(metrics["grad_norm"], ref_norm, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
