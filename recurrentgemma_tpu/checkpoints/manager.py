@@ -232,7 +232,7 @@ def resolve_params_path(path: str | os.PathLike[str]) -> epath.Path:
         return root / str(max(steps)) / PARAMS_ITEM
   raise FileNotFoundError(
       f"init_from={os.fspath(path)!r} is neither a parameters checkpoint (written by save_params or "
-      "`python -m recurrentgemma_tpu.checkpoints` conversion), a training checkpoint step, "
+      "`python -m recurrentgemma_tpu.checkpoints.convert` conversion), a training checkpoint step, "
       "a checkpoint directory nor a workdir with checkpoints/.")
 
 
