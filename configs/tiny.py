@@ -29,12 +29,12 @@ def get_config():
 
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 50
-  config.optimizer.decay_steps = 300
+  config.optimizer.decay_steps = 600
   config.optimizer.weight_decay = 0.01
 
-  config.train.steps = 300  # 600k tokens
+  config.train.steps = 600  # 1.2M tokens; ~4 minutes on an idle 2-core CPU
   config.train.log_every = 25
-  config.train.eval_every = 100
+  config.train.eval_every = 200
 
-  config.checkpoint.save_every = 100
+  config.checkpoint.save_every = 200
   return config
