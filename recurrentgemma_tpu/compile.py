@@ -94,20 +94,13 @@ def apply_overrides(config: Any) -> None:
     except ValueError as e:
       raise ValueError(f"--mesh={_MESH.value!r} must be 4 integers") from e
     config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.model = sizes
-  if _NUM_SLICES.value is not None:
-    config.mesh.num_slices = _NUM_SLICES.value
-  if _STRATEGY.value is not None:
-    config.mesh.strategy = _STRATEGY.value
-  if _REMAT.value is not None:
-    config.model.remat = _REMAT.value
-  if _BATCH.value is not None:
-    config.data.global_batch_size = _BATCH.value
-  if _SEQ_LEN.value is not None:
-    config.data.seq_len = _SEQ_LEN.value
-  if _MICRO.value is not None:
-    config.optimizer.num_microbatches = _MICRO.value
-  if _SCAN_IMPL.value is not None:
-    config.model.scan_impl = _SCAN_IMPL.value
+  overrides = ((_NUM_SLICES, config.mesh, "num_slices"), (_STRATEGY, config.mesh, "strategy"),
+               (_REMAT, config.model, "remat"), (_BATCH, config.data, "global_batch_size"),
+               (_SEQ_LEN, config.data, "seq_len"), (_MICRO, config.optimizer, "num_microbatches"),
+               (_SCAN_IMPL, config.model, "scan_impl"))
+  for flag, group, key in overrides:
+    if flag.value is not None:
+      group[key] = flag.value
 
 
 def compile_config(config: Any, topology: str, *, max_hbm_fraction: float = 0.95,
@@ -128,15 +121,7 @@ def compile_config(config: Any, topology: str, *, max_hbm_fraction: float = 0.95
   if print_arrays:
     log(fns.state_report()[1])
   t0 = time.time()
-  try:
-    compiled = fns.lower_train_step(batch, seq_len).compile()
-  except NotImplementedError as e:
-    if "Mosaic kernels cannot be automatically partitioned" not in str(e):
-      raise
-    raise ValueError(
-        f"scan_impl={fns.model_config.scan_impl!r}: the model calls the Pallas TPU scan on sharded "
-        "operands outside shard_map, which the partitioner cannot split; compile with "
-        "--scan_impl=xla_linear (see docs/sharding.md, 'Pallas kernels and shard_map')") from None
+  compiled = fns.lower_train_step(batch, seq_len).compile()
   seconds = time.time() - t0
   if dump_hlo:
     with open(dump_hlo, "w") as f:
