@@ -65,13 +65,14 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}; config overrides are --config.GROUP.KEY=VALUE.")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported after flag parsing so `--help` and flag errors are instant.
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import trainer  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   if _INIT_FROM.value is not None:
     config.checkpoint.init_from = _INIT_FROM.value
   _maybe_initialize_distributed()
-  result = trainer.train_and_evaluate(config, _WORKDIR.value)
+  result = trainer.train_and_evaluate(experiment_lib.build(config), _WORKDIR.value)
   logging.info("Training %s at step %d; final eval %s.", result.status, result.step, result.eval)
 
 

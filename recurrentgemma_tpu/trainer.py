@@ -1,6 +1,6 @@
 """The training loop: config -> mesh + model + data -> jitted train step -> metrics and checkpoints.
 
-`train_and_evaluate(config, workdir)` is the whole job; `python -m recurrentgemma_tpu.train` only
+`train_and_evaluate(exp, workdir)` is the whole job (`exp`: a validated `experiment.Experiment`); `python -m recurrentgemma_tpu.train` only
 parses flags and calls it. The same code runs on one CPU and on every host of a TPU pod: each
 process feeds its own rows of the global batch, process 0 writes logs, all processes checkpoint.
 
@@ -24,17 +24,16 @@ from typing import Any
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from recurrentgemma_tpu import data as data_lib
+from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu import train_step as train_step_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 from sharding import chips as chips_lib
 from sharding import mesh as mesh_lib
-from sharding import rules as rules_lib
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -62,83 +61,6 @@ class TrainResult:
   status: str
   step: int
   eval: dict[str, float]
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """Everything derived from the config before any array is built (see `validate_config`)."""
-
-  model: model_lib.ModelConfig
-  optimizer: train_step_lib.OptimizerConfig
-  mesh: mesh_lib.MeshConfig
-  checkpoint: ckpt_lib.CheckpointOptions
-  data: data_lib.DataConfig
-  steps: int
-  seed: int
-  log_every: int
-  eval_every: int
-  peak_flops_per_device: float
-  init_from: str
-
-
-def _positive(name: str, value: Any, allow_zero: bool = False) -> int:
-  value = int(value)
-  if value < 0 or (value == 0 and not allow_zero):
-    raise ValueError(f"config.{name}={value} must be {'>= 0' if allow_zero else '> 0'}.")
-  return value
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Plan:
-  """Checks the whole config without compiling anything; raises ValueError naming the bad field.
-
-  Unknown keys were already rejected by `lock_config` when the flags were parsed; this catches
-  values that are individually wrong, impossible combinations (checkpoint retention against the
-  save interval, a batch that does not divide over the mesh or the micro-batches) and typos in the
-  typed groups (each `from_config` rejects unknown fields).
-  """
-  for group in ("model", "data", "optimizer", "train", "checkpoint", "mesh"):
-    if group not in config:
-      raise ValueError(f"config has no `{group}` group; build configs on configs/base.get_config().")
-  num_devices = jax.device_count() if num_devices is None else num_devices
-  model = model_lib.ModelConfig.from_config(config.model)
-  optimizer = train_step_lib.OptimizerConfig.from_config(config.optimizer)
-  mesh = mesh_lib.MeshConfig.from_config(config.mesh)
-  sizes = mesh.resolve(num_devices)
-  rules_lib.check_strategy_mesh(mesh.strategy, sizes)
-  checkpoint = ckpt_lib.CheckpointOptions.from_config(config.checkpoint)
-  data = data_lib.data_config_from(config)
-  t = config.train
-  plan = Plan(
-      model=model, optimizer=optimizer, mesh=mesh, checkpoint=checkpoint, data=data,
-      steps=_positive("train.steps", t.steps), seed=int(t.seed),
-      log_every=_positive("train.log_every", t.log_every),
-      eval_every=_positive("train.eval_every", t.eval_every, allow_zero=True),
-      peak_flops_per_device=float(t.peak_flops_per_device),
-      init_from=str(config.checkpoint.init_from))
-  if plan.init_from:
-    ckpt_lib.resolve_params_path(plan.init_from)  # a bad path fails now, not after data preparation
-  if plan.peak_flops_per_device < 0:
-    raise ValueError(f"config.train.peak_flops_per_device={plan.peak_flops_per_device} must be >= 0 "
-                     "(0 = chip table / measured).")
-  # Batch against mesh: the same check the step functions run, done here on a device-free mesh
-  # shape so a bad combination fails in milliseconds instead of after the data is prepared.
-  rules = rules_lib.rules_for(mesh.strategy)
-  fake_mesh = _ShapeOnlyMesh(sizes)
-  for what, batch, micro in (("data.global_batch_size", data.global_batch_size,
-                              optimizer.num_microbatches),
-                             ("data.eval_batch_size", data.eval_batch_size, 1)):
-    try:
-      train_step_lib.check_batch_shape(batch, data.seq_len, fake_mesh, micro, rules)
-    except ValueError as e:
-      raise ValueError(f"config.{what}={batch} does not fit mesh {sizes}: {e}") from e
-  return plan
-
-
-class _ShapeOnlyMesh:
-  """Stands in for a Mesh where only axis sizes are read (`mesh.shape[axis]`)."""
-
-  def __init__(self, sizes: dict[str, int]):
-    self.shape = dict(sizes)
 
 
 # ------------------------------------------------------------------------------------ preemption
@@ -241,10 +163,10 @@ def _diff(saved: Any, current: Any, path: str, changed: list[str], one_sided: li
     changed.append(f"{path}: saved {saved!r}, now {current!r}")
 
 
-def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def _write_config(workdir: str, exp: experiment_lib.Experiment) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      f.write(exp.to_json())
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -253,19 +175,19 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 class Trainer:
   """One training run in a workdir: `initial_state()` (resume / init_from / fresh), then `run()`."""
 
-  def __init__(self, plan: Plan, config: ml_collections.ConfigDict, workdir: str):
-    self.plan, self.config, self.workdir = plan, config, workdir
-    self.mesh = mesh_lib.create_mesh(plan.mesh)
-    self.fns = train_step_lib.build_step_functions(plan.model, plan.optimizer, self.mesh,
-                                                   plan.mesh.strategy)
-    self.pipeline = data_lib.make_pipeline(config)
-    self.ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), plan.checkpoint)
-    self.writer = metrics_lib.MetricsWriter(workdir, total_steps=plan.steps)
+  def __init__(self, exp: experiment_lib.Experiment, workdir: str):
+    self.exp, self.workdir = exp, workdir
+    self.mesh = mesh_lib.create_mesh(exp.mesh)
+    self.fns = train_step_lib.build_step_functions(exp.model, exp.optimizer, self.mesh,
+                                                   exp.mesh.strategy)
+    self.pipeline = data_lib.make_pipeline(exp.data)
+    self.ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), exp.checkpoint)
+    self.writer = metrics_lib.MetricsWriter(workdir, total_steps=exp.train.steps)
     self.lagged = metrics_lib.LaggedMetrics()
     self.interval: list[tuple[int, dict[str, float]]] = []
-    self.tokens_per_step = plan.data.global_batch_size * plan.data.seq_len
-    self.flops_per_token = metrics_lib.training_flops_per_token(plan.model, plan.data.seq_len)
-    self.peak_total = peak_flops_per_device(plan.peak_flops_per_device) * jax.device_count()
+    self.tokens_per_step = exp.tokens_per_step
+    self.flops_per_token = metrics_lib.training_flops_per_token(exp.model, exp.data.seq_len)
+    self.peak_total = peak_flops_per_device(exp.train.peak_flops_per_device) * jax.device_count()
     self.last_eval: dict[str, float] = {}
 
   # ---------------------------------------------------------------- state
@@ -281,15 +203,15 @@ class Trainer:
                                         opt_state=restored.state["opt_state"])
       logging.info("Resumed from %s at step %d.", self.ckpt.directory, restored.step)
       return state, restored.step
-    if self.plan.init_from:
-      params = ckpt_lib.load_params(self.plan.init_from, abstract_params)
+    if self.exp.init_from:
+      params = ckpt_lib.load_params(self.exp.init_from, abstract_params)
       opt_state = jax.jit(fns.tx.init, out_shardings=fns.state_shardings.opt_state)(params)
       state = train_step_lib.TrainState(
           step=jax.device_put(jnp.zeros((), jnp.int32), fns.state_shardings.step), params=params,
           opt_state=opt_state)
-      logging.info("Initialised parameters from %s.", self.plan.init_from)
+      logging.info("Initialised parameters from %s.", self.exp.init_from)
       return state, 0
-    return fns.create_state(jax.random.key(self.plan.seed)), 0
+    return fns.create_state(jax.random.key(self.exp.train.seed)), 0
 
   def _check_resumable(self, meta: dict[str, Any]) -> None:
     """Refuses to resume with a different model or data stream, which would silently change results.
@@ -298,7 +220,7 @@ class Trainer:
     reported as a warning: their default is assumed to keep the old behaviour.
     """
     saved = json.loads(meta.get("config", "{}"))
-    current = json.loads(self.config.to_json_best_effort())
+    current = json.loads(self.exp.to_json())
     changed, one_sided = [], []
     for group in ("model", "data"):
       _diff(saved.get(group, {}), current.get(group, {}), f"config.{group}", changed, one_sided)
@@ -313,12 +235,12 @@ class Trainer:
   def save(self, state: train_step_lib.TrainState, step: int) -> None:
     # Never write a state whose own step went non-finite: check it first (this blocks on step).
     self.drain(keep_newest=0)
-    meta = {"config": self.config.to_json_best_effort(), "seed": self.plan.seed,
-            "data": {"next_step": step, "global_batch_size": self.plan.data.global_batch_size,
-                     "seq_len": self.plan.data.seq_len},
+    meta = {"config": self.exp.to_json(), "seed": self.exp.train.seed,
+            "data": {"next_step": step, "global_batch_size": self.exp.data.global_batch_size,
+                     "seq_len": self.exp.data.seq_len},
             "process_count": jax.process_count(), "device_count": jax.device_count()}
     if self.ckpt.save(step, state.params, state_item(state), meta):
-      logging.info("Saving checkpoint for step %d (async=%s).", step, self.plan.checkpoint.async_save)
+      logging.info("Saving checkpoint for step %d (async=%s).", step, self.exp.checkpoint.async_save)
 
   # ---------------------------------------------------------------- metrics
 
@@ -365,12 +287,12 @@ class Trainer:
   # ---------------------------------------------------------------- loop
 
   def run(self) -> TrainResult:
-    plan = self.plan
+    train = self.exp.train
     state, step = self.initial_state()
-    _write_config(self.workdir, self.config)
+    _write_config(self.workdir, self.exp)
     self.writer.start(step)
-    if step >= plan.steps:
-      logging.info("Checkpoint is at step %d >= train.steps=%d: nothing to train.", step, plan.steps)
+    if step >= train.steps:
+      logging.info("Checkpoint is at step %d >= train.steps=%d: nothing to train.", step, train.steps)
       self.run_eval(state, step, record=False)  # already in the logs from the run that got here
       self.writer.close()
       self.ckpt.close()
@@ -383,7 +305,7 @@ class Trainer:
       start = step
       # step_log: last step written to the logs; step_timed: the step at t_log (speed figures).
       t_log, step_log, step_timed, paused = time.time(), step, step, 0.0
-      while step < plan.steps:
+      while step < train.steps:
         batch = data_lib.global_batch(self.pipeline, step, sharding)
         state, metrics = self.fns.train_step(state, batch)
         step += 1
@@ -400,14 +322,14 @@ class Trainer:
           t_log, step_timed, paused = time.time(), step, 0.0
           self.writer.start_clock(step)
         # Lag one step: read back the previous boundary's metrics now that this step is queued.
-        if (step - 1) % plan.log_every == 0 and step - 1 > step_log:
+        if (step - 1) % train.log_every == 0 and step - 1 > step_log:
           self.drain(keep_newest=1)
           now = time.time()
           self.log(step - 1, now - t_log - paused, step - 1 - step_timed)
           t_log, step_log, step_timed, paused = now, step - 1, step - 1, 0.0
         preempted = watch.reached(step)
-        saving = preempted or self.ckpt.is_periodic_step(step) or step == plan.steps
-        evaluating = plan.eval_every and step % plan.eval_every == 0 and step < plan.steps
+        saving = preempted or self.ckpt.is_periodic_step(step) or step == train.steps
+        evaluating = train.eval_every and step % train.eval_every == 0 and step < train.steps
         if saving or evaluating:
           # Finish (and NaN-check) the queued steps first: that wait is training time, the save's
           # host copy and the evaluation are not.
@@ -434,18 +356,16 @@ class Trainer:
     return TrainResult(status, step, self.last_eval)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains (or resumes) the model of `config` in `workdir`, evaluating and checkpointing.
+def train_and_evaluate(exp: experiment_lib.Experiment, workdir: str) -> TrainResult:
+  """Trains (or resumes) the model of `exp` in `workdir`, evaluating and checkpointing.
 
   Args:
-    config: a full experiment config (configs/base.py), already locked and overridden.
+    exp: a validated experiment (`experiment.build`); its checks ran before any compile.
     workdir: output directory: checkpoints/, tensorboard/, metrics.jsonl, config.json.
 
   Returns:
-    A TrainResult. Raises NonFiniteError on NaN/Inf and ValueError on a bad config (before any
-    compile).
+    A TrainResult. Raises NonFiniteError on NaN/Inf.
   """
-  plan = validate_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  return Trainer(plan, config, workdir).run()
+  return Trainer(exp, workdir).run()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import train_step as train_step_lib
 from recurrentgemma_tpu import trainer
 from recurrentgemma_tpu.checkpoints import manager as ckpt
@@ -129,7 +130,7 @@ def test_options_are_validated(kw, match):
 
 def _step_functions(config, devices, **mesh):
   cfg = mesh_lib.MeshConfig(strategy="griffin", **mesh)
-  plan = trainer.validate_config(config, num_devices=len(devices))
+  plan = experiment_lib.build(config, num_devices=len(devices))
   return train_step_lib.build_step_functions(plan.model, plan.optimizer,
                                              mesh_lib.create_mesh(cfg, devices), "griffin")
 

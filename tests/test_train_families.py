@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu import trainer
 from test_train_common import small_config
@@ -12,7 +13,7 @@ from test_train_common import small_config
 def test_family_trains_and_evaluates(family, tmp_path):
   config = small_config(model__block_pattern=family, train__steps=8, checkpoint__save_every=0,
                         optimizer__learning_rate=3e-3)
-  result = trainer.train_and_evaluate(config, str(tmp_path))
+  result = trainer.train_and_evaluate(experiment_lib.build(config), str(tmp_path))
   assert result.status == "completed" and result.step == 8
   losses = [r["loss"] for r in metrics_lib.read_metrics(str(tmp_path))]
   assert len(losses) == 8 and losses[-1] < losses[0] - 0.5, losses

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import trainer
 from recurrentgemma_tpu.checkpoints import convert
 from recurrentgemma_tpu.checkpoints import manager as ckpt
@@ -36,8 +37,7 @@ def test_init_from_converted_published_checkpoint(tmp_path):
     fields = json.load(f)
   overrides = {f"model__{k}": v for k, v in fields.items()}
   config = small_config(checkpoint__init_from=str(tmp_path / "converted"), **overrides)
-  plan = trainer.validate_config(config)
-  t = trainer.Trainer(plan, config, str(tmp_path / "work"))
+  t = trainer.Trainer(experiment_lib.build(config), str(tmp_path / "work"))
   state, step = t.initial_state()
   t.ckpt.close()
   assert step == 0 and int(state.step) == 0

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu import trainer
 from recurrentgemma_tpu.checkpoints import manager as ckpt
@@ -32,7 +33,7 @@ STEPS = 24
 def test_invalid_configs_fail_before_anything_is_built(overrides, match):
   with pytest.raises(ValueError, match=match) if "init_from" not in str(overrides) else \
       pytest.raises(FileNotFoundError, match=match):
-    trainer.validate_config(small_config(**overrides))
+    experiment_lib.build(small_config(**overrides))
 
 
 def test_unknown_config_key_rejected_on_the_command_line(tmp_path):
@@ -51,14 +52,14 @@ def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
   config = small_config(optimizer__learning_rate=1e30, optimizer__grad_clip_norm=0.0,
                         checkpoint__save_every=1, train__steps=STEPS)
   with pytest.raises(trainer.NonFiniteError, match=r"at step (\d+)") as err:
-    trainer.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(experiment_lib.build(config), str(tmp_path))
   bad_step = int(err.value.args[0].split("at step ")[1].split()[0])
   records = metrics_lib.read_metrics(str(tmp_path))
   assert [r["step"] for r in records] == list(range(1, bad_step))  # logged up to the last good step
   assert all(np.isfinite(r["loss"]) for r in records)
   m = ckpt.CheckpointManager(tmp_path / "checkpoints", ckpt.CheckpointOptions(1, 100, 0, False))
   assert m.latest_step() == bad_step - 1
-  plan = trainer.validate_config(config)
+  plan = experiment_lib.build(config)
   params = ckpt.load_params(tmp_path, jax.eval_shape(lambda: _fresh_params(plan)))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
   m.close()
@@ -66,7 +67,7 @@ def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
   changed = small_config(optimizer__learning_rate=1e30, optimizer__grad_clip_norm=0.0,
                          checkpoint__save_every=1, train__steps=STEPS, data__seed=1)
   with pytest.raises(ValueError, match=r"config.data.seed: saved 0, now 1"):
-    trainer.train_and_evaluate(changed, str(tmp_path))
+    trainer.train_and_evaluate(experiment_lib.build(changed), str(tmp_path))
 
 
 def _fresh_params(plan):
@@ -89,7 +90,7 @@ def reference(tmp_path_factory):
 
 def _params_at(workdir, step=None):
   path = workdir / "checkpoints" / str(step) if step else workdir
-  plan = trainer.validate_config(small_config())
+  plan = experiment_lib.build(small_config())
   return jax.device_get(ckpt.load_params(path, jax.eval_shape(lambda: _fresh_params(plan))))
 
 

@@ -208,7 +208,8 @@ def make_pipeline(config, *, process_index: int | None = None,
   """Builds the data pipeline of an experiment config, preparing what is not cached yet.
 
   Args:
-    config: the full experiment config (reads `config.data` and `config.model.vocab_size`).
+    config: the typed `DataConfig` (e.g. `experiment.build(...).data`); a full experiment
+      ConfigDict is still accepted for the data tools until they take an Experiment.
     process_index: this process; default `jax.process_index()`.
     process_count: processes sharing the global batch; default `jax.process_count()`.
 
@@ -216,7 +217,7 @@ def make_pipeline(config, *, process_index: int | None = None,
     A `Pipeline`. The first call on a machine trains the embedded tokenizer (if used) and writes
     each source's store under the cache directory; later calls only memory-map them.
   """
-  cfg = data_config_from(config)
+  cfg = config if isinstance(config, DataConfig) else data_config_from(config)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
 

@@ -1,0 +1,277 @@
+"""An `Experiment`: the one typed, validated form of an experiment config, built in one place.
+
+    config = load_config("configs/ladder.py:griffin,1b", overrides=("train.steps=5",))
+    exp = build(config)                        # every check, once; raises ValueError
+    trainer.train_and_evaluate(exp, workdir)   # and compile, sample, summary, benchmarks, launch/
+
+`build` turns each group of the ConfigDict (configs/base.py declares every field) into its frozen
+dataclass with one strict converter (`typed`): an unknown field is refused by name with the nearest
+known one, a value of the wrong type is refused with the field's type. It then checks what no single
+group can: the strategy against the mesh, the batch against the mesh and the micro-batches, the
+`init_from` path. Everything after `build` reads the typed objects; nothing below this module reads a
+ConfigDict.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import typing
+from typing import Any, Iterable, Mapping
+
+import jax
+import ml_collections
+from ml_collections.config_flags import config_flags
+
+from recurrentgemma_tpu import data as data_lib
+from recurrentgemma_tpu import model as model_lib
+from recurrentgemma_tpu import train_step as train_step_lib
+from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
+from sharding import mesh as mesh_lib
+from sharding import rules as rules_lib
+
+GROUPS = ("model", "data", "optimizer", "train", "checkpoint", "mesh")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Typed `config.train` (see configs/base.py for each field)."""
+
+  steps: int
+  seed: int
+  log_every: int
+  eval_every: int
+  peak_flops_per_device: float
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise ValueError(f"config.train.steps={self.steps} must be > 0.")
+    if self.log_every < 1:
+      raise ValueError(f"config.train.log_every={self.log_every} must be > 0.")
+    if self.eval_every < 0:
+      raise ValueError(f"config.train.eval_every={self.eval_every} must be >= 0 (0: final only).")
+    if self.peak_flops_per_device < 0:
+      raise ValueError(f"config.train.peak_flops_per_device={self.peak_flops_per_device} must be "
+                       ">= 0 (0 = chip table / measured).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run needs, typed and validated (build with `build`).
+
+  Attributes:
+    model, optimizer, data, mesh, checkpoint, train: the typed groups.
+    init_from: `config.checkpoint.init_from` ("" = none), already checked to exist.
+    num_devices: the device count the mesh was resolved for.
+    mesh_shape: size of every axis in `sharding.mesh.MESH_AXES` for `num_devices`.
+    config: the ConfigDict it was built from (for config.json and checkpoint metadata only).
+  """
+
+  model: model_lib.ModelConfig
+  optimizer: train_step_lib.OptimizerConfig
+  data: data_lib.DataConfig
+  mesh: mesh_lib.MeshConfig
+  checkpoint: ckpt_lib.CheckpointOptions
+  train: TrainConfig
+  init_from: str
+  num_devices: int
+  mesh_shape: dict[str, int]
+  config: ml_collections.ConfigDict = dataclasses.field(compare=False, repr=False)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.data.global_batch_size * self.data.seq_len
+
+  @property
+  def total_tokens(self) -> int:
+    return self.tokens_per_step * self.train.steps
+
+  def to_json(self) -> str:
+    """The full config as JSON (what goes into <workdir>/config.json), keys sorted."""
+    return self.config.to_json_best_effort(indent=2, sort_keys=True)
+
+  def fingerprint(self) -> str:
+    """Hex sha256 of `to_json()`: equal for equal configs, whatever the device count."""
+    return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _parse_value(text: str, current: Any) -> Any:
+  """An override's value as `--config.K=V` parses it (a Python literal, else a string)."""
+  if isinstance(current, str):
+    return text
+  literal = text.capitalize() if text in ("true", "false") else text
+  try:
+    return ast.literal_eval(literal)
+  except (SyntaxError, ValueError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+  """Applies `group.field=value` overrides (like `--config.group.field=value`) to a config."""
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} must look like group.field=value")
+    *parents, name = key.strip().split(".")
+    node, where = config, "config"
+    for part in parents:
+      _check_known(part, node.keys(), where)
+      node, where = node[part], f"{where}.{part}"
+    _check_known(name, node.keys(), where)
+    try:
+      node[name] = _parse_value(text, node[name])
+    except TypeError as e:
+      raise ValueError(f"override {item!r}: {e}") from e
+
+
+def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `configs/NAME.py[:ARG]` (ARG goes to `get_config(ARG)`), locks it, applies overrides.
+
+  The same as `--config=SPEC --config.K=V ...` on the command line.
+  """
+  config = config_flags.ConfigFileFlagParser(name="config", lock_config=True).parse(spec)
+  if not isinstance(config, ml_collections.ConfigDict):
+    # The parser defers a missing file's error to first use; raise it now.
+    getattr(config, "model")
+  apply_overrides(config, overrides)
+  return config
+
+
+# ------------------------------------------------------------------------------------ converting
+
+
+def _check_known(name: str, known: Iterable[str], where: str) -> None:
+  known = sorted(known)
+  if name not in known:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {where}.{close[0]}?)" if close else ""
+    raise ValueError(f"{where}.{name} is not a field of {where}{hint}. Known fields: {known}.")
+
+
+_SCALARS = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+  """Checks a scalar against its annotation; int widens to float. Other types pass unchanged."""
+  if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if hint in _SCALARS:
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if not ok:
+      raise ValueError(f"{where}={value!r} must be {_SCALARS[hint]}.")
+  return value
+
+
+def typed(cls: type, group: Mapping[str, Any], where: str, *, exclude: Iterable[str] = (),
+          extra: Mapping[str, Any] | None = None) -> Any:
+  """Builds the frozen dataclass `cls` from a config group, strictly.
+
+  Args:
+    cls: the dataclass (its `__post_init__` checks the values).
+    group: a ConfigDict group (or mapping) holding exactly `cls`'s fields, plus `exclude`.
+    where: the group's name in messages, e.g. "config.mesh".
+    exclude: fields of the group that are not fields of `cls` (read elsewhere).
+    extra: values of fields of `cls` that do not come from the group.
+
+  Raises:
+    ValueError: an unknown field (with the nearest known name), a missing field, or a value of the
+      wrong type, each naming the field.
+  """
+  extra = dict(extra or {})
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls) if f.name not in extra]
+  items = {k: v for k, v in group.items() if k not in set(exclude)}
+  for key in items:
+    _check_known(key, names, where)
+  missing = [n for n in names if n not in items]
+  if missing:
+    raise ValueError(f"{where} lacks field(s) {missing}; declare them in configs/base.py.")
+  values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in items.items()}
+  return cls(**values, **extra)
+
+
+def _check_data_fields(data: Mapping[str, Any]) -> None:
+  # Field names only: data.config.data_config_from checks the values (and reads model.vocab_size).
+  fields = {f.name for f in dataclasses.fields(data_lib.DataConfig)} - {"vocab_size"}
+  for key in data.keys():
+    _check_known(key, fields, "config.data")
+  source_fields = {f.name for f in dataclasses.fields(data_lib.SourceConfig)} - {"name"}
+  for name, source in data.sources.items():
+    for key in source.keys():
+      _check_known(key, source_fields, f"config.data.sources.{name}")
+
+
+def _check_batch(exp_parts: dict[str, Any], mesh_shape: Mapping[str, int]) -> None:
+  """Batch against the mesh and micro-batches, on a device-free mesh of the resolved sizes."""
+  data, optimizer, mesh = exp_parts["data"], exp_parts["optimizer"], exp_parts["mesh"]
+  rules = rules_lib.rules_for(mesh.strategy)
+  abstract = jax.sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
+  for what, batch, micro in (("data.global_batch_size", data.global_batch_size,
+                              optimizer.num_microbatches),
+                             ("data.eval_batch_size", data.eval_batch_size, 1)):
+    try:
+      train_step_lib.check_batch_shape(batch, data.seq_len, abstract, micro, rules)
+    except ValueError as e:
+      raise ValueError(f"config.{what}={batch} does not fit mesh {dict(mesh_shape)}: {e}") from e
+
+
+def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Experiment:
+  """Validates `config` completely, without compiling anything, and returns its `Experiment`.
+
+  Args:
+    config: a full experiment config (configs/base.py), usually from `load_config`.
+    num_devices: devices the run will use (the mesh is resolved for them); default all of
+      `jax.device_count()`. Planning tools pass a topology's count.
+
+  Raises:
+    ValueError: naming the bad field (or combination) and what would be valid.
+    FileNotFoundError: `checkpoint.init_from` names nothing readable.
+  """
+  for group in config.keys():
+    _check_known(group, GROUPS, "config")
+  missing = [g for g in GROUPS if g not in config]
+  if missing:
+    raise ValueError(f"config has no {missing} group(s); build configs on configs/base.get_config().")
+  parts: dict[str, Any] = {}
+  parts["model"] = typed(model_lib.ModelConfig, config.model, "config.model")
+  parts["optimizer"] = typed(train_step_lib.OptimizerConfig, config.optimizer, "config.optimizer")
+  parts["train"] = typed(TrainConfig, config.train, "config.train")
+  # Retention against the save interval is checked by CheckpointOptions itself.
+  parts["checkpoint"] = typed(ckpt_lib.CheckpointOptions, config.checkpoint, "config.checkpoint",
+                              exclude=("init_from",))
+  parts["mesh"] = typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
+  _check_data_fields(config.data)
+  parts["data"] = data_lib.data_config_from(config)
+
+  num_devices = jax.device_count() if num_devices is None else int(num_devices)
+  mesh_shape = parts["mesh"].resolve(num_devices)
+  rules_lib.check_strategy_mesh(parts["mesh"].strategy, mesh_shape)
+  _check_batch(parts, mesh_shape)
+
+  init_from = config.checkpoint.init_from
+  if not isinstance(init_from, str):
+    raise ValueError(f"config.checkpoint.init_from={init_from!r} must be a string.")
+  if init_from:
+    ckpt_lib.resolve_params_path(init_from)  # a bad path fails now, not after data preparation
+  return Experiment(**parts, init_from=init_from, num_devices=num_devices,
+                    mesh_shape=dict(mesh_shape), config=config)
+
+
+def replace(exp: Experiment, overrides: Iterable[str], num_devices: int | None = None) -> Experiment:
+  """A new Experiment from `exp`'s config with `group.field=value` overrides, validated again."""
+  config = exp.config.copy_and_resolve_references()
+  apply_overrides(config, overrides)
+  return build(config, exp.num_devices if num_devices is None else num_devices)
+
+
+def describe(exp: Experiment) -> str:
+  """One line: model size and the run's tokens (for logs)."""
+  return (f"{exp.model.num_layers} layers x width {exp.model.width}, "
+          f"{exp.data.global_batch_size} x {exp.data.seq_len} tokens/step x {exp.train.steps} steps "
+          f"= {exp.total_tokens / 1e9:.3g}B tokens, mesh {dict(exp.mesh_shape)}")
+
