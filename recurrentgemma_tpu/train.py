@@ -17,6 +17,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from recurrentgemma_tpu import distributed
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/NAME.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs); resumed if it has any.")
@@ -34,21 +36,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _multihost_tpu_environment() -> bool:
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h]) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
-
-
 def _maybe_initialize_distributed() -> None:
-  coordinator = _COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  mode = _DISTRIBUTED.value
-  if mode == "off" or (mode == "auto" and not coordinator and not _multihost_tpu_environment()):
-    return
-  # CPU processes need a collectives backend to form one computation; TPUs and GPUs ignore this.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  logging.info("jax.distributed: process %d of %d.", jax.process_index(), jax.process_count())
+  # The JAX_* variables the launcher sets are read in one place (recurrentgemma_tpu/distributed.py).
+  distributed.initialize_from_environment(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                          mode=_DISTRIBUTED.value)
 
 
 class _QuietLibraries(std_logging.Filter):
