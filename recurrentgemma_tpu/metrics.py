@@ -1,12 +1,15 @@
-"""Training metrics: TensorBoard event files, a JSONL log, a console line, and lag-one readback.
+"""Training metrics: TensorBoard event files, a JSONL log, a console line, and the step logger.
 
 Only process 0 writes. Device values are read back one step late (`LaggedMetrics`): step k's
 metrics are fetched after step k+1 has been dispatched, so the host never waits for the device
-between steps and the device never idles waiting for the host.
+between steps and the device never idles waiting for the host. `StepLogger` owns everything the
+loop reports: that readback, the NaN/Inf check, interval means, step time, tokens/s, MFU and ETA,
+all measured on one clock that excludes compilation, saves and evaluations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,6 +49,10 @@ class LaggedMetrics:
     return len(self._pending)
 
 
+class NonFiniteError(RuntimeError):
+  """Training produced a NaN/Inf loss or gradient norm; the last good checkpoint is kept."""
+
+
 def first_nonfinite(records: Iterable[tuple[int, Mapping[str, float]]],
                     keys: Iterable[str]) -> tuple[int, str, float] | None:
   """The first (step, key, value) whose value is NaN or Inf, or None."""
@@ -66,8 +73,6 @@ class MetricsWriter:
     self._jsonl_path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
     self._jsonl = None
-    self._t0: float | None = None
-    self._step0 = 0
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       # Imported here so processes that never write do not pay for TensorFlow's start-up.
@@ -79,12 +84,11 @@ class MetricsWriter:
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR))
 
   def start(self, step: int) -> None:
-    """Marks the step training (re)starts from, for the ETA; drops log records past it on resume.
+    """Opens the log at the step training (re)starts from; drops log records past it on resume.
 
     After a hard kill the JSONL may hold steps beyond the restored checkpoint; they are re-run now,
     so the older records are removed to keep one record per step (the true loss curve).
     """
-    self._t0, self._step0 = time.time(), step
     if not self.enabled:
       return
     if os.path.exists(self._jsonl_path):
@@ -94,10 +98,6 @@ class MetricsWriter:
         f.writelines(kept)
       os.replace(tmp, self._jsonl_path)
     self._jsonl = open(self._jsonl_path, "a", buffering=1)
-
-  def start_clock(self, step: int) -> None:
-    """Restarts the ETA clock at `step` (after compilation, which would skew it)."""
-    self._t0, self._step0 = time.time(), step
 
   def write(self, step: int, scalars: Mapping[str, float], *, prefix: str = "train") -> None:
     """Writes one record of scalars for `step` (names get `prefix/` in TensorBoard)."""
@@ -112,23 +112,16 @@ class MetricsWriter:
     record = {"step": int(step), "split": prefix, **{k: float(v) for k, v in scalars.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
 
-  def console(self, step: int, scalars: Mapping[str, float], *, prefix: str = "train") -> None:
-    """Logs one concise line: progress, ETA and the given scalars."""
+  def console(self, step: int, scalars: Mapping[str, float], *, prefix: str = "train",
+              eta: float | None = None) -> None:
+    """Logs one concise line: progress, ETA (seconds, if known) and the given scalars."""
     if not self.enabled:
       return
     parts = [f"[{prefix}] step {step}/{self.total_steps} ({100.0 * step / max(self.total_steps, 1):.1f}%)"]
-    eta = self.eta_seconds(step)
-    if eta is not None:
+    if eta is not None and math.isfinite(eta):
       parts.append(f"eta {format_duration(eta)}")
     parts += [f"{k} {_fmt(v)}" for k, v in scalars.items()]
     logging.info(" | ".join(parts))
-
-  def eta_seconds(self, step: int) -> float | None:
-    """Remaining time at the average speed since `start`."""
-    if self._t0 is None or step <= self._step0:
-      return None
-    rate = (time.time() - self._t0) / (step - self._step0)
-    return rate * max(self.total_steps - step, 0)
 
   def flush(self) -> None:
     if self.enabled:
@@ -142,6 +135,126 @@ class MetricsWriter:
       if self._jsonl:
         self._jsonl.close()
         self._jsonl = None
+
+
+# Metrics that stop training when they are NaN or Inf.
+WATCHED = ("loss", "grad_norm")
+_CONSOLE = ("loss", "grad_norm", "learning_rate", "tokens_per_second", "mfu")
+
+
+class StepLogger:
+  """Reads back, checks and reports the train step's metrics; the loop calls it at every step.
+
+  One clock (`time.perf_counter`) serves step time, tokens/s, MFU and ETA. It starts when the first
+  step (which includes compilation) has finished, and time spent inside `paused()` (checkpoint
+  saves, evaluations) is not counted. Step k's metrics are read back after step k+1 is dispatched
+  (`LaggedMetrics`); a NaN/Inf loss or gradient norm raises `NonFiniteError` after the records of
+  the steps before it are written.
+  """
+
+  def __init__(self, writer: MetricsWriter, *, start_step: int, total_steps: int, log_every: int,
+               tokens_per_step: int, flops_per_token: float, peak_flops_total: float,
+               describe_checkpoint: Any = lambda: "no checkpoint was written yet"):
+    self.writer = writer
+    self.total_steps, self.log_every = total_steps, log_every
+    self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+    self.peak_flops_total = peak_flops_total
+    self._describe_checkpoint = describe_checkpoint
+    self._lagged = LaggedMetrics()
+    self._records: list[tuple[int, dict[str, float]]] = []  # read back, not yet logged
+    self._start = start_step
+    self._logged = start_step  # last step written to the log
+    self._clock_step: int | None = None  # step at which the clock started (after compilation)
+    self._clock_t = 0.0
+    self._paused = 0.0  # seconds inside paused() since the clock started
+    self._mark_step, self._mark_t, self._mark_paused = start_step, 0.0, 0.0  # last log line
+    self.last_step_time: float | None = None
+
+  def push(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    """Takes the (still running) metrics of `step`; logs the previous boundary when it is due."""
+    self._lagged.push(step, metrics)
+    if self._clock_step is None:
+      # The first step includes compilation: wait for it and start the clock after it.
+      jax.block_until_ready(metrics)
+      now = time.perf_counter()
+      logging.info("First step (including compilation) done.")
+      self._clock_step, self._clock_t = step, now
+      self._mark_step, self._mark_t, self._mark_paused = step, now, 0.0
+    if (step - 1) % self.log_every == 0 and step - 1 > self._logged:
+      self._read(keep_newest=1)  # lag one step: step-1 is read while `step` runs
+      self._log(step - 1)
+
+  def flush(self) -> None:
+    """Reads back every pushed step (blocking) and NaN-checks it (before a save or evaluation)."""
+    self._read(keep_newest=0)
+
+  def finish(self) -> None:
+    """Reads back and logs everything left (end of training or preemption)."""
+    self._read(keep_newest=0)
+    if self._records:
+      self._log(self._records[-1][0])
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time inside is neither training time nor ETA time (saves, evaluations)."""
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._paused += time.perf_counter() - t
+
+  def eta_seconds(self, step: int) -> float | None:
+    """Remaining time at the mean training speed since the clock started (None before that)."""
+    if self._clock_step is None or step <= self._clock_step:
+      return None
+    rate = (time.perf_counter() - self._clock_t - self._paused) / (step - self._clock_step)
+    return rate * max(self.total_steps - step, 0)
+
+  def _read(self, keep_newest: int) -> None:
+    records = self._lagged.pop(keep_newest=keep_newest)
+    bad = first_nonfinite(records, WATCHED)
+    if bad is not None:
+      step, key, value = bad
+      # Keep the loss curve up to the last good step in the logs before stopping.
+      for good_step, m in self._records + [r for r in records if r[0] < step]:
+        self.writer.write(good_step, m)
+      self._records = []
+      self.writer.flush()
+      raise NonFiniteError(
+          f"{key} is {value} at step {step} (the update from step {step - 1}); stopping. "
+          f"{self._describe_checkpoint()}.")
+    self._records.extend(records)
+
+  def _log(self, upto: int) -> None:
+    records = [r for r in self._records if r[0] <= upto]
+    self._records = [r for r in self._records if r[0] > upto]
+    if not records:
+      return
+    keys = records[-1][1].keys()
+    scalars = {k: float(np.mean([m[k] for _, m in records])) for k in keys}
+    now = time.perf_counter()
+    steps = upto - self._mark_step
+    # An interval holding only the first (compiling) step has no meaningful speed.
+    step_time = (now - self._mark_t - (self._paused - self._mark_paused)) / steps if steps > 0 \
+        else float("nan")
+    tokens_per_second = self.tokens_per_step / step_time
+    scalars.update(step_time=step_time, tokens_per_second=tokens_per_second,
+                   mfu=mfu(tokens_per_second, self.flops_per_token, self.peak_flops_total))
+    if steps > 0:
+      self.last_step_time = step_time
+    self.writer.write(upto, scalars)
+    self.writer.console(upto, {k: scalars[k] for k in _CONSOLE if k in scalars},
+                        eta=self.eta_seconds(upto))
+    self._logged = upto
+    self._mark_step, self._mark_t, self._mark_paused = upto, now, self._paused
+
+
+def has_record(workdir: str, step: int, split: str) -> dict[str, float] | None:
+  """The JSONL record of `split` at `step`, or None (e.g. the final evaluation of a finished run)."""
+  for record in read_metrics(workdir, split):
+    if record["step"] == step:
+      return record
+  return None
 
 
 def read_metrics(workdir: str, split: str = "train") -> list[dict[str, float]]:

@@ -1,25 +1,27 @@
-"""The training loop: config -> mesh + model + data -> jitted train step -> metrics and checkpoints.
+"""The training loop: Experiment -> mesh + model + data -> jitted train step -> metrics and checkpoints.
 
-`train_and_evaluate(exp, workdir)` is the whole job (`exp`: a validated `experiment.Experiment`); `python -m recurrentgemma_tpu.train` only
-parses flags and calls it. The same code runs on one CPU and on every host of a TPU pod: each
-process feeds its own rows of the global batch, process 0 writes logs, all processes checkpoint.
+`train_and_evaluate(exp, workdir)` is the whole job (`exp`: a validated `experiment.Experiment`);
+`python -m recurrentgemma_tpu.train` only parses flags, calls it and maps the outcome to an exit code.
+The same code runs on one CPU and on every host of a TPU pod: each process feeds its own rows of the
+global batch, process 0 writes logs, all processes checkpoint.
+
+The concerns live beside it: resume policy in `checkpoints/resume.py`, reporting (readback, NaN
+check, speed, ETA) in `metrics.StepLogger`, SIGTERM in `preemption.py`, liveness in `heartbeat.py`.
 
 Exact resume: the global batch of step k is a function of (data config, k) only, the train step is
 deterministic, and a checkpoint holds the parameters, optimizer state and step. Re-running the same
-command after any interruption therefore reproduces the uninterrupted run bit for bit.
+command after any interruption therefore reproduces the uninterrupted run bit for bit. A run is
+complete when its last step is checkpointed *and* its final evaluation is in the log; a run killed
+between the two evaluates when it is re-run.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import os
-import signal
-import threading
-import time
-from typing import Any
+from typing import Any, Iterable
 
 from absl import logging
 import jax
@@ -27,24 +29,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from recurrentgemma_tpu import data as data_lib
+from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import experiment as experiment_lib
+from recurrentgemma_tpu import heartbeat as heartbeat_lib
 from recurrentgemma_tpu import metrics as metrics_lib
-from recurrentgemma_tpu import model as model_lib
+from recurrentgemma_tpu import preemption
 from recurrentgemma_tpu import train_step as train_step_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
+from recurrentgemma_tpu.checkpoints import resume as resume_lib
 from sharding import chips as chips_lib
 from sharding import mesh as mesh_lib
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
-# Metrics that stop training when they are NaN or Inf.
-_WATCHED = ("loss", "grad_norm")
 # Steps the host may dispatch ahead of the device (2: one running, one queued).
 MAX_IN_FLIGHT = 2
 
-
-class NonFiniteError(RuntimeError):
-  """Training produced a NaN/Inf loss or gradient norm; the last good checkpoint is kept."""
+NonFiniteError = metrics_lib.NonFiniteError
+# Kept here for callers that build restore targets from step functions.
+state_item = resume_lib.state_item
+abstract_checkpoint = resume_lib.abstract_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +56,10 @@ class TrainResult:
   """What `train_and_evaluate` did.
 
   Attributes:
-    status: "completed" (reached train.steps), "preempted" (saved on SIGTERM and stopped) or
-      "already_done" (the workdir's checkpoint was already at train.steps).
+    status: "completed" (reached train.steps and evaluated), "preempted" (saved on SIGTERM and
+      stopped) or "already_done" (the workdir was already complete: nothing trained or evaluated).
     step: the step the returned state is at.
-    eval: the last evaluation's metrics (loss, perplexity, accuracy), empty if none ran.
+    eval: the final evaluation's metrics (loss, perplexity, accuracy), empty if preempted.
   """
 
   status: str
@@ -63,58 +67,7 @@ class TrainResult:
   eval: dict[str, float]
 
 
-# ------------------------------------------------------------------------------------ preemption
-
-
-class PreemptionWatch:
-  """Turns SIGTERM into "save at the next step boundary and stop".
-
-  Single process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption service
-  (started by `jax.distributed.initialize`) catches the signal on whichever host receives it and
-  agrees on one step for all hosts via `reached_preemption_sync_point`, which must then be asked at
-  every step; a Python handler would replace its native one, so none is installed.
-  """
-
-  def __init__(self):
-    self._requested = threading.Event()
-    self._previous = None
-    self._multiprocess = jax.process_count() > 1
-    if not self._multiprocess and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-  def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, then exiting.")
-    self._requested.set()
-
-  def reached(self, step: int) -> bool:
-    """True when training should save and stop after `step` (call at every step)."""
-    if self._multiprocess:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._requested.is_set()
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def state_item(state: train_step_lib.TrainState) -> dict[str, Any]:
-  """The non-parameter part of the train state, as saved in the checkpoint's `state` item."""
-  return {"step": state.step, "opt_state": state.opt_state}
-
-
-def abstract_checkpoint(fns: train_step_lib.StepFunctions) -> tuple[Any, Any]:
-  """Restore targets (params, state item) laid out on `fns`'s mesh: restoring reshards onto it."""
-  return (_abstract(fns.abstract_state.params, fns.state_shardings.params),
-          _abstract(state_item(fns.abstract_state), state_item(fns.state_shardings)))
 
 
 def peak_flops_per_device(configured: float = 0.0) -> float:
@@ -146,226 +99,198 @@ def evaluate(fns: train_step_lib.StepFunctions, params: Any, pipeline: data_lib.
           "num_tokens": host["num_tokens"]}
 
 
-def _mean_records(records: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-  keys = records[-1][1].keys()
-  return {k: float(np.mean([m[k] for _, m in records])) for k in keys}
-
-
-def _diff(saved: Any, current: Any, path: str, changed: list[str], one_sided: list[str]) -> None:
-  """Collects `path: saved -> current` for differing leaves and paths present on one side only."""
-  if isinstance(saved, dict) and isinstance(current, dict):
-    for key in sorted(set(saved) | set(current)):
-      if key not in saved or key not in current:
-        one_sided.append(f"{path}.{key}")
-      else:
-        _diff(saved[key], current[key], f"{path}.{key}", changed, one_sided)
-  elif saved != current:
-    changed.append(f"{path}: saved {saved!r}, now {current!r}")
+def prepare_workdir(workdir: str) -> str:
+  """Creates `workdir` if needed and checks it is a writable directory; raises UserError if not."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise exit_codes.UserError(f"--workdir={workdir} is a file; give a directory (created if missing).")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise exit_codes.UserError(
+        f"--workdir={workdir} is not a writable directory ({e.strerror or e}); give one this "
+        "process can create files in.") from e
+  return workdir
 
 
 def _write_config(workdir: str, exp: experiment_lib.Experiment) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
       f.write(exp.to_json())
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def _all_agree(value: bool) -> bool:
+  """Process 0's `value` on every process (decisions read from process 0's files)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 # ------------------------------------------------------------------------------------ the loop
 
 
 class Trainer:
-  """One training run in a workdir: `initial_state()` (resume / init_from / fresh), then `run()`."""
+  """One training run in a workdir: resume or initialise, train, save, evaluate."""
 
-  def __init__(self, exp: experiment_lib.Experiment, workdir: str):
+  def __init__(self, exp: experiment_lib.Experiment, workdir: str, *,
+               accept_changes: Iterable[str] = ()):
     self.exp, self.workdir = exp, workdir
+    self.accept_changes = tuple(accept_changes)
+    self.heartbeat = heartbeat_lib.Heartbeat(workdir, jax.process_index())
+    self.heartbeat.beat("starting", 0)
     self.mesh = mesh_lib.create_mesh(exp.mesh)
     self.fns = train_step_lib.build_step_functions(exp.model, exp.optimizer, self.mesh,
                                                    exp.mesh.strategy)
-    self.pipeline = data_lib.make_pipeline(exp.data)
+    try:
+      self.pipeline = data_lib.make_pipeline(exp.data)
+    except (ValueError, FileNotFoundError) as e:
+      raise exit_codes.UserError(f"config.data: {e}") from e
     self.ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), exp.checkpoint)
     self.writer = metrics_lib.MetricsWriter(workdir, total_steps=exp.train.steps)
-    self.lagged = metrics_lib.LaggedMetrics()
-    self.interval: list[tuple[int, dict[str, float]]] = []
-    self.tokens_per_step = exp.tokens_per_step
-    self.flops_per_token = metrics_lib.training_flops_per_token(exp.model, exp.data.seq_len)
-    self.peak_total = peak_flops_per_device(exp.train.peak_flops_per_device) * jax.device_count()
-    self.last_eval: dict[str, float] = {}
 
-  # ---------------------------------------------------------------- state
+  # ---------------------------------------------------------------- pieces
 
   def initial_state(self) -> tuple[train_step_lib.TrainState, int]:
-    """Resumes from the newest readable checkpoint, else initialises (optionally from init_from)."""
-    fns = self.fns
-    abstract_params, abstract_rest = abstract_checkpoint(fns)
-    restored = self.ckpt.restore_latest(abstract_params, abstract_rest)
-    if restored is not None:
-      self._check_resumable(restored.meta)
-      state = train_step_lib.TrainState(step=restored.state["step"], params=restored.params,
-                                        opt_state=restored.state["opt_state"])
-      logging.info("Resumed from %s at step %d.", self.ckpt.directory, restored.step)
-      return state, restored.step
-    if self.exp.init_from:
-      params = ckpt_lib.load_params(self.exp.init_from, abstract_params)
-      opt_state = jax.jit(fns.tx.init, out_shardings=fns.state_shardings.opt_state)(params)
-      state = train_step_lib.TrainState(
-          step=jax.device_put(jnp.zeros((), jnp.int32), fns.state_shardings.step), params=params,
-          opt_state=opt_state)
-      logging.info("Initialised parameters from %s.", self.exp.init_from)
-      return state, 0
-    return fns.create_state(jax.random.key(self.exp.train.seed)), 0
-
-  def _check_resumable(self, meta: dict[str, Any]) -> None:
-    """Refuses to resume with a different model or data stream, which would silently change results.
-
-    Fields that exist on one side only (the code gained or lost a config field since the save) are
-    reported as a warning: their default is assumed to keep the old behaviour.
-    """
-    saved = json.loads(meta.get("config", "{}"))
-    current = json.loads(self.exp.to_json())
-    changed, one_sided = [], []
-    for group in ("model", "data"):
-      _diff(saved.get(group, {}), current.get(group, {}), f"config.{group}", changed, one_sided)
-    if one_sided:
-      logging.warning("Resuming although these config fields exist on one side only: %s", one_sided)
-    if changed:
-      raise ValueError(
-          f"The checkpoint in {self.ckpt.directory} was trained with a different model/data config; "
-          f"resuming would not continue the same run: {'; '.join(changed)}. Use a new --workdir "
-          "(or --init_from to start from its parameters).")
+    """Resumes from the newest intact checkpoint, else initialises (see checkpoints/resume.py)."""
+    resumed = resume_lib.restore_or_init(self.exp, self.fns, self.ckpt, self.accept_changes)
+    return resumed.state, resumed.step
 
   def save(self, state: train_step_lib.TrainState, step: int) -> None:
-    # Never write a state whose own step went non-finite: check it first (this blocks on step).
-    self.drain(keep_newest=0)
+    """Starts saving `step` (the caller has NaN-checked it)."""
+    self.heartbeat.beat("saving", step)
+    data = self.exp.data
     meta = {"config": self.exp.to_json(), "seed": self.exp.train.seed,
-            "data": {"next_step": step, "global_batch_size": self.exp.data.global_batch_size,
-                     "seq_len": self.exp.data.seq_len},
+            "data": {"next_step": step, "global_batch_size": data.global_batch_size,
+                     "seq_len": data.seq_len},
             "process_count": jax.process_count(), "device_count": jax.device_count()}
     if self.ckpt.save(step, state.params, state_item(state), meta):
       logging.info("Saving checkpoint for step %d (async=%s).", step, self.exp.checkpoint.async_save)
 
-  # ---------------------------------------------------------------- metrics
-
-  def drain(self, keep_newest: int) -> None:
-    """Reads back finished steps' metrics; stops training on NaN/Inf."""
-    records = self.lagged.pop(keep_newest=keep_newest)
-    bad = metrics_lib.first_nonfinite(records, _WATCHED)
-    if bad is not None:
-      step, key, value = bad
-      # Keep the loss curve up to the last good step in the logs before stopping.
-      for good_step, m in self.interval + [r for r in records if r[0] < step]:
-        self.writer.write(good_step, m)
-      self.interval = []
-      self.writer.flush()
-      raise NonFiniteError(
-          f"{key} is {value} at step {step} (the update from step {step - 1}); stopping. The newest "
-          f"checkpoint in {self.ckpt.directory} (step {self.ckpt.latest_step()}) predates it.")
-    self.interval.extend(records)
-
-  def log(self, upto: int, seconds: float, steps: int) -> None:
-    """Writes the mean of the drained records up to step `upto` plus speed figures."""
-    records = [r for r in self.interval if r[0] <= upto]
-    self.interval = [r for r in self.interval if r[0] > upto]
-    if not records:
-      return
-    scalars = _mean_records(records)
-    # An interval holding only the first (compiling) step has no meaningful speed.
-    step_time = seconds / steps if steps > 0 else float("nan")
-    tokens_per_second = self.tokens_per_step / step_time
-    scalars.update(step_time=step_time, tokens_per_second=tokens_per_second,
-                   mfu=metrics_lib.mfu(tokens_per_second, self.flops_per_token, self.peak_total))
-    self.writer.write(upto, scalars)
-    self.writer.console(upto, {k: scalars[k] for k in
-                               ("loss", "grad_norm", "learning_rate", "tokens_per_second", "mfu")})
-
-  def run_eval(self, state: train_step_lib.TrainState, step: int, *, record: bool = True) -> None:
-    self.last_eval = evaluate(self.fns, state.params, self.pipeline)
-    if record:
-      self.writer.write(step, self.last_eval, prefix="eval")
-    self.writer.console(step, {k: self.last_eval[k] for k in ("loss", "perplexity", "accuracy")},
-                        prefix="eval")
+  def evaluate(self, state: train_step_lib.TrainState, step: int) -> dict[str, float]:
+    """Evaluates, writes the `eval` record for `step` and logs it."""
+    self.heartbeat.beat("evaluating", step)
+    result = evaluate(self.fns, state.params, self.pipeline)
+    self.writer.write(step, result, prefix="eval")
+    self.writer.console(step, {k: result[k] for k in ("loss", "perplexity", "accuracy")}, prefix="eval")
     self.writer.flush()
+    return result
+
+  def _describe_checkpoint(self) -> str:
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      return f"No checkpoint was written yet in {self.ckpt.directory}"
+    return f"The newest checkpoint in {self.ckpt.directory} (step {latest}) predates it"
 
   # ---------------------------------------------------------------- loop
 
   def run(self) -> TrainResult:
-    train = self.exp.train
+    try:
+      result = self._run()
+    except BaseException:
+      self._close(quiet=True)
+      raise
+    self._close(quiet=False)
+    return result
+
+  def _run(self) -> TrainResult:
+    steps = self.exp.train.steps
     state, step = self.initial_state()
     _write_config(self.workdir, self.exp)
     self.writer.start(step)
-    if step >= train.steps:
-      logging.info("Checkpoint is at step %d >= train.steps=%d: nothing to train.", step, train.steps)
-      self.run_eval(state, step, record=False)  # already in the logs from the run that got here
-      self.writer.close()
-      self.ckpt.close()
-      return TrainResult("already_done", step, self.last_eval)
-    watch = PreemptionWatch()
+    trained = step < steps
+    if trained:
+      with preemption.deferred() as watch:
+        state, step, preempted = self._train(state, step, watch)
+      if preempted:
+        logging.warning("Stopped for preemption after saving step %d.", step)
+        return TrainResult("preempted", step, {})
+    if preemption.requested():  # arrived after the last step was dispatched: evaluate on restart
+      raise preemption.Preempted(f"SIGTERM after step {step} was saved; the final evaluation runs "
+                                 "when the job is restarted.")
+    # The final evaluation belongs to completion: a run killed before its record was written
+    # evaluates now; a complete one only reports the record.
+    record = metrics_lib.has_record(self.workdir, step, "eval") if jax.process_index() == 0 else None
+    if _all_agree(record is not None):
+      logging.info("Workdir is complete at step %d (train.steps=%d): nothing to do.", step, steps)
+      result = {k: v for k, v in (record or {}).items() if k not in ("step", "split")}
+      status = "already_done"
+    else:
+      result = self.evaluate(state, step)
+      status = "completed"
+    self.heartbeat.beat("done", step)
+    return TrainResult(status, step, result)
+
+  def _train(self, state: train_step_lib.TrainState, step: int,
+             watch: preemption.Watch) -> tuple[train_step_lib.TrainState, int, bool]:
+    exp = self.exp
+    logger = metrics_lib.StepLogger(
+        self.writer, start_step=step, total_steps=exp.train.steps, log_every=exp.train.log_every,
+        tokens_per_step=exp.tokens_per_step,
+        flops_per_token=metrics_lib.training_flops_per_token(exp.model, exp.data.seq_len),
+        peak_flops_total=peak_flops_per_device(exp.train.peak_flops_per_device) * jax.device_count(),
+        describe_checkpoint=self._describe_checkpoint)
     sharding = self.fns.batch_shardings["inputs"]
-    status = "completed"
     in_flight: collections.deque[jax.Array] = collections.deque()
-    try:
-      start = step
-      # step_log: last step written to the logs; step_timed: the step at t_log (speed figures).
-      t_log, step_log, step_timed, paused = time.time(), step, step, 0.0
-      while step < train.steps:
-        batch = data_lib.global_batch(self.pipeline, step, sharding)
-        state, metrics = self.fns.train_step(state, batch)
-        step += 1
-        self.lagged.push(step, metrics)
-        # Bound how far the host runs ahead: the device always has the next step queued, but a
-        # SIGTERM is acted on within MAX_IN_FLIGHT steps and step times are measured, not queued.
-        in_flight.append(metrics["loss"])
-        if len(in_flight) > MAX_IN_FLIGHT:
-          jax.block_until_ready(in_flight.popleft())
-        if step == start + 1:
-          # Keep compilation out of the speed figures: time from the end of the first step.
-          jax.block_until_ready(metrics)
-          logging.info("First step (including compilation) took %.1f s.", time.time() - t_log)
-          t_log, step_timed, paused = time.time(), step, 0.0
-          self.writer.start_clock(step)
-        # Lag one step: read back the previous boundary's metrics now that this step is queued.
-        if (step - 1) % train.log_every == 0 and step - 1 > step_log:
-          self.drain(keep_newest=1)
-          now = time.time()
-          self.log(step - 1, now - t_log - paused, step - 1 - step_timed)
-          t_log, step_log, step_timed, paused = now, step - 1, step - 1, 0.0
-        preempted = watch.reached(step)
-        saving = preempted or self.ckpt.is_periodic_step(step) or step == train.steps
-        evaluating = train.eval_every and step % train.eval_every == 0 and step < train.steps
-        if saving or evaluating:
-          # Finish (and NaN-check) the queued steps first: that wait is training time, the save's
-          # host copy and the evaluation are not.
-          self.drain(keep_newest=0)
-          t = time.time()
+    preempted = False
+    self.heartbeat.beat("compiling", step)
+    while step < exp.train.steps and not preempted:
+      state, metrics = self.fns.train_step(state, data_lib.global_batch(self.pipeline, step, sharding))
+      step += 1
+      logger.push(step, metrics)
+      # Bound how far the host runs ahead: the device always has the next step queued, but a
+      # SIGTERM is acted on within MAX_IN_FLIGHT steps and step times are measured, not queued.
+      in_flight.append(metrics["loss"])
+      if len(in_flight) > MAX_IN_FLIGHT:
+        jax.block_until_ready(in_flight.popleft())
+      self.ckpt.check_save()  # a failed background save stops the job now, naming its step
+      self.heartbeat.training(step, logger.last_step_time)
+      preempted = watch.reached(step)
+      saving = preempted or self.ckpt.is_periodic_step(step) or step == exp.train.steps
+      evaluating = exp.train.eval_every and step % exp.train.eval_every == 0 and step < exp.train.steps
+      if saving or evaluating:
+        logger.flush()  # never save or evaluate a state whose step went non-finite
+        with logger.paused():
           if saving:
             self.save(state, step)
           if evaluating and not preempted:
-            self.run_eval(state, step)
-          paused += time.time() - t
-        if preempted:
-          status = "preempted"
-          logging.warning("Stopped for preemption after saving step %d.", step)
-          break
-      self.drain(keep_newest=0)
-      if step > step_log:
-        self.log(step, time.time() - t_log - paused, step - step_timed)
-      if status == "completed":
-        self.run_eval(state, step)
-    finally:
-      watch.close()
+            self.evaluate(state, step)
+    logger.finish()
+    with logger.paused():
+      self.heartbeat.beat("saving", step)
+      self.ckpt.wait_until_finished()
+    return state, step, preempted
+
+  def _close(self, quiet: bool) -> None:
+    """Finishes pending saves and closes the writers; `quiet` when another error is on its way."""
+    try:
       self.ckpt.close()
+    except ckpt_lib.SaveFailed:
+      if not quiet:
+        raise
+    finally:
       self.writer.close()
-    return TrainResult(status, step, self.last_eval)
 
 
-def train_and_evaluate(exp: experiment_lib.Experiment, workdir: str) -> TrainResult:
+def train_and_evaluate(exp: experiment_lib.Experiment, workdir: str, *,
+                       accept_changes: Iterable[str] = ()) -> TrainResult:
   """Trains (or resumes) the model of `exp` in `workdir`, evaluating and checkpointing.
 
   Args:
     exp: a validated experiment (`experiment.build`); its checks ran before any compile.
-    workdir: output directory: checkpoints/, tensorboard/, metrics.jsonl, config.json.
+    workdir: output directory: checkpoints/, tensorboard/, metrics.jsonl, config.json, heartbeat/.
+    accept_changes: config fields (dotted, fnmatch patterns) allowed to differ from the checkpoint's.
 
   Returns:
-    A TrainResult. Raises NonFiniteError on NaN/Inf.
+    A TrainResult. Raises NonFiniteError on NaN/Inf, exit_codes.UserError (e.g. ResumeRefused) on a
+    bad workdir or a refused resume, preemption.Preempted on SIGTERM outside the loop, and
+    checkpoints.manager.SaveFailed when a save fails.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  return Trainer(exp, workdir).run()
+  workdir = prepare_workdir(workdir)
+  return Trainer(exp, workdir, accept_changes=accept_changes).run()

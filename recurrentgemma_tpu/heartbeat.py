@@ -1,0 +1,84 @@
+"""Heartbeat files: how the launcher tells a slow job from a hung one.
+
+Each process writes `<workdir>/heartbeat/process_<i>.json` atomically (temporary file + rename):
+
+    {"step": int, "time": unix_seconds, "phase": "starting|compiling|training|evaluating|saving|done",
+     "step_time": seconds_or_null, "pid": int}
+
+at start, at every phase change, after the first step, and at step boundaries at least every
+`TRAINING_INTERVAL_S` while training. A missing or stale file means the process is not making progress.
+
+Fault injection for tests: `RECURRENTGEMMA_TPU_PHASE_DELAY="evaluating=3,saving=1"` sleeps that many
+seconds right after entering a phase, so a test can kill the process inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+PHASES = ("starting", "compiling", "training", "evaluating", "saving", "done")
+# While training, a boundary writes a beat when the last one is at least this old.
+TRAINING_INTERVAL_S = 5.0
+_DELAY_ENV = "RECURRENTGEMMA_TPU_PHASE_DELAY"
+
+
+def path(workdir: str, process_index: int) -> str:
+  return os.path.join(workdir, "heartbeat", f"process_{process_index}.json")
+
+
+def read(workdir: str, process_index: int = 0) -> dict | None:
+  """The last heartbeat of a process, or None if it has written none."""
+  try:
+    with open(path(workdir, process_index)) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+class Heartbeat:
+  """Writes this process's heartbeat file (never raises: a full disk must not stop training)."""
+
+  def __init__(self, workdir: str, process_index: int):
+    self._path = path(workdir, process_index)
+    self._last = 0.0
+    self.phase = "starting"
+    self.step = 0
+    self._delays = _parse_delays(os.environ.get(_DELAY_ENV, ""))
+
+  def beat(self, phase: str, step: int | None = None, step_time: float | None = None) -> None:
+    """Records `phase` (one of PHASES) at `step` now."""
+    assert phase in PHASES, phase
+    entering = phase != self.phase
+    self.phase = phase
+    if step is not None:
+      self.step = int(step)
+    record = {"step": self.step, "time": time.time(), "phase": phase,
+              "step_time": None if step_time is None else float(step_time), "pid": os.getpid()}
+    try:
+      os.makedirs(os.path.dirname(self._path), exist_ok=True)
+      tmp = f"{self._path}.tmp{os.getpid()}"
+      with open(tmp, "w") as f:
+        json.dump(record, f)
+      os.replace(tmp, self._path)
+      self._last = time.monotonic()
+    except OSError:
+      pass
+    if entering and self._delays.get(phase):
+      time.sleep(self._delays[phase])
+
+  def training(self, step: int, step_time: float | None) -> None:
+    """A training step boundary: writes only if the last beat is TRAINING_INTERVAL_S old."""
+    if self.phase != "training" or time.monotonic() - self._last >= TRAINING_INTERVAL_S:
+      self.beat("training", step, step_time)
+    else:
+      self.step = step
+
+
+def _parse_delays(text: str) -> dict[str, float]:
+  delays = {}
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    phase, _, seconds = item.partition("=")
+    delays[phase] = float(seconds)
+  return delays
