@@ -22,13 +22,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-ACC_DTYPE = jnp.float32
+from pallas_kernels import _common
+from pallas_kernels._common import ACC_DTYPE
+
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
-  """An output type that varies over the same shard_map mesh axes as `like` (check_vma)."""
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +108,7 @@ def _fwd_call(x, a, h0, *, reverse: bool, blocks: BlockSizes, interpret: bool):
   return pl.pallas_call(
       functools.partial(_fwd_kernel, block_c=block_c, reverse=reverse),
       grid=grid,
-      out_shape=[_out_struct(x.shape, x.dtype, x), _out_struct(h0.shape, ACC_DTYPE, x)],
+      out_shape=[_common.out_struct(x.shape, x.dtype, x), _common.out_struct(h0.shape, ACC_DTYPE, x)],
       compiler_params=_params(blocks),
       interpret=interpret,
       name="linear_scan_fwd_gpu",
@@ -123,33 +120,22 @@ def _bwd_call(dy, a, y, h0, dh_last, *, reverse: bool, blocks: BlockSizes, inter
   return pl.pallas_call(
       functools.partial(_bwd_kernel, block_c=block_c, reverse=reverse),
       grid=grid,
-      out_shape=[_out_struct(dy.shape, y.dtype, dy),
-                 _out_struct(a.shape, a.dtype, dy),
-                 _out_struct(h0.shape, ACC_DTYPE, dy)],
+      out_shape=[_common.out_struct(dy.shape, y.dtype, dy),
+                 _common.out_struct(a.shape, a.dtype, dy),
+                 _common.out_struct(h0.shape, ACC_DTYPE, dy)],
       compiler_params=_params(blocks),
       interpret=interpret,
       name="linear_scan_bwd_gpu",
   )(dy, a, y, h0, dh_last)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _scan(x, a, h0, reverse, blocks, interpret):
-  return _fwd_call(x, a, h0, reverse=reverse, blocks=blocks, interpret=interpret)
+_scan = _common.make_scan(_fwd_call, _bwd_call)
 
 
-def _scan_fwd(x, a, h0, reverse, blocks, interpret):
-  y, h_last = _fwd_call(x, a, h0, reverse=reverse, blocks=blocks, interpret=interpret)
-  return (y, h_last), (a, y, h0)
-
-
-def _scan_bwd(reverse, blocks, interpret, residuals, cotangents):
-  a, y, h0 = residuals
-  dy, dh_last = cotangents
-  return _bwd_call(dy.astype(y.dtype), a, y, h0, dh_last.astype(ACC_DTYPE), reverse=reverse,
-                   blocks=blocks, interpret=interpret)
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+def run(x: jax.Array, a: jax.Array, h0: Optional[jax.Array], *, reverse: bool,
+        block_sizes: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """`linear_scan` without its argument checks (for the dispatcher, which ran them)."""
+  return _scan(x, a, _common.initial_state(x, h0), reverse, block_sizes, interpret)
 
 
 def linear_scan(
@@ -174,16 +160,6 @@ def linear_scan(
   Returns:
     (y, h_last): y in x's dtype and shape; h_last float32 [batch, channels].
   """
-  if x.ndim != 3 or x.shape != a.shape:
-    raise ValueError(f"x and a must be [batch, time, channels] of one shape; got {x.shape=} {a.shape=}")
-  for name, v in (("x", x), ("a", a)):
-    if v.dtype not in SUPPORTED_DTYPES:
-      raise ValueError(f"pallas_gpu supports {[jnp.dtype(d).name for d in SUPPORTED_DTYPES]}; "
-                       f"got {name}.dtype={v.dtype}")
-  batch, _, channels = x.shape
-  if h0 is not None and h0.shape != (batch, channels):
-    raise ValueError(f"h0 must be [batch, channels]={(batch, channels)}; got {h0.shape=}")
-  # Derived from x so that, under shard_map, the state varies over the same mesh axes as x.
-  zeros = jnp.zeros_like(x[:, 0], ACC_DTYPE)
-  h0 = zeros if h0 is None else zeros + h0.astype(ACC_DTYPE)
-  return _scan(x, a, h0.astype(ACC_DTYPE), reverse, block_sizes, interpret)
+  _common.check_operands(x, a, h0)
+  _common.check_dtypes("pallas_gpu", SUPPORTED_DTYPES, x, a)
+  return run(x, a, h0, reverse=reverse, block_sizes=block_sizes, interpret=interpret)

@@ -9,18 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import _common
+
 
 def _prepare(x, a, h0, reverse):
   x32 = x.astype(jnp.float32)
   a32 = a.astype(jnp.float32)
   if reverse:
     x32, a32 = jnp.flip(x32, 1), jnp.flip(a32, 1)
-  # Deriving the state from x32 gives it x's varying manual axes under shard_map, which lax.scan
-  # requires of a carry (an h0 replicated over a sequence axis would otherwise mismatch).
-  h = jnp.zeros_like(x32[:, 0])
-  if h0 is not None:
-    h = h + h0.astype(jnp.float32)
-  return x32, a32, h
+  return x32, a32, _common.initial_state(x32, h0)
 
 
 def _finish(y32, h_last, x_dtype, reverse):

@@ -1,10 +1,12 @@
 """The public `linear_scan` dispatcher (DESIGN.md's stable API)."""
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _common
 from pallas_kernels import gpu
 from pallas_kernels import reference
 from pallas_kernels import tpu
@@ -22,25 +24,49 @@ def _impl_fn(impl: str, interpret: bool):
   if impl == "xla_associative":
     return reference.xla_associative_scan
   if impl == "pallas_tpu":
-    return lambda x, a, h0, *, reverse: tpu.linear_scan(x, a, h0, reverse=reverse, interpret=interpret)
+    return functools.partial(tpu.run, block_sizes=tpu.BlockSizes(), interpret=interpret)
   if impl == "pallas_gpu":
-    return lambda x, a, h0, *, reverse: gpu.linear_scan(x, a, h0, reverse=reverse, interpret=interpret)
+    return functools.partial(gpu.run, block_sizes=gpu.BlockSizes(), interpret=interpret)
   raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
 
 
+_BACKEND_DTYPES = {"pallas_tpu": tpu.SUPPORTED_DTYPES, "pallas_gpu": gpu.SUPPORTED_DTYPES}
+
+
 def validate(x: jax.Array, a: jax.Array, h0: Optional[jax.Array], impl: str) -> None:
-  """Raises ValueError naming the bad argument; shared by every entry point."""
+  """Raises ValueError naming the bad argument; every entry point runs it once per call."""
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
-  if x.ndim != 3 or x.shape != a.shape:
-    raise ValueError(f"x and a must be [batch, time, channels] of one shape; got {x.shape=} {a.shape=}")
-  if x.shape[1] == 0:
-    raise ValueError(f"the time axis must be non-empty; got {x.shape=}")
-  for name, v in (("x", x), ("a", a)):
-    if not jnp.issubdtype(v.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a floating dtype; got {name}.dtype={v.dtype}")
-  if h0 is not None and h0.shape != (x.shape[0], x.shape[2]):
-    raise ValueError(f"h0 must be [batch, channels]={(x.shape[0], x.shape[2])}; got {h0.shape=}")
+  _common.check_operands(x, a, h0)
+  if impl in _BACKEND_DTYPES:
+    _common.check_dtypes(impl, _BACKEND_DTYPES[impl], x, a)
+
+
+def dispatch(x: jax.Array, a: jax.Array, h0: Optional[jax.Array], *, reverse: bool, impl: str,
+             interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """`linear_scan` without its argument checks (for callers that ran `validate`)."""
+  if impl != "auto":
+    return _impl_fn(impl, interpret)(x, a, h0, reverse=reverse)
+  if interpret:
+    return _impl_fn("pallas_tpu", True)(x, a, h0, reverse=reverse)
+  if h0 is None:
+    # platform_dependent branches must agree on their operands.
+    h0 = jnp.zeros((x.shape[0], x.shape[2]), jnp.float32)
+
+  def branch(name):
+    if name in _BACKEND_DTYPES and not _common.supports(_BACKEND_DTYPES[name], x, a):
+      # e.g. float16 on TPU: the kernel takes f32/bf16; the XLA scan computes the same values.
+      name = "xla_linear"
+    fn = _impl_fn(name, False)
+    return lambda x, a, h0: fn(x, a, h0, reverse=reverse)
+
+  return jax.lax.platform_dependent(
+      x, a, h0,
+      tpu=branch("pallas_tpu"),
+      cuda=branch("pallas_gpu"),
+      rocm=branch("pallas_gpu"),
+      default=branch(CPU_IMPL),
+  )
 
 
 def linear_scan(
@@ -69,26 +95,4 @@ def linear_scan(
     (y, h_last): y has x's shape and dtype; h_last is float32 [batch, channels].
   """
   validate(x, a, h0, impl)
-  if impl != "auto":
-    return _impl_fn(impl, interpret)(x, a, h0, reverse=reverse)
-  if interpret:
-    return _impl_fn("pallas_tpu", True)(x, a, h0, reverse=reverse)
-  if h0 is None:
-    # platform_dependent branches must agree on their operands.
-    h0 = jnp.zeros((x.shape[0], x.shape[2]), jnp.float32)
-
-  def branch(name):
-    supported = {"pallas_tpu": tpu.SUPPORTED_DTYPES, "pallas_gpu": gpu.SUPPORTED_DTYPES}.get(name)
-    if supported is not None and (x.dtype not in supported or a.dtype not in supported):
-      # e.g. float16 on TPU: the kernel takes f32/bf16; the XLA scan computes the same values.
-      name = "xla_linear"
-    fn = _impl_fn(name, False)
-    return lambda x, a, h0: fn(x, a, h0, reverse=reverse)
-
-  return jax.lax.platform_dependent(
-      x, a, h0,
-      tpu=branch("pallas_tpu"),
-      cuda=branch("pallas_gpu"),
-      rocm=branch("pallas_gpu"),
-      default=branch(CPU_IMPL),
-  )
+  return dispatch(x, a, h0, reverse=reverse, impl=impl, interpret=interpret)

@@ -101,10 +101,10 @@ def sequence_parallel_linear_scan(
 
   def local(x, a, h0):
     if num_shards == 1:
-      y, h_last = scan.linear_scan(x, a, h0, reverse=reverse, impl=impl, interpret=interpret)
+      y, h_last = scan.dispatch(x, a, h0, reverse=reverse, impl=impl, interpret=interpret)
       return y, h_last[None]
     # (A_k, H_k): this shard's map h_out = A_k * h_in + H_k.
-    _, shard_h = scan.linear_scan(x, a, None, reverse=reverse, impl=impl, interpret=interpret)
+    _, shard_h = scan.dispatch(x, a, None, reverse=reverse, impl=impl, interpret=interpret)
     shard_a = jnp.prod(a.astype(jnp.float32), axis=1)
     all_h = jax.lax.all_gather(shard_h, axis_name)  # [n, b, c]
     all_a = jax.lax.all_gather(shard_a, axis_name)
@@ -114,7 +114,7 @@ def sequence_parallel_linear_scan(
     for k in (reversed(range(num_shards)) if reverse else range(num_shards)):
       h_in = jnp.where(index == k, carry, h_in)
       carry = all_a[k] * carry + all_h[k]
-    y, _ = scan.linear_scan(x, a, h_in, reverse=reverse, impl=impl, interpret=interpret)
+    y, _ = scan.dispatch(x, a, h_in, reverse=reverse, impl=impl, interpret=interpret)
     # carry is now the global h_last, computed identically on every shard; see below.
     return y, carry[None]
 

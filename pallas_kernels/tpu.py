@@ -31,15 +31,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _common
+from pallas_kernels._common import ACC_DTYPE
+
 LANES = 128
 SUBLANES = 8
-ACC_DTYPE = jnp.float32
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
-
-
-def _out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
-  """An output type that varies over the same shard_map mesh axes as `like` (check_vma)."""
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
 
 
 def chunk_rows(*dtypes) -> int:
@@ -235,8 +232,8 @@ def _fwd_call(x, a, h0, *, reverse: bool, blocks: BlockSizes, interpret: bool):
       grid=grid.grid,
       in_specs=[seq_spec, seq_spec, state_spec],
       out_specs=[seq_spec, state_spec],
-      out_shape=[_out_struct(x.shape, x.dtype, x),
-                 _out_struct(h0.shape, ACC_DTYPE, x)],
+      out_shape=[_common.out_struct(x.shape, x.dtype, x),
+                 _common.out_struct(h0.shape, ACC_DTYPE, x)],
       scratch_shapes=[pltpu.VMEM((grid.batch, grid.channels), ACC_DTYPE)],
       compiler_params=_compiler_params(),
       cost_estimate=_cost(2, [x, a, x]),
@@ -272,9 +269,9 @@ def _bwd_call(dy, a, y, h0, dh_last, *, reverse: bool, blocks: BlockSizes, inter
       grid=grid.grid,
       in_specs=[seq_spec, seq_spec, seq_spec, edge_spec, state_spec],
       out_specs=[seq_spec, seq_spec, state_spec],
-      out_shape=[_out_struct(dy.shape, y.dtype, dy),
-                 _out_struct(a.shape, a.dtype, dy),
-                 _out_struct(h0.shape, ACC_DTYPE, dy)],
+      out_shape=[_common.out_struct(dy.shape, y.dtype, dy),
+                 _common.out_struct(a.shape, a.dtype, dy),
+                 _common.out_struct(h0.shape, ACC_DTYPE, dy)],
       scratch_shapes=[pltpu.VMEM((grid.batch, grid.channels), ACC_DTYPE)],
       compiler_params=_compiler_params(),
       cost_estimate=_cost(4, [dy, a, y, dy, a]),
@@ -283,25 +280,24 @@ def _bwd_call(dy, a, y, h0, dh_last, *, reverse: bool, blocks: BlockSizes, inter
   )(dy, a, y, h_edge, dh_last)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _scan(x, a, h0, reverse, blocks, interpret):
-  return _fwd_call(x, a, h0, reverse=reverse, blocks=blocks, interpret=interpret)
+_scan = _common.make_scan(_fwd_call, _bwd_call)
 
 
-def _scan_fwd(x, a, h0, reverse, blocks, interpret):
-  y, h_last = _fwd_call(x, a, h0, reverse=reverse, blocks=blocks, interpret=interpret)
-  return (y, h_last), (a, y, h0)
-
-
-def _scan_bwd(reverse, blocks, interpret, residuals, cotangents):
-  a, y, h0 = residuals
-  dy, dh_last = cotangents
-  dx, da, dh0 = _bwd_call(dy.astype(y.dtype), a, y, h0, dh_last.astype(ACC_DTYPE), reverse=reverse,
-                          blocks=blocks, interpret=interpret)
-  return dx, da, dh0
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+def run(x: jax.Array, a: jax.Array, h0: Optional[jax.Array], *, reverse: bool,
+        block_sizes: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """`linear_scan` without its argument checks (for the dispatcher, which ran them)."""
+  seq_len = x.shape[1]
+  h0 = _common.initial_state(x, h0)
+  # Pad time to whole tiles with identity steps (a = 1, x = 0), on the side the scan visits last.
+  pad = -seq_len % chunk_rows(x.dtype, a.dtype)
+  if pad:
+    where = [(0, 0), (pad, 0) if reverse else (0, pad), (0, 0)]
+    x = jnp.pad(x, where)
+    a = jnp.pad(a, where, constant_values=1)
+  y, h_last = _scan(x, a, h0[:, None], reverse, block_sizes, interpret)
+  if pad:
+    y = y[:, pad:] if reverse else y[:, :seq_len]
+  return y, h_last[:, 0]
 
 
 def linear_scan(
@@ -326,24 +322,6 @@ def linear_scan(
   Returns:
     (y, h_last): y in x's dtype and shape; h_last float32 [batch, channels].
   """
-  if x.ndim != 3 or x.shape != a.shape:
-    raise ValueError(f"x and a must be [batch, time, channels] of one shape; got {x.shape=} {a.shape=}")
-  for name, v in (("x", x), ("a", a)):
-    if v.dtype not in SUPPORTED_DTYPES:
-      raise ValueError(f"pallas_tpu supports float32 and bfloat16; got {name}.dtype={v.dtype}")
-  batch, seq_len, channels = x.shape
-  if h0 is not None and h0.shape != (batch, channels):
-    raise ValueError(f"h0 must be [batch, channels]={(batch, channels)}; got {h0.shape=}")
-  # Derived from x so that, under shard_map, the state varies over the same mesh axes as x.
-  zeros = jnp.zeros_like(x[:, 0], ACC_DTYPE)
-  h0 = zeros if h0 is None else zeros + h0.astype(ACC_DTYPE)
-  # Pad time to whole tiles with identity steps (a = 1, x = 0), on the side the scan visits last.
-  pad = -seq_len % chunk_rows(x.dtype, a.dtype)
-  if pad:
-    where = [(0, 0), (pad, 0) if reverse else (0, pad), (0, 0)]
-    x = jnp.pad(x, where)
-    a = jnp.pad(a, where, constant_values=1)
-  y, h_last = _scan(x, a, h0.astype(ACC_DTYPE)[:, None], reverse, block_sizes, interpret)
-  if pad:
-    y = y[:, pad:] if reverse else y[:, :seq_len]
-  return y, h_last[:, 0]
+  _common.check_operands(x, a, h0)
+  _common.check_dtypes("pallas_tpu", SUPPORTED_DTYPES, x, a)
+  return run(x, a, h0, reverse=reverse, block_sizes=block_sizes, interpret=interpret)

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+import pallas_kernels
+
 RECURRENT = "recurrent"
 LOCAL_ATTENTION = "local_attention"
 GLOBAL_ATTENTION = "global_attention"
@@ -25,7 +27,7 @@ FAMILY_PATTERNS = {
 
 LAMBDA_INITS = ("code", "paper")
 REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch")
-SCAN_IMPLS = ("auto", "xla_linear", "xla_associative", "pallas_tpu", "pallas_gpu")
+SCAN_IMPLS = pallas_kernels.IMPLS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
