@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import difflib
 import hashlib
+import math
 import typing
 from typing import Any, Iterable, Mapping
 
@@ -164,6 +165,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     if not ok:
       raise ValueError(f"{where}={value!r} must be {_SCALARS[hint]}.")
+    if hint is float and not math.isfinite(value):
+      raise ValueError(f"{where}={value!r} must be a finite number.")
   return value
 
 
