@@ -111,7 +111,8 @@ def expand_globs_with_ids(pattern: str, what: str) -> dict[str, str]:
       continue
     matches = tf.io.gfile.glob(glob)
     if not matches:
-      raise CorpusError(f"{what}: no file matches {glob!r}.")
+      raise CorpusError(f"{what}: no file matches {glob!r}; give an existing file or a glob that "
+                        "matches files (tf.io.gfile syntax, e.g. '/data/*.txt' or 'gs://bucket/d/*.jsonl').")
     root = _glob_root(glob)
     for m in matches:
       if not tf.io.gfile.isdir(m):
