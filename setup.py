@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2,<0.3",
     "absl-py>=2,<3",
     "numpy>=2,<3",
+    "pyyaml>=6,<7",  # launch/ writes GKE JobSet manifests
 ]
 
 EXTRAS_REQUIRE = {
@@ -34,6 +35,8 @@ EXTRAS_REQUIRE = {
         "jaxtyping>=0.2,<1",
         "typeguard>=2,<3",
         "einops>=0.6,<1",
+        # launch/ tests: the JobSet YAML against the vendored CRD schema.
+        "jsonschema>=4,<5",
     ],
 }
 
@@ -53,6 +56,11 @@ setuptools.setup(
             "rg-compile=recurrentgemma_tpu.compile:run",
             "rg-sample=recurrentgemma_tpu.sample:run",
             "rg-prepare-data=recurrentgemma_tpu.data.prepare:run",
+            "rg-launch=launch.submit:run",
+            "rg-launch-status=launch.status:run",
+            "rg-launch-logs=launch.logs:run",
+            "rg-launch-stop=launch.stop:run",
+            "rg-launch-gc=launch.gc:run",
         ]
     },
 )

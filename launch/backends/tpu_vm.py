@@ -1,0 +1,208 @@
+"""The TPU VM backend: queued resources (one slice: --node-id; several: --node-count/--node-prefix)
+whose startup script runs the job, and a babysitter that follows them from this machine.
+
+The job runs without the babysitter: the startup script installs the wheel and runs the trainer on
+every boot, so a repaired or recreated VM resumes by itself. The babysitter adds what the VMs cannot
+do alone: a deadline for queueing (a queued resource that waits too long is deleted, never left to
+be fulfilled hours later), a deadline for running, recreating the queued resource after a
+preemption (SUSPENDED / FAILED / preempted), restarting in place after a host failure or hang, the
+two retry budgets, and deleting the queued resource when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Callable
+
+from launch import commands
+from launch import gcloud
+from launch import spec as spec_lib
+from launch import state as state_lib
+
+WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")
+ACTIVE = "ACTIVE"
+LOST = ("FAILED", "SUSPENDED", "SUSPENDING", "PREEMPTED")
+GONE = "NOT_FOUND"
+
+
+def qr_state(runner: gcloud.Runner, spec: spec_lib.JobSpec, name: str) -> str:
+  """The queued resource's state string (NOT_FOUND when it does not exist)."""
+  res = runner.run(commands.qr_describe(spec, name), check=False)
+  if res.returncode != 0:
+    if "NOT_FOUND" in res.stderr or "not found" in res.stderr.lower():
+      return GONE
+    raise gcloud.CommandError(f"describe {name} failed: {res.stderr.strip()[-1000:]}")
+  d = json.loads(res.stdout)
+  s = d.get("state", {})
+  state = s.get("state", "") if isinstance(s, dict) else str(s)
+  # A spot/preemptible slice taken back shows as SUSPENDED (or FAILED); some report it in the
+  # state's detail instead.
+  if state == ACTIVE and "preempt" in json.dumps(s).lower():
+    return "PREEMPTED"
+  return state or "UNKNOWN"
+
+
+def create(runner: gcloud.Runner, spec: spec_lib.JobSpec, attempt: int, script: str) -> str:
+  name = commands.resource_name(spec, attempt)
+  with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
+    f.write(script)
+  try:
+    runner.run(commands.qr_create(spec, attempt, f.name))
+  finally:
+    os.remove(f.name)
+  return name
+
+
+def delete(runner: gcloud.Runner, spec: spec_lib.JobSpec, name: str) -> None:
+  res = runner.run(commands.qr_delete(spec, name), check=False)
+  if res.returncode != 0 and "not found" not in res.stderr.lower():
+    raise gcloud.CommandError(f"delete {name} failed: {res.stderr.strip()[-1000:]}")
+
+
+def _host_exits(spec: spec_lib.JobSpec, since: float) -> dict[int, int]:
+  """Exit codes reported by hosts since `since` (older records belong to earlier attempts)."""
+  out = {}
+  for i in range(spec.num_hosts):
+    rec = state_lib.read_exit(spec.workdir, i)
+    if rec and float(rec.get("time", 0)) >= since - 1:
+      out[i] = int(rec["rc"])
+  return out
+
+
+def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
+        log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time) -> int:
+  """Creates and babysits the job's queued resource until the run ends; returns the exit code."""
+  wd, b = spec.workdir, spec.budgets
+  st = state_lib.load_state(wd)
+  script = commands.startup_script(spec, wheel_url)
+  name = st.resource if st.phase in ("queued", "running", "restarting") else ""
+  queued_since = running_since = attempt_since = clock()
+
+  def finish(phase: str, message: str, rc: int) -> int:
+    if name:
+      log(f"deleting queued resource {name}")
+      delete(runner, spec, name)
+      st.event("deleted", resource=name)
+    st.phase, st.message, st.resource = phase, message, ""
+    st.event(phase, detail=message)
+    state_lib.save_state(wd, st)
+    log(f"{phase}: {message}")
+    return rc
+
+  def new_attempt() -> None:
+    nonlocal name, queued_since, attempt_since
+    st.attempt += 1
+    name = create(runner, spec, st.attempt, script)
+    queued_since = attempt_since = clock()
+    st.phase, st.resource = "queued", name
+    st.event("created", resource=name, capacity=spec.capacity)
+    state_lib.save_state(wd, st)
+    log(f"attempt {st.attempt}: queued resource {name} ({spec.num_slices} x "
+        f"{spec.target.accelerator_type}, {spec.capacity})")
+
+  def count(kind: str, why: str) -> int | None:
+    """Counts a preemption or failure; returns an exit code when over budget."""
+    if kind == "preempted":
+      st.preemptions += 1
+      if st.preemptions > b.max_preemptions:
+        return finish("failed", f"{why}; preempted {st.preemptions} times, budget "
+                      f"{b.max_preemptions}", commands.EXIT_PREEMPTED)
+    else:
+      st.failures += 1
+      if st.failures > b.max_failures:
+        return finish("failed", f"{why}; failed {st.failures} times, budget {b.max_failures}",
+                      commands.EXIT_INTERNAL)
+    st.event(kind, detail=why)
+    log(f"{kind}: {why} (preemptions {st.preemptions}/{b.max_preemptions}, failures "
+        f"{st.failures}/{b.max_failures})")
+    return None
+
+  if not name:
+    new_attempt()
+  while True:
+    if state_lib.stop_requested(wd):
+      return finish("stopped", "stop requested", commands.EXIT_PREEMPTED)
+    state = qr_state(runner, spec, name)
+    now = clock()
+    if state in WAITING:
+      if b.queue_timeout_s and now - queued_since > b.queue_timeout_s:
+        return finish("failed", f"{name} still {state} after the queueing deadline "
+                      f"({b.queue_timeout_s:.0f}s)", commands.EXIT_INTERNAL)
+    elif state == ACTIVE:
+      if st.phase != "running":
+        st.phase, running_since = "running", now
+        attempt_since = now
+        st.event("active", resource=name)
+        state_lib.save_state(wd, st)
+        log(f"{name} is ACTIVE; the hosts run the job (logs: {state_lib.join(wd, 'logs')})")
+      exits = _host_exits(spec, attempt_since)
+      if len(exits) == spec.num_hosts and all(rc == 0 for rc in exits.values()):
+        return finish("done", "every host exited 0", commands.EXIT_DONE)
+      fatal = [(i, rc) for i, rc in exits.items() if rc in commands.FATAL_EXITS]
+      if fatal:
+        i, rc = fatal[0]
+        return finish("failed", f"process {i} exited {rc}", rc)
+      bad = [(i, rc) for i, rc in exits.items() if rc != 0]
+      why = None
+      if bad:
+        i, rc = bad[0]
+        kind = "preempted" if rc == commands.EXIT_PREEMPTED else "failed"
+        why = f"process {i} exited {rc}"
+      elif b.run_timeout_s and now - running_since > b.run_timeout_s:
+        return finish("failed", f"running longer than the deadline ({b.run_timeout_s:.0f}s)",
+                      commands.EXIT_INTERNAL)
+      else:
+        for i in range(spec.num_hosts):
+          verdict = state_lib.hang_verdict(
+              state_lib.read_heartbeat(wd, i), now=now, started=attempt_since,
+              startup_timeout_s=b.startup_timeout_s, hang_factor=b.hang_factor,
+              min_hang_s=b.min_hang_s)
+          if verdict:
+            kind, why = "failed", f"process {i} hung: {verdict}"
+            break
+      if why:
+        rc = count(kind, why)
+        if rc is not None:
+          return rc
+        # Restart in place: every worker re-runs the startup script (kills the old trainer first).
+        for node in commands.node_names(spec, st.attempt):
+          runner.run(commands.tpu_ssh(spec, node, commands.restart_in_place_command(spec.run_id)))
+        attempt_since = clock()
+        st.phase = "restarting"
+        st.event("restarted", resource=name)
+        state_lib.save_state(wd, st)
+        st.phase = "running"
+    elif state in LOST or state == GONE:
+      rc = count("preempted", f"{name} is {state}")
+      if rc is not None:
+        return rc
+      if state != GONE:
+        delete(runner, spec, name)
+        st.event("deleted", resource=name)
+      new_attempt()
+      continue
+    elif state == "DELETING":
+      pass
+    else:
+      log(f"{name}: unexpected state {state}; waiting")
+    sleep(b.poll_s)
+
+
+def stop(spec: spec_lib.JobSpec, runner: gcloud.Runner, log: Callable[[str], None] = print) -> None:
+  """Deletes the run's queued resource (the trainer gets SIGTERM as the VMs shut down)."""
+  st = state_lib.load_state(spec.workdir)
+  if st.resource:
+    log(f"deleting queued resource {st.resource}")
+    delete(runner, spec, st.resource)
+
+
+def garbage(runner: gcloud.Runner, zone: str, project: str) -> list[dict]:
+  """This project's queued resources (label rg-launch) with their state."""
+  res = runner.run(commands.qr_list(zone, project))
+  if runner.dry_run:
+    return []
+  return json.loads(res.stdout or "[]")

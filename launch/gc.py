@@ -1,0 +1,34 @@
+"""Delete this run's queued resources / JobSets that no live attempt uses (leaked, finished, failed).
+
+  python -m launch.gc --workdir=DIR_OR_GS_URL [--dry_run]
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from launch import jobs
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "List, and print the deletions instead of running them.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    return jobs.gc(_WORKDIR.value, dry_run=_DRY_RUN.value)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def run() -> None:
+  """Console-script entry point (`rg-launch-gc`)."""
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,35 @@
+"""Worker 0's log (--follow to keep reading until the run ends), then the first traceback of any worker.
+
+  python -m launch.logs --workdir=DIR_OR_GS_URL [--follow] [--lines=50]
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from launch import jobs
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
+_FOLLOW = flags.DEFINE_bool("follow", False, "Keep printing new lines of worker 0 until the run ends.")
+_LINES = flags.DEFINE_integer("lines", 50, "Lines of worker 0's log to show first.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    return jobs.logs(_WORKDIR.value, follow=_FOLLOW.value, lines=_LINES.value)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def run() -> None:
+  """Console-script entry point (`rg-launch-logs`)."""
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,83 @@
+"""Preflight: the only launch module that imports the project (and, through it, jax), lazily.
+
+Before any pod time is spent: the config is built into an Experiment (all validation, no compile) for
+the target's device count, then `python -m recurrentgemma_tpu.compile` compiles the real train step
+for the target topology and slice count on this CPU host and says whether it fits. The verdict is
+cached by (experiment fingerprint, topology, slices) under ~/.cache/recurrentgemma_tpu/fit/ (or
+$RG_LAUNCH_CACHE), so re-submitting or sweeping the same config does not compile again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from typing import Callable
+
+from launch import spec as spec_lib
+
+# Devices jax shows per chip when compiling for a topology (v4: one per TensorCore; see
+# sharding/planner.py:topology_devices).
+_DEVICES_PER_CHIP = {"v4": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class FitCheck:
+  fits: bool
+  report: str
+  cached: bool = False
+
+
+def cache_dir() -> str:
+  return os.environ.get("RG_LAUNCH_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "recurrentgemma_tpu", "fit"))
+
+
+def fit_cache_key(fingerprint: str, target: spec_lib.Target, num_slices: int) -> str:
+  return hashlib.sha256(f"{fingerprint}|{target.topology_name}|{num_slices}".encode()).hexdigest()[:32]
+
+
+def num_devices(spec: spec_lib.JobSpec) -> int:
+  return spec.target.chips * spec.num_slices * _DEVICES_PER_CHIP.get(spec.target.generation, 1)
+
+
+def fingerprint(spec: spec_lib.JobSpec) -> str:
+  """Builds the Experiment for the target (every check, no compile); returns its fingerprint.
+
+  Raises:
+    ValueError / FileNotFoundError: the config is invalid for this target (the message names why).
+  """
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  overrides = list(spec.overrides) + [f"mesh.num_slices={spec.num_slices}"]
+  config = experiment_lib.load_config(spec.config, overrides)
+  return experiment_lib.build(config, num_devices=num_devices(spec)).fingerprint()
+
+
+def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[str], None] = print,
+              timeout_s: float = 3 * 3600) -> FitCheck:
+  """Ahead-of-time compile for the target; cached by fingerprint + topology + slices."""
+  key = fit_cache_key(fingerprint_hex, spec.target, spec.num_slices)
+  path = os.path.join(cache_dir(), f"{key}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      d = json.load(f)
+    return FitCheck(d["fits"], d["report"], cached=True)
+  argv = ([sys.executable, "-m", "recurrentgemma_tpu.compile", f"--config={spec.config}",
+           f"--topology={spec.target.topology_name}", f"--num_slices={spec.num_slices}"]
+          + [f"--config.{o}" for o in spec.overrides])
+  log(f"fit check: compiling for {spec.target.topology_name} x {spec.num_slices} slice(s) "
+      f"({spec.target.accelerator_type}) on this host...")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
+  report = (proc.stdout + proc.stderr).strip()
+  if proc.returncode not in (0, 1):
+    raise ValueError(f"fit check could not run (exit {proc.returncode}):\n{report[-4000:]}")
+  result = FitCheck(proc.returncode == 0, report)
+  os.makedirs(cache_dir(), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"fits": result.fits, "report": report, "topology": spec.target.topology_name,
+               "num_slices": spec.num_slices, "fingerprint": fingerprint_hex}, f)
+  return result

@@ -1,0 +1,34 @@
+"""Stop a run: no more restarts, the trainer gets SIGTERM (saves, exits 42), cloud resources are deleted.
+
+  python -m launch.stop --workdir=DIR_OR_GS_URL [--dry_run]
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from launch import jobs
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print what would be done.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  try:
+    return jobs.stop(_WORKDIR.value, dry_run=_DRY_RUN.value)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def run() -> None:
+  """Console-script entry point (`rg-launch-stop`)."""
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()
