@@ -109,6 +109,26 @@ def load_model(workdir: str) -> tuple[Any, Any, ml_collections.ConfigDict]:
   return model_config, params, config
 
 
+def _existing_tokenizer(data_config: Any) -> str:
+  """The tokenizer a workdir was trained with, found but never trained or written here.
+
+  config.json may come from a workdir someone else wrote: its paths are only read, so sampling
+  writes nothing outside the workdir (`vocab.tokenizer_path` would train a missing tokenizer into
+  the configured cache directory).
+  """
+  from recurrentgemma_tpu.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  if data_config.tokenizer:
+    return vocab_lib.tokenizer_path(data_config)  # checks that the file exists, writes nothing
+  default = next((s for s in data_config.sources if s.kind == "default"), None)
+  path = vocab_lib.embedded_model_path(data_config, default) if default is not None else ""
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError(
+        f"The workdir's tokenizer is not in the data cache ({path or data_config.resolved_cache_dir}); "
+        "sampling never trains one. Prepare the data on this machine first (run the training "
+        "command or rg-prepare-data with the workdir's config), or set data.tokenizer.")
+  return path
+
+
 def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
                 top_k: int = 0, seed: int = 0, num_samples: int = 1) -> list[str]:
   """Prompt continuations from the newest checkpoint of `workdir`, decoded to text."""
@@ -119,7 +139,7 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, tempera
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1.")
   data_config = data_lib.data_config_from(config)
-  vocab = vocab_lib.Vocabulary(vocab_lib.tokenizer_path(data_config), model_config.vocab_size)
+  vocab = vocab_lib.Vocabulary(_existing_tokenizer(data_config), model_config.vocab_size)
   # Documents start with BOS as their first input, exactly as the training rows do.
   ids = [vocab.bos_id] + vocab.encode(prompt)
   prompt_BT = jnp.asarray(np.tile(np.asarray(ids, np.int32), (num_samples, 1)))
