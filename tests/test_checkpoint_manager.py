@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from recurrentgemma_tpu import experiment as experiment_lib
-from recurrentgemma_tpu import train_step as train_step_lib
+from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import trainer
 from recurrentgemma_tpu.checkpoints import manager as ckpt
 from sharding import mesh as mesh_lib
@@ -131,7 +131,7 @@ def test_options_are_validated(kw, match):
 def _step_functions(config, devices, **mesh):
   cfg = mesh_lib.MeshConfig(strategy="griffin", **mesh)
   plan = experiment_lib.build(config, num_devices=len(devices))
-  return train_step_lib.build_step_functions(plan.model, plan.optimizer,
+  return step_functions.build_step_functions(plan.model, plan.optimizer,
                                              mesh_lib.create_mesh(cfg, devices), "griffin")
 
 
@@ -177,3 +177,124 @@ def test_load_params_from_each_accepted_location(tmp_path):
   wrong = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32), "b": target["b"]}
   with pytest.raises(ValueError, match="do not match"):
     ckpt.load_params(tmp_path / "plain", wrong)
+
+
+# ---------------------------------------------------------------------------- integrity and damage
+
+
+def _random_state(seed: int):
+  """Incompressible arrays, so a flipped byte on disk changes values instead of breaking zstd."""
+  rng = np.random.default_rng(seed)
+  params = {"w": jnp.asarray(rng.standard_normal((64, 64), np.float32)),
+            "b": jnp.asarray(rng.standard_normal((64,), np.float32))}
+  return params, {"step": jnp.asarray(seed, jnp.int32)}
+
+
+def _write_random_steps(directory, steps):
+  m = ckpt.CheckpointManager(directory, _options(keep_last=5), retry_pause_s=0.01)
+  for s in steps:
+    assert m.save(s, *_random_state(s), {"data": {"next_step": s}})
+  m.close()
+
+
+def _data_files(step_dir):
+  return [os.path.join(root, f) for root, _, files in os.walk(step_dir)
+          if os.path.basename(root) == "d" for f in files]
+
+
+def test_bit_flipped_array_is_detected_and_the_previous_step_used(tmp_path, caplog):
+  _write_random_steps(tmp_path / "ck", [2, 4])
+  # Invert 64 bytes in the middle of step 4's largest parameter data file; its size is unchanged.
+  path = max(_data_files(tmp_path / "ck" / "4" / "params"), key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  size = len(data)
+  for i in range(size // 2, size // 2 + 64):
+    data[i] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+  assert os.path.getsize(path) == size
+  p, st = _random_state(0)
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
+  with caplog.at_level(logging.WARNING):
+    r = m.restore_latest(_abstract(p), _abstract(st))
+  m.close()
+  assert r.step == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(r.params), jax.device_get(_random_state(2)[0]))
+  warnings = [rec.getMessage() for rec in caplog.records if "falling back" in rec.getMessage()]
+  assert warnings and "step 4" in warnings[0] and "checksum mismatch in array params/w" in warnings[0]
+  assert [e.split(".")[0] for e in os.listdir(tmp_path / "ck_corrupt")] == ["4"]
+
+
+@pytest.mark.parametrize("damage", ["empty_ocdbt_manifest", "garbage_checkpoint_metadata"])
+def test_damaged_metadata_of_a_finished_step_is_detected(tmp_path, damage):
+  _write_random_steps(tmp_path / "ck", [2, 4])
+  target = {"empty_ocdbt_manifest": tmp_path / "ck" / "4" / "params" / "manifest.ocdbt",
+            "garbage_checkpoint_metadata": tmp_path / "ck" / "4" / "_CHECKPOINT_METADATA"}[damage]
+  assert target.exists()
+  target.write_bytes(b"" if damage == "empty_ocdbt_manifest" else b"\x00\x17garbage{")
+  p, st = _random_state(0)
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
+  r = m.restore_latest(_abstract(p), _abstract(st))
+  m.close()
+  assert r.step == 2 and m.all_steps() == [2]
+  assert os.listdir(tmp_path / "ck_corrupt")
+
+
+def test_transient_read_error_is_retried_and_nothing_is_quarantined(tmp_path, monkeypatch, caplog):
+  _write_random_steps(tmp_path / "ck", [2, 4])
+  real = ckpt.ocp.CheckpointManager.restore
+  failures = []
+
+  def flaky(self, step, *args, **kwargs):
+    items = set(kwargs["args"].keys()) if "args" in kwargs else set()
+    if "params" in items and not failures:  # the first array read fails like a storage hiccup
+      failures.append(step)
+      raise ValueError("UNAVAILABLE: Error reading params/d/...: connection reset by peer")
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", flaky)
+  p, st = _random_state(0)
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
+  with caplog.at_level(logging.WARNING):
+    r = m.restore_latest(_abstract(p), _abstract(st))
+  m.close()
+  assert failures == [4] and r.step == 4
+  assert any("retrying" in rec.getMessage() for rec in caplog.records)
+  assert m.all_steps() == [2, 4] and not os.path.exists(tmp_path / "ck_corrupt")
+
+
+def test_persistent_non_damage_error_moves_nothing(tmp_path, monkeypatch):
+  _write_random_steps(tmp_path / "ck", [2, 4])
+
+  def down(self, step, *args, **kwargs):
+    raise ValueError("UNAVAILABLE: storage is down")
+
+  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", down)
+  p, st = _random_state(0)
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), read_attempts=2,
+                             retry_pause_s=0.01)
+  with pytest.raises(ckpt.StorageError, match=r"step 4 \(meta\).*failed 2 times.*Nothing was moved"):
+    m.restore_latest(_abstract(p), _abstract(st))
+  m.close()
+  assert sorted(os.listdir(tmp_path / "ck")) == ["2", "4"]
+
+
+def test_other_shapes_are_a_mismatch_not_damage(tmp_path):
+  _write_random_steps(tmp_path / "ck", [2])
+  p, st = _random_state(0)
+  wider = dict(_abstract(p), w=jax.ShapeDtypeStruct((64, 128), jnp.float32))
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
+  with pytest.raises(ckpt.CheckpointMismatch, match=r"params/w: saved \(64, 64\) float32, requested "
+                     r"\(64, 128\) float32"):
+    m.restore_latest(wider, _abstract(st))
+  m.close()
+  assert os.listdir(tmp_path / "ck") == ["2"] and not os.path.exists(tmp_path / "ck_corrupt")
+
+
+def test_every_step_damaged_is_refused_not_restarted(tmp_path):
+  _write_random_steps(tmp_path / "ck", [2])
+  (tmp_path / "ck" / "2" / "_CHECKPOINT_METADATA").write_text("not json")
+  p, st = _random_state(0)
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
+  with pytest.raises(ckpt.CheckpointDamaged, match="every checkpoint .* is damaged"):
+    m.restore_latest(_abstract(p), _abstract(st))
+  m.close()
