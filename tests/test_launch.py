@@ -1,0 +1,182 @@
+"""launch/: targets, job spec validation, each host's environment, the hang rule, and every gcloud
+command parsed by the real gcloud CLI (no credentials: well-formed -> exit 1 auth error, malformed ->
+exit 2 usage error)."""
+
+import concurrent.futures
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from launch import commands
+from launch import jobs
+from launch import spec as spec_lib
+from launch import state as state_lib
+
+GCLOUD = shutil.which("gcloud")
+
+
+@pytest.mark.parametrize("text, accel, topology, chips, hosts", [
+    ("v5p-256", "v5p-256", "4x4x8", 128, 32),
+    ("v5p-8", "v5p-8", "2x2x1", 4, 1),
+    ("v5p:4x4x8", "v5p-256", "4x4x8", 128, 32),
+    ("v5litepod-16", "v5litepod-16", "4x4", 16, 4),
+    ("v5litepod-8", "v5litepod-8", "2x4", 8, 1),
+    ("v6e-256", "v6e-256", "16x16", 256, 64),
+    ("v4-32", "v4-32", "2x2x4", 16, 4),
+])
+def test_targets(text, accel, topology, chips, hosts):
+  t = spec_lib.parse_target(text)
+  assert (t.accelerator_type, t.topology, t.chips, t.hosts) == (accel, topology, chips, hosts)
+
+
+def test_v5p_256_is_128_chips_in_the_default_topology():
+  # v5p-N counts TensorCores (2 per chip); Cloud TPU's default topology for 128 chips is 4x4x8.
+  t = spec_lib.parse_target("v5p-256")
+  assert t.chips == 128 and t.topology_name == "v5p:4x4x8"
+
+
+@pytest.mark.parametrize("bad", ["v5p-100", "v7x-8", "tpu", "v5p:4x4x", "v5litepod-3"])
+def test_bad_targets_name_the_valid_forms(bad):
+  with pytest.raises(ValueError, match="target="):
+    spec_lib.parse_target(bad)
+
+
+def _spec(**kw):
+  base = dict(config="configs/tiny.py", overrides=("train.steps=5",), workdir="gs://b/runs/x",
+              backend="tpu_vm", target=spec_lib.parse_target("v5p-16"), zone="us-east5-a",
+              project="p")
+  base.update(kw)
+  return spec_lib.JobSpec(**base)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(workdir="/tmp/x"), "gs://"),
+    (dict(config="my/own.py"), "under configs/"),
+    (dict(zone=""), "--zone"),
+    (dict(capacity="cheap"), "capacity"),
+    (dict(target=None), "--target"),
+    (dict(backend="gke"), "--cluster"),
+    (dict(backend="local", num_slices=2), "one slice"),
+    (dict(overrides=("train.steps",)), "group.field=value"),
+])
+def test_invalid_specs_are_refused_by_name(kw, match):
+  with pytest.raises(ValueError, match=match):
+    _spec(**kw)
+
+
+def test_spec_round_trips_through_json():
+  spec = _spec(num_slices=2, capacity="reserved")
+  assert spec_lib.JobSpec.from_json(spec.to_json()) == spec
+  assert len(spec.run_id) <= 40 and spec.run_id == _spec().run_id  # stable for the workdir
+
+
+def test_every_host_runs_exactly_the_trainer():
+  argv = commands.train_argv(_spec())
+  assert argv == ["python3", "-m", "recurrentgemma_tpu.train", "--config=configs/tiny.py",
+                  "--workdir=gs://b/runs/x", "--config.train.steps=5"]
+
+
+def test_multislice_environment_numbers_processes_by_slice_then_worker():
+  spec = _spec(target=spec_lib.parse_target("v5p-32"), num_slices=3)  # 4 hosts per slice
+  envs = [commands.host_env(spec, i, "h0") for i in range(spec.num_hosts)]
+  assert [e["JAX_PROCESS_ID"] for e in envs] == [str(i) for i in range(12)]
+  assert {e["JAX_NUM_PROCESSES"] for e in envs} == {"12"}
+  assert [e["MEGASCALE_SLICE_ID"] for e in envs] == [str(i // 4) for i in range(12)]
+  assert {e["MEGASCALE_NUM_SLICES"] for e in envs} == {"3"}
+  assert {e["JAX_COORDINATOR_ADDRESS"] for e in envs} == {"h0:8476"}
+  assert "MEGASCALE_NUM_SLICES" not in commands.host_env(_spec(), 0, "h0")
+  with pytest.raises(ValueError):
+    commands.host_env(spec, 12, "h0")
+
+
+def test_distributed_reads_the_launcher_environment():
+  from recurrentgemma_tpu import distributed
+  env = commands.host_env(_spec(), 1, "h0")
+  kw = distributed.initialize_kwargs(env=env)
+  assert kw["coordinator_address"] == "h0:8476" and kw["num_processes"] == 2
+  assert kw["process_id"] == 1 and kw["heartbeat_timeout_seconds"] == commands.HEARTBEAT_TIMEOUT_S
+  assert kw["initialization_timeout"] == commands.INITIALIZATION_TIMEOUT_S
+  assert distributed.initialize_kwargs(env={}) is None
+  assert distributed.initialize_kwargs(process_id=0, env=env)["process_id"] == 0  # flags override
+  with pytest.raises(ValueError, match="outside"):
+    distributed.initialize_kwargs(env={**env, "JAX_PROCESS_ID": "2"})
+
+
+def test_hang_rule():
+  hb = lambda t, phase="training", step_time=1.0, pid=7: state_lib.Heartbeat(5, t, phase, step_time, pid)
+  kw = dict(started=100.0, startup_timeout_s=60, hang_factor=10, min_hang_s=30)
+  v = lambda h, now, **o: state_lib.hang_verdict(h, now=now, **{**kw, **o})
+  assert v(None, 150) is None  # starting, within the start-up deadline
+  assert "no heartbeat" in v(None, 161)
+  assert v(hb(50), 150) is None  # an earlier attempt's heartbeat counts as none
+  assert "still compiling" in v(hb(110, "compiling"), 161)
+  assert v(hb(200), 229) is None and "no heartbeat for 31s" in v(hb(200), 231)  # min_hang
+  assert v(hb(200, step_time=5.0), 249) is None and v(hb(200, step_time=5.0), 251)  # 10 x step
+  assert v(hb(200, "done"), 9999) is None
+  # Another process's file (pid differs) counts as none: the start-up deadline decides.
+  assert v(hb(120), 150, pid=8) is None and "no heartbeat" in v(hb(120), 161, pid=8)
+  assert v(hb(140), 161, pid=7) is None
+
+
+def test_first_traceback_is_cut_at_its_exception_line():
+  log = "ok\nTraceback (most recent call last):\n  File x\n    y()\nValueError: bad\nmore\n" \
+        "Traceback (most recent call last):\n  File z\nKeyError: 2\n"
+  assert jobs.first_traceback(log) == ("Traceback (most recent call last):\n  File x\n    y()\n"
+                                       "ValueError: bad")
+  assert jobs.first_traceback("no error") is None
+
+
+@pytest.mark.parametrize("num_slices", [1, 2])
+def test_startup_script_is_valid_bash(num_slices, tmp_path):
+  script = tmp_path / "startup.sh"
+  script.write_text(commands.startup_script(_spec(num_slices=num_slices), "gs://b/w.whl"))
+  proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------ real gcloud
+
+
+def _all_gcloud_commands(tmp_path):
+  script = tmp_path / "startup.sh"
+  script.write_text("#!/bin/bash\n")
+  cmds = []
+  for num_slices in (1, 2):
+    for capacity in spec_lib.CAPACITIES:
+      spec = _spec(num_slices=num_slices, capacity=capacity)
+      cmds.append(commands.qr_create(spec, 1, str(script)))
+    name = commands.resource_name(spec, 1)
+    cmds += [commands.qr_describe(spec, name), commands.qr_delete(spec, name)]
+    cmds += [commands.tpu_ssh(spec, n, commands.restart_in_place_command(spec.run_id))
+             for n in commands.node_names(spec, 1)[:1]]
+  cmds.append(commands.qr_list("us-east5-a", "p"))
+  cmds.append(commands.qr_list("us-east5-a", "p", _spec().run_id))
+  cmds.append(commands.gke_credentials(_spec(backend="gke", cluster="c", image="python:3.11")))
+  cmds.append(commands.storage_cp(str(script), "gs://b/runs/x/launch/code/w.whl"))
+  return cmds
+
+
+def _gcloud(argv, config_dir):
+  assert argv[0] == "gcloud"
+  env = {**os.environ, "CLOUDSDK_CONFIG": str(config_dir), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+  return subprocess.run([GCLOUD] + argv[1:], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.slow  # ~20 gcloud start-ups: ~25 s on 2 idle cores
+@pytest.mark.skipif(GCLOUD is None, reason="gcloud CLI not installed")
+def test_real_gcloud_accepts_every_generated_command(tmp_path):
+  config_dir = tmp_path / "gcloud-config"  # empty: no account, so nothing reaches the network
+  config_dir.mkdir()
+  cmds = _all_gcloud_commands(tmp_path)
+  # Control: the oracle tells a usage error (2) from an auth error (1).
+  bad = list(cmds[0])
+  bad[bad.index("--quiet")] = "--nodes-prefix=x"
+  cmds_and_bad = cmds + [bad]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(lambda a: _gcloud(a, config_dir), cmds_and_bad))
+  *good, control = results
+  assert control.returncode == 2 and "unrecognized arguments" in control.stderr
+  for argv, res in zip(cmds, good):
+    assert res.returncode == 1 and "active account" in res.stderr, (commands.quote(argv), res.stderr)
