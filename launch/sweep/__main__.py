@@ -1,0 +1,87 @@
+r"""Scaling sweeps: run, watch, collect, fit and plot.
+
+  python -m launch.sweep run|status|collect|fit|plot --sweep=configs/sweeps/NAME.py --root=DIR_OR_GS_URL \
+      [--backend=local|tpu_vm|gke] [--parallel=N] [--only=TRIAL_IDS] [--predict=FLOPS]
+
+run      claims and runs every unfinished trial (resumes interrupted ones, retries failed ones within
+         the definition's `retries`); several drivers may share one root. Exit 0 all done, 1 some
+         failed, 42 stopped by a signal (rerun to continue).
+status   each trial's state, step and ETA.
+collect  ROOT/results.{csv,jsonl} and a TensorBoard HParams log under ROOT/hparams.
+fit      per family L(C) = E + A C^-alpha (and L(N, D) when both vary), bootstrap intervals, hold-out
+         check; ROOT/fit.json. --predict=FLOPS prints and records the predicted loss at that budget.
+plot     PNG figures under ROOT/plots (needs the `sweep` extra: matplotlib).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+
+COMMANDS = ("run", "status", "collect", "fit", "plot")
+
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep definition, configs/sweeps/NAME.py[:ARG].")
+_ROOT = flags.DEFINE_string("root", None, "Sweep root (local directory or gs://).")
+_BACKEND = flags.DEFINE_enum("backend", "local", ["local", "tpu_vm", "gke"], "launch backend.")
+_TARGET = flags.DEFINE_string("target", "", "tpu_vm/gke: --target of every trial (e.g. v5p-8).")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials this driver runs at once.")
+_ONLY = flags.DEFINE_string("only", "", "Comma-separated trial id prefixes (default: all).")
+_TTL = flags.DEFINE_float("lease_ttl", 300.0, "Seconds without a heartbeat before a lease is stale.")
+_MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 3, "Relaunches after exit 42 per lease.")
+_TRIAL_COMMAND = flags.DEFINE_string(
+    "trial_command", "", "Replace the launcher by this command template ({workdir} {id} {spec} "
+    "{root}); for tests.")
+_PREDICT = flags.DEFINE_float("predict", 0.0, "fit: predict the loss of each family at this many "
+                              "training FLOPs and record it under ROOT/predictions.")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "fit: bootstrap resamples.")
+_STARTS = flags.DEFINE_integer("starts", 64, "fit: optimizer starts per fit.")
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m launch.sweep {{{'|'.join(COMMANDS)}}} --sweep=... --root=...")
+  if not _SWEEP.value or not _ROOT.value:
+    raise app.UsageError("--sweep and --root are required")
+  command, root = argv[1], _ROOT.value.rstrip("/")
+  from launch.sweep import definition  # pylint: disable=g-import-not-at-top
+  try:
+    sweep = definition.load_sweep(_SWEEP.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if command == "plot":
+    from launch.sweep import plot  # pylint: disable=g-import-not-at-top
+    for path in plot.plot_all(root, sweep):
+      print(path)
+    return 0
+  if command == "fit":
+    from launch.sweep import fit  # pylint: disable=g-import-not-at-top
+    return fit.main(root, sweep, predict=_PREDICT.value, n_bootstrap=_BOOTSTRAP.value,
+                    n_starts=_STARTS.value)
+  try:
+    trials = definition.select(definition.expand(sweep), _ONLY.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if command == "run":
+    from launch.sweep import runner  # pylint: disable=g-import-not-at-top
+    opts = runner.Options(backend=_BACKEND.value, parallel=_PARALLEL.value,
+                          retries=int(sweep.get("retries", 2)), max_restarts=_MAX_RESTARTS.value,
+                          ttl_s=_TTL.value, trial_command=_TRIAL_COMMAND.value,
+                          target=_TARGET.value)
+    print(f"sweep {sweep.name}: {len(trials)} trials under {root}", flush=True)
+    return runner.run_sweep(root, trials, opts)
+  if command == "status":
+    from launch.sweep import report  # pylint: disable=g-import-not-at-top
+    print(report.status_table(root, trials, int(sweep.get("retries", 2)), _TTL.value))
+    return 0
+  from launch.sweep import report  # pylint: disable=g-import-not-at-top
+  for path in report.collect(root, sweep, trials):
+    print(path)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,270 @@
+"""`run`: claims trials one by one and runs each through the launcher until the sweep is finished.
+
+Each trial runs as `python -m launch.submit --backend=B --num_processes=1 --config=SPEC
+--workdir=ROOT/trials/ID --skip_fit_check --config.K=V ...` (exit 0 done, 42 stopped/preempted:
+relaunched, which resumes from the trial's checkpoint; anything else a failed attempt). A driver
+only runs trials it holds a lease on (state.py), so several drivers can share one root. A driver
+killed mid-trial takes its trial down with it (the trial gets SIGTERM, saves and exits 42); the
+next driver resumes it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib.util
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+from launch.sweep import definition
+from launch.sweep import state as state_lib
+from launch.sweep import store
+
+EXIT_PREEMPTED = 42
+HEARTBEAT_EVERY_S = 15.0
+POLL_S = 2.0
+
+
+@dataclasses.dataclass
+class Options:
+  backend: str = "local"
+  parallel: int = 1
+  retries: int = 2
+  max_restarts: int = 3  # relaunches after exit 42 within one lease
+  ttl_s: float = state_lib.DEFAULT_TTL_S
+  trial_command: str = ""  # a template replacing the launcher (tests): {workdir} {id} {spec} {root}
+  target: str = ""  # pod backends: --target passed to launch.submit
+  quiet: bool = False
+
+
+def trial_argv(trial: definition.Trial, root: str, opts: Options) -> list[str]:
+  """The command that runs one trial."""
+  workdir = state_lib.trial_dir(root, trial.id)
+  if opts.trial_command:
+    text = opts.trial_command.format(workdir=workdir, id=trial.id, spec=trial.spec, root=root)
+    return shlex.split(text)
+  overrides = [f"--config.{o}" for o in trial.overrides]
+  if importlib.util.find_spec("launch.submit") is not None:
+    argv = [sys.executable, "-m", "launch.submit", f"--backend={opts.backend}",
+            f"--config={trial.spec}", f"--workdir={workdir}", "--skip_fit_check"]
+    if opts.backend == "local":
+      argv.append("--num_processes=1")
+    if opts.target:
+      argv.append(f"--target={opts.target}")
+    return argv + overrides
+  return [sys.executable, "-m", "recurrentgemma_tpu.train", f"--config={trial.spec}",
+          f"--workdir={workdir}"] + overrides
+
+
+def _die_with_parent() -> None:
+  """In the child: get SIGTERM when the driver dies (even by SIGKILL), so no trial is orphaned."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass
+
+
+def _log_path(root: str, trial_id: str, lease: int) -> str:
+  if store.is_gcs(root):
+    base = os.path.join(os.path.expanduser("~/.cache/recurrentgemma_tpu/sweep_logs"),
+                        root[len("gs://"):].replace("/", "_"))
+  else:
+    base = os.path.join(root, "logs")
+  os.makedirs(base, exist_ok=True)
+  return os.path.join(base, f"{trial_id}.{lease}.log")
+
+
+@dataclasses.dataclass
+class _Running:
+  trial: definition.Trial
+  lease: int
+  proc: subprocess.Popen
+  start: float
+  restarts: int = 0
+  last_beat: float = 0.0
+  log: str = ""
+
+
+class Driver:
+  """Runs the trials of one sweep root until each is done, failed or held by another driver."""
+
+  def __init__(self, root: str, trials: Sequence[definition.Trial], opts: Options,
+               printer: Callable[[str], None] | None = None):
+    self.root, self.trials, self.opts = root, list(trials), opts
+    self.running: dict[str, _Running] = {}
+    self.stopping = False
+    self.print = printer or (lambda s: print(s, flush=True))
+    self._last_bar = 0.0
+
+  # ---------------------------------------------------------------- processes
+
+  def _launch(self, trial: definition.Trial, lease: int, restarts: int = 0) -> None:
+    argv = trial_argv(trial, self.root, self.opts)
+    log = _log_path(self.root, trial.id, lease)
+    with open(log, "a") as f:
+      f.write(f"$ {shlex.join(argv)}\n")
+      f.flush()
+      proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              start_new_session=True, preexec_fn=_die_with_parent)
+    state_lib.heartbeat(self.root, trial.id, lease, child_pid=proc.pid)
+    self.running[trial.id] = _Running(trial, lease, proc, time.time(), restarts, time.time(), log)
+    if not self.opts.quiet:
+      self.print(f"start {trial.id} {trial.label} (lease {lease}{', restart ' + str(restarts) if restarts else ''}) log {log}")
+
+  def _finish(self, r: _Running, rc: int) -> None:
+    trial, root = r.trial, self.root
+    del self.running[trial.id]
+    fields = {"rc": rc, "start": r.start, "end": time.time(), "restarts": r.restarts,
+              "argv": trial_argv(trial, root, self.opts), "log": r.log}
+    if self.stopping:
+      state_lib.record_attempt(root, trial.id, r.lease, "interrupted", **fields)
+      return
+    workdir = state_lib.trial_dir(root, trial.id)
+    if rc == 0 and (self.opts.trial_command or state_lib.completed(workdir, trial.info["steps"])):
+      state_lib.record_attempt(root, trial.id, r.lease, "done", **fields)
+      self.print(f"done  {trial.id} {trial.label} in {fields['end'] - r.start:.0f}s")
+      return
+    if rc == EXIT_PREEMPTED and r.restarts < self.opts.max_restarts:
+      self.print(f"restart {trial.id} (exit 42: stopped, resuming)")
+      start = r.start
+      self._launch(trial, r.lease, r.restarts + 1)
+      self.running[trial.id].start = start
+      return
+    outcome = "interrupted" if rc == EXIT_PREEMPTED else "failed"
+    if rc == 0:
+      fields["error"] = "exit 0 but no final evaluation at train.steps in metrics.jsonl"
+    state_lib.record_attempt(root, trial.id, r.lease, outcome, **fields)
+    self.print(f"{outcome} {trial.id} {trial.label}: exit {rc}, log {r.log}")
+
+  def _poll(self) -> None:
+    now = time.time()
+    for r in list(self.running.values()):
+      rc = r.proc.poll()
+      if rc is not None:
+        self._finish(r, rc)
+        continue
+      if now - r.last_beat >= HEARTBEAT_EVERY_S:
+        if state_lib.superseded(self.root, r.trial.id, r.lease):
+          # Our heartbeat went stale (e.g. the machine stalled) and another driver took over.
+          self.print(f"lost lease on {r.trial.id}; stopping our copy")
+          self._terminate(r.proc)
+          r.proc.wait()
+          del self.running[r.trial.id]
+          continue
+        state_lib.heartbeat(self.root, r.trial.id, r.lease, child_pid=r.proc.pid)
+        r.last_beat = now
+
+  @staticmethod
+  def _terminate(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    try:
+      os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+      pass
+
+  def stop(self, grace_s: float = 120.0) -> None:
+    """SIGTERM to every running trial (they save and exit 42), then record them interrupted."""
+    self.stopping = True
+    for r in self.running.values():
+      self._terminate(r.proc)
+    deadline = time.time() + grace_s
+    while self.running and time.time() < deadline:
+      self._poll()
+      time.sleep(0.2)
+    for r in list(self.running.values()):
+      self._terminate(r.proc, signal.SIGKILL)
+      self._finish(r, r.proc.wait())
+
+  # ---------------------------------------------------------------- loop
+
+  def states(self) -> dict[str, state_lib.TrialState]:
+    return {t.id: state_lib.read_state(self.root, t.id, self.opts.retries, self.opts.ttl_s)
+            for t in self.trials}
+
+  def run(self) -> dict[str, state_lib.TrialState]:
+    """Runs until no trial is left to run here; returns the final states."""
+    for t in self.trials:
+      state_lib.write_trial(self.root, t)
+    while not self.stopping:
+      self._poll()
+      states = self.states()
+      free = self.opts.parallel - len(self.running)
+      for t in self.trials:
+        if free <= 0 or self.stopping:
+          break
+        if t.id in self.running or states[t.id].state not in (state_lib.PENDING, state_lib.RETRY):
+          continue
+        lease = state_lib.claim(self.root, t.id, self.opts.ttl_s)
+        if lease is None:
+          continue
+        self._launch(t, lease)
+        free -= 1
+      states = self.states()
+      waiting = [i for i, s in states.items()
+                 if s.state in (state_lib.RUNNING, state_lib.PENDING, state_lib.RETRY)]
+      if not self.running and not waiting:
+        break
+      self._progress(states)
+      time.sleep(POLL_S)
+    states = self.states()
+    self._progress(states, force=True)
+    return states
+
+  def _progress(self, states: dict[str, state_lib.TrialState], force: bool = False) -> None:
+    """A progress bar on a terminal; a line every 30 s otherwise."""
+    tty = sys.stdout.isatty()
+    now = time.time()
+    if self.opts.quiet or (not force and now - self._last_bar < (1.0 if tty else 30.0)):
+      return
+    self._last_bar = now
+    counts = {k: 0 for k in (state_lib.DONE, state_lib.RUNNING, state_lib.FAILED)}
+    for s in states.values():
+      if s.state in counts:
+        counts[s.state] += 1
+    total = len(states)
+    width = 30
+    filled = int(width * counts[state_lib.DONE] / max(total, 1))
+    bar = "#" * filled + "-" * (width - filled)
+    parts = []
+    for r in self.running.values():
+      step, step_time = state_lib.progress(state_lib.trial_dir(self.root, r.trial.id))
+      steps = r.trial.info["steps"]
+      eta = f" eta {(steps - step) * step_time:.0f}s" if step_time else ""
+      parts.append(f"{r.trial.label} {step}/{steps}{eta}")
+    others = counts[state_lib.RUNNING] - len(self.running)
+    line = (f"[{bar}] {counts[state_lib.DONE]}/{total} done, {len(self.running)} running here"
+            f"{f', {others} elsewhere' if others > 0 else ''}, {counts[state_lib.FAILED]} failed"
+            f"{' | ' + '; '.join(parts) if parts else ''}")
+    if tty:
+      sys.stdout.write("\r" + line[:200].ljust(200) + ("\n" if force else ""))
+      sys.stdout.flush()
+    else:
+      self.print(line)
+
+
+def run_sweep(root: str, trials: Sequence[definition.Trial], opts: Options) -> int:
+  """Runs a sweep's trials with signal handling; exit code 0 all done, 1 some failed, 42 stopped."""
+  store.makedirs(root)
+  driver = Driver(root, trials, opts)
+
+  def on_signal(signum, frame):  # pylint: disable=unused-argument
+    driver.print(f"signal {signum}: stopping the running trials (they save and exit)")
+    driver.stopping = True
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    states = driver.run()
+  finally:
+    if driver.running:
+      driver.stop()
+    for s, h in previous.items():
+      signal.signal(s, h)
+  if driver.stopping:
+    return EXIT_PREEMPTED
+  if any(s.state == state_lib.FAILED for s in states.values()):
+    return 1
+  return 0

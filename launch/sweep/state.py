@@ -1,0 +1,214 @@
+"""A sweep's state, kept in files under its root so any number of drivers can share it.
+
+    ROOT/trials/ID/                 the trial's workdir (the trainer's checkpoints, metrics.jsonl, ...)
+    ROOT/state/ID/trial.json        the resolved trial (spec, overrides, variables, derived numbers)
+    ROOT/state/ID/claim.N.json      lease N on the trial, created atomically (only one driver wins N)
+    ROOT/state/ID/heartbeat.N.json  the holder's heartbeat for lease N ({"time", "released", ...})
+    ROOT/state/ID/attempt.N.json    how lease N ended: done | failed | interrupted (+ rc, times)
+    ROOT/state/ID/done.json         written once when the trial completed
+    ROOT/predictions.jsonl-like     predictions/*.json (fit --predict)
+
+A lease is live while its heartbeat is fresh (younger than the TTL) and not released; a lease
+whose driver ran on this host and whose driver and trial processes are gone is dead at once. To
+take a trial, a driver creates lease N+1 with an exclusive create; of two drivers racing for the
+same trial exactly one succeeds, and a stale lease is replaced the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import time
+from typing import Any
+
+from etils import epath
+
+from launch.sweep import store
+
+DEFAULT_TTL_S = 300.0
+_CLAIM = re.compile(r"^claim\.(\d+)\.json$")
+METRICS_FILE = "metrics.jsonl"
+
+PENDING, RUNNING, DONE, FAILED, RETRY = "pending", "running", "done", "failed", "retry"
+
+
+def trial_dir(root: str, trial_id: str) -> str:
+  return store.join(root, "trials", trial_id)
+
+
+def state_dir(root: str, trial_id: str) -> str:
+  return store.join(root, "state", trial_id)
+
+
+def _path(root: str, trial_id: str, name: str) -> str:
+  return store.join(state_dir(root, trial_id), name)
+
+
+def _pid_alive(pid: int | None) -> bool:
+  if not pid:
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  # A zombie (exited, not yet reaped) counts as gone.
+  try:
+    with open(f"/proc/{int(pid)}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except OSError:
+    return True
+
+
+@dataclasses.dataclass
+class TrialState:
+  """What the files say about one trial."""
+
+  state: str  # pending | running | done | failed | retry
+  lease: int  # newest lease number (0: never claimed)
+  live_lease: bool
+  failures: int  # attempts that ended "failed"
+  restarts: int  # attempts that ended "interrupted" plus in-run restarts (exit 42)
+  wall_time: float  # seconds over all finished attempts
+  owner: str  # "host:pid" of the newest lease
+  attempts: list[dict[str, Any]]
+
+
+def leases(root: str, trial_id: str) -> list[int]:
+  names = store.listdir(state_dir(root, trial_id))
+  return sorted(int(m.group(1)) for m in map(_CLAIM.match, names) if m)
+
+
+def lease_is_live(root: str, trial_id: str, n: int, ttl_s: float = DEFAULT_TTL_S) -> bool:
+  claim = store.read_json(_path(root, trial_id, f"claim.{n}.json"))
+  if claim is None:
+    # Created but not yet readable: the creator is writing it now.
+    return True
+  beat = store.read_json(_path(root, trial_id, f"heartbeat.{n}.json")) or {}
+  if beat.get("released"):
+    return False
+  if store.exists(_path(root, trial_id, f"attempt.{n}.json")):
+    return False
+  last = max(float(claim.get("time", 0)), float(beat.get("time", 0)))
+  if time.time() - last > ttl_s:
+    return False
+  if claim.get("host") == socket.gethostname():
+    pids = [claim.get("pid"), beat.get("child_pid")]
+    if not any(_pid_alive(p) for p in pids):
+      return False
+  return True
+
+
+def read_state(root: str, trial_id: str, retries: int, ttl_s: float = DEFAULT_TTL_S) -> TrialState:
+  """The trial's state from its files (see the module docstring)."""
+  ns = leases(root, trial_id)
+  attempts = []
+  for n in ns:
+    a = store.read_json(_path(root, trial_id, f"attempt.{n}.json"))
+    if a is not None:
+      attempts.append(a)
+  failures = sum(a.get("outcome") == "failed" for a in attempts)
+  restarts = sum(int(a.get("restarts", 0)) + (a.get("outcome") == "interrupted") for a in attempts)
+  wall = sum(float(a.get("end", 0)) - float(a.get("start", 0)) for a in attempts)
+  n = ns[-1] if ns else 0
+  live = bool(ns) and lease_is_live(root, trial_id, n, ttl_s)
+  owner = ""
+  if n:
+    claim = store.read_json(_path(root, trial_id, f"claim.{n}.json")) or {}
+    owner = f"{claim.get('host', '?')}:{claim.get('pid', '?')}"
+  if store.exists(_path(root, trial_id, "done.json")):
+    s = DONE
+  elif live:
+    s = RUNNING
+  elif failures > retries:
+    s = FAILED
+  elif attempts:
+    s = RETRY
+  else:
+    s = PENDING
+  return TrialState(s, n, live, failures, restarts, wall, owner, attempts)
+
+
+def claim(root: str, trial_id: str, ttl_s: float = DEFAULT_TTL_S) -> int | None:
+  """Takes a lease on the trial if none is live; its number, or None if another driver holds it."""
+  ns = leases(root, trial_id)
+  n = ns[-1] if ns else 0
+  if n and lease_is_live(root, trial_id, n, ttl_s):
+    return None
+  me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+  if not store.create_exclusive(_path(root, trial_id, f"claim.{n + 1}.json"), me):
+    return None
+  heartbeat(root, trial_id, n + 1)
+  if store.exists(_path(root, trial_id, "done.json")):
+    # Finished by another driver between our look and our claim.
+    release(root, trial_id, n + 1)
+    return None
+  return n + 1
+
+
+def heartbeat(root: str, trial_id: str, n: int, child_pid: int | None = None,
+              released: bool = False) -> None:
+  store.write_json(_path(root, trial_id, f"heartbeat.{n}.json"),
+                   {"time": time.time(), "pid": os.getpid(), "child_pid": child_pid,
+                    "released": released})
+
+
+def superseded(root: str, trial_id: str, n: int) -> bool:
+  """True if another driver took a newer lease (ours went stale)."""
+  return store.exists(_path(root, trial_id, f"claim.{n + 1}.json"))
+
+
+def release(root: str, trial_id: str, n: int) -> None:
+  heartbeat(root, trial_id, n, released=True)
+
+
+def record_attempt(root: str, trial_id: str, n: int, outcome: str, **fields: Any) -> None:
+  """Ends lease `n` with its outcome (done | failed | interrupted); `done` also marks the trial."""
+  record = {"lease": n, "outcome": outcome, "host": socket.gethostname(), "pid": os.getpid(),
+            **fields}
+  store.write_json(_path(root, trial_id, f"attempt.{n}.json"), record)
+  if outcome == "done":
+    store.create_exclusive(_path(root, trial_id, "done.json"), record)
+  release(root, trial_id, n)
+
+
+def write_trial(root: str, trial: Any) -> None:
+  path = _path(root, trial.id, "trial.json")
+  if not store.exists(path):
+    store.write_json(path, trial.to_json())
+
+
+def read_records(workdir: str) -> list[dict[str, Any]]:
+  """The trainer's metrics.jsonl records (complete lines only)."""
+  p = epath.Path(store.join(workdir, METRICS_FILE))
+  if not p.exists():
+    return []
+  out = []
+  for line in p.read_text().splitlines(keepends=True):
+    if line.endswith("\n"):
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass
+  return out
+
+
+def completed(workdir: str, steps: int) -> bool:
+  """The trainer finished: its final evaluation at train.steps is in metrics.jsonl."""
+  return any(r.get("split") == "eval" and int(r.get("step", -1)) >= steps
+             for r in read_records(workdir))
+
+
+def progress(workdir: str) -> tuple[int, float | None]:
+  """(step, seconds per step or None) of a running trial, from its heartbeat or its metrics."""
+  beat = store.read_json(store.join(workdir, "heartbeat", "process_0.json"))
+  if beat and beat.get("step") is not None:
+    return int(beat["step"]), beat.get("step_time")
+  train = [r for r in read_records(workdir) if r.get("split") == "train"]
+  if not train:
+    return 0, None
+  return int(train[-1]["step"]), train[-1].get("step_time")
