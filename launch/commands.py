@@ -319,7 +319,8 @@ exit $RC
       "spec": {
           "failurePolicy": {
               "maxRestarts": b.max_preemptions + b.max_failures,
-              "rules": [{"action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]}],
+              "rules": [{"name": "fail-on-error-exit", "action": "FailJobSet",
+                         "onJobFailureReasons": ["PodFailurePolicy"]}],
           },
           "replicatedJobs": [{"name": "slice-job", "replicas": spec.num_slices,
                               "template": job_template}],
