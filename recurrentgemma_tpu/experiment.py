@@ -223,6 +223,13 @@ def _check_batch(exp_parts: dict[str, Any], mesh_shape: Mapping[str, int]) -> No
       raise ValueError(f"config.{what}={batch} does not fit mesh {dict(mesh_shape)}: {e}") from e
 
 
+def min_devices(config: ml_collections.ConfigDict) -> int:
+  """The fewest devices `config.mesh` accepts (an axis of -1 gets 1): for single-host tools."""
+  mesh = typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
+  sizes = [getattr(mesh, a) for a in mesh_lib.ICI_AXES]
+  return math.prod(s for s in sizes if s != -1) * mesh.num_slices
+
+
 def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> Experiment:
   """Validates `config` completely, without compiling anything, and returns its `Experiment`.
 

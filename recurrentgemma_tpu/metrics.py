@@ -312,41 +312,11 @@ def measure_matmul_peak(n: int = 1024, repeats: int = 5, dtype: Any = jnp.float3
   return 2.0 * n**3 / best
 
 
-def _attended_per_token(seq_len: int, window: int | None) -> float:
-  """Mean number of keys a causal query attends to over positions 0..seq_len-1."""
-  if window is None or window >= seq_len:
-    return (seq_len + 1) / 2.0
-  # Positions < window see t+1 keys; the rest see `window`.
-  ramp = window * (window + 1) / 2.0
-  return (ramp + (seq_len - window) * window) / seq_len
-
-
-def training_flops_per_token(model_config: Any, seq_len: int) -> float:
-  """Model FLOPs of one training token (forward + backward = 3x forward), from the architecture.
-
-  Counts every matmul (2 FLOPs per multiply-add) including the tied output projection and the
-  attention score/value products; element-wise work (RG-LRU, Conv1D, norms) is ignored, as in the
-  usual 6ND accounting, so MFU is comparable with other reports. `model_config` is a
-  `recurrentgemma_tpu.model.ModelConfig`.
-  """
-  c = model_config
-  d, f, r, k, h = c.width, c.mlp_width, c.lru_width_, c.head_dim_, c.num_heads
-  mlp = 3 * d * f
-  recurrent = 2 * d * r + r * d + 2 * r * (r // c.num_gate_blocks_)
-  attention_proj = d * h * k + 2 * d * k + h * k * d  # MQA: one shared K/V head
-  forward_macs = c.vocab_size * d  # output logits (the input lookup is free)
-  for block in c.block_types:
-    forward_macs += mlp
-    if block == "recurrent":
-      forward_macs += recurrent
-    else:
-      window = c.attention_window if block == "local_attention" else None
-      forward_macs += attention_proj + 2 * h * k * _attended_per_token(seq_len, window)
-  return 3.0 * 2.0 * forward_macs
-
-
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops_total: float) -> float:
-  """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices used."""
+  """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices used.
+
+  `flops_per_token` comes from the one FLOP model, `model.flops.training_flops_per_token`.
+  """
   if peak_flops_total <= 0:
     return float("nan")
   return tokens_per_second * flops_per_token / peak_flops_total

@@ -85,28 +85,33 @@ def generate(params: Any, prompt_BT: jax.Array, rng: jax.Array, *, model_config:
   return tokens_NB.T
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The experiment config a workdir was trained with (written by the trainer)."""
+def load_experiment(workdir: str) -> Any:
+  """The `experiment.Experiment` a workdir was trained with (its config.json, built again).
+
+  The mesh is resolved for the fewest devices it accepts (sampling runs on one host) and
+  `init_from` is dropped: the workdir's own checkpoint is what is sampled.
+  """
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import trainer  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, trainer.CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by "
                             "`python -m recurrentgemma_tpu.train`.")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  config.checkpoint.init_from = ""
+  return experiment_lib.build(config, num_devices=experiment_lib.min_devices(config))
 
 
-def load_model(workdir: str) -> tuple[Any, Any, ml_collections.ConfigDict]:
-  """(ModelConfig, params of the newest checkpoint, experiment config) of a training workdir."""
+def load_model(workdir: str) -> tuple[Any, Any]:
+  """(Experiment, params of the newest checkpoint) of a training workdir."""
   import flax  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.checkpoints import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
-  config = load_config(workdir)
-  model_config = model_lib.ModelConfig.from_config(config.model)
+  exp = load_experiment(workdir)
   abstract = jax.eval_shape(
-      lambda: flax.core.meta.unbox(model_lib.init_params(model_config, jax.random.key(0))))
-  params = ckpt_lib.load_params(workdir, abstract)
-  return model_config, params, config
+      lambda: flax.core.meta.unbox(model_lib.init_params(exp.model, jax.random.key(0))))
+  return exp, ckpt_lib.load_params(workdir, abstract)
 
 
 def _existing_tokenizer(data_config: Any) -> str:
@@ -132,14 +137,13 @@ def _existing_tokenizer(data_config: Any) -> str:
 def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
                 top_k: int = 0, seed: int = 0, num_samples: int = 1) -> list[str]:
   """Prompt continuations from the newest checkpoint of `workdir`, decoded to text."""
-  from recurrentgemma_tpu import data as data_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-  model_config, params, config = load_model(workdir)
+  exp, params = load_model(workdir)
+  model_config = exp.model
   check_sampling_args(max_new_tokens, temperature, top_k, model_config.vocab_size)
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1.")
-  data_config = data_lib.data_config_from(config)
-  vocab = vocab_lib.Vocabulary(_existing_tokenizer(data_config), model_config.vocab_size)
+  vocab = vocab_lib.Vocabulary(_existing_tokenizer(exp.data), model_config.vocab_size)
   # Documents start with BOS as their first input, exactly as the training rows do.
   ids = [vocab.bos_id] + vocab.encode(prompt)
   prompt_BT = jnp.asarray(np.tile(np.asarray(ids, np.int32), (num_samples, 1)))

@@ -37,6 +37,7 @@ from recurrentgemma_tpu import preemption
 from recurrentgemma_tpu import train_step as train_step_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 from recurrentgemma_tpu.checkpoints import resume as resume_lib
+from recurrentgemma_tpu.model import flops as flops_lib
 from sharding import chips as chips_lib
 from sharding import mesh as mesh_lib
 
@@ -233,7 +234,7 @@ class Trainer:
     logger = metrics_lib.StepLogger(
         self.writer, start_step=step, total_steps=exp.train.steps, log_every=exp.train.log_every,
         tokens_per_step=exp.tokens_per_step,
-        flops_per_token=metrics_lib.training_flops_per_token(exp.model, exp.data.seq_len),
+        flops_per_token=flops_lib.training_flops_per_token(exp.model, exp.data.seq_len),
         peak_flops_total=peak_flops_per_device(exp.train.peak_flops_per_device) * jax.device_count(),
         describe_checkpoint=self._describe_checkpoint)
     sharding = self.fns.batch_shardings["inputs"]

@@ -1,12 +1,10 @@
-"""Parameter and FLOP accounting for a config, and its CLI.
+"""Parameter and FLOP accounting for an experiment, and its CLI.
 
   python -m recurrentgemma_tpu.model.summary --config=configs/recurrentgemma_2b.py [--seq_len=N]
 
-Parameter counts come from `jax.eval_shape` of the real initialiser (exact, allocation-free);
-FLOPs per token are counted analytically from the same shapes: 2 per multiply-add of every
-weight matrix a token passes through, plus attention scores and values over the tokens it
-actually attends to (bounded by the window), plus the tied output projection. Element-wise work
-(norms, gates, the scan) is left out, as in the 6ND convention.
+Parameter counts come from `jax.eval_shape` of the real initialiser (exact, allocation-free); FLOPs
+per token from the one FLOP model, `model/flops.py` (the one the training MFU and the compile
+report use).
 """
 
 import dataclasses
@@ -18,8 +16,9 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from recurrentgemma_tpu.model import flops as flops_lib
 from recurrentgemma_tpu.model.api import init_params
-from recurrentgemma_tpu.model.config import GLOBAL_ATTENTION, RECURRENT, ModelConfig
+from recurrentgemma_tpu.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,42 +37,22 @@ def _count(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def _mean_context(block_type: str, window: int, seq_len: int) -> float:
-  """Average number of keys a query attends to over a row of seq_len tokens."""
-  t = np.arange(seq_len)
-  if block_type == GLOBAL_ATTENTION:
-    return float(np.mean(t + 1))
-  return float(np.mean(np.minimum(t, window) + 1))
-
-
 def summarize(config: ModelConfig, seq_len: int) -> Summary:
   """Counts parameters per block type and FLOPs per token at sequence length seq_len."""
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-  embedding = _count(shapes["embedder"])
   per_type = {t: 0 for t in sorted(set(config.block_types))}
   for i, t in enumerate(config.block_pattern):
     if "groups" in shapes:
       per_type[t] += _count(shapes["groups"][f"block_{i}"])
   for i, t in enumerate(config.remainder_types):
     per_type[t] += _count(shapes["remainder"][f"block_{i}"])
-  total = _count(shapes)
+  total, non_embedding = flops_lib.param_counts(config)
   counts = {t: config.block_types.count(t) for t in per_type}
-
-  D, R, F = config.width, config.lru_width_, config.mlp_width
-  H, K, N = config.num_heads, config.head_dim_, config.num_gate_blocks_
-  mlp = 3 * D * F  # up (two branches) and down
-  flops = 0.0
-  for t in config.block_types:
-    if t == RECURRENT:
-      matmul = 3 * D * R + 2 * R * R // N  # linear_x, linear_y, linear_out; both gates
-    else:
-      matmul = 2 * D * H * K + 2 * D * K  # q, out; k, v
-      flops += 2 * 2 * H * K * _mean_context(t, config.attention_window, seq_len)
-    flops += 2 * (matmul + mlp)
-  flops += 2 * config.vocab_size * D  # tied unembedding
-  return Summary(total=total, embedding=embedding, non_embedding=total - embedding,
-                 per_block_type=per_type, blocks_per_type=counts, forward_flops_per_token=flops,
-                 train_flops_per_token=3 * flops, seq_len=seq_len)
+  forward = flops_lib.forward_flops_per_token(config, seq_len).total
+  return Summary(total=total, embedding=total - non_embedding, non_embedding=non_embedding,
+                 per_block_type=per_type, blocks_per_type=counts, forward_flops_per_token=forward,
+                 train_flops_per_token=flops_lib.training_flops_per_token(config, seq_len),
+                 seq_len=seq_len)
 
 
 def format_summary(config: ModelConfig, s: Summary) -> str:
@@ -98,12 +77,19 @@ def format_summary(config: ModelConfig, s: Summary) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  experiment = flags.FLAGS.config
-  if experiment is None:
+  if flags.FLAGS.config is None:
     raise app.UsageError("--config=configs/NAME.py is required")
-  config = ModelConfig.from_config(experiment.model)
-  seq_len = flags.FLAGS.seq_len or int(experiment.data.seq_len)
-  print(format_summary(config, summarize(config, seq_len)))
+  # Imported here: experiment imports the data and training modules, which this module must not
+  # need when imported as a library.
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  exp = experiment_lib.build(flags.FLAGS.config, num_devices=experiment_lib.min_devices(
+      flags.FLAGS.config))
+  seq_len = flags.FLAGS.seq_len or exp.data.seq_len
+  print(format_summary(exp.model, summarize(exp.model, seq_len)))
+  print(f"training run: {exp.data.global_batch_size} x {exp.data.seq_len} tokens/step x "
+        f"{exp.train.steps} steps = {exp.total_tokens / 1e9:.4g}B tokens, "
+        f"{flops_lib.training_flops_per_token(exp.model, exp.data.seq_len) * exp.total_tokens:.4g} "
+        "model FLOPs")
 
 
 def run() -> None:
