@@ -32,6 +32,8 @@ def host_env(spec: spec_lib.JobSpec, process_id: int, coordinator_host: str,
   """The environment of one host (process), computed by the launcher for every backend."""
   if not 0 <= process_id < spec.num_hosts:
     raise ValueError(f"process_id={process_id} outside 0..{spec.num_hosts - 1}")
+  if spec.num_hosts == 1:
+    return {}  # one process: no jax.distributed (a sweep trial, a single-host slice)
   env = {
       "JAX_COORDINATOR_ADDRESS": f"{coordinator_host}:{coordinator_port}",
       "JAX_NUM_PROCESSES": str(spec.num_hosts),
@@ -195,11 +197,15 @@ export MEGASCALE_PORT={MEGASCALE_PORT}
     lines += """COORDINATOR=$(md worker-network-endpoints | cut -d, -f1 | cut -d: -f3)
 """
   lines += f"""PROCESS_ID=$(( SLICE_ID * {hosts_per_slice} + WORKER_ID ))
-export JAX_COORDINATOR_ADDRESS="$COORDINATOR:{COORDINATOR_PORT}"
+"""
+  if spec.num_hosts > 1:
+    lines += f"""export JAX_COORDINATOR_ADDRESS="$COORDINATOR:{COORDINATOR_PORT}"
 export JAX_NUM_PROCESSES={spec.num_hosts}
 export JAX_PROCESS_ID=$PROCESS_ID
 export JAX_INITIALIZATION_TIMEOUT_SECONDS={INITIALIZATION_TIMEOUT_S}
 export JAX_HEARTBEAT_TIMEOUT_SECONDS={HEARTBEAT_TIMEOUT_S}
+"""
+  lines += f"""
 
 LOG="$RUN_DIR/process_$PROCESS_ID.log"
 ( while sleep 30; do {cp} "$LOG" "{log_dir}/process_$PROCESS_ID.log" >/dev/null 2>&1; done ) &

@@ -180,3 +180,43 @@ def test_real_gcloud_accepts_every_generated_command(tmp_path):
   assert control.returncode == 2 and "unrecognized arguments" in control.stderr
   for argv, res in zip(cmds, good):
     assert res.returncode == 1 and "active account" in res.stderr, (commands.quote(argv), res.stderr)
+
+
+# ------------------------------------------------------------------------------------ preflight
+
+
+def test_fit_check_runs_the_compile_cli_once_per_fingerprint_target_and_slices(tmp_path, monkeypatch):
+  from launch import preflight
+  monkeypatch.setenv("RG_LAUNCH_CACHE", str(tmp_path / "cache"))
+  calls = []
+
+  def fake_run(argv, **kw):
+    calls.append(argv)
+    return subprocess.CompletedProcess(argv, 1, "total 120.00 GiB per chip: does not fit", "")
+
+  monkeypatch.setattr(preflight.subprocess, "run", fake_run)
+  quiet = lambda s: None
+  first = preflight.fit_check(_spec(), "f" * 64, log=quiet)
+  assert not first.fits and not first.cached and "does not fit" in first.report
+  assert calls[0][1:] == ["-m", "recurrentgemma_tpu.compile", "--config=configs/tiny.py",
+                          "--topology=v5p:2x2x2", "--num_slices=1", "--config.train.steps=5"]
+  assert preflight.fit_check(_spec(), "f" * 64, log=quiet).cached and len(calls) == 1
+  preflight.fit_check(_spec(num_slices=2), "f" * 64, log=quiet)
+  preflight.fit_check(_spec(), "e" * 64, log=quiet)
+  assert len(calls) == 3
+  monkeypatch.setattr(preflight.subprocess, "run",
+                      lambda argv, **kw: subprocess.CompletedProcess(argv, 2, "", "bad topology"))
+  with pytest.raises(ValueError, match="could not run"):
+    preflight.fit_check(_spec(target=spec_lib.parse_target("v5p-32")), "f" * 64, log=quiet)
+
+
+def test_a_plan_that_does_not_fit_stops_before_anything_is_created(tmp_path, monkeypatch):
+  from launch import preflight
+  monkeypatch.setattr(preflight, "fingerprint", lambda spec: "f" * 64)
+  monkeypatch.setattr(preflight, "fit_check",
+                      lambda spec, fp, log: preflight.FitCheck(False, "120 GiB per chip"))
+  out = []
+  spec = _spec(workdir=str(tmp_path / "run"), allow_local_workdir=True)
+  assert jobs.submit(spec, log=out.append) == 4
+  assert "120 GiB per chip" in out[0]
+  assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
