@@ -147,6 +147,12 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
   except gcloud.CommandError as e:
     _err(str(e))
     return commands.EXIT_INTERNAL
+  except KeyboardInterrupt:
+    # Cloud jobs run on their own (the startup script / the JobSet controller); only the babysitting
+    # stops. (The local backend handles Ctrl-C itself: it stops its processes.)
+    log(f"babysitting interrupted; the job keeps running. Re-submit the same command to resume it, "
+        f"python -m launch.stop --workdir={spec.workdir} to stop it.")
+    return commands.EXIT_PREEMPTED
 
 
 # ------------------------------------------------------------------------------------ status, logs

@@ -208,3 +208,36 @@ def test_resubmitting_a_different_job_into_the_workdir_is_refused(cloud):
   changed = spec_lib.JobSpec(**{**spec.__dict__, "overrides": ("train.steps=6",)})
   assert jobs.submit(changed, skip_fit_check=True, log=lambda s: None) == commands.EXIT_USAGE
   assert cloud.calls() == []
+
+
+def test_startup_deadline_counts_from_active_not_from_queueing(cloud):
+  spec = _spec(cloud, startup_timeout_s=30)
+  name = commands.resource_name(spec, 1)
+  cloud.scenario(**{name: ["WAITING_FOR_RESOURCES"] * 6 + ["ACTIVE", "ACTIVE",
+                                                           {"state": "ACTIVE", "exit": _exits(spec)}]})
+  rc, st, _ = _run(spec)
+  assert rc == 0 and st.failures == 0
+
+
+def test_hosts_without_heartbeats_past_the_startup_deadline_are_hung(cloud):
+  spec = _spec(cloud, startup_timeout_s=30, max_failures=0)
+  cloud.scenario(**{commands.resource_name(spec, 1): ["ACTIVE"]})
+  rc, st, elapsed = _run(spec)
+  assert rc == commands.EXIT_INTERNAL and "hung: no heartbeat" in st.message
+  assert 30 < elapsed <= 40
+  assert cloud.live() == []
+
+
+def test_resumed_babysitting_sees_exits_written_while_it_was_away(cloud):
+  spec = _spec(cloud)
+  name = commands.resource_name(spec, 1)
+  runner = gcloud.Runner()
+  runner.run(commands.qr_create(spec, 1, "/dev/null"))
+  state_lib.save_state(spec.workdir, state_lib.RunState(phase="running", attempt=1, resource=name,
+                                                       attempt_started=10.0))
+  for i in range(spec.num_hosts):
+    state_lib.write_text(os.path.join(spec.workdir, "launch", "exit", f"process_{i}.json"),
+                         json.dumps({"rc": 0, "time": 20.0}))
+  rc, st, _ = _run(spec)
+  assert rc == 0 and st.phase == "done" and st.attempt == 1
+  assert [v for v, _ in cloud.verbs()] == ["create", "describe", "delete"]

@@ -131,6 +131,8 @@ def run(spec: spec_lib.JobSpec, *, python: str = sys.executable, poll_s: float =
         st.phase, st.message = "done", detail
         state_lib.save_state(wd, st)
         return commands.EXIT_DONE
+      if state_lib.stop_requested(wd):
+        continue  # stopped by launch.stop: not a preemption; the loop's top records it
       if kind == "fatal":
         st.phase, st.message = "failed", detail
         state_lib.save_state(wd, st)

@@ -80,7 +80,10 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
   st = state_lib.load_state(wd)
   script = commands.startup_script(spec, wheel_url)
   name = st.resource if st.phase in ("queued", "running", "restarting") else ""
-  queued_since = running_since = attempt_since = clock()
+  queued_since = running_since = clock()
+  # Resuming the babysitting of a live attempt: exit records written meanwhile still count.
+  attempt_since = st.attempt_started if name and st.attempt_started else clock()
+  alive_since = clock()  # when the hosts started this attempt's job (ACTIVE, or a restart)
 
   def finish(phase: str, message: str, rc: int) -> int:
     if name:
@@ -97,7 +100,7 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
     nonlocal name, queued_since, attempt_since
     st.attempt += 1
     name = create(runner, spec, st.attempt, script)
-    queued_since = attempt_since = clock()
+    queued_since = attempt_since = st.attempt_started = clock()
     st.phase, st.resource = "queued", name
     st.event("created", resource=name, capacity=spec.capacity)
     state_lib.save_state(wd, st)
@@ -134,8 +137,7 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
                       f"({b.queue_timeout_s:.0f}s)", commands.EXIT_INTERNAL)
     elif state == ACTIVE:
       if st.phase != "running":
-        st.phase, running_since = "running", now
-        attempt_since = now
+        st.phase, running_since, alive_since = "running", now, now
         st.event("active", resource=name)
         state_lib.save_state(wd, st)
         log(f"{name} is ACTIVE; the hosts run the job (logs: {state_lib.join(wd, 'logs')})")
@@ -158,7 +160,7 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
       else:
         for i in range(spec.num_hosts):
           verdict = state_lib.hang_verdict(
-              state_lib.read_heartbeat(wd, i), now=now, started=attempt_since,
+              state_lib.read_heartbeat(wd, i), now=now, started=alive_since,
               startup_timeout_s=b.startup_timeout_s, hang_factor=b.hang_factor,
               min_hang_s=b.min_hang_s)
           if verdict:
@@ -171,7 +173,7 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
         # Restart in place: every worker re-runs the startup script (kills the old trainer first).
         for node in commands.node_names(spec, st.attempt):
           runner.run(commands.tpu_ssh(spec, node, commands.restart_in_place_command(spec.run_id)))
-        attempt_since = clock()
+        attempt_since = alive_since = st.attempt_started = clock()
         st.phase = "restarting"
         st.event("restarted", resource=name)
         state_lib.save_state(wd, st)
