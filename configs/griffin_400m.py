@@ -1,7 +1,7 @@
-"""Griffin 400M of the Griffin paper's scaling ladder (see configs/ladder.py)."""
+"""Alias of `configs/ladder.py:griffin,400m` (the Griffin paper's ladder, as a training recipe)."""
 
 from configs import ladder
 
 
 def get_config():
-  return ladder.get_config("griffin", "400m")
+  return ladder.get_config("griffin,400m")

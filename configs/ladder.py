@@ -1,14 +1,21 @@
-"""The Griffin paper's scaling ladder (Table 2 / App. C), shared by the MQA, Hawk and Griffin families.
+"""The Griffin paper's scaling ladder (Table 2 / App. C) as complete training recipes.
 
-Each preset file (`configs/{griffin,hawk,mqa}_{100m,...,14b}.py`) is `ladder.get_config(family,
-size)`. Settings the paper does not give follow the reference code, except the RG-LRU gate
-blocks: the paper's 16 "for all experiments" (the reference ties them to heads, which cannot
-express 14B: D_RNN 8192 is not divisible by 40 heads' worth of blocks of a whole size).
+    --config=configs/ladder.py:griffin,1b        # family in {griffin, hawk, mqa}, size in LADDER
+
+`get_config("FAMILY,SIZE")` returns the full experiment of one ladder point: the architecture of
+Table 2, sequence length 2048, the paper's Chinchilla-style token budget for the size turned into
+`train.steps`, and batch, learning rate, weight decay and schedule from `configs/recipe.py`. The
+files `configs/{griffin,hawk,mqa}_{100m,...,14b}.py` are aliases of these points.
+
+Settings the paper does not give follow the reference code, except the RG-LRU gate blocks: the
+paper's 16 "for all experiments" (the reference ties them to heads, which cannot express 14B: D_RNN
+8192 is not divisible by 40 heads' worth of blocks of a whole size).
 """
 
 import ml_collections
 
 from configs import base
+from configs import recipe
 
 # size: (width D, D_RNN, depth, heads). Head dim is 128 throughout (H * 128 = D).
 LADDER = {
@@ -20,18 +27,37 @@ LADDER = {
     "7b": (4096, 5632, 32, 32),
     "14b": (5120, 8192, 40, 40),
 }
+# Nominal parameters of each size (the paper's names; "1b" is its 1.3B), which the recipe's
+# learning-rate and batch rules are read at.
+NOMINAL_PARAMS = {"100m": 100e6, "200m": 200e6, "400m": 400e6, "1b": 1.3e9, "3b": 3e9, "7b": 7e9,
+                  "14b": 14e9}
+# Training tokens per size ([G] Table 2, "Chinchilla-style"), the same for the three families.
+TOKENS = {"100m": 1.9e9, "200m": 3.9e9, "400m": 7.8e9, "1b": 25e9, "3b": 60e9, "7b": 132.5e9,
+          "14b": 300e9}
 FAMILIES = ("griffin", "hawk", "mqa")
 # MassiveText's tokenizer (Gopher / Chinchilla) has 32k entries; the Griffin paper does not
 # restate it. Counts in docs/model.md are with this vocabulary.
 LADDER_VOCAB = 32_000
+SEQ_LEN = 2048  # [G] section 3
 
 
-def get_config(family: str, size: str) -> ml_collections.ConfigDict:
-  """The full experiment config of one ladder point."""
+def parse_arg(arg: str) -> tuple[str, str]:
+  """'griffin,1b' -> ('griffin', '1b'), naming the valid values on a bad one."""
+  parts = [p.strip() for p in (arg or "").split(",")]
+  if len(parts) != 2:
+    raise ValueError(f"configs/ladder.py:{arg} must be FAMILY,SIZE, e.g. configs/ladder.py:griffin,1b "
+                     f"(families {FAMILIES}, sizes {tuple(LADDER)})")
+  family, size = parts
   if family not in FAMILIES:
     raise ValueError(f"family={family!r} must be one of {FAMILIES}")
   if size not in LADDER:
     raise ValueError(f"size={size!r} must be one of {tuple(LADDER)}")
+  return family, size
+
+
+def get_config(arg: str = "griffin,1b") -> ml_collections.ConfigDict:
+  """The full experiment config of one ladder point, `arg` = "FAMILY,SIZE"."""
+  family, size = parse_arg(arg)
   width, lru_width, depth, heads = LADDER[size]
   config = base.get_config()
   m = config.model
@@ -49,5 +75,6 @@ def get_config(family: str, size: str) -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # [G] section 4: bfloat16 parameters-in-compute and activations
   m.remat = "block"
   m.scan_layers = True
-  config.data.seq_len = 2048  # [G] section 3
+  config.data.seq_len = SEQ_LEN
+  recipe.apply(config, num_params=NOMINAL_PARAMS[size], tokens=TOKENS[size])
   return config

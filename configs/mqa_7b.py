@@ -1,7 +1,7 @@
-"""MQA 7B of the Griffin paper's scaling ladder (see configs/ladder.py)."""
+"""Alias of `configs/ladder.py:mqa,7b` (the Griffin paper's ladder, as a training recipe)."""
 
 from configs import ladder
 
 
 def get_config():
-  return ladder.get_config("mqa", "7b")
+  return ladder.get_config("mqa,7b")

@@ -1,21 +1,7 @@
-"""RecurrentGemma-9B (RecurrentGemma report, Table 1): 8.58B parameters, pretrained at 8192 tokens."""
+"""Alias of `configs/recurrentgemma.py:9b` (RecurrentGemma-9B, pretrained at 8192 tokens)."""
 
-from configs import base
+from configs import recurrentgemma
 
 
 def get_config():
-  config = base.get_config()
-  m = config.model
-  m.vocab_size = 256_000
-  m.width = 4096
-  m.lru_width = 4096
-  m.num_layers = 38  # 12 x (recurrent, recurrent, local attention) + (recurrent, recurrent)
-  m.block_pattern = "griffin"
-  m.num_heads = 16  # head_dim = 256; RG-LRU gate blocks = heads, like the published weights
-  m.attention_window = 2048
-  m.logits_soft_cap = 30.0
-  m.embeddings_scale_by_sqrt_dim = True
-  m.dtype = "bfloat16"
-  m.remat = "block"
-  config.data.seq_len = 8192
-  return config
+  return recurrentgemma.get_config("9b")

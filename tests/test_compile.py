@@ -141,7 +141,7 @@ def test_cli_compiles_reduced_depth_griffin_14b_on_v5p():
   # ZeRO-3 x tensor parallelism over 4 chips: each holds a quarter of params + Adam moments (f32).
   from configs import ladder  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
-  c = ladder.get_config("griffin", "14b").model
+  c = ladder.get_config("griffin,14b").model
   c.num_layers = 3
   mc = model_lib.ModelConfig.from_config(c)
   shapes = jax.eval_shape(lambda: model_lib.init_params(mc, jax.random.key(0)))

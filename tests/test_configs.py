@@ -1,6 +1,6 @@
-"""Presets: every config file builds, parameter counts match the papers, the summary CLI works."""
+"""Presets: every config file builds an Experiment, runs carry the papers' token budgets, parameter
+counts match the papers, the summary CLI works."""
 
-import importlib
 import os
 import subprocess
 import sys
@@ -8,28 +8,92 @@ import sys
 import pytest
 
 from configs import ladder
+from configs import recipe
+from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu.model import ModelConfig
 from recurrentgemma_tpu.model.summary import summarize
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
-PRESETS = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                 if f.endswith(".py") and f not in ("__init__.py", "base.py", "ladder.py"))
+# Modules of configs/ that are not experiments themselves.
+HELPERS = ("__init__.py", "base.py", "ladder.py", "recipe.py", "recurrentgemma.py")
+PRESETS = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f not in HELPERS)
+
+# Training tokens by size: the Griffin paper's Table 2 ("Chinchilla-style", all three families) and
+# the RecurrentGemma report (2T tokens for both sizes).
+PAPER_TOKENS = {"100m": 1.9e9, "200m": 3.9e9, "400m": 7.8e9, "1b": 25e9, "3b": 60e9, "7b": 132.5e9,
+                "14b": 300e9}
+RECURRENTGEMMA_TOKENS = 2e12
+
+
+def _experiment(name: str, num_devices: int | None = None) -> experiment_lib.Experiment:
+  config = experiment_lib.load_config(os.path.join(CONFIG_DIR, f"{name}.py"))
+  return experiment_lib.build(config, num_devices or experiment_lib.min_devices(config))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_an_experiment(name):
+  exp = _experiment(name)
+  assert exp.train.steps >= 1 and exp.total_tokens == exp.tokens_per_step * exp.train.steps
+  cfg = exp.model
+  assert cfg.num_layers >= 1 and cfg.lru_width_ % cfg.num_gate_blocks_ == 0
+
+
+def _paper_budget(name: str) -> float | None:
+  if name.startswith("recurrentgemma"):
+    return RECURRENTGEMMA_TOKENS
+  family, _, size = name.partition("_")
+  return PAPER_TOKENS[size] if family in ladder.FAMILIES else None
+
+
+@pytest.mark.parametrize("name", [p for p in PRESETS if _paper_budget(p) is not None])
+def test_presets_are_recipes_with_the_papers_token_budgets(name):
+  # 128 devices (v5p:4x4x8): the batch must divide over the ZeRO shards of the README's compile.
+  exp = _experiment(name, num_devices=128)
+  budget = _paper_budget(name)
+  assert abs(exp.total_tokens - budget) <= exp.tokens_per_step / 2, (exp.total_tokens, budget)
+  assert exp.data.seq_len == (8192 if name.startswith("recurrentgemma") else 2048)
+  o = exp.optimizer
+  # Warm-up, then cosine decay over the whole run; rate and decay from the one rule by size.
+  assert 1 <= o.warmup_steps <= 0.1 * exp.train.steps
+  assert o.decay_steps == exp.train.steps and o.final_lr_ratio == 0.1
+  assert o.weight_decay == recipe.WEIGHT_DECAY
+  assert 1e-4 <= o.learning_rate <= 6e-4
+
+
+def test_learning_rate_and_batch_shrink_and_grow_with_size():
+  exps = [_experiment(f"griffin_{size}") for size in ladder.LADDER]
+  rates = [e.optimizer.learning_rate for e in exps]
+  batches = [e.data.global_batch_size for e in exps]
+  assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1]
+  assert batches == sorted(batches) and batches[0] < batches[-1]
+  # GPT-3 Table 2.1 rows are reproduced at their own sizes.
+  for n, lr, tokens in recipe.GPT3_TABLE:
+    assert recipe.learning_rate(n) == pytest.approx(lr)
+    assert recipe.batch_tokens(n) == tokens
+
+
+@pytest.mark.parametrize("family", ladder.FAMILIES)
+def test_any_ladder_point_by_argument_equals_its_preset_file(family):
+  by_arg = experiment_lib.load_config(os.path.join(CONFIG_DIR, f"ladder.py:{family},400m"))
+  by_file = experiment_lib.load_config(os.path.join(CONFIG_DIR, f"{family}_400m.py"))
+  assert experiment_lib.build(by_arg, 1).fingerprint() == experiment_lib.build(by_file, 1).fingerprint()
+
+
+@pytest.mark.parametrize("arg, match", [("griffin", "FAMILY,SIZE"), ("gryffin,1b", "family='gryffin'"),
+                                        ("hawk,2b", "size='2b'")])
+def test_bad_ladder_argument_names_the_valid_values(arg, match):
+  with pytest.raises(ValueError, match=match):
+    ladder.get_config(arg)
 
 
 def _model(name: str) -> ModelConfig:
-  return ModelConfig.from_config(importlib.import_module(f"configs.{name}").get_config().model)
+  return _experiment(name).model
 
 
 def test_every_ladder_point_has_a_preset_file():
   expected = {f"{fam}_{size}" for fam in ladder.FAMILIES for size in ladder.LADDER}
   assert expected <= set(PRESETS)
   assert {"tiny", "recurrentgemma_2b", "recurrentgemma_9b"} <= set(PRESETS)
-
-
-@pytest.mark.parametrize("name", PRESETS)
-def test_preset_builds_a_valid_model_config(name):
-  cfg = _model(name)
-  assert cfg.num_layers >= 1 and cfg.lru_width_ % cfg.num_gate_blocks_ == 0
 
 
 def _closed_form_params(cfg: ModelConfig) -> int:

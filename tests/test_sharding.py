@@ -26,7 +26,7 @@ BATCH = 8
 
 def shrunk(family: str, **overrides) -> model_lib.ModelConfig:
   """The paper's 14B preset of `family` with every size shrunk, structure (gate blocks=16) kept."""
-  c = ladder.get_config(family, "14b").model
+  c = ladder.get_config(f"{family},14b").model
   c.update(dict(vocab_size=512, width=64, lru_width=128, num_layers=4, num_heads=8, head_dim=8,
                 attention_window=8, dtype="float32", scan_impl="xla_linear"))
   c.update(overrides)

@@ -1,0 +1,108 @@
+"""`experiment.build`: every group strict by name, each cross-group check, loading and overrides."""
+
+import os
+
+import pytest
+
+from recurrentgemma_tpu import experiment as experiment_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+# One misspelling of a real field per group (and of a data source's field).
+TYPOS = [
+    ("model", "widht", "width"),
+    ("data", "global_batch_sise", "global_batch_size"),
+    ("optimizer", "learning_rat", "learning_rate"),
+    ("train", "stepz", "steps"),
+    ("checkpoint", "save_evry", "save_every"),
+    ("mesh", "modle", "model"),
+    ("data.sources.default", "pattren", "pattern"),
+]
+
+
+def _tiny(*overrides):
+  return experiment_lib.load_config(TINY, overrides)
+
+
+@pytest.mark.parametrize("group, typo, field", TYPOS)
+def test_typo_in_any_group_is_refused_by_name(group, typo, field):
+  # A config built in code (a preset, a sweep) is not locked: the typo becomes a new field.
+  config = _tiny()
+  config.unlock()
+  node = config
+  for part in group.split("."):
+    node = node[part]
+  node[typo] = 1
+  with pytest.raises(ValueError, match=rf"config\.{group}\.{typo} is not a field of config\.{group} "
+                                       rf"\(did you mean config\.{group}\.{field}\?\)"):
+    experiment_lib.build(config, num_devices=1)
+
+
+@pytest.mark.parametrize("group, typo, field", TYPOS)
+def test_typo_in_an_override_is_refused_by_name(group, typo, field):
+  with pytest.raises(ValueError, match=rf"config\.{group}\.{typo} is not a field.*did you mean "
+                                       rf"config\.{group}\.{field}"):
+    _tiny(f"{group}.{typo}=1")
+
+
+def test_unknown_group_is_refused_by_name():
+  config = _tiny()
+  config.unlock()
+  config.trian = config.train
+  with pytest.raises(ValueError, match=r"config\.trian is not a field of config \(did you mean "
+                                       r"config\.train\?\)"):
+    experiment_lib.build(config, num_devices=1)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.steps=true", r"config\.train\.steps=True must be an integer"),
+    ("mesh.strategy=dp", None),  # valid on one device
+])
+def test_values_are_checked_against_the_field_type(override, match):
+  config = _tiny()
+  config.unlock()
+  key, value = override.split("=")
+  group, field = key.split(".")
+  config[group][field] = {"true": True}.get(value, value)
+  if match is None:
+    assert experiment_lib.build(config, num_devices=1).mesh.strategy == "dp"
+  else:
+    with pytest.raises(ValueError, match=match):
+      experiment_lib.build(config, num_devices=1)
+
+
+@pytest.mark.parametrize("overrides, num_devices, match", [
+    (("mesh.strategy=dp", "mesh.model=2", "mesh.fsdp=1"), 2, r"strategy='dp' does not shard over"),
+    (("mesh.model=3",), 8, r"cannot fill -1 for 'fsdp'"),
+    (("data.global_batch_size=4",), 8, r"global_batch_size=4 does not fit mesh.*multiple of 8"),
+    (("optimizer.num_microbatches=3",), 1, r"does not divide into optimizer.num_microbatches=3"),
+    (("optimizer.num_microbatches=2",), 8, r"micro-batch of 4 sequences .* multiple of 16"),
+    (("checkpoint.save_every=200", "checkpoint.keep_every=300"), 1, r"keep_every=300 must be a multiple"),
+    (("train.log_every=0",), 1, r"config\.train\.log_every=0 must be > 0"),
+])
+def test_cross_group_checks_fail_before_anything_is_built(overrides, num_devices, match):
+  with pytest.raises(ValueError, match=match):
+    experiment_lib.build(_tiny(*overrides), num_devices=num_devices)
+
+
+def test_init_from_must_exist():
+  with pytest.raises(FileNotFoundError, match="init_from='/nonexistent/ckpt' does not exist"):
+    experiment_lib.build(_tiny("checkpoint.init_from=/nonexistent/ckpt"), num_devices=1)
+
+
+def test_overrides_parse_like_the_command_line():
+  exp = experiment_lib.build(_tiny("train.steps=7", "optimizer.learning_rate=1e-3", "model.remat=block",
+                                   "checkpoint.async_save=false"), num_devices=1)
+  assert exp.train.steps == 7 and exp.optimizer.learning_rate == 1e-3
+  assert exp.model.remat == "block" and exp.checkpoint.async_save is False
+  assert exp.tokens_per_step == 8 * 256 and exp.total_tokens == 7 * 8 * 256
+
+
+def test_fingerprint_follows_the_config_not_the_devices():
+  one = experiment_lib.build(_tiny(), num_devices=1)
+  assert experiment_lib.build(_tiny(), num_devices=8).fingerprint() == one.fingerprint()
+  assert experiment_lib.build(_tiny("data.seed=1"), num_devices=1).fingerprint() != one.fingerprint()
+  again = experiment_lib.replace(one, ["train.steps=601"])
+  assert again.train.steps == 601 and one.train.steps == 600  # the original is untouched
+  assert '"steps": 601' in again.to_json()
