@@ -13,6 +13,7 @@ The same function wraps the scan for any sharded operands (batch and channel axe
 also what keeps the Pallas TPU kernel on per-device shapes (DESIGN.md).
 """
 
+import dataclasses
 from typing import Optional, Sequence, Union
 
 import jax
@@ -36,6 +37,32 @@ def _mesh_axes(axes: AxisNames) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScanPlacement:
+  """Where sharded [batch, time, channels] scan operands live: a mesh and each dimension's mesh axes.
+
+  A static, hashable value (a module attribute of the model; sharding/ builds it from the rules) that
+  `scan` turns into a `sequence_parallel_linear_scan` call.
+
+  Attributes:
+    mesh: the device mesh, concrete or abstract (an abstract one needs the concrete mesh installed,
+      e.g. with `jax.set_mesh`, when the scan is traced).
+    batch_axes, time_axes, channel_axes: mesh axes sharding each dimension (None: replicated).
+  """
+
+  mesh: Union[Mesh, AbstractMesh]
+  batch_axes: AxisNames = None
+  time_axes: AxisNames = None
+  channel_axes: AxisNames = None
+
+  def scan(self, x: jax.Array, a: jax.Array, h0: Optional[jax.Array] = None, *,
+           reverse: bool = False, impl: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """`sequence_parallel_linear_scan` with this placement."""
+    return sequence_parallel_linear_scan(
+        x, a, h0, mesh=self.mesh, axis_name=self.time_axes, reverse=reverse, impl=impl,
+        batch_axes=self.batch_axes, channel_axes=self.channel_axes)
+
+
 def sequence_parallel_linear_scan(
     x: jax.Array,
     a: jax.Array,
@@ -57,7 +84,7 @@ def sequence_parallel_linear_scan(
     a: decay factors, same shape as x.
     h0: optional initial state, [batch, channels]; zeros when None.
     mesh: the device mesh, concrete or abstract (e.g. `jax.sharding.get_abstract_mesh()` while
-      tracing under a mesh; sharding.rules.active_placement returns it with the per-dim axes).
+      tracing under a mesh).
     axis_name: mesh axis (or axes) that shard time, or None when time is not sharded (then, as with
       an axis of size 1, there is no communication: this is the shard_map wrapper a Pallas TPU
       kernel needs for batch- or channel-sharded operands).

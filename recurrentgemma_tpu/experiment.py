@@ -28,7 +28,8 @@ from ml_collections.config_flags import config_flags
 
 from recurrentgemma_tpu import data as data_lib
 from recurrentgemma_tpu import model as model_lib
-from recurrentgemma_tpu import train_step as train_step_lib
+from recurrentgemma_tpu import optimizer as optimizer_lib
+from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -71,7 +72,7 @@ class Experiment:
   """
 
   model: model_lib.ModelConfig
-  optimizer: train_step_lib.OptimizerConfig
+  optimizer: optimizer_lib.OptimizerConfig
   data: data_lib.DataConfig
   mesh: mesh_lib.MeshConfig
   checkpoint: ckpt_lib.CheckpointOptions
@@ -218,7 +219,7 @@ def _check_batch(exp_parts: dict[str, Any], mesh_shape: Mapping[str, int]) -> No
                               optimizer.num_microbatches),
                              ("data.eval_batch_size", data.eval_batch_size, 1)):
     try:
-      train_step_lib.check_batch_shape(batch, data.seq_len, abstract, micro, rules)
+      step_functions.check_batch_shape(batch, data.seq_len, abstract, micro, rules)
     except ValueError as e:
       raise ValueError(f"config.{what}={batch} does not fit mesh {dict(mesh_shape)}: {e}") from e
 
@@ -249,7 +250,7 @@ def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise ValueError(f"config has no {missing} group(s); build configs on configs/base.get_config().")
   parts: dict[str, Any] = {}
   parts["model"] = typed(model_lib.ModelConfig, config.model, "config.model")
-  parts["optimizer"] = typed(train_step_lib.OptimizerConfig, config.optimizer, "config.optimizer")
+  parts["optimizer"] = typed(optimizer_lib.OptimizerConfig, config.optimizer, "config.optimizer")
   parts["train"] = typed(TrainConfig, config.train, "config.train")
   # Retention against the save interval is checked by CheckpointOptions itself.
   parts["checkpoint"] = typed(ckpt_lib.CheckpointOptions, config.checkpoint, "config.checkpoint",

@@ -34,6 +34,7 @@ from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import heartbeat as heartbeat_lib
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu import preemption
+from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import train_step as train_step_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 from recurrentgemma_tpu.checkpoints import resume as resume_lib
@@ -84,7 +85,7 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
   return 0.0  # GPUs: set train.peak_flops_per_device; MFU is reported as NaN meanwhile.
 
 
-def evaluate(fns: train_step_lib.StepFunctions, params: Any, pipeline: data_lib.Pipeline) -> dict[str, float]:
+def evaluate(fns: step_functions.StepFunctions, params: Any, pipeline: data_lib.Pipeline) -> dict[str, float]:
   """Mean loss, perplexity and accuracy over the validation batches (padding excluded)."""
   sharding = fns.batch_shardings["inputs"]
   size = pipeline.config.eval_batch_size
@@ -147,7 +148,7 @@ class Trainer:
     self.heartbeat = heartbeat_lib.Heartbeat(workdir, jax.process_index())
     self.heartbeat.beat("starting", 0)
     self.mesh = mesh_lib.create_mesh(exp.mesh)
-    self.fns = train_step_lib.build_step_functions(exp.model, exp.optimizer, self.mesh,
+    self.fns = step_functions.build_step_functions(exp.model, exp.optimizer, self.mesh,
                                                    exp.mesh.strategy)
     try:
       self.pipeline = data_lib.make_pipeline(exp.data)

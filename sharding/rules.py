@@ -112,31 +112,29 @@ def logical_to_spec(logical_axes: Optional[Sequence[Optional[str]]], rules: Rule
   return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
 
 
-def active_placement(logical_axes: Sequence[Optional[str]]) -> Optional[tuple[Any, tuple[MeshAxes, ...]]]:
-  """Where an activation with these logical axes lives under the mesh and rules being traced with.
+def dim_mesh_axes(logical_axes: Sequence[Optional[str]], rules: Rules) -> tuple[MeshAxes, ...]:
+  """One mesh-axes entry per dimension (None: replicated) of an array with these logical axes.
 
-  For code that must place work by hand (a Pallas kernel inside `shard_map`, which the partitioner
-  cannot split): returns (abstract mesh, one mesh-axes entry per dimension), or None when no mesh or
-  no rules are installed (single-device use). `StepFunctions` installs both around every step.
+  For code that must place work by hand: the step builder turns the RG-LRU scan's entries into a
+  `pallas_kernels.ScanPlacement` (a Pallas kernel inside `shard_map`, which the partitioner cannot
+  split).
   """
-  rules = nn.get_logical_axis_rules()
-  mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh.empty:
-    return None
   spec = logical_to_spec(logical_axes, rules)
-  return mesh, tuple(spec) + (None,) * (len(logical_axes) - len(spec))
+  return tuple(spec) + (None,) * (len(logical_axes) - len(spec))
 
 
-def _is_axes_leaf(x: Any) -> bool:
+def is_axes_leaf(x: Any) -> bool:
+  """True for a tree leaf of logical axes: None or a tuple of axis names (or None)."""
   return x is None or (type(x) is tuple and all(e is None or isinstance(e, str) for e in x))
 
 
 def tree_specs(logical_tree: Any, rules: Rules) -> Any:
   """PartitionSpecs for a pytree whose leaves are logical-axis tuples."""
-  return jax.tree.map(lambda a: logical_to_spec(a, rules), logical_tree, is_leaf=_is_axes_leaf)
+  return jax.tree.map(lambda a: logical_to_spec(a, rules), logical_tree, is_leaf=is_axes_leaf)
 
 
-def _spec_devices(spec_entry: MeshAxes, mesh: jax.sharding.Mesh) -> int:
+def spec_devices(spec_entry: MeshAxes, mesh: jax.sharding.Mesh) -> int:
+  """Devices one PartitionSpec entry splits a dimension over."""
   if spec_entry is None:
     return 1
   names = (spec_entry,) if isinstance(spec_entry, str) else spec_entry
@@ -174,7 +172,7 @@ def tree_shardings(
       if len(spec) > len(arr.shape):
         raise ValueError(f"{jax.tree_util.keystr(path)}: spec {spec} has more dims than shape {arr.shape}")
       for dim, entry in zip(arr.shape, spec):
-        n = _spec_devices(entry, mesh)
+        n = spec_devices(entry, mesh)
         if dim % n:
           problems.append(f"{jax.tree_util.keystr(path)} shape {tuple(arr.shape)} dim {dim} on {entry} "
                           f"({n} devices)")
@@ -189,7 +187,7 @@ def per_device_bytes(shape: Sequence[int], dtype: Any, spec: PartitionSpec, mesh
   """Bytes one device holds of an array with `spec` (ceil-divided shards)."""
   n = 1
   for i, dim in enumerate(shape):
-    parts = _spec_devices(spec[i], mesh) if i < len(spec) else 1
+    parts = spec_devices(spec[i], mesh) if i < len(spec) else 1
     n *= -(-dim // parts)
   return n * np.dtype(dtype).itemsize
 
@@ -202,7 +200,7 @@ def sharding_report(abstract_tree: Any, logical_tree: Any, shardings: Any) -> tu
     printable table ending with the per-device total.
   """
   flat = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
-  logical = jax.tree.leaves(logical_tree, is_leaf=_is_axes_leaf)
+  logical = jax.tree.leaves(logical_tree, is_leaf=is_axes_leaf)
   sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   if not (len(flat) == len(logical) == len(sh)):
     raise ValueError(f"tree sizes differ: arrays {len(flat)}, logical axes {len(logical)}, "

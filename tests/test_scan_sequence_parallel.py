@@ -96,8 +96,8 @@ def test_unsharded_time_axis_needs_no_communication():
 
 
 def test_abstract_mesh_and_time_over_two_mesh_axes():
-  # How the model calls it while tracing under an installed mesh (sharding.rules.active_placement
-  # returns the abstract mesh); time split 8 ways over two mesh axes.
+  # The abstract mesh of the mesh installed while tracing (a ScanPlacement may carry either kind);
+  # time split 8 ways over two mesh axes.
   mesh = _mesh((2, 4), ("data", "seq"))
   x, a, h0, _, _ = _inputs((2, 64, 32), seed=5)
 

@@ -14,8 +14,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import ladder
+from recurrentgemma_tpu import data as data_lib
 from recurrentgemma_tpu import model as model_lib
-from recurrentgemma_tpu import train_step as ts
+from recurrentgemma_tpu import optimizer as optimizer_lib
+from recurrentgemma_tpu import step_functions
 from sharding import hlo
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -52,8 +54,13 @@ def build(mc, mesh_sizes, strategy="griffin", **opt):
   data, fsdp, seq, model = mesh_sizes
   devices = jax.devices()[: data * fsdp * seq * model]
   mesh = mesh_lib.create_mesh(mesh_lib.MeshConfig(strategy, data, fsdp, seq, model), devices)
-  return ts.build_step_functions(mc, ts.OptimizerConfig(warmup_steps=2, decay_steps=10, **opt), mesh,
-                                 strategy)
+  return step_functions.build_step_functions(
+      mc, optimizer_lib.OptimizerConfig(warmup_steps=2, decay_steps=10, **opt), mesh, strategy)
+
+
+def shard(fns, batch):
+  """A process-local numpy batch as global arrays laid out like the step functions' batch."""
+  return data_lib.to_global_arrays(batch, fns.batch_shardings["inputs"], BATCH)
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +70,7 @@ def reference(family: str):
   fns = build(mc, (1, 1, 1, 1))
   params = jax.device_get(fns.create_state(jax.random.key(0)).params)
   batch = make_batch(1)
-  grads, metrics = fns.gradients(params, fns.shard_batch(batch))
+  grads, metrics = fns.gradients(params, shard(fns, batch))
   return mc, params, batch, jax.device_get(grads), jax.device_get(metrics)
 
 
@@ -199,7 +206,6 @@ def test_activation_rules_put_batch_before_embed():
 
 @pytest.mark.parametrize("mc_kwargs, mesh_sizes, strategy, message", [
     (dict(num_gate_blocks=4), (1, 1, 1, 8), "griffin", r"a_gate.*dim 4 on model"),
-    ({}, (1, 4, 1, 2), "fsdp", r"does not shard over mesh axes \{'model': 2\}"),
     ({}, (1, 8, 1, 1), "zero", "is not one of"),
 ])
 def test_build_rejects_bad_plans_before_compiling(mc_kwargs, mesh_sizes, strategy, message):
@@ -207,16 +213,23 @@ def test_build_rejects_bad_plans_before_compiling(mc_kwargs, mesh_sizes, strateg
     build(shrunk("griffin", **mc_kwargs), mesh_sizes, strategy=strategy)
 
 
+def test_strategy_must_use_the_mesh_axes_it_is_given():
+  # Checked once, when the experiment is built (build_step_functions trusts it).
+  with pytest.raises(ValueError, match=r"does not shard over mesh axes \{'model': 2\}"):
+    rules_lib.check_strategy_mesh("fsdp", {"slice": 1, "data": 1, "fsdp": 4, "seq": 1, "model": 2})
+
+
 def test_batch_shape_errors():
   fns = build(shrunk("griffin"), (2, 2, 1, 2))
   with pytest.raises(ValueError, match="does not divide over the 4 batch shards"):
     fns.abstract_batch(6, SEQ_LEN)
   with pytest.raises(ValueError, match="num_microbatches=3"):
-    ts.check_batch_shape(8, SEQ_LEN, fns.mesh, 3, fns.rules)
-  # The jitted step checks too: 4 micro-batches of 2 rows cannot spread over 4 batch shards.
+    step_functions.check_batch_shape(8, SEQ_LEN, fns.mesh, 3, fns.rules)
+  # The batch for lowering is checked against the micro-batches too: 4 micro-batches of 2 rows
+  # cannot spread over 4 batch shards.
   micro = build(shrunk("griffin"), (2, 2, 1, 2), num_microbatches=4)
   with pytest.raises(ValueError, match="micro-batch of 2 sequences"):
-    micro.gradients(None, make_batch(0))
+    micro.abstract_batch(BATCH, SEQ_LEN)
 
 
 # ----------------------------------------------------------- sharded == single device
@@ -243,7 +256,7 @@ def test_sharded_loss_and_grads_equal_single_device(family, mesh_name):
   mc, params, batch, ref_grads, ref_metrics = reference(family)
   fns = build(mc, MESHES[mesh_name])
   sharded_params = jax.device_put(params, fns.state_shardings.params)
-  grads, metrics = fns.gradients(sharded_params, fns.shard_batch(batch))
+  grads, metrics = fns.gradients(sharded_params, shard(fns, batch))
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
   assert float(metrics["num_tokens"]) == float(ref_metrics["num_tokens"])
   # Gradients come back laid out like the parameters (ZeRO-sharded), and equal the reference.
@@ -257,7 +270,7 @@ def test_train_step_metrics_match_single_device_and_microbatches():
   fns = build(mc, (2, 2, 1, 2), num_microbatches=2)
   state = fns.create_state(jax.random.key(0))
   state = state.replace(params=jax.device_put(params, fns.state_shardings.params))
-  new_state, metrics = fns.train_step(state, fns.shard_batch(batch))
+  new_state, metrics = fns.train_step(state, shard(fns, batch))
   # Two strided micro-batches (4 rows each, one per batch shard) accumulate to the single-device,
   # single-pass gradient.
   ref_norm = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(ref_grads)))
@@ -292,11 +305,11 @@ def test_model_sharded_recurrence_has_no_collectives():
   assert layer_loops and all(any("all-reduce" in c for c in l["collectives"]) for l in layer_loops)
 
 
-def test_active_placement_follows_installed_mesh_and_rules():
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  assert rules_lib.active_placement(("batch", "length", "rnn")) is None
+def test_scan_placement_follows_mesh_and_rules():
   mesh = mesh_lib.create_mesh(mesh_lib.MeshConfig(fsdp=2, seq=2, model=2))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules_lib.rules_for("griffin")):
-    abstract, axes = rules_lib.active_placement(("batch", "length", "rnn"))
-  assert dict(abstract.shape) == dict(mesh.shape)
+  placement = step_functions.scan_placement(mesh, rules_lib.rules_for("griffin"))
+  assert dict(placement.mesh.shape) == dict(mesh.shape)
+  axes = (placement.batch_axes, placement.time_axes, placement.channel_axes)
   assert axes == (("slice", "data", "fsdp"), "seq", "model")
+  # Static and hashable: a module attribute and part of the jit cache key.
+  assert hash(placement) == hash(step_functions.scan_placement(mesh, rules_lib.rules_for("griffin")))

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 
 from configs import base
+from recurrentgemma_tpu import data as data_lib
 from recurrentgemma_tpu import model as model_lib
+from recurrentgemma_tpu import optimizer as optimizer_lib
 from recurrentgemma_tpu import train_step as ts
-from test_sharding import build, make_batch, shrunk  # tests/ is on sys.path under pytest
+from test_sharding import BATCH, build, make_batch, shrunk  # tests/ is on sys.path under pytest
 
 
 def test_config_file_and_dataclass_agree():
-  assert ts.OptimizerConfig.from_config(base.optimizer()) == ts.OptimizerConfig()
+  assert optimizer_lib.OptimizerConfig.from_config(base.optimizer()) == optimizer_lib.OptimizerConfig()
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -25,19 +27,19 @@ def test_config_file_and_dataclass_agree():
 ])
 def test_optimizer_config_errors(changes, message):
   with pytest.raises(ValueError, match=message):
-    ts.OptimizerConfig(**changes)
+    optimizer_lib.OptimizerConfig(**changes)
 
 
 def test_unknown_optimizer_field_is_rejected():
   c = base.optimizer()
   c.unlocked = True  # a new field, as a typo on the command line would create
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['unlocked'\]"):
-    ts.OptimizerConfig.from_config(c)
+    optimizer_lib.OptimizerConfig.from_config(c)
 
 
 def test_schedule_warmup_then_cosine():
-  c = ts.OptimizerConfig(learning_rate=1e-3, warmup_steps=10, decay_steps=100, final_lr_ratio=0.1)
-  schedule = ts.learning_rate_schedule(c)
+  c = optimizer_lib.OptimizerConfig(learning_rate=1e-3, warmup_steps=10, decay_steps=100, final_lr_ratio=0.1)
+  schedule = optimizer_lib.learning_rate_schedule(c)
   for k in [0, 4, 9, 10, 50, 98, 99, 150]:
     t = k + 1  # update k uses the schedule at k + 1 (see learning_rate_schedule)
     if t <= 10:
@@ -49,7 +51,7 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_weight_decay_mask_excludes_norms_biases_and_rglru():
-  mask = ts.weight_decay_mask(model_lib.param_logical_axes(shrunk("griffin")))
+  mask = optimizer_lib.weight_decay_mask(model_lib.param_logical_axes(shrunk("griffin")))
   block = mask["groups"]["block_0"]
   assert mask["embedder"]["input_embedding"] is True
   assert mask["final_norm"]["scale"] is False
@@ -63,7 +65,7 @@ def test_weight_decay_mask_excludes_norms_biases_and_rglru():
   assert att["q_w"] and att["k_w"] and att["v_w"] and att["out_w"] and not att["out_b"]
 
 
-def _numpy_adamw(params, grads_seq, c: ts.OptimizerConfig, mask):
+def _numpy_adamw(params, grads_seq, c: optimizer_lib.OptimizerConfig, mask):
   """Clip by global norm, then AdamW, in float64."""
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
   m = {k: np.zeros_like(v) for k, v in p.items()}
@@ -84,13 +86,13 @@ def _numpy_adamw(params, grads_seq, c: ts.OptimizerConfig, mask):
 
 
 def test_adamw_with_clipping_and_mask_matches_numpy():
-  c = ts.OptimizerConfig(learning_rate=0.1, warmup_steps=5, decay_steps=50, weight_decay=0.3,
+  c = optimizer_lib.OptimizerConfig(learning_rate=0.1, warmup_steps=5, decay_steps=50, weight_decay=0.3,
                          grad_clip_norm=0.5, b2=0.99)
   logical = {"w": ("embed", "mlp"), "scale": ("embed",), "gate": ("rnn_block", None, None)}
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(4, 3)), "scale": rng.normal(size=(4,)), "gate": rng.normal(size=(2, 2, 2))}
   grads_seq = [{k: rng.normal(size=v.shape) for k, v in params.items()} for _ in range(3)]
-  tx = ts.make_optimizer(c, logical)
+  tx = optimizer_lib.make_optimizer(c, logical)
   p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   state = tx.init(p)
   for g in grads_seq:
@@ -117,7 +119,7 @@ def test_loss_z_loss_and_eval_sums_match_float64():
   params = model_lib.init_params(mc, jax.random.key(3))
   batch = make_batch(7)
   ce_sum, z_sum, correct, weight = _reference_losses(mc, params, batch)
-  opt = ts.OptimizerConfig(z_loss=1e-3)
+  opt = optimizer_lib.OptimizerConfig(z_loss=1e-3)
   _, metrics = jax.jit(lambda p, b: ts.compute_gradients(p, b, model_config=mc, opt_config=opt))(params, batch)
   np.testing.assert_allclose(metrics["loss"], ce_sum / weight, rtol=1e-5)
   np.testing.assert_allclose(metrics["z_loss"], z_sum / weight, rtol=1e-5)
@@ -134,7 +136,7 @@ def test_step_applies_adamw_to_the_gradients_and_counts_steps():
   fns = build(mc, (1, 1, 1, 1), grad_clip_norm=0.0, weight_decay=0.0)
   state = fns.create_state(jax.random.key(0))
   params0 = jax.device_get(state.params)
-  batch = fns.shard_batch(make_batch(4))
+  batch = data_lib.to_global_arrays(make_batch(4), fns.batch_shardings["inputs"], BATCH)
   grads, _ = fns.gradients(state.params, batch)
   grads = jax.device_get(grads)
   new_state, metrics = fns.train_step(state, batch)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import train_step as train_step_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 
@@ -62,7 +63,7 @@ def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def abstract_checkpoint(fns: train_step_lib.StepFunctions) -> tuple[Any, Any]:
+def abstract_checkpoint(fns: step_functions.StepFunctions) -> tuple[Any, Any]:
   """Restore targets (params, state item) laid out on `fns`'s mesh: restoring reshards onto it."""
   return (_abstract(fns.abstract_state.params, fns.state_shardings.params),
           _abstract(state_item(fns.abstract_state), state_item(fns.state_shardings)))
@@ -115,7 +116,7 @@ def check_resumable(meta: Mapping[str, Any], requested_json: str, directory: str
         + ",".join(c.split(":")[0] for c in changed) + ".")
 
 
-def restore_or_init(exp: Any, fns: train_step_lib.StepFunctions, ckpt: ckpt_lib.CheckpointManager,
+def restore_or_init(exp: Any, fns: step_functions.StepFunctions, ckpt: ckpt_lib.CheckpointManager,
                     accept_changes: Iterable[str] = ()) -> Resumed:
   """Resumes `exp` from `ckpt`'s newest intact step, else starts at step 0 (see the module doc)."""
   abstract_params, abstract_rest = abstract_checkpoint(fns)

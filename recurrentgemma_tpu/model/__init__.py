@@ -18,9 +18,10 @@ from recurrentgemma_tpu.model.config import (
     RECURRENT,
     ModelConfig,
 )
+from recurrentgemma_tpu.model.rglru import SCAN_AXES
 
 __all__ = [
     "BLOCK_TYPES", "FAMILY_PATTERNS", "GLOBAL_ATTENTION", "LOCAL_ATTENTION", "RECURRENT",
-    "Cache", "ModelConfig", "Params", "apply", "decode", "init_cache", "init_params",
+    "SCAN_AXES", "Cache", "ModelConfig", "Params", "apply", "decode", "init_cache", "init_params",
     "make_segments", "param_logical_axes",
 ]

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
 from recurrentgemma_tpu.model.attention import AttentionCache
 from recurrentgemma_tpu.model.config import GLOBAL_ATTENTION, RECURRENT, ModelConfig
 from recurrentgemma_tpu.model.griffin import module_for
@@ -62,11 +63,9 @@ def make_segments(batch: int, length: int, segment_ids: jax.Array | None = None,
 
 
 def _init_boxed(config: ModelConfig, rng: jax.Array) -> Params:
+  # Without a scan placement: parameters do not depend on where activations live.
   tokens = jnp.zeros((1, 1), jnp.int32)
-  # The dummy [1, 1] batch cannot be split over a sharded mesh (the per-shard scan rejects it), and
-  # parameter values do not depend on where activations live: trace it without the axis rules.
-  with nn.logical_axis_rules(()):
-    return module_for(config).init(rng, tokens, make_segments(1, 1))["params"]
+  return module_for(config).init(rng, tokens, make_segments(1, 1))["params"]
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
@@ -107,7 +106,8 @@ def param_logical_axes(config: ModelConfig) -> Params:
 
 def apply(params: Params, config: ModelConfig, tokens: jax.Array, *,
           segment_ids: jax.Array | None = None,
-          positions: jax.Array | None = None) -> jax.Array:
+          positions: jax.Array | None = None,
+          scan_placement: pallas_kernels.ScanPlacement | None = None) -> jax.Array:
   """Full-sequence forward pass.
 
   Args:
@@ -116,6 +116,8 @@ def apply(params: Params, config: ModelConfig, tokens: jax.Array, *,
     tokens: int [B, T].
     segment_ids: optional int [B, T], document number within a packed row (0 = padding).
     positions: optional int [B, T], position within each document (restarts at 0).
+    scan_placement: where the RG-LRU scan's operands live on a mesh (the step builder derives it
+      from the mesh and rules); None runs the plain scan.
 
   Returns:
     float32 logits [B, T, vocab_size].
@@ -126,14 +128,14 @@ def apply(params: Params, config: ModelConfig, tokens: jax.Array, *,
   for name, value in (("segment_ids", segment_ids), ("positions", positions)):
     if value is not None and np.shape(value) != (B, T):
       raise ValueError(f"{name} must have the tokens' shape {(B, T)}; got {np.shape(value)}")
-  return _apply_jit(params, config, tokens, segment_ids, positions)
+  return _apply_jit(params, config, tokens, segment_ids, positions, scan_placement)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _apply_jit(params, config, tokens, segment_ids, positions):
+@functools.partial(jax.jit, static_argnums=(1, 5))
+def _apply_jit(params, config, tokens, segment_ids, positions, scan_placement):
   B, T = tokens.shape
   seg = make_segments(B, T, segment_ids, positions)
-  logits, _ = module_for(config).apply({"params": params}, tokens, seg)
+  logits, _ = module_for(config, scan_placement).apply({"params": params}, tokens, seg)
   return logits.astype(jnp.float32)
 
 

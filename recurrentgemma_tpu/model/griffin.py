@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from recurrentgemma_tpu.model.attention import AttentionBlock
 from recurrentgemma_tpu.model.config import RECURRENT, ModelConfig
 from recurrentgemma_tpu.model.layers import Embedder, MLPBlock, RMSNorm, constrain
@@ -34,6 +35,7 @@ class ResidualBlock(nn.Module):
 
   config: ModelConfig
   block_type: str
+  scan_placement: pallas_kernels.ScanPlacement | None = None  # see rglru.RGLRU
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, seg: Segments, cache: Any,
@@ -42,7 +44,7 @@ class ResidualBlock(nn.Module):
     x_BTD = constrain(x_BTD, ACT_AXES)
     h = RMSNorm(cfg, name="temporal_pre_norm")(x_BTD)
     if self.block_type == RECURRENT:
-      h, new_cache = RecurrentBlock(cfg, name="recurrent_block")(h, seg, cache)
+      h, new_cache = RecurrentBlock(cfg, self.scan_placement, name="recurrent_block")(h, seg, cache)
     else:
       h, new_cache = AttentionBlock(cfg, self.block_type, name="attention_block")(
           h, seg, cache, num_tokens_B)
@@ -69,6 +71,7 @@ class BlockGroup(nn.Module):
   config: ModelConfig
   block_types: tuple[str, ...]
   in_scan: bool = False
+  scan_placement: pallas_kernels.ScanPlacement | None = None
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, cache: Any, seg: Segments,
@@ -77,15 +80,21 @@ class BlockGroup(nn.Module):
     new_cache = {}
     for i, block_type in enumerate(self.block_types):
       name = f"block_{i}"
-      x_BTD, new_cache[name] = block_cls(self.config, block_type, name=name)(
+      x_BTD, new_cache[name] = block_cls(self.config, block_type, self.scan_placement, name=name)(
           x_BTD, seg, None if cache is None else cache[name], num_tokens_B)
     return x_BTD, (None if cache is None else new_cache)
 
 
 class Griffin(nn.Module):
-  """Embed -> num_layers residual blocks -> RMSNorm -> tied unembedding (+ optional soft-cap)."""
+  """Embed -> num_layers residual blocks -> RMSNorm -> tied unembedding (+ optional soft-cap).
+
+  Attributes:
+    config: the model.
+    scan_placement: where the RG-LRU scan runs on a mesh (passed down to every `RGLRU`), or None.
+  """
 
   config: ModelConfig
+  scan_placement: pallas_kernels.ScanPlacement | None = None
 
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, seg: Segments, cache: dict | None = None,
@@ -107,10 +116,14 @@ class Griffin(nn.Module):
           unroll=1 if cfg.scan_layers else cfg.num_groups,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, new_cache["groups"] = scan(cfg, cfg.block_pattern, in_scan=True, name="groups")(
+      groups = scan(cfg, cfg.block_pattern, in_scan=True, scan_placement=self.scan_placement,
+                    name="groups")
+      x, new_cache["groups"] = groups(
           x, None if cache is None else cache["groups"], seg, num_tokens_B)
     if cfg.remainder_types:
-      x, new_cache["remainder"] = BlockGroup(cfg, cfg.remainder_types, name="remainder")(
+      remainder = BlockGroup(cfg, cfg.remainder_types, scan_placement=self.scan_placement,
+                             name="remainder")
+      x, new_cache["remainder"] = remainder(
           x, None if cache is None else cache["remainder"], seg, num_tokens_B)
     x = RMSNorm(cfg, name="final_norm")(x)
     logits = embedder.decode(x)
@@ -122,5 +135,6 @@ class Griffin(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def module_for(config: ModelConfig) -> Griffin:
-  return Griffin(config)
+def module_for(config: ModelConfig,
+               scan_placement: pallas_kernels.ScanPlacement | None = None) -> Griffin:
+  return Griffin(config, scan_placement)

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-import sharding.rules
 from recurrentgemma_tpu.model.config import ModelConfig
 from recurrentgemma_tpu.model.layers import constrain, lecun_normal, param
 
 LRU_C = 8.0  # the paper's c
 SQRT_MAX_GRADIENT = 1000.0  # RecurrentGemma report: the sqrt's derivative is clipped at 1000
 A_MIN, A_MAX = 0.9, 0.999  # the ring Lambda is initialised on (see `lambda_init`)
+SCAN_AXES = ("batch", "length", "rnn")  # logical axes of the scan's operands
 
 
 class Segments(NamedTuple):
@@ -80,21 +80,16 @@ def lambda_initializer(kind: str) -> nn.initializers.Initializer:
   return init
 
 
-def run_linear_scan(x_BTR: jax.Array, a_BTR: jax.Array, h0_BR: jax.Array | None,
-                    impl: str) -> tuple[jax.Array, jax.Array]:
+def run_linear_scan(x_BTR: jax.Array, a_BTR: jax.Array, h0_BR: jax.Array | None, impl: str,
+                    placement: pallas_kernels.ScanPlacement | None) -> tuple[jax.Array, jax.Array]:
   """The one place the model calls the scan; the sequence-parallel variant plugs in here."""
-  axes = ("batch", "length", "rnn")
-  x_BTR = constrain(x_BTR, axes)
-  a_BTR = constrain(a_BTR, axes)
-  placement = sharding.rules.active_placement(axes)
+  x_BTR = constrain(x_BTR, SCAN_AXES)
+  a_BTR = constrain(a_BTR, SCAN_AXES)
   if placement is None:
     return pallas_kernels.linear_scan(x_BTR, a_BTR, h0_BR, impl=impl)
   # Under a mesh the scan runs per shard (Mosaic kernels cannot be auto-partitioned); with time
   # sharded over `seq` the shards also exchange carries (pallas_kernels.sequence_parallel).
-  mesh, (batch_axes, time_axes, rnn_axes) = placement
-  return pallas_kernels.sequence_parallel_linear_scan(
-      x_BTR, a_BTR, h0_BR, mesh=mesh, axis_name=time_axes, batch_axes=batch_axes,
-      channel_axes=rnn_axes, impl=impl)
+  return placement.scan(x_BTR, a_BTR, h0_BR, impl=impl)
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -116,9 +111,16 @@ class BlockDiagonalLinear(nn.Module):
 
 
 class RGLRU(nn.Module):
-  """Real-Gated Linear Recurrent Unit; the recurrence runs in float32."""
+  """Real-Gated Linear Recurrent Unit; the recurrence runs in float32.
+
+  Attributes:
+    config: the model.
+    scan_placement: where the scan's [batch, length, rnn] operands live on a mesh (built by the
+      step builder from the mesh and rules), or None for the plain single-program scan.
+  """
 
   config: ModelConfig
+  scan_placement: pallas_kernels.ScanPlacement | None = None
 
   @nn.compact
   def __call__(self, x_BTR: jax.Array, seg: Segments,
@@ -137,7 +139,7 @@ class RGLRU(nn.Module):
     multiplier = jnp.where(reset, 1.0, multiplier)
     a = jnp.where(reset, 0.0, a)
     x_in = (x_BTR * gate_x).astype(jnp.float32) * multiplier
-    y_BTR, h_last = run_linear_scan(x_in, a, h0_BR, cfg.scan_impl)
+    y_BTR, h_last = run_linear_scan(x_in, a, h0_BR, cfg.scan_impl, self.scan_placement)
     return y_BTR.astype(cfg.compute_dtype), h_last
 
 
@@ -179,6 +181,7 @@ class RecurrentBlock(nn.Module):
   """linear_y -> GeLU  (x)  linear_x -> Conv1D -> RG-LRU, then linear_out."""
 
   config: ModelConfig
+  scan_placement: pallas_kernels.ScanPlacement | None = None  # see RGLRU
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, seg: Segments,
@@ -201,6 +204,6 @@ class RecurrentBlock(nn.Module):
     u_BTR = constrain(u_BTR, ("batch", "length", "rnn"))
     u_BTR, conv_tail = Conv1D(cfg, name="conv_1d")(
         u_BTR, seg, None if cache is None else cache.conv)
-    u_BTR, h_last = RGLRU(cfg, name="rg_lru")(u_BTR, seg, None if cache is None else cache.rg_lru)
+    u_BTR, h_last = RGLRU(cfg, self.scan_placement, name="rg_lru")(u_BTR, seg, None if cache is None else cache.rg_lru)
     out = jnp.einsum("btr,rd->btd", u_BTR * y_BTR, wo.astype(cd)) + bo.astype(cd)
     return out, RecurrentCache(rg_lru=h_last, conv=conv_tail)
