@@ -220,3 +220,25 @@ def test_a_plan_that_does_not_fit_stops_before_anything_is_created(tmp_path, mon
   assert jobs.submit(spec, log=out.append) == 4
   assert "120 GiB per chip" in out[0]
   assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
+
+
+@pytest.mark.parametrize("backend", ["tpu_vm", "gke"])
+def test_dry_run_prints_every_command_and_changes_nothing(tmp_path, monkeypatch, backend):
+  from launch import preflight
+  monkeypatch.setattr(preflight, "fingerprint", lambda spec: "f" * 64)
+  monkeypatch.setenv("PATH", str(tmp_path))  # nothing can run: no gcloud, kubectl or pip here
+  out = []
+  spec = _spec(workdir=str(tmp_path / "run"), allow_local_workdir=True, backend=backend,
+               cluster="c", image="python:3.11", num_slices=2)
+  assert jobs.submit(spec, dry_run=True, skip_fit_check=True, log=out.append) == 0
+  text = "\n".join(out)
+  assert not (tmp_path / "run").exists()
+  assert "pip wheel --no-deps" in text
+  for i in range(spec.num_hosts):
+    assert f"JAX_PROCESS_ID={i}\n" in text
+  if backend == "tpu_vm":
+    labelled = spec_lib.JobSpec(**{**spec.__dict__, "fingerprint": "f" * 64})
+    assert commands.quote(commands.qr_create(labelled, 1, "startup.sh")) in out
+    assert "#!/bin/bash" in text and commands.quote(commands.qr_delete(spec, spec.run_id + "-1")) in out
+  else:
+    assert "kubectl apply -f jobset.yaml" in out and "kind: JobSet" in text
