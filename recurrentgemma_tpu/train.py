@@ -77,7 +77,10 @@ def _root_cause(error: BaseException) -> BaseException:
 def _load_config():
   """The parsed --config (its file is loaded lazily): errors become one UserError line."""
   try:
-    return _CONFIG.value
+    config = _CONFIG.value
+    # A file that failed to load yields a placeholder that raises on first use: use it now.
+    config.keys()
+    return config
   except Exception as e:  # pylint: disable=broad-except
     cause = _root_cause(e)
     hint = ("the file must define get_config() returning a ConfigDict"
@@ -136,6 +139,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(exit_codes.USER_ERROR)
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file is executed while the flags are parsed (a syntax error surfaces here).
+    spec = next((a.partition("=")[2] for a in argv if a.startswith("--config=")), "?")
+    print(f"error: --config={spec} could not be loaded: {type(e).__name__}: {e} (fix the file "
+          "or the path).", file=sys.stderr)
     sys.exit(exit_codes.USER_ERROR)
 
 

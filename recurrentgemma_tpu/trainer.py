@@ -150,10 +150,7 @@ class Trainer:
     self.mesh = mesh_lib.create_mesh(exp.mesh)
     self.fns = step_functions.build_step_functions(exp.model, exp.optimizer, self.mesh,
                                                    exp.mesh.strategy)
-    try:
-      self.pipeline = data_lib.make_pipeline(exp.data)
-    except (ValueError, FileNotFoundError) as e:
-      raise exit_codes.UserError(f"config.data: {e}") from e
+    self.pipeline: data_lib.Pipeline | None = None  # built after the resume check (it may be slow)
     self.ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), exp.checkpoint)
     self.writer = metrics_lib.MetricsWriter(workdir, total_steps=exp.train.steps)
 
@@ -163,6 +160,13 @@ class Trainer:
     """Resumes from the newest intact checkpoint, else initialises (see checkpoints/resume.py)."""
     resumed = resume_lib.restore_or_init(self.exp, self.fns, self.ckpt, self.accept_changes)
     return resumed.state, resumed.step
+
+  def prepare_data(self) -> None:
+    """Builds the data pipeline (preparing the stores on first use); bad sources are user errors."""
+    try:
+      self.pipeline = data_lib.make_pipeline(self.exp.data)
+    except (ValueError, FileNotFoundError) as e:
+      raise exit_codes.UserError(f"config.data: {e}") from e
 
   def save(self, state: train_step_lib.TrainState, step: int) -> None:
     """Starts saving `step` (the caller has NaN-checked it)."""
@@ -203,7 +207,8 @@ class Trainer:
 
   def _run(self) -> TrainResult:
     steps = self.exp.train.steps
-    state, step = self.initial_state()
+    state, step = self.initial_state()  # refuses a changed run before data or arrays are touched
+    self.prepare_data()
     _write_config(self.workdir, self.exp)
     self.writer.start(step)
     trained = step < steps

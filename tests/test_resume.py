@@ -1,0 +1,201 @@
+"""Resume under faults, in real `python -m recurrentgemma_tpu.train` subprocesses on CPU.
+
+A kill storm (SIGKILL at start-up, mid-save and mid-final-evaluation, restarted until done) must end
+bitwise equal to an uninterrupted run with its final evaluation recorded once; a changed model is
+refused naming the fields with every checkpoint left in place; SIGTERM before the loop and user
+errors give their exit codes (recurrentgemma_tpu/exit_codes.py) with one clear line.
+"""
+
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from recurrentgemma_tpu import experiment as experiment_lib
+from recurrentgemma_tpu import heartbeat
+from recurrentgemma_tpu import metrics as metrics_lib
+from recurrentgemma_tpu.checkpoints import manager as ckpt
+from recurrentgemma_tpu.checkpoints import resume
+from test_train_common import REPO, small_config, subprocess_env, train_command, wait_for
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """Subprocess environment sharing a compilation cache, so restarts skip the compile."""
+  e = subprocess_env()
+  e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+  e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return e
+
+
+def _start(workdir, env, *extra, **overrides):
+  values = {"train__steps": STEPS, "checkpoint__save_every": 2, **overrides}
+  return subprocess.Popen(train_command(str(workdir), *extra, **values), cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=600):
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, env):
+  """The uninterrupted reference run (checkpoints at 2, 4, ..., 12 and the final evaluation)."""
+  workdir = tmp_path_factory.mktemp("finished")
+  rc, out = _finish(_start(workdir, env))
+  assert rc == 0 and f"Training completed at step {STEPS}" in out, out[-4000:]
+  return workdir
+
+
+def _tree_listing(root):
+  return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                for d, _, files in os.walk(root) for f in files)
+
+
+def _params(workdir):
+  exp = experiment_lib.build(small_config())
+  from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(lambda: flax.core.meta.unbox(model_lib.init_params(exp.model, jax.random.key(0))))
+  return jax.device_get(ckpt.load_params(workdir, abstract))
+
+
+def _logged_step(workdir) -> int:
+  records = metrics_lib.read_metrics(str(workdir)) if os.path.exists(workdir / "metrics.jsonl") else []
+  return records[-1]["step"] if records else 0
+
+
+# ---------------------------------------------------------------------------- refused changes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, field", [
+    ({"model__width": 128, "model__lru_width": 128}, "model.width: 64 -> 128"),
+    ({"model__vocab_size": 2048}, "model.vocab_size: 1024 -> 2048"),
+])
+def test_changed_model_is_refused_and_nothing_moves(finished, tmp_path, env, override, field):
+  workdir = tmp_path / "wd"
+  shutil.copytree(finished, workdir)
+  before = _tree_listing(workdir / "checkpoints")
+  rc, out = _finish(_start(workdir, env, **override), timeout=300)
+  assert rc == 2, out[-4000:]
+  error = [line for line in out.splitlines() if line.startswith("error: ")]
+  assert len(error) == 1 and field in error[0] and "Nothing was moved" in error[0], out[-4000:]
+  assert "--init_from=" in error[0] and "--accept_config_changes=" in error[0]
+  assert "Traceback" not in out
+  assert _tree_listing(workdir / "checkpoints") == before  # every checkpoint still in place
+  assert not os.path.exists(workdir / "checkpoints_corrupt")
+
+
+def test_compatible_fields_are_not_compared():
+  saved = json.loads(experiment_lib.build(small_config()).to_json())
+  changed = json.loads(experiment_lib.build(small_config(
+      train__steps=99, mesh__fsdp=4, mesh__data=2, checkpoint__keep_last=7, model__remat="block",
+      optimizer__learning_rate=1e-3)).to_json())
+  assert resume.compare(saved, changed) == (["optimizer.learning_rate: 0.003 -> 0.001"], [])
+  assert resume.compare(saved, changed, accept=["optimizer.learning_rate"]) == ([], [])
+  assert resume.compare(saved, changed, accept=["optimizer.*"]) == ([], [])
+
+
+# ---------------------------------------------------------------------------- exit codes
+
+
+def test_sigterm_before_the_loop_exits_42_without_saving(tmp_path, env):
+  # Hold the job in its start-up phase (fault-injection hook of heartbeat.py), then SIGTERM it.
+  proc = _start(tmp_path, dict(env, RECURRENTGEMMA_TPU_PHASE_DELAY="starting=60"))
+  wait_for(lambda: (heartbeat.read(str(tmp_path)) or {}).get("phase") == "starting", proc, 300,
+           "the starting heartbeat")
+  proc.send_signal(signal.SIGTERM)
+  rc, out = _finish(proc, timeout=120)
+  assert rc == 42, out[-4000:]
+  assert "preempted: SIGTERM received outside the training loop; nothing was saved." in out
+  assert not glob.glob(str(tmp_path / "checkpoints" / "*"))
+
+
+@pytest.mark.parametrize("case", ["workdir_is_a_file", "config_syntax_error", "learning_rate_inf"])
+def test_user_errors_exit_2_with_one_line(tmp_path, env, case):
+  workdir, extra, overrides = tmp_path / "wd", [], {}
+  if case == "workdir_is_a_file":
+    workdir.write_text("not a directory")
+    want = f"error: --workdir={workdir} is a file"
+  elif case == "config_syntax_error":
+    bad = tmp_path / "bad.py"
+    bad.write_text("def get_config(:\n")
+    extra = [f"--config={bad}"]
+    want = f"error: --config={bad} could not be loaded: SyntaxError"
+  else:
+    overrides = {"optimizer__learning_rate": "inf"}
+    want = "error: config.optimizer.learning_rate=inf must be a finite number."
+  cmd = train_command(str(workdir), **{"train__steps": STEPS, **overrides})
+  if extra:  # replace the config file, drop the overrides that belong to tiny.py's fields
+    cmd = cmd[:3] + extra + [f"--workdir={workdir}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-4000:]
+  assert want in proc.stderr, proc.stderr[-4000:]
+  assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- kill storm
+
+
+def _tmp_saves(workdir):
+  return glob.glob(str(workdir / "checkpoints" / "*.orbax-checkpoint-tmp*"))
+
+
+@pytest.mark.slow
+def test_kill_storm_resumes_bitwise_and_evaluates_once(finished, tmp_path, env):
+  """SIGKILL at start-up, mid-save (a checkpoint every step, written asynchronously) and during the
+  final evaluation; restarted until done: the same parameters, loss curve and final evaluation as
+  the uninterrupted run, with one evaluation record."""
+  rng = random.Random(14)
+  slow_eval = dict(env, RECURRENTGEMMA_TPU_PHASE_DELAY="evaluating=30")
+  # 1. During start-up (imports, data preparation, restore or compile).
+  proc = _start(tmp_path, env, checkpoint__save_every=1)
+  time.sleep(rng.uniform(1.0, 4.0))
+  proc.kill()
+  proc.wait()
+  # 2. While training, at random steps, until at least one kill lands while a save is in flight.
+  kills, mid_save = 0, 0
+  targets = iter(sorted(rng.sample(range(2, STEPS - 1), 4)))
+  while kills < 2 or (mid_save == 0 and kills < 4):
+    target = next(targets)
+    proc = _start(tmp_path, env, checkpoint__save_every=1)
+    wait_for(lambda: _logged_step(tmp_path) >= target, proc, 600, f"step {target}")
+    time.sleep(rng.uniform(0.0, 0.2))
+    proc.kill()
+    proc.wait()
+    kills += 1
+    mid_save += bool(_tmp_saves(tmp_path))
+  assert mid_save >= 1, "no kill landed during an asynchronous save"
+  # 3. During the final evaluation (the last checkpoint is committed, the record not yet written).
+  proc = _start(tmp_path, slow_eval, checkpoint__save_every=1)
+  wait_for(lambda: (heartbeat.read(str(tmp_path)) or {}).get("phase") == "evaluating", proc, 600,
+           "the final evaluation")
+  proc.kill()
+  proc.wait()
+  assert not metrics_lib.read_metrics(str(tmp_path), "eval")
+  m = ckpt.CheckpointManager(tmp_path / "checkpoints", ckpt.CheckpointOptions(1, 100, 0, False))
+  assert m.latest_step() == STEPS
+  m.close()
+  # 4. The restart only evaluates; a further one finds the run complete and changes nothing.
+  rc, out = _finish(_start(tmp_path, env, checkpoint__save_every=1))
+  assert rc == 0 and f"Training completed at step {STEPS}" in out, out[-4000:]
+  rc, out = _finish(_start(tmp_path, env, checkpoint__save_every=1))
+  assert rc == 0 and f"Training already_done at step {STEPS}" in out, out[-4000:]
+  got_eval = metrics_lib.read_metrics(str(tmp_path), "eval")
+  assert got_eval == metrics_lib.read_metrics(str(finished), "eval") and len(got_eval) == 1
+  assert (heartbeat.read(str(tmp_path)) or {}).get("phase") == "done"
+  losses = lambda w: [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(str(w))]
+  assert losses(tmp_path) == losses(finished)
+  jax.tree.map(np.testing.assert_array_equal, _params(tmp_path), _params(finished))
