@@ -232,12 +232,10 @@ def stop(workdir: str, *, dry_run: bool = False, log: Log = print) -> int:
     state_lib.request_stop(workdir)
   if spec.backend == "local":
     from launch.backends import local  # pylint: disable=g-import-not-at-top
-    starts = st.history[-1].get("starts", {}) if st.history else {}
-    for pid in st.pids:
-      if starts.get(str(pid)) and local._start_time(pid) == starts[str(pid)]:  # pylint: disable=protected-access
-        log(f"SIGTERM to process group {pid}")
-        if not dry_run:
-          os.killpg(pid, signal.SIGTERM)
+    for pid in local.live_pids(st):
+      log(f"SIGTERM to process group {pid}")
+      if not dry_run:
+        os.killpg(pid, signal.SIGTERM)
   elif spec.backend == "tpu_vm" and st.resource:
     from launch.backends import tpu_vm  # pylint: disable=g-import-not-at-top
     tpu_vm.delete(runner, spec, st.resource)

@@ -242,3 +242,27 @@ def test_dry_run_prints_every_command_and_changes_nothing(tmp_path, monkeypatch,
     assert "#!/bin/bash" in text and commands.quote(commands.qr_delete(spec, spec.run_id + "-1")) in out
   else:
     assert "kubectl apply -f jobset.yaml" in out and "kind: JobSet" in text
+
+
+def test_host_hygiene_kills_only_this_runs_stale_processes_and_removes_the_lockfile(tmp_path,
+                                                                                   monkeypatch):
+  from launch.backends import local
+  lock = tmp_path / "libtpu_lockfile"
+  lock.write_text("")
+  monkeypatch.setattr(local, "LIBTPU_LOCKFILE", str(lock))
+  stale = subprocess.Popen(["sleep", "60"], start_new_session=True)
+  bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+  try:
+    st = state_lib.RunState(pids=[stale.pid, bystander.pid])
+    # The bystander's recorded start time differs: a reused pid, not ours.
+    st.event("started", starts={str(stale.pid): local._start_time(stale.pid),
+                                str(bystander.pid): "0"})
+    st.event("failed", detail="launcher died")
+    assert local.live_pids(st) == [stale.pid]
+    local.host_hygiene(st, log=lambda s: None)
+    assert stale.wait(timeout=10) == -9
+    assert bystander.poll() is None and not lock.exists()
+  finally:
+    for p in (stale, bystander):
+      p.kill()
+      p.wait()

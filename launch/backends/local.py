@@ -37,17 +37,22 @@ def _start_time(pid: int) -> str | None:
     return None
 
 
+def live_pids(st: state_lib.RunState) -> list[int]:
+  """This run's recorded processes that still run (pid and kernel start time both match)."""
+  started = [e for e in st.history if e["event"] == "started"]
+  starts = started[-1].get("starts", {}) if started else {}
+  return [pid for pid in st.pids
+          if starts.get(str(pid)) is not None and _start_time(pid) == starts[str(pid)]]
+
+
 def host_hygiene(st: state_lib.RunState, log: Callable[[str], None]) -> None:
   """Kills processes of this run left from an earlier launcher, removes libtpu's lock file."""
-  starts = dict(st.history[-1].get("starts", {})) if st.history else {}
-  for pid in st.pids:
-    start = _start_time(pid)
-    if start is not None and starts.get(str(pid)) == start:
-      log(f"host hygiene: killing stale process {pid} of this run")
-      try:
-        os.killpg(pid, signal.SIGKILL)
-      except OSError:
-        pass
+  for pid in live_pids(st):
+    log(f"host hygiene: killing stale process {pid} of this run")
+    try:
+      os.killpg(pid, signal.SIGKILL)
+    except OSError:
+      pass
   if os.path.exists(LIBTPU_LOCKFILE):
     try:
       os.remove(LIBTPU_LOCKFILE)
