@@ -163,7 +163,8 @@ def hang_verdict(hb: Heartbeat | None, *, now: float, started: float, startup_ti
 
   No heartbeat yet (or only one from an earlier attempt) means "starting": allowed until
   `startup_timeout_s` after the attempt started. While starting or compiling, the same deadline holds.
-  Once training, no new heartbeat for max(min_hang_s, hang_factor x step_time) means hung.
+  Once training, no new heartbeat for max(min_hang_s, hang_factor x step_time) means hung; while
+  evaluating or saving (no step boundaries inside), at least `startup_timeout_s`.
   """
   fresh = hb is not None and hb.time >= started - 1 and (pid is None or hb.pid == pid)
   if not fresh or hb.phase in ("starting", "compiling"):
@@ -174,6 +175,9 @@ def hang_verdict(hb: Heartbeat | None, *, now: float, started: float, startup_ti
   if hb.phase == "done":
     return None
   limit = max(min_hang_s, hang_factor * (hb.step_time or 0.0))
+  if hb.phase in ("evaluating", "saving"):
+    # One long operation with no step boundary inside: allowed as long as a start-up.
+    limit = max(limit, startup_timeout_s)
   if now - hb.time > limit:
     return (f"no heartbeat for {now - hb.time:.0f}s at step {hb.step} (phase {hb.phase}; limit "
             f"{limit:.0f}s = max({min_hang_s:.0f}, {hang_factor:g} x step time {hb.step_time}))")

@@ -115,6 +115,7 @@ def test_hang_rule():
   assert v(hb(200), 229) is None and "no heartbeat for 31s" in v(hb(200), 231)  # min_hang
   assert v(hb(200, step_time=5.0), 249) is None and v(hb(200, step_time=5.0), 251)  # 10 x step
   assert v(hb(200, "done"), 9999) is None
+  assert v(hb(200, "saving"), 259) is None and "phase saving" in v(hb(200, "saving"), 261)
   # Another process's file (pid differs) counts as none: the start-up deadline decides.
   assert v(hb(120), 150, pid=8) is None and "no heartbeat" in v(hb(120), 161, pid=8)
   assert v(hb(140), 161, pid=7) is None
