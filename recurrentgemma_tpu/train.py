@@ -29,11 +29,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from recurrentgemma_tpu import cli
 from recurrentgemma_tpu import distributed
 from recurrentgemma_tpu import exit_codes
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/NAME.py).", lock_config=True)
+    "config", None, "Experiment config: configs/NAME.py[:ARG], or a preset's NAME (tiny, "
+    "griffin_1b, ...).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs); resumed if it has any.")
 _INIT_FROM = flags.DEFINE_string(
     "init_from", None, "Start from the parameters of this checkpoint or workdir (same as "
@@ -76,18 +78,7 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def _load_config():
   """The parsed --config (its file is loaded lazily): errors become one UserError line."""
-  try:
-    config = _CONFIG.value
-    # A file that failed to load yields a placeholder that raises on first use: use it now.
-    config.keys()
-    return config
-  except Exception as e:  # pylint: disable=broad-except
-    cause = _root_cause(e)
-    hint = ("the file must define get_config() returning a ConfigDict"
-            if isinstance(cause, AttributeError) else "fix the file or the path")
-    raise exit_codes.UserError(
-        f"--config={flags.FLAGS['config'].serialize().partition('=')[2]} could not be loaded: "
-        f"{type(cause).__name__}: {cause} ({hint}).") from e
+  return cli.load_config_flag(_CONFIG)
 
 
 def _train() -> int:
@@ -104,9 +95,26 @@ def _train() -> int:
     exp = experiment_lib.build(config)
   except (ValueError, FileNotFoundError) as e:
     raise exit_codes.UserError(str(e)) from e
+  if jax.process_index() == 0:  # what runs, where, and from which step (before the long start-up)
+    state = cli.workdir_state(_WORKDIR.value, exp.train.steps, exp.init_from)
+    rows = (cli.experiment_rows(exp, config_spec=flags.FLAGS["config"].serialize().partition("=")[2])
+            + cli.device_rows(exp) + [("workdir", f"{os.path.abspath(_WORKDIR.value)} ({state})")])
+    print(cli.format_block("train", rows), flush=True)
   result = trainer.train_and_evaluate(exp, _WORKDIR.value, accept_changes=_ACCEPT.value)
-  logging.info("Training %s at step %d; final eval %s.", result.status, result.step, result.eval)
+  logging.info("%s", _outcome(result))
   return exit_codes.PREEMPTED if result.status == "preempted" else exit_codes.OK
+
+
+def _outcome(result) -> str:
+  """The run's end in words (never an internal status value)."""
+  ev = ", ".join(f"{k} {result.eval[k]:.4g}" for k in ("loss", "perplexity", "accuracy")
+                 if k in result.eval)
+  if result.status == "preempted":
+    return f"Stopped after saving step {result.step}; re-run the same command to resume."
+  if result.status == "already_done":
+    return (f"Training already complete at step {result.step}: nothing to do"
+            + (f" (final eval: {ev})." if ev else "."))
+  return f"Training completed at step {result.step}; final eval: {ev}."
 
 
 def main(argv: list[str]) -> None:
@@ -133,24 +141,9 @@ _LABELS = {exit_codes.USER_ERROR: "error", exit_codes.NON_FINITE: "stopped (non-
            exit_codes.PREEMPTED: "preempted", exit_codes.INTERNAL: "internal error"}
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, but a bad flag is a user error: one line and exit 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(exit_codes.USER_ERROR)
-  except Exception as e:  # pylint: disable=broad-except
-    # The config file is executed while the flags are parsed (a syntax error surfaces here).
-    spec = next((a.partition("=")[2] for a in argv if a.startswith("--config=")), "?")
-    print(f"error: --config={spec} could not be loaded: {type(e).__name__}: {e} (fix the file "
-          "or the path).", file=sys.stderr)
-    sys.exit(exit_codes.USER_ERROR)
-
-
 def run() -> None:
-  """Console-script entry point (`rg-train`)."""
-  app.run(main, flags_parser=_parse_flags)
+  """Console-script entry point (`rg-train`); --help prints this module's docstring and flags."""
+  cli.run(main, __doc__)
 
 
 if __name__ == "__main__":

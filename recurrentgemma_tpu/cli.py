@@ -1,0 +1,426 @@
+"""What every command-line tool shares: help, one-line user errors, a quiet start-up, the start-up block.
+
+Each entry point (`python -m recurrentgemma_tpu.train`, `.compile`, `.sample`, `.model.summary`,
+`.checkpoints.convert`, `.data.prepare`, `launch.*`) hands its `main` to `run`:
+
+* `--help` (also `-h`, `--helpshort`, `--helpfull`) prints the module's docstring (description and
+  example), the command's own flags and the exit codes, then exits 0. absl prints `__main__`'s
+  docstring, which for a console script (`rg-train`) is pip's generated wrapper, hence only `USAGE:`;
+  here the text comes from the module that defines the command.
+* A user error (unknown or malformed flag, misspelled `--config.GROUP.KEY`, bad value, missing path)
+  is one line on stderr, `error: ... (hint)`, and exit 2 before anything is compiled. Tracebacks only
+  for internal errors, or for every error with `--verbosity=1`.
+* Third-party start-up noise is dropped: INFO records of libraries (jax backend probing, Orbax, seqio,
+  TFDS) and a short list of known native-code lines (TensorFlow's CUDA probing on a machine without a
+  GPU, `E0000 ... failed call to cuInit`, libtpu's metadata guesses on a non-TPU host). Warnings and
+  errors of every library still appear. `--verbosity=1` (or RECURRENTGEMMA_TPU_RAW_LOGS=1) keeps all.
+* `--config=NAME[:ARG]` also names a preset of the installed `configs` package (`--config=tiny`,
+  `--config=configs:ladder:griffin,1b`), and `--config=configs/NAME.py` still works from any directory.
+
+This module imports nothing heavy (no jax, no TensorFlow): help and flag errors are instant.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import traceback
+from typing import Any, Callable, Iterable, Sequence
+
+from recurrentgemma_tpu import exit_codes
+
+EXIT_CODES_HELP = ("exit codes: 0 done, 1 internal error (traceback printed), 2 user error (one line,\n"
+                   "nothing compiled), 3 NaN/Inf stop, 42 preempted or stopped (re-run to resume).")
+HELP_FLAGS = ("--help", "-h", "--helpshort", "-?", "--helpfull")
+RAW_LOGS_ENV = "RECURRENTGEMMA_TPU_RAW_LOGS"
+# Top-level packages of this project: their INFO log records are kept, other libraries' dropped.
+PACKAGES = ("recurrentgemma_tpu", "sharding", "pallas_kernels", "launch", "configs", "benchmarks")
+
+# Native (C++) log lines known to be harmless start-up chatter. Matched per line on stderr.
+NOISE_PATTERNS = (
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    r"WARNING: Logging before InitGoogle\(\) is written to STDERR",
+    r"^[IW]\d{4} .*cudart_stub\.cc",  # "Could not find cuda drivers on your machine"
+    r"^E\d{4} .*cuda_platform\.cc:\d+\] failed call to cuInit",  # no GPU driver: TF probing
+    r"^E\d{4} .*Unable to register cu(DNN|FFT|BLAS) factory",
+    r"^W\d{4} .*computation_placer\.cc:\d+\] computation placer already registered",
+    r"^[IW]\d{4} .*cpu_feature_guard\.cc",  # "This TensorFlow binary is optimized to use ..."
+    r"could not determine TPU (accelerator type|worker hostnames)",  # libtpu on a non-TPU host
+    r"^E\d{4} .*common_lib\.cc:\d+\] INVALID_ARGUMENT: Error: unexpected worker hostname",
+    r"^=== Source Location Trace: === *$",
+    r"^learning/45eac/tfrc/runtime/libtpu_init_utils\.cc:\d+ *$",
+)
+
+
+# ------------------------------------------------------------------------------------ presets
+
+
+def preset_dir() -> str | None:
+  """Directory of the installed `configs` package (presets), found without importing it."""
+  spec = importlib.util.find_spec("configs")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  return list(spec.submodule_search_locations)[0]
+
+
+def presets() -> list[str]:
+  """Names of the preset config files (`configs/NAME.py`), `base` excluded."""
+  directory = preset_dir()
+  if directory is None:
+    return []
+  return sorted(f[:-3] for f in os.listdir(directory)
+                if f.endswith(".py") and not f.startswith("_") and f != "base.py")
+
+
+def resolve_config_spec(spec: str) -> str:
+  """A config spec as a file path: `PATH[:ARG]` if PATH exists, else an installed preset.
+
+  `tiny`, `tiny.py`, `configs/tiny.py`, `configs:tiny` and `recurrentgemma_tpu:tiny` all name the
+  installed `configs/tiny.py` when no such file exists relative to the working directory; `:ARG`
+  (passed to `get_config(ARG)`) is kept. Anything else is returned unchanged.
+  """
+  for prefix in ("configs:", "recurrentgemma_tpu:"):
+    if spec.startswith(prefix):
+      spec = spec[len(prefix):]
+  path, sep, arg = spec.partition(":")
+  if os.path.isfile(path):
+    return spec
+  m = re.fullmatch(r"(?:configs/)?(\w+)(?:\.py)?", path)
+  directory = preset_dir()
+  if m is None or directory is None:
+    return spec
+  candidate = os.path.join(directory, m.group(1) + ".py")
+  return candidate + sep + arg if os.path.isfile(candidate) else spec
+
+
+def rewrite_config_args(argv: Sequence[str], names: Iterable[str] = ("config",)) -> list[str]:
+  """argv with each `--NAME=SPEC` (NAME a config-file flag) resolved by `resolve_config_spec`."""
+  out = list(argv)
+  for name in names:
+    for i, a in enumerate(out):
+      if a.startswith(f"--{name}="):
+        out[i] = f"--{name}=" + resolve_config_spec(a.split("=", 1)[1])
+      elif a == f"--{name}" and i + 1 < len(out):
+        out[i + 1] = resolve_config_spec(out[i + 1])
+  return out
+
+
+# ------------------------------------------------------------------------------------ quiet start-up
+
+
+def verbosity(argv: Sequence[str]) -> int:
+  """The --verbosity (-v) value in argv, without parsing flags (0 if absent or malformed)."""
+  for i, a in enumerate(argv):
+    m = re.fullmatch(r"--?(?:verbosity|v)(?:=(-?\d+))?", a)
+    if m:
+      value = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "0")
+      try:
+        return int(value)
+      except ValueError:
+        return 0
+  return 0
+
+
+def quiet_environment() -> None:
+  """Environment defaults that silence library start-up chatter; call before jax/TF start."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own INFO and WARNING lines
+  os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+_FILTER_SCRIPT = r"""
+import re, sys
+noise = re.compile("|".join(sys.argv[1:]))
+out = open(2, "wb", buffering=0, closefd=False)
+for line in sys.stdin.buffer:
+    if not noise.search(line.decode("utf-8", "replace")):
+        out.write(line)
+"""
+_filter: subprocess.Popen | None = None
+
+
+def filter_native_stderr(patterns: Sequence[str] = NOISE_PATTERNS) -> None:
+  """Drops the known noise lines that native code writes to file descriptor 2.
+
+  C++ libraries (TensorFlow, XLA, libtpu) write past Python's logging, so stderr is piped through a
+  small child process that forwards every other line. The child outlives a crash of this process, so
+  a fatal native error still reaches the terminal or log file in full.
+  """
+  global _filter
+  if _filter is not None or os.environ.get(RAW_LOGS_ENV) == "1":
+    return
+  try:
+    read_fd, write_fd = os.pipe()
+    _filter = subprocess.Popen([sys.executable, "-c", _FILTER_SCRIPT, *patterns], stdin=read_fd,
+                               close_fds=True)
+  except OSError:
+    return  # no filter is better than no command
+  os.close(read_fd)
+  sys.stderr.flush()
+  saved = os.dup(2)
+  os.dup2(write_fd, 2)
+  os.close(write_fd)
+
+  def restore() -> None:  # lets the child drain before the shell prompt comes back
+    try:
+      sys.stderr.flush()
+    except (OSError, ValueError):
+      pass
+    os.dup2(saved, 2)
+    try:
+      _filter.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+      pass  # a subprocess still holds the pipe; the child keeps forwarding until it closes
+
+  atexit.register(restore)
+
+
+def _own_file(path: str, roots: tuple[str, ...]) -> bool:
+  return path.startswith(roots)
+
+
+def quiet_python_logging(keep_all: bool = False) -> None:
+  """Keeps this project's INFO records and every library's WARNING+; a short line prefix."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  base = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  roots = tuple(os.path.join(base, p) + os.sep for p in PACKAGES)
+
+  class ProjectInfoOnly(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+      return keep_all or record.levelno >= std_logging.WARNING or _own_file(record.pathname, roots)
+
+  class ShortFormatter(std_logging.Formatter):
+    """`HH:MM:SS message` (warnings and errors name their level); absl's prefix is ~55 chars."""
+
+    def format(self, record: std_logging.LogRecord) -> str:
+      level = "" if record.levelno < std_logging.WARNING else f"{record.levelname}: "
+      text = f"{self.formatTime(record, '%H:%M:%S')} {level}{record.getMessage()}"
+      if record.exc_info:
+        text += "\n" + self.formatException(record.exc_info)
+      return text
+
+  handler = logging.get_absl_handler()
+  handler.addFilter(ProjectInfoOnly())
+  if not keep_all:
+    handler.python_handler.setFormatter(ShortFormatter())
+
+
+# ------------------------------------------------------------------------------------ help and errors
+
+
+def fail(message: str, hint: str = "", code: int = exit_codes.USER_ERROR) -> None:
+  """Prints `error: MESSAGE (HINT)` as one line on stderr and exits with `code`."""
+  text = " ".join(str(message).split())
+  if hint:
+    text += f" ({hint})"
+  sys.stdout.flush()
+  print(f"error: {text}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def one_line(error: BaseException) -> str:
+  """An exception's message on one line (KeyError's repr quotes removed)."""
+  while len(error.args) == 1 and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # ml_collections raises AttributeError(KeyError(message))
+  text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+  return " ".join(text.split())
+
+
+def help_text(doc: str, full: bool = False) -> str:
+  """The module docstring, then the command's own flags (every flag with `full`), then exit codes."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if full:
+    flag_text = f.get_help()
+  else:
+    modules = [m for m in f.flags_by_module_dict() if not m.startswith("absl.")]
+    # module_help starts with the defining file's path: a header that means nothing to a user.
+    flag_text = "\n".join(f.module_help(m).split("\n", 1)[-1] for m in modules)
+    flag_text += ("\n\n  --verbosity: 1 shows library logs and every traceback (default: 0)."
+                  "\n  --helpfull: every flag, absl's logging flags included.")
+  return f"{doc.strip()}\n\nflags:\n{flag_text}\n\n{EXIT_CODES_HELP}\n"
+
+
+def parse_flags(argv: Sequence[str], doc: str, config_flags_names: Iterable[str] = ("config",),
+                split: Callable[[list[str]], list[str]] | None = None) -> list[str]:
+  """absl flag parsing where --help exits 0 with `help_text` and a bad flag is one line, exit 2."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = rewrite_config_args(argv, config_flags_names)
+  for a in argv[1:]:
+    if a == "--":
+      break
+    if a in HELP_FLAGS:
+      try:
+        sys.stdout.write(help_text(doc, full=a == "--helpfull"))
+        sys.stdout.flush()
+      except BrokenPipeError:  # `rg-train --help | head`
+        pass
+      sys.exit(exit_codes.OK)
+  try:
+    return flags.FLAGS(split(list(argv)) if split else list(argv))
+  except flags.Error as e:
+    message = one_line(e)
+    if "Did you mean" not in message:
+      hint = "see --help; config fields are set with --config.GROUP.KEY=VALUE"
+    else:
+      hint = "see --help"
+    fail(message, hint)
+  except Exception as e:  # pylint: disable=broad-except
+    # A config file runs (and its overrides apply) while the flags are parsed: errors surface here.
+    if verbosity(argv) >= 1:
+      traceback.print_exc()
+    fail(config_error(e, argv))
+  raise AssertionError("unreachable")
+
+
+def config_error(error: BaseException, argv: Sequence[str], name: str = "config") -> str:
+  """One line for a config file that failed to load or an override that does not apply."""
+  spec = ([a.partition("=")[2] for a in argv if a.startswith(f"--{name}=")] or ["?"])[-1]
+  chain = [error]
+  while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  cause = next((c for c in chain if "Did you mean" in one_line(c)), chain[-1])
+  message = one_line(cause)
+  if "Did you mean" in message or (isinstance(cause, (KeyError, AttributeError))
+                                   and os.path.exists(spec.partition(":")[0])):
+    # A misspelled `--config.GROUP.KEY`: ml_collections says `'stepz'\nDid you mean "steps"...`.
+    bad = message.split()[0].strip("'\"") if message else "?"
+    override = next((a for a in argv if a.startswith(f"--{name}.") and bad in a), f"--{name}.*")
+    rest = " ".join(message.split()[1:])
+    return (f"{override}: {bad!r} is not a field of the config. {rest} (every field is declared "
+            "and documented in configs/base.py)").replace(". (", " (").replace(".  ", ". ")
+  if not os.path.exists(spec.partition(":")[0]):
+    return (f"--{name}={spec}: no such config file or preset (give a path, or a preset: "
+            f"{', '.join(presets())})")
+  return (f"--{name}={spec} could not be loaded: {type(cause).__name__}: {message} (the file must "
+          "define get_config() returning a ConfigDict)")
+
+
+def load_config_flag(holder: Any, name: str = "config") -> Any:
+  """The value of a `config_flags.DEFINE_config_file` flag; load and override errors: UserError.
+
+  The flag may read its file and apply `--config.K=V` overrides only when first read; a misspelled
+  override then surfaces as a bare `KeyError('stepz\\nDid you mean...')`, reported here on one line.
+  """
+  try:
+    config = holder.value
+    config.keys()  # a file that failed to load yields a placeholder that raises on first use
+    return config
+  except Exception as e:  # pylint: disable=broad-except
+    raise exit_codes.UserError(config_error(e, sys.argv, name)) from e
+
+
+def run(main: Callable[[list[str]], int | None], doc: str | None, *,
+        user_errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
+                                                        NotADirectoryError),
+        config_flags_names: Iterable[str] = ("config",),
+        split: Callable[[list[str]], list[str]] | None = None) -> None:
+  """Runs `main(argv) -> exit code` as a command: quiet start-up, help, flag and user errors.
+
+  Args:
+    main: absl-style main; its return value (None = 0) is the exit code.
+    doc: the command module's docstring (description, example).
+    user_errors: exceptions reported as one line with exit 2 (exit_codes.UserError and
+      app.UsageError always are); anything else is an internal error with its traceback, exit 1.
+    config_flags_names: config-file flags whose presets are resolved (see `resolve_config_spec`).
+    split: optional argv preprocessing before absl parses it (e.g. to peel off overrides).
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  verbose = verbosity(sys.argv) >= 1 or os.environ.get(RAW_LOGS_ENV) == "1"
+  if not verbose:
+    quiet_environment()
+    if not any(a in HELP_FLAGS for a in sys.argv[1:]):
+      filter_native_stderr()
+  errors = (exit_codes.UserError, app.UsageError) + tuple(user_errors)
+
+  def wrapped(argv: list[str]) -> None:
+    quiet_python_logging(keep_all=verbose)
+    if len(argv) > 1:
+      fail(f"unexpected arguments {argv[1:]}",
+           "flags look like --name=value; config fields --config.GROUP.KEY=VALUE; see --help")
+    try:
+      code = main(argv)
+    except errors as e:
+      if verbose:
+        traceback.print_exc()
+      fail(one_line(e) or type(e).__name__,
+           "" if verbose else "--verbosity=1 shows the traceback")
+    sys.exit(code or 0)
+
+  app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, doc or "", config_flags_names, split))
+
+
+# ------------------------------------------------------------------------------------ start-up block
+
+
+def format_block(title: str, rows: Sequence[tuple[str, str]]) -> str:
+  """A titled, aligned `key: value` block (the start-up summary of long commands)."""
+  width = max((len(k) for k, _ in rows), default=0)
+  lines = [f"{title}"] + [f"  {k + ':':<{width + 1}} {v}" for k, v in rows]
+  return "\n".join(lines)
+
+
+def model_family(block_types: Sequence[str]) -> str:
+  """griffin (recurrent + local attention), hawk (recurrent only) or mqa (attention only)."""
+  kinds = set(block_types)
+  recurrent = any("recurrent" in t for t in kinds)
+  attention = any("attention" in t for t in kinds)
+  return "griffin" if recurrent and attention else "hawk" if recurrent else "mqa"
+
+
+def human(n: float) -> str:
+  """12.3M, 1.23B, 456K."""
+  for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.3g}{unit}"
+  return f"{n:.3g}"
+
+
+def experiment_rows(exp: Any, *, config_spec: str = "") -> list[tuple[str, str]]:
+  """What runs: model family and size, parameters, tokens per step, steps, FLOPs."""
+  from recurrentgemma_tpu.model import flops  # pylint: disable=g-import-not-at-top
+  m = exp.model
+  total, non_embedding = flops.param_counts(m)
+  per_token = flops.training_flops_per_token(m, exp.data.seq_len)
+  rows = []
+  if config_spec:
+    rows.append(("config", config_spec))
+  rows += [
+      ("model", f"{model_family(m.block_types)}: {m.num_layers} blocks x width {m.width}, "
+                f"vocab {m.vocab_size}"),
+      ("parameters", f"{human(total)} ({human(non_embedding)} non-embedding)"),
+      ("tokens", f"{exp.data.global_batch_size} x {exp.data.seq_len} = {exp.tokens_per_step:,} per "
+                 f"step x {exp.train.steps:,} steps = {human(exp.total_tokens)}"),
+      ("compute", f"{human(per_token * exp.total_tokens)} model FLOPs "
+                  f"({human(per_token)} per token)"),
+  ]
+  return rows
+
+
+def device_rows(exp: Any) -> list[tuple[str, str]]:
+  """Where it runs: devices, mesh, processes (call after distributed initialisation)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  mesh = " ".join(f"{k}={v}" for k, v in exp.mesh_shape.items() if v != 1) or "1 device"
+  return [("devices", f"{jax.device_count()} x {device.device_kind} ({device.platform}), "
+                      f"{jax.process_count()} process(es)"),
+          ("mesh", f"{mesh} (strategy {exp.mesh.strategy})")]
+
+
+def workdir_state(workdir: str, steps: int, init_from: str = "") -> str:
+  """`fresh start`, `resuming from step k` or `complete (step k)`, from the checkpoint directory."""
+  directory = os.path.join(workdir, "checkpoints")
+  found = []
+  if os.path.isdir(directory):
+    found = [int(d) for d in os.listdir(directory) if d.isdigit()]
+  if not found:
+    return "fresh start" + (f" from the parameters of {init_from}" if init_from else "")
+  latest = max(found)
+  if latest >= steps:
+    return f"its newest checkpoint is step {latest} of {steps}: evaluates if needed, trains nothing"
+  return f"resuming from step {latest} (its newest checkpoint)"
