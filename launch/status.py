@@ -26,7 +26,8 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   """Console-script entry point (`rg-launch-status`)."""
-  app.run(lambda argv: sys.exit(main(argv)))
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, __doc__)
 
 
 if __name__ == "__main__":

@@ -71,10 +71,14 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 _OVERRIDES: list[str] = []
 
 
-def _parse(argv: list[str]) -> list[str]:
+def _split(argv: list[str]) -> list[str]:
   rest, overrides = split_overrides(argv)
   _OVERRIDES[:] = overrides
-  return flags.FLAGS(rest)
+  return rest
+
+
+def _parse(argv: list[str]) -> list[str]:
+  return flags.FLAGS(_split(argv))
 
 
 def spec_from_flags() -> spec_lib.JobSpec:
@@ -106,7 +110,10 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   """Console-script entry point (`rg-launch`)."""
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse)
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, __doc__, config_flags_names=(), split=_split, codes=(
+      "exit codes: 0 run complete, 1 failed, 2 bad request, 3 NaN/Inf stop, 4 does not fit,\n"
+      "42 stopped or preempted out of budget (retry later)."))
 
 
 if __name__ == "__main__":

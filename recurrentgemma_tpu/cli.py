@@ -33,8 +33,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 from recurrentgemma_tpu import exit_codes
 
-EXIT_CODES_HELP = ("exit codes: 0 done, 1 internal error (traceback printed), 2 user error (one line,\n"
-                   "nothing compiled), 3 NaN/Inf stop, 42 preempted or stopped (re-run to resume).")
+EXIT_CODES_HELP = "exit codes: 0 success, 1 internal error (traceback printed), 2 user error (one line)."
+TRAIN_EXIT_CODES_HELP = (
+    "exit codes: 0 done (also: already complete), 1 internal error (traceback printed), 2 user error\n"
+    "(one line, nothing compiled), 3 NaN/Inf stop, 42 preempted or stopped (re-run to resume).")
 HELP_FLAGS = ("--help", "-h", "--helpshort", "-?", "--helpfull")
 RAW_LOGS_ENV = "RECURRENTGEMMA_TPU_RAW_LOGS"
 # Top-level packages of this project: their INFO log records are kept, other libraries' dropped.
@@ -231,7 +233,7 @@ def one_line(error: BaseException) -> str:
   return " ".join(text.split())
 
 
-def help_text(doc: str, full: bool = False) -> str:
+def help_text(doc: str, full: bool = False, codes: str = EXIT_CODES_HELP) -> str:
   """The module docstring, then the command's own flags (every flag with `full`), then exit codes."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
@@ -240,14 +242,15 @@ def help_text(doc: str, full: bool = False) -> str:
   else:
     modules = [m for m in f.flags_by_module_dict() if not m.startswith("absl.")]
     # module_help starts with the defining file's path: a header that means nothing to a user.
-    flag_text = "\n".join(f.module_help(m).split("\n", 1)[-1] for m in modules)
+    flag_text = "\n".join(f.module_help(m).lstrip("\n").split("\n", 1)[-1] for m in modules)
     flag_text += ("\n\n  --verbosity: 1 shows library logs and every traceback (default: 0)."
                   "\n  --helpfull: every flag, absl's logging flags included.")
-  return f"{doc.strip()}\n\nflags:\n{flag_text}\n\n{EXIT_CODES_HELP}\n"
+  return f"{doc.strip()}\n\nflags:\n{flag_text}\n\n{codes}\n"
 
 
 def parse_flags(argv: Sequence[str], doc: str, config_flags_names: Iterable[str] = ("config",),
-                split: Callable[[list[str]], list[str]] | None = None) -> list[str]:
+                split: Callable[[list[str]], list[str]] | None = None,
+                codes: str = EXIT_CODES_HELP) -> list[str]:
   """absl flag parsing where --help exits 0 with `help_text` and a bad flag is one line, exit 2."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   argv = rewrite_config_args(argv, config_flags_names)
@@ -256,7 +259,7 @@ def parse_flags(argv: Sequence[str], doc: str, config_flags_names: Iterable[str]
       break
     if a in HELP_FLAGS:
       try:
-        sys.stdout.write(help_text(doc, full=a == "--helpfull"))
+        sys.stdout.write(help_text(doc, full=a == "--helpfull", codes=codes))
         sys.stdout.flush()
       except BrokenPipeError:  # `rg-train --help | head`
         pass
@@ -265,11 +268,12 @@ def parse_flags(argv: Sequence[str], doc: str, config_flags_names: Iterable[str]
     return flags.FLAGS(split(list(argv)) if split else list(argv))
   except flags.Error as e:
     message = one_line(e)
-    if "Did you mean" not in message:
-      hint = "see --help; config fields are set with --config.GROUP.KEY=VALUE"
-    else:
-      hint = "see --help"
-    fail(message, hint)
+    required = re.search(r"Flag (--\w+) must have a value other than None", message)
+    if required:
+      message = f"{required.group(1)} is required"
+    elif "config" in message and "Did you mean" not in message:
+      message += "; config fields are set with --config.GROUP.KEY=VALUE"
+    fail(message, "see --help")
   except Exception as e:  # pylint: disable=broad-except
     # A config file runs (and its overrides apply) while the flags are parsed: errors surface here.
     if verbosity(argv) >= 1:
@@ -319,7 +323,8 @@ def run(main: Callable[[list[str]], int | None], doc: str | None, *,
         user_errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
                                                         NotADirectoryError),
         config_flags_names: Iterable[str] = ("config",),
-        split: Callable[[list[str]], list[str]] | None = None) -> None:
+        split: Callable[[list[str]], list[str]] | None = None,
+        codes: str = EXIT_CODES_HELP, positional: bool = False) -> None:
   """Runs `main(argv) -> exit code` as a command: quiet start-up, help, flag and user errors.
 
   Args:
@@ -329,6 +334,8 @@ def run(main: Callable[[list[str]], int | None], doc: str | None, *,
       app.UsageError always are); anything else is an internal error with its traceback, exit 1.
     config_flags_names: config-file flags whose presets are resolved (see `resolve_config_spec`).
     split: optional argv preprocessing before absl parses it (e.g. to peel off overrides).
+    codes: the exit codes line of --help.
+    positional: `main` takes positional arguments (else any is an error).
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   verbose = verbosity(sys.argv) >= 1 or os.environ.get(RAW_LOGS_ENV) == "1"
@@ -340,19 +347,20 @@ def run(main: Callable[[list[str]], int | None], doc: str | None, *,
 
   def wrapped(argv: list[str]) -> None:
     quiet_python_logging(keep_all=verbose)
-    if len(argv) > 1:
-      fail(f"unexpected arguments {argv[1:]}",
-           "flags look like --name=value; config fields --config.GROUP.KEY=VALUE; see --help")
+    if len(argv) > 1 and not positional:
+      fail(f"unexpected arguments {argv[1:]}", "flags look like --name=value; see --help")
     try:
       code = main(argv)
     except errors as e:
       if verbose:
         traceback.print_exc()
+      explicit = isinstance(e, (exit_codes.UserError, app.UsageError))
       fail(one_line(e) or type(e).__name__,
-           "" if verbose else "--verbosity=1 shows the traceback")
+           "" if verbose or explicit else "--verbosity=1 shows the traceback")
     sys.exit(code or 0)
 
-  app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, doc or "", config_flags_names, split))
+  app.run(wrapped,
+          flags_parser=lambda argv: parse_flags(argv, doc or "", config_flags_names, split, codes))
 
 
 # ------------------------------------------------------------------------------------ start-up block

@@ -143,7 +143,7 @@ _LABELS = {exit_codes.USER_ERROR: "error", exit_codes.NON_FINITE: "stopped (non-
 
 def run() -> None:
   """Console-script entry point (`rg-train`); --help prints this module's docstring and flags."""
-  cli.run(main, __doc__)
+  cli.run(main, __doc__, codes=cli.TRAIN_EXIT_CODES_HELP)
 
 
 if __name__ == "__main__":

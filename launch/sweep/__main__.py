@@ -84,4 +84,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, __doc__, config_flags_names=(), positional=True)
