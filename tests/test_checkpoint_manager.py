@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -297,4 +298,28 @@ def test_every_step_damaged_is_refused_not_restarted(tmp_path):
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
   with pytest.raises(ckpt.CheckpointDamaged, match="every checkpoint .* is damaged"):
     m.restore_latest(_abstract(p), _abstract(st))
+  m.close()
+
+
+def test_failed_async_save_is_reported_at_the_next_check_naming_the_step(tmp_path, monkeypatch):
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler  # pylint: disable=g-import-not-at-top
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
+  _save_steps(m, [2])
+
+  async def disk_full(self, x, directory):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full)
+  p, st = _toy_state(4.0)
+  assert m.save(4, p, st, {})
+  with pytest.raises(ckpt.SaveFailed, match=r"Saving checkpoint step 4 to .* failed: .*No space left"):
+    for _ in range(500):  # the trainer calls check_save() at every step boundary
+      m.check_save()
+      time.sleep(0.01)
+  monkeypatch.undo()
+  assert m.all_steps() == [2]  # the earlier step is intact
+  m.close()
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5))
+  r = m.restore_latest(_abstract(p), _abstract(st))
+  assert r.step == 2
   m.close()
