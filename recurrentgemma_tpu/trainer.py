@@ -73,7 +73,8 @@ class TrainResult:
 
 
 def peak_flops_per_device(configured: float = 0.0) -> float:
-  """`configured` if set, else the chip table's peak (TPU), else a measured matmul peak (CPU)."""
+  """`configured` if set, else the chip table's peak (TPU), else the host's matmul peak (CPU), measured
+  once per machine and cached (`metrics.cached_cpu_peak`) so that MFU compares across runs."""
   if configured:
     return configured
   device = jax.devices()[0]
@@ -81,7 +82,7 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
     return chips_lib.chip_for_device_kind(device.device_kind).peak_bf16_flops
   if device.platform == "cpu":
     # Virtual CPU devices share the same cores, so the whole host's matmul rate is split among them.
-    return metrics_lib.measure_matmul_peak() / jax.local_device_count()
+    return metrics_lib.cached_cpu_peak() / jax.local_device_count()
   return 0.0  # GPUs: set train.peak_flops_per_device; MFU is reported as NaN meanwhile.
 
 
