@@ -219,13 +219,25 @@ def test_startup_deadline_counts_from_active_not_from_queueing(cloud):
   assert rc == 0 and st.failures == 0
 
 
-def test_hosts_without_heartbeats_past_the_startup_deadline_are_hung(cloud):
+def test_a_host_without_heartbeat_past_the_startup_deadline_is_hung(cloud):
   spec = _spec(cloud, startup_timeout_s=30, max_failures=0)
   cloud.scenario(**{commands.resource_name(spec, 1): ["ACTIVE"]})
+  # Process 0 beats (far in the future: always fresh); process 1 never does.
+  state_lib.write_text(os.path.join(spec.workdir, "heartbeat", "process_0.json"), json.dumps(
+      {"step": 3, "time": 4102444800, "phase": "training", "step_time": 1.0, "pid": 1}))
   rc, st, elapsed = _run(spec)
-  assert rc == commands.EXIT_INTERNAL and "hung: no heartbeat" in st.message
+  assert rc == commands.EXIT_INTERNAL and "process 1 hung: no heartbeat" in st.message
   assert 30 < elapsed <= 40
   assert cloud.live() == []
+
+
+def test_no_heartbeat_from_any_host_is_not_a_hang(cloud):
+  # A trainer that cannot write heartbeats to the workdir must not be restarted forever.
+  spec = _spec(cloud, startup_timeout_s=30)
+  cloud.scenario(**{commands.resource_name(spec, 1): ["ACTIVE"] * 10 + [
+      {"state": "ACTIVE", "exit": _exits(spec)}]})
+  rc, st, elapsed = _run(spec)
+  assert rc == 0 and st.failures == 0 and elapsed > 30
 
 
 def test_resumed_babysitting_sees_exits_written_while_it_was_away(cloud):

@@ -158,9 +158,14 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
         return finish("failed", f"running longer than the deadline ({b.run_timeout_s:.0f}s)",
                       commands.EXIT_INTERNAL)
       else:
-        for i in range(spec.num_hosts):
+        beats = [state_lib.read_heartbeat(wd, i) for i in range(spec.num_hosts)]
+        if not any(beats):
+          # No host has written any heartbeat: a trainer that cannot write them to this workdir
+          # would otherwise be restarted forever. Hang detection starts with the first heartbeat.
+          beats = []
+        for i, beat in enumerate(beats):
           verdict = state_lib.hang_verdict(
-              state_lib.read_heartbeat(wd, i), now=now, started=alive_since,
+              beat, now=now, started=alive_since,
               startup_timeout_s=b.startup_timeout_s, hang_factor=b.hang_factor,
               min_hang_s=b.min_hang_s)
           if verdict:
