@@ -52,7 +52,7 @@ def main() -> None:
   vocab_lib.tokenizer_path(cfg)
   result["tokenizer_seconds"] = round(time.perf_counter() - t, 2)
   t = time.perf_counter()
-  pipeline = data.make_pipeline(config, process_index=0, process_count=1)
+  pipeline = data.make_pipeline(cfg, process_index=0, process_count=1)
   prepare = time.perf_counter() - t
   stored = sum(sum(s.count("tokens").values()) for s in pipeline.stores)
   result.update(prepare_seconds=round(prepare, 2), stored_tokens=stored,

@@ -98,7 +98,7 @@ def data() -> ml_collections.ConfigDict:
 
 
 def optimizer() -> ml_collections.ConfigDict:
-  """AdamW, schedule and clipping (recurrentgemma_tpu/train_step.py)."""
+  """AdamW, schedule and clipping (recurrentgemma_tpu/optimizer.py)."""
   c = ml_collections.ConfigDict()
   # Peak learning rate, reached at the end of the linear warmup.
   c.learning_rate = 3e-4

@@ -131,7 +131,3 @@ def create_mesh(mesh_config: MeshConfig, devices: Optional[Sequence[Any]] = None
         allow_split_physical_axes=True)
   return jax.sharding.Mesh(grid.reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
 
-
-def mesh_shape(mesh: jax.sharding.Mesh) -> dict[str, int]:
-  """Axis sizes of a mesh, by name."""
-  return dict(mesh.shape)

@@ -51,6 +51,11 @@ def cache_dir(tmp_path_factory) -> str:
   return str(tmp_path_factory.mktemp("data_cache"))
 
 
+def make_pipeline(config, **kwargs):
+  """The pipeline of a full experiment config, as the data tools build it."""
+  return data.make_pipeline(data.data_config_from(config), **kwargs)
+
+
 def make_config(corpus_root: str, cache_dir: str, **data_overrides) -> ml_collections.ConfigDict:
   config = base.get_config()
   config.model.vocab_size = VOCAB
@@ -67,7 +72,7 @@ def make_config(corpus_root: str, cache_dir: str, **data_overrides) -> ml_collec
 
 @pytest.fixture(scope="session")
 def pipeline(corpus_root, cache_dir) -> data.Pipeline:
-  return data.make_pipeline(make_config(corpus_root, cache_dir), process_index=0, process_count=1)
+  return make_pipeline(make_config(corpus_root, cache_dir), process_index=0, process_count=1)
 
 
 def reference_chunks(docs: list[str], sp: spm.SentencePieceProcessor, seq: int) -> list[tuple]:
@@ -156,7 +161,7 @@ def _assert_same_store_bytes(paths_a: list[str], paths_b: list[str]) -> None:
 def test_store_preparation_is_reproducible(pipeline, corpus_root, tmp_path):
   """Hosts prepare their own copies; they must be byte-identical."""
   config = make_config(corpus_root, str(tmp_path), tokenizer=pipeline.vocab.path)
-  again = data.make_pipeline(config, process_index=0, process_count=1)
+  again = make_pipeline(config, process_index=0, process_count=1)
   _assert_same_store_bytes(pipeline.stores[0].paths, again.stores[0].paths)
 
 
@@ -173,7 +178,7 @@ def test_sharded_source_prepared_in_parallel(pipeline, corpus_root, tmp_path):
 
   def work():
     try:
-      results.append(data.make_pipeline(sharded("parallel"), process_index=0, process_count=1))
+      results.append(make_pipeline(sharded("parallel"), process_index=0, process_count=1))
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 
@@ -183,7 +188,7 @@ def test_sharded_source_prepared_in_parallel(pipeline, corpus_root, tmp_path):
   for t in threads:
     t.join(timeout=300)
   assert not errors and len(results) == 2
-  sequential = data.make_pipeline(sharded("sequential"), process_index=0, process_count=1)
+  sequential = make_pipeline(sharded("sequential"), process_index=0, process_count=1)
   assert len(sequential.stores[0].paths) == 3
   _assert_same_store_bytes(results[0].stores[0].paths, sequential.stores[0].paths)
   assert all(s.train.num_rows > 0 for s in sequential.stores[0].shards)
@@ -246,21 +251,21 @@ def test_batches_independent_of_process_count_and_resume(pipeline, corpus_root, 
   steps = [0, 1, 2, steps_per_epoch, steps_per_epoch + 1, 5 * steps_per_epoch + 3]
   full = {k: pipeline.batch(k) for k in steps}
   for count in (2, 4, 8):
-    parts = [data.make_pipeline(config, process_index=p, process_count=count) for p in range(count)]
+    parts = [make_pipeline(config, process_index=p, process_count=count) for p in range(count)]
     for k in steps:
       for key in full[k]:
         np.testing.assert_array_equal(
             np.concatenate([p.batch(k)[key] for p in parts]), full[k][key])
-  resumed = data.make_pipeline(config, process_index=0, process_count=1).iterate(start_step=2)
+  resumed = make_pipeline(config, process_index=0, process_count=1)
   for k in (2, 3, 4):
     want = pipeline.batch(k)
-    got = next(resumed)
+    got = resumed.batch(k)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
   # The batch rows are the stored rows named by the determinism map.
   _, idx = pipeline.source_of(np.arange(8, 16))
   np.testing.assert_array_equal(full[1]["targets"], pipeline.stores[0].train.targets[idx])
-  other = data.make_pipeline(make_config(corpus_root, cache_dir, seed=1), process_index=0,
+  other = make_pipeline(make_config(corpus_root, cache_dir, seed=1), process_index=0,
                              process_count=1)
   assert not np.array_equal(other.batch(0)["targets"], full[0]["targets"])
 
@@ -336,14 +341,14 @@ def test_file_sources(fmt, pattern, key, corpus_root, cache_dir, tmp_path):
   globs = ",".join(str(tmp_path / p) for p in pattern.split(","))
   config.data.sources = ml_collections.ConfigDict({"web": base.data_source(
       "files", pattern=globs, format=fmt, text_key=key, validation_fraction=0.2)})
-  p = data.make_pipeline(config, process_index=0, process_count=1)
+  p = make_pipeline(config, process_index=0, process_count=1)
   train, val = _decoded_docs(p, p.stores[0].train), _decoded_docs(p, p.stores[0].validation)
   assert sorted(train + val) == sorted(docs)
   assert train and val and not set(train) & set(val)
   if fmt == "lines":  # the split survives moving the corpus (ids are relative to the glob root)
     shutil.copytree(tmp_path / "lines", tmp_path / "elsewhere" / "lines")
     config.data.sources.web.pattern = str(tmp_path / "elsewhere" / "lines" / "*.txt")
-    moved = data.make_pipeline(config, process_index=0, process_count=1)
+    moved = make_pipeline(config, process_index=0, process_count=1)
     assert moved.stores[0].paths != p.stores[0].paths
     assert sorted(_decoded_docs(moved, moved.stores[0].validation)) == sorted(val)
 
@@ -354,7 +359,7 @@ def test_file_source_with_eval_pattern(corpus_root, cache_dir, tmp_path):
   config.data.sources = ml_collections.ConfigDict({"web": base.data_source(
       "files", pattern=str(tmp_path / "lines" / "a.txt"), format="lines",
       eval_pattern=str(tmp_path / "lines" / "b.txt"))})
-  p = data.make_pipeline(config, process_index=0, process_count=1)
+  p = make_pipeline(config, process_index=0, process_count=1)
   assert sorted(_decoded_docs(p, p.stores[0].train)) == sorted(docs[:20])
   assert sorted(_decoded_docs(p, p.stores[0].validation)) == sorted(docs[20:])
 
@@ -368,7 +373,7 @@ def test_tfds_source_with_mock_data(corpus_root, cache_dir, tmp_path):
   with tfds.testing.mock_data(num_examples=30):
     want = {s: sorted(ex["text"].decode() for ex in tfds.as_numpy(
         tfds.load("lm1b", split=s, data_dir=str(tmp_path)))) for s in ("train", "test")}
-    p = data.make_pipeline(config, process_index=0, process_count=1)
+    p = make_pipeline(config, process_index=0, process_count=1)
   assert len(want["train"]) == 30
   assert sorted(_decoded_docs(p, p.stores[0].train)) == want["train"]
   assert sorted(_decoded_docs(p, p.stores[0].validation)) == want["test"]
@@ -382,7 +387,7 @@ def test_mixture_rates_and_rows(pipeline, corpus_root, cache_dir, tmp_path):
                                   validation_fraction=0.15),
       "web": base.data_source("files", rate=1.0, pattern=str(tmp_path / "jsonl" / "*"),
                               format="jsonl", text_key="body")})
-  p = data.make_pipeline(config, process_index=0, process_count=1)
+  p = make_pipeline(config, process_index=0, process_count=1)
   period = data.pipeline.MIXTURE_PERIOD
   src, idx = p.source_of(np.arange(3 * period))
   assert (src == 0).sum() == 3 * 3 * period // 4 and (src == 1).sum() == 3 * period // 4
@@ -396,9 +401,12 @@ def test_mixture_rates_and_rows(pipeline, corpus_root, cache_dir, tmp_path):
     np.testing.assert_array_equal(idx[src == i], want)
   import seqio
 
-  mixture = seqio.get_mixture_or_task(p.mixture_name)
-  assert sorted(t.name for t in mixture.tasks) == sorted(p.task_names)
-  assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == dict(zip(p.task_names, (3.0, 1.0)))
+  from recurrentgemma_tpu.data import prepare  # pylint: disable=g-import-not-at-top
+
+  task_names, mixture_name = prepare.register_seqio(p)
+  mixture = seqio.get_mixture_or_task(mixture_name)
+  assert sorted(t.name for t in mixture.tasks) == sorted(task_names)
+  assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == dict(zip(task_names, (3.0, 1.0)))
   # The default source's store is shared with the single-source pipeline (same key).
   assert p.stores[0].paths == pipeline.stores[0].paths
   b = p.batch(5)
@@ -412,7 +420,7 @@ def test_mixture_rates_and_rows(pipeline, corpus_root, cache_dir, tmp_path):
 
 def _expect(config, match, exc=ValueError, **kw):
   with pytest.raises(exc, match=match):
-    data.make_pipeline(config, process_index=kw.get("index", 0), process_count=kw.get("count", 1))
+    make_pipeline(config, process_index=kw.get("index", 0), process_count=kw.get("count", 1))
 
 
 def test_errors_name_the_bad_value(corpus_root, cache_dir, tmp_path):
@@ -474,7 +482,7 @@ def test_user_tokenizer_by_path(pipeline, corpus_root, cache_dir, tmp_path):
   path = tmp_path / "user.model"
   path.write_bytes(pipeline.vocab.model_bytes)
   config = make_config(corpus_root, cache_dir, tokenizer=str(path))
-  p = data.make_pipeline(config, process_index=0, process_count=1)
+  p = make_pipeline(config, process_index=0, process_count=1)
   np.testing.assert_array_equal(p.batch(0)["targets"], pipeline.batch(0)["targets"])
   config.model.vocab_size = VOCAB - 1
   _expect(config, rf"has {VOCAB} pieces but config.model.vocab_size={VOCAB - 1}",
@@ -537,7 +545,7 @@ def _worker(pid: int, port: int, corpus_root: str, cache_dir: str, out: str) -> 
   from jax.experimental import multihost_utils
 
   assert jax.process_count() == 2 and jax.device_count() == 4
-  p = data.make_pipeline(make_config(corpus_root, cache_dir))  # process index/count from jax
+  p = make_pipeline(make_config(corpus_root, cache_dir))  # process index/count from jax
   np.savez(os.path.join(out, f"local_{pid}.npz"),
            **{f"{k}/targets": p.batch(k)["targets"] for k in _MP_STEPS})
   devices = np.array(jax.devices())

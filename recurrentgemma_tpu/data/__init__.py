@@ -2,7 +2,7 @@
 
 Usage by the training loop:
 
-  pipeline = data.make_pipeline(config)          # prepares (once) and memory-maps the stores
+  pipeline = data.make_pipeline(exp.data)        # prepares (once) and memory-maps the stores
   local = pipeline.batch(step)                    # this process's rows of the global batch
   arrays = data.global_batch(pipeline, step, sharding)   # or: global jax arrays directly
   for eval_local in pipeline.eval_batches(): ...
@@ -15,15 +15,8 @@ See docs/data.md for the design.
 
 from recurrentgemma_tpu.data.config import DataConfig, SourceConfig, data_config_from
 from recurrentgemma_tpu.data.corpus import CorpusError
-from recurrentgemma_tpu.data.pipeline import (
-    Batch,
-    Pipeline,
-    derive_features,
-    global_batch,
-    make_pipeline,
-    process_rows,
-    to_global_arrays,
-)
+from recurrentgemma_tpu.data.device import global_batch, process_rows, to_global_arrays
+from recurrentgemma_tpu.data.pipeline import Batch, Pipeline, derive_features, make_pipeline
 from recurrentgemma_tpu.data.vocab import TokenizerError, Vocabulary
 
 __all__ = [

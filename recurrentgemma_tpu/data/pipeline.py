@@ -1,4 +1,4 @@
-"""Deterministic global batches from prepared stores: `make_pipeline(config).batch(step)`.
+"""Deterministic global batches from prepared stores: `make_pipeline(data_config).batch(step)`.
 
 Global row g of the training stream (g = step * B + r for row r of the step's global batch) is a
 pure function of (data config, seed, g):
@@ -10,6 +10,8 @@ pure function of (data config, seed, g):
 A process computes only the rows it owns, so batches do not depend on the number of processes or
 devices, and resuming at step k needs no replay. seqio's own Mixture samples with a stateful
 tf.data stream, which cannot jump to row g; that is why mixing happens here.
+
+This module addresses rows (numpy only); `device.py` places them on devices as global jax arrays.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from recurrentgemma_tpu.data import permute, store, vocab as vocab_lib
-from recurrentgemma_tpu.data.config import MIXTURE_PERIOD, DataConfig, data_config_from
+from recurrentgemma_tpu.data.config import MIXTURE_PERIOD, DataConfig
 
 
 Batch = dict[str, np.ndarray]
@@ -80,11 +82,10 @@ def _mixture_pattern(rates: list[float], seed: int) -> tuple[np.ndarray, np.ndar
 
 
 class Pipeline:
-  """Batches for one process. Build with `make_pipeline(config)`.
+  """Batches for one process. Build with `make_pipeline(data_config)`, which checks the arguments.
 
   Attributes:
     config: the typed data settings.
-    task_names, mixture_name: the sources as registered seqio Tasks / Mixture.
     vocab: the tokenizer (`encode`, `decode`, `eos_id`, `bos_id`, `size`).
     process_index, process_count: which rows `batch(step)` returns by default.
     local_batch_size: rows per process per step (global_batch_size // process_count).
@@ -92,29 +93,16 @@ class Pipeline:
 
   def __init__(self, cfg: DataConfig, vocab: vocab_lib.Vocabulary, stores: list[store.SourceStore],
                process_index: int, process_count: int):
-    if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
-    if cfg.global_batch_size % process_count:
-      raise ValueError(f"config.data.global_batch_size={cfg.global_batch_size} is not divisible "
-                       f"by the process count {process_count}.")
-    if cfg.eval_batch_size % process_count:
-      raise ValueError(f"config.data.eval_batch_size={cfg.eval_batch_size} is not divisible "
-                       f"by the process count {process_count}.")
     self.config = cfg
     self.vocab = vocab
     self.stores = stores
     self.process_index = process_index
     self.process_count = process_count
     self.local_batch_size = cfg.global_batch_size // process_count
+    # Every source holds at least one slot: data_config_from checks the rates' floor.
     self._pattern, self._rank, self._counts = _mixture_pattern(
         [s.rate for s in cfg.sources], cfg.seed)
-    for s, c in zip(cfg.sources, self._counts):
-      if c == 0:
-        raise ValueError(f"config.data.sources.{s.name}.rate={s.rate} is below 1/{MIXTURE_PERIOD} "
-                         "of the total rate; raise it or remove the source.")
     self._train_rows = np.array([st.train.num_rows for st in stores], np.int64)
-    self.task_names: list[str] = []  # registered seqio Task of each source (make_pipeline)
-    self.mixture_name: str | None = None  # registered seqio Mixture when there are several
 
   @property
   def num_train_rows(self) -> int:
@@ -169,13 +157,6 @@ class Pipeline:
       targets[sel], segments[sel] = self.stores[i].train.gather(idx[sel])
     return derive_features(targets, segments, self.vocab.bos_id)
 
-  def iterate(self, start_step: int = 0) -> Iterator[Batch]:
-    """Local batches from `start_step` on; resuming at step k yields what step k always yields."""
-    step = start_step
-    while True:
-      yield self.batch(step)
-      step += 1
-
   def eval_batches(self, rows: slice | None = None) -> Iterator[Batch]:
     """This process's rows of each evaluation batch: every source's validation rows in order.
 
@@ -203,13 +184,12 @@ class Pipeline:
       yield derive_features(targets, segments, self.vocab.bos_id)
 
 
-def make_pipeline(config, *, process_index: int | None = None,
+def make_pipeline(cfg: DataConfig, *, process_index: int | None = None,
                   process_count: int | None = None) -> Pipeline:
-  """Builds the data pipeline of an experiment config, preparing what is not cached yet.
+  """Builds the data pipeline of an experiment's data settings, preparing what is not cached yet.
 
   Args:
-    config: the typed `DataConfig` (e.g. `experiment.build(...).data`); a full experiment
-      ConfigDict is still accepted for the data tools until they take an Experiment.
+    cfg: the typed data settings (`experiment.build(...).data`, or `data_config_from(config)`).
     process_index: this process; default `jax.process_index()`.
     process_count: processes sharing the global batch; default `jax.process_count()`.
 
@@ -217,13 +197,14 @@ def make_pipeline(config, *, process_index: int | None = None,
     A `Pipeline`. The first call on a machine trains the embedded tokenizer (if used) and writes
     each source's store under the cache directory; later calls only memory-map them.
   """
-  cfg = config if isinstance(config, DataConfig) else data_config_from(config)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   # Checked before any preparation, which can take minutes.
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
   for field in ("global_batch_size", "eval_batch_size"):
     if getattr(cfg, field) % process_count:
       raise ValueError(f"config.data.{field}={getattr(cfg, field)} is not divisible by the "
@@ -233,54 +214,4 @@ def make_pipeline(config, *, process_index: int | None = None,
   for source in cfg.sources:
     stores.append(store.prepare(cfg, source, vocab))
     logging.info("data source %s: %s rows", source.name, stores[-1].count("rows"))
-  pipeline = Pipeline(cfg, vocab, stores, process_index, process_count)
-  # The same data as seqio Tasks (and a Mixture), for seqio's own tools (inspection, caching).
-  from recurrentgemma_tpu.data import tasks  # pylint: disable=g-import-not-at-top (TensorFlow)
-
-  pipeline.task_names = [tasks.ensure_task(s, st.key, vocab)
-                         for s, st in zip(cfg.sources, stores)]
-  if len(cfg.sources) > 1:
-    pipeline.mixture_name = tasks.register_mixture(cfg, pipeline.task_names)
-  return pipeline
-
-
-def process_rows(sharding, global_batch_size: int) -> slice:
-  """The contiguous block of batch rows whose shards live on this process's devices.
-
-  Raises:
-    ValueError: if this process's rows are not one contiguous block (a sharding the process-local
-      batch convention cannot express).
-  """
-  shape = (global_batch_size, 1)
-  starts, stops = [], []
-  for index in sharding.addressable_devices_indices_map(shape).values():
-    r = range(global_batch_size)[index[0]]
-    starts.append(r.start)
-    stops.append(r.stop)
-  lo, hi = min(starts), max(stops)
-  covered = np.zeros(global_batch_size, bool)
-  for a, b in zip(starts, stops):
-    covered[a:b] = True
-  if not covered[lo:hi].all():
-    raise ValueError(f"this process's batch rows under {sharding} are not contiguous.")
-  return slice(lo, hi)
-
-
-def to_global_arrays(local_batch: Batch, sharding, global_batch_size: int) -> dict:
-  """Turns this process's rows into global jax arrays [global_batch_size, T] with `sharding`."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  return {
-      k: jax.make_array_from_process_local_data(
-          sharding, v, (global_batch_size,) + v.shape[1:])
-      for k, v in local_batch.items()
-  }
-
-
-def global_batch(pipeline: Pipeline, step: int, sharding) -> dict:
-  """The training batch at `step` as global jax arrays laid out by `sharding` (batch on axis 0).
-
-  Each process reads only the rows its devices hold, whatever the mesh order of processes.
-  """
-  b = pipeline.config.global_batch_size
-  return to_global_arrays(pipeline.batch(step, process_rows(sharding, b)), sharding, b)
+  return Pipeline(cfg, vocab, stores, process_index, process_count)

@@ -5,7 +5,8 @@ r"""Prepares (or checks) the tokenizer and stores of a config ahead of a job, an
 
 Training prepares whatever is missing on its own; running this first (on each host, or once on a
 machine whose cache directory is then copied) moves the one-time work out of the job's start-up
-and shows what the model will see.
+and shows what the model will see. It also registers the sources as seqio Tasks (and a Mixture when
+there are several) for seqio's own tools; training never reads them, so its start skips that.
 """
 
 from __future__ import annotations
@@ -15,17 +16,31 @@ from typing import Any
 
 import numpy as np
 
+from recurrentgemma_tpu.data.config import DataConfig, data_config_from
 from recurrentgemma_tpu.data.pipeline import Pipeline, make_pipeline
 
 
-def describe(pipeline: Pipeline, show_rows: int = 0) -> dict[str, Any]:
-  """Per-source rows and tokens, the tokenizer, and optionally the decoded start of step 0."""
+def register_seqio(pipeline: Pipeline) -> tuple[list[str], str | None]:
+  """Registers the prepared sources as seqio Tasks, and a Mixture with their rates when there are
+  several; returns (task names, mixture name or None)."""
+  from recurrentgemma_tpu.data import tasks  # pylint: disable=g-import-not-at-top (TensorFlow)
+
   cfg = pipeline.config
+  names = [tasks.ensure_task(s, st.key, pipeline.vocab) for s, st in zip(cfg.sources, pipeline.stores)]
+  mixture = tasks.register_mixture(cfg, names) if len(cfg.sources) > 1 else None
+  return names, mixture
+
+
+def describe(pipeline: Pipeline, show_rows: int = 0) -> dict[str, Any]:
+  """Per-source rows and tokens, the seqio names, the tokenizer, and optionally the decoded start
+  of step 0."""
+  cfg = pipeline.config
+  task_names, mixture_name = register_seqio(pipeline)
   out: dict[str, Any] = {
       "tokenizer": pipeline.vocab.path, "tokenizer_pieces": pipeline.vocab.size,
       "seq_len": cfg.seq_len, "global_batch_size": cfg.global_batch_size,
       "steps_per_epoch": pipeline.num_train_rows / cfg.global_batch_size,
-      "task_names": pipeline.task_names, "mixture_name": pipeline.mixture_name, "sources": {},
+      "task_names": task_names, "mixture_name": mixture_name, "sources": {},
   }
   for source, st in zip(cfg.sources, pipeline.stores):
     entry = {"stores": st.paths, "rate": source.rate}
@@ -41,7 +56,7 @@ def describe(pipeline: Pipeline, show_rows: int = 0) -> dict[str, Any]:
   return out
 
 
-def prepare_parallel(config, workers: int) -> Pipeline:
+def prepare_parallel(cfg: DataConfig, workers: int) -> Pipeline:
   """Prepares with `workers` local processes (this one included); they split the shards.
 
   Each helper runs `make_pipeline` too: the store's try-locks hand every process different
@@ -52,11 +67,11 @@ def prepare_parallel(config, workers: int) -> Pipeline:
   import multiprocessing  # pylint: disable=g-import-not-at-top
 
   ctx = multiprocessing.get_context("spawn")  # no forked TensorFlow state
-  helpers = [ctx.Process(target=_prepare_only, args=(config,)) for _ in range(workers - 1)]
+  helpers = [ctx.Process(target=_prepare_only, args=(cfg,)) for _ in range(workers - 1)]
   for h in helpers:
     h.start()
   try:
-    pipeline = make_pipeline(config, process_index=0, process_count=1)
+    pipeline = make_pipeline(cfg, process_index=0, process_count=1)
   finally:
     for h in helpers:
       h.join()
@@ -67,8 +82,8 @@ def prepare_parallel(config, workers: int) -> Pipeline:
   return pipeline
 
 
-def _prepare_only(config) -> None:
-  make_pipeline(config, process_index=0, process_count=1)
+def _prepare_only(cfg: DataConfig) -> None:
+  make_pipeline(cfg, process_index=0, process_count=1)
 
 
 def run() -> None:
@@ -84,7 +99,7 @@ def run() -> None:
 
   def main(argv) -> None:
     del argv
-    pipeline = prepare_parallel(config_flag.value, workers.value)
+    pipeline = prepare_parallel(data_config_from(config_flag.value), workers.value)
     print(json.dumps(describe(pipeline, show_rows.value), indent=1, ensure_ascii=False))
 
   app.run(main)

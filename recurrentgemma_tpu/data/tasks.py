@@ -6,8 +6,8 @@ documents into pieces of at most `seq_len` tokens; `seqio.LMFeatureConverter(pac
 Several sources are also registered as a `seqio.Mixture` with their rates, for users of seqio's own
 tools; the training pipeline mixes at the row level instead (see pipeline.py for why).
 
-This module imports TensorFlow: make_pipeline uses it to prepare stores and register the tasks;
-the batch path (memory-mapped stores, numpy) never touches it.
+This module imports TensorFlow: store.prepare uses it to build stores, and data.prepare to register
+the tasks for seqio's tools; the batch path (memory-mapped stores, numpy) never touches it.
 """
 
 from __future__ import annotations
