@@ -109,6 +109,10 @@ def load_model(workdir: str) -> tuple[Any, Any]:
   from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.checkpoints import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
   exp = load_experiment(workdir)
+  steps_dir = os.path.join(workdir, "checkpoints")
+  if not any(d.isdigit() for d in (os.listdir(steps_dir) if os.path.isdir(steps_dir) else [])):
+    raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet ({steps_dir} holds no step): "
+                            "sample once training has saved one.")
   abstract = jax.eval_shape(
       lambda: flax.core.meta.unbox(model_lib.init_params(exp.model, jax.random.key(0))))
   return exp, ckpt_lib.load_params(workdir, abstract)
@@ -171,8 +175,9 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`rg-sample`)."""
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main, __doc__)
 
 
 if __name__ == "__main__":

@@ -77,13 +77,12 @@ def format_summary(config: ModelConfig, s: Summary) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if flags.FLAGS.config is None:
-    raise app.UsageError("--config=configs/NAME.py is required")
   # Imported here: experiment imports the data and training modules, which this module must not
   # need when imported as a library.
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-  exp = experiment_lib.build(flags.FLAGS.config, num_devices=experiment_lib.min_devices(
-      flags.FLAGS.config))
+  config = cli.load_config_flag(flags.FLAGS["config"])
+  exp = experiment_lib.build(config, num_devices=experiment_lib.min_devices(config))
   seq_len = flags.FLAGS.seq_len or exp.data.seq_len
   print(format_summary(exp.model, summarize(exp.model, seq_len)))
   print(f"training run: {exp.data.global_batch_size} x {exp.data.seq_len} tokens/step x "
@@ -95,9 +94,12 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   # Flags are defined here, not at import, so importing this module never clashes with the
   # flags of another CLI (e.g. train.py's --config) in the same process.
-  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:ARG] or a "
+                                  "preset's NAME.", lock_config=True)
   flags.DEFINE_integer("seq_len", 0, "Sequence length for FLOPs; 0: config.data.seq_len.")
-  app.run(main)
+  flags.mark_flags_as_required(["config"])
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, __doc__)
 
 
 if __name__ == "__main__":
