@@ -55,6 +55,11 @@ NOISE_PATTERNS = (
     r"^E\d{4} .*common_lib\.cc:\d+\] INVALID_ARGUMENT: Error: unexpected worker hostname",
     r"^=== Source Location Trace: === *$",
     r"^learning/45eac/tfrc/runtime/libtpu_init_utils\.cc:\d+ *$",
+    # XLA's "Very slow compile?" alarm (an E line framed by asterisks) on a busy CPU; the trainer
+    # reports the first step's time itself.
+    r"^E\d{4} .*slow_operation_alarm\.cc",
+    r"^\*{20,}\s*$",
+    r"Very slow compile\? If you want to file a bug",
 )
 
 
@@ -137,8 +142,12 @@ _FILTER_SCRIPT = r"""
 import re, sys
 noise = re.compile("|".join(sys.argv[1:]))
 out = open(2, "wb", buffering=0, closefd=False)
+dropped = False
 for line in sys.stdin.buffer:
-    if not noise.search(line.decode("utf-8", "replace")):
+    text = line.decode("utf-8", "replace")
+    # A blank line right after a dropped one belongs to the same noise block.
+    dropped = bool(noise.search(text)) or (dropped and not text.strip())
+    if not dropped:
         out.write(line)
 """
 _filter: subprocess.Popen | None = None
