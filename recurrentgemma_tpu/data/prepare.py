@@ -91,18 +91,21 @@ def run() -> None:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                                lock_config=True)
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config: configs/NAME.py[:ARG] or a preset's NAME.",
+      lock_config=True)
   show_rows = flags.DEFINE_integer("show_rows", 0, "Decode the start of this many rows of step 0.")
   workers = flags.DEFINE_integer("workers", 1, "Local processes preparing shards in parallel.")
   flags.mark_flags_as_required(["config"])
 
   def main(argv) -> None:
     del argv
-    pipeline = prepare_parallel(data_config_from(config_flag.value), workers.value)
+    pipeline = prepare_parallel(data_config_from(cli.load_config_flag(config_flag)), workers.value)
     print(json.dumps(describe(pipeline, show_rows.value), indent=1, ensure_ascii=False))
 
-  app.run(main)
+  cli.run(main, __doc__)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,9 @@ def _build(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary, key: str, d
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path}.tmp-{uuid.uuid4().hex}"
   os.makedirs(tmp)
+  # One line before the one-time work, so a first run does not look hung.
+  logging.info("preparing data source %s, shard %d/%d (tokenize + pack, once per cache) ...",
+               source.name, shard + 1, source.num_shards)
   try:
     errors = tasks.ReaderErrors()
     task = tasks.register_task(source, key, vocab, errors)

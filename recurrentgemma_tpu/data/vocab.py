@@ -53,6 +53,8 @@ def _train(source: SourceConfig, vocab_size: int, path: str) -> None:
     raise TokenizerError(f"config.model.vocab_size={vocab_size} is too small for the embedded "
                          f"byte-fallback tokenizer; use at least {minimum}, or give "
                          "config.data.tokenizer.")
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.info("training the embedded tokenizer (%d pieces, once per cache) ...", vocab_size)
   try:
     _run_trainer(source, vocab_size, tmp)
   except RuntimeError as e:  # SentencePiece reports e.g. a vocabulary larger than the corpus allows
