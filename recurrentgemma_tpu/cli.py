@@ -249,7 +249,12 @@ def help_text(doc: str, full: bool = False, codes: str = EXIT_CODES_HELP) -> str
   if full:
     flag_text = f.get_help()
   else:
-    modules = [m for m in f.flags_by_module_dict() if not m.startswith("absl.")]
+    base = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # The command's own flags: modules of this project (by name, or by path under `python -m`),
+    # not those of absl, Orbax or other libraries.
+    modules = [m for m in f.flags_by_module_dict()
+               if m.split(".")[0] in PACKAGES or m == "__main__"
+               or (m.endswith(".py") and os.path.abspath(m).startswith(base + os.sep))]
     # module_help starts with the defining file's path: a header that means nothing to a user.
     flag_text = "\n".join(f.module_help(m).lstrip("\n").split("\n", 1)[-1] for m in modules)
     flag_text += ("\n\n  --verbosity: 1 shows library logs and every traceback (default: 0)."

@@ -65,7 +65,9 @@ def run() -> None:
   flags.DEFINE_integer("attention_window", None, "Overrides the preset's window.")
   flags.DEFINE_float("logits_soft_cap", None, "Overrides the preset's soft-cap.")
   flags.DEFINE_bool("embeddings_scale_by_sqrt_dim", None, "Overrides the preset's scale.")
-  app.run(main)
+  flags.mark_flags_as_required(["input", "output"])
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, __doc__)
 
 
 if __name__ == "__main__":
