@@ -62,8 +62,11 @@ def _params(workdir):
   from recurrentgemma_tpu.checkpoints import manager as ckpt
   import flax
   plan = experiment_lib.build(small_config(train__steps=STEPS))
-  abstract = jax.eval_shape(lambda: flax.core.meta.unbox(
+  shapes = jax.eval_shape(lambda: flax.core.meta.unbox(
       model_lib.init_params(plan.model, jax.random.key(0))))
+  # Saved by two processes; restored here onto one device of this process.
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
   return jax.device_get(ckpt.load_params(workdir / "checkpoints" / str(STEPS), abstract))
 
 
