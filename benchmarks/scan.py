@@ -2,6 +2,7 @@
 
     JAX_PLATFORMS=cpu python benchmarks/scan.py            # CPU: the XLA implementations
     python benchmarks/scan.py --impls=pallas_tpu,xla_linear  # on a TPU / GPU host
+    python benchmarks/scan.py --impls=pallas_gpu,pallas_gpu/c64,xla_linear  # GPU block sweep
 
 For each case it prints the median time of the forward pass and of forward+backward (jax.grad),
 the bytes the pass must move at minimum (forward: x and a read, y written; backward: dy, a, y read,
@@ -42,14 +43,22 @@ def copy_bandwidth(num_bytes: int = 256 << 20, repeats: int = 10) -> float:
   return 2 * num_bytes / seconds
 
 
+def scan_fn(impl: str) -> Callable:
+  """`impl` is a `linear_scan` impl, or `pallas_gpu/cN` for the GPU kernel with N channels per program."""
+  if impl.startswith("pallas_gpu/c"):
+    from pallas_kernels import gpu  # pylint: disable=g-import-not-at-top
+    blocks = gpu.BlockSizes(channels=int(impl.split("/c")[1]))
+    return lambda x, a: gpu.linear_scan(x, a, block_sizes=blocks)
+  return lambda x, a: pallas_kernels.linear_scan(x, a, impl=impl)
+
+
 def run_case(impl: str, shape: tuple[int, int, int], dtype, repeats: int):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape), dtype)
   a = jnp.asarray(rng.uniform(0.6, 1.0, size=shape), dtype)
-  fwd = jax.jit(lambda x, a: pallas_kernels.linear_scan(x, a, impl=impl))
-  grad = jax.jit(jax.grad(
-      lambda x, a: jnp.sum(pallas_kernels.linear_scan(x, a, impl=impl)[0].astype(jnp.float32)),
-      (0, 1)))
+  scan = scan_fn(impl)
+  fwd = jax.jit(scan)
+  grad = jax.jit(jax.grad(lambda x, a: jnp.sum(scan(x, a)[0].astype(jnp.float32)), (0, 1)))
   array_bytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
   t_fwd = _time(fwd, x, a, repeats=repeats)
   t_grad = _time(grad, x, a, repeats=repeats)
@@ -58,14 +67,15 @@ def run_case(impl: str, shape: tuple[int, int, int], dtype, repeats: int):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--impls", default="xla_linear,xla_associative,auto")
+  parser.add_argument("--impls", default="xla_linear,xla_associative,auto",
+                      help="linear_scan impls, and pallas_gpu/cN: the GPU kernel at N channels per program")
   parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="BxTxC,...")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
 
   for impl in args.impls.split(","):
-    if impl not in pallas_kernels.IMPLS:
+    if impl not in pallas_kernels.IMPLS and not impl.startswith("pallas_gpu/c"):
       raise SystemExit(f"--impls: {impl!r} is not one of {pallas_kernels.IMPLS}")
   device = jax.devices()[0]
   bandwidth = copy_bandwidth()

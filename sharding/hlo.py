@@ -367,3 +367,232 @@ def while_loops(hlo_text: str) -> list[dict]:
                       op_names=sorted({m.group(1) for c in inside for i in comps[c].instructions
                                        for m in [re.search(r'op_name="([^"]+)"', i.rest)] if m})))
   return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bytes: HBM traffic and collectives, per device, loop trip counts applied (the step-time model's
+# inputs; docs/sharding.md, "Step-time model").
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1}
+_ARRAY_ANY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+# Instructions that move no data of their own (views, tuples, control flow whose bodies are counted).
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
+               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
+               "copy-done", "send-done", "recv-done", "async-done", "custom-call"}
+_SLICING = ("dynamic-slice", "slice", "gather")
+
+
+def shape_bytes(shape: str) -> float:
+  """Bytes of an HLO shape (arrays in a tuple summed; layouts and tiling ignored)."""
+  return float(sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                   for dt, dims in _ARRAY_ANY.findall(shape.split("{")[0] if not shape.startswith("(")
+                                                      else re.sub(r"\{[^}]*\}", "", shape))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective as executed on one device: kind, payload bytes, group size, slices spanned."""
+
+  kind: str  # all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute, ...
+  nbytes: float  # all-gather: the gathered result; reduce-scatter: the input; others: the result
+  group_size: int
+  num_slices: int  # distinct DCN slices in one group (1: ICI only)
+  count: float  # executions per step (loop trip counts applied)
+  name: str
+
+
+def replica_groups(rest: str, num_devices: int) -> list[list[int]]:
+  """The device groups of a collective's attributes, in any of the forms XLA prints."""
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest)
+  if mesh:
+    axes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
+    names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
+    grouped = [names.index(a) for a in re.findall(r"'([^']+)'", mesh.group(2))]
+    ids = np.arange(math.prod(sizes)).reshape(sizes)
+    order = [i for i in range(len(sizes)) if i not in grouped] + grouped
+    n = math.prod(sizes[i] for i in grouped)
+    return ids.transpose(order).reshape(-1, n).tolist()
+  iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", rest)
+  if iota:
+    shape = [int(s) for s in iota.group(1).split(",")]
+    ids = np.arange(math.prod(shape)).reshape([int(s) for s in iota.group(2).split(",")])
+    if iota.group(3):
+      ids = ids.transpose([int(s) for s in iota.group(3).split(",")])
+    return ids.reshape(shape[0], -1).tolist()
+  explicit = re.search(r"replica_groups=\{(\{[\d,\s]*\}(?:,\s*\{[\d,\s]*\})*)?\}", rest)
+  if explicit and explicit.group(1):
+    return [[int(i) for i in g.split(",") if i.strip()] for g in re.findall(r"\{([\d,\s]*)\}", explicit.group(1))]
+  pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", rest)
+  if pairs:
+    return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)", pairs.group(1) + "}")]
+  return [list(range(num_devices))]
+
+
+def _collective(ins: Instruction, comp: Computation, num_devices: int, num_slices: int,
+                as_reduce_scatter: bool, count: float) -> Optional[Collective]:
+  megascale = re.search(r'_xla_megascale_transfer_type="(\w+)"', ins.rest)
+  if ins.opcode == "send" and megascale:
+    # Multi-slice programs are compiled per slice; the DCN part of a collective is a host-transfer
+    # send/recv pair handled by the megascale runtime, across all slices.
+    payload = _ARRAY_ANY.search(ins.shape)
+    nbytes = shape_bytes(payload.group(0)) if payload else 0.0
+    return Collective(megascale.group(1).lower().replace("_", "-"), nbytes, num_slices, num_slices, count,
+                      ins.name)
+  kind = ins.opcode.removesuffix("-start")
+  if kind not in COLLECTIVES:
+    return None
+  groups = replica_groups(ins.rest, num_devices)
+  per_slice = max(num_devices // num_slices, 1)
+  spans = max(len({d // per_slice for d in g}) for g in groups)
+  if kind == "collective-permute":
+    n = 2
+  else:
+    n = max(len(g) for g in groups)
+  if ins.opcode.endswith("-start") and ins.shape.startswith("("):
+    # Async starts return (operands, results[, context]): the payload is the largest member.
+    nbytes = max((shape_bytes(f"{dt}[{dims}]") for dt, dims in _ARRAY_ANY.findall(ins.shape)), default=0.0)
+  else:
+    nbytes = shape_bytes(ins.shape)
+  if kind == "reduce-scatter":
+    nbytes *= n  # the printed result is the scattered shard
+  if kind == "all-reduce" and as_reduce_scatter:
+    kind = "reduce-scatter"  # TPU XLA writes reduce-scatter as all-reduce + dynamic-slice in a fusion
+  return Collective(kind, nbytes, n, spans, count, ins.name)
+
+
+@dataclasses.dataclass
+class Traffic:
+  """Per-device bytes of one program, loop trip counts applied."""
+
+  hbm_bytes: float  # read + written by every top-level instruction (fusions as units)
+  collectives: list[Collective]
+  exact: bool  # False when some loop's trip count was unknown (counted once)
+
+
+def _fusion_bytes(comps: dict[str, Computation], callee: Optional[str], ins: Instruction,
+                  shapes: dict[str, str]) -> float:
+  """Bytes a fusion reads and writes, counting sliced operands by their slices and in-place updates
+  by the update (the way XLA's own cost analysis does)."""
+  ops = _operands(ins.rest)
+  inner = comps.get(callee) if callee else None
+  if inner is None:
+    return shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in ops)
+  params: dict[int, str] = {}
+  users: dict[str, list[Instruction]] = {}
+  for i in inner.instructions:
+    if i.opcode == "parameter":
+      m = re.match(r"\s*(\d+)\)", i.rest)
+      if m:
+        params[int(m.group(1))] = i.name
+    for o in _operands(i.rest):
+      users.setdefault(o, []).append(i)
+  by_name = {i.name: i for i in inner.instructions}
+
+  def through_bitcasts(name: str) -> Optional[Instruction]:
+    i = by_name.get(name)
+    while i is not None and i.opcode in ("bitcast", "copy") and _operands(i.rest):
+      i = by_name.get(_operands(i.rest)[0])
+    return i
+
+  root = next((i for i in inner.instructions if i.is_root), None)
+  outputs = ([by_name.get(o) for o in _operands(root.rest)] if root is not None and root.opcode == "tuple"
+             else [root])
+  in_place: set[str] = set()
+  out = 0.0
+  for o in outputs:
+    if o is None:
+      continue
+    dus = through_bitcasts(o.name)
+    if dus is not None and dus.opcode == "dynamic-update-slice":
+      # Updated in place: only the update is written (and read), not the whole buffer.
+      dus_ops = _operands(dus.rest)
+      buffer = through_bitcasts(dus_ops[0]) if dus_ops else None
+      if buffer is not None and buffer.opcode == "parameter":
+        in_place.add(buffer.name)
+      update = by_name.get(dus_ops[1]) if len(dus_ops) > 1 else None
+      out += 2 * shape_bytes(update.shape) if update is not None else shape_bytes(o.shape)
+    else:
+      out += shape_bytes(o.shape)
+  total = out
+  for index, op in enumerate(ops):
+    pname = params.get(index)
+    if pname is None:
+      total += shape_bytes(shapes.get(op, ""))
+      continue
+    if pname in in_place:
+      continue
+    uses = users.get(pname, [])
+    if uses and all(u.opcode in _SLICING for u in uses):
+      total += sum(shape_bytes(u.shape) for u in uses)
+    else:
+      total += shape_bytes(shapes.get(op, ""))
+  return total
+
+
+def traffic(hlo_text: str, num_devices: int, num_slices: int = 1) -> Traffic:
+  """HBM bytes and collectives of one device's program (SPMD: every device runs the same one).
+
+  HBM bytes count each top-level instruction's operands and result once (a fusion is one unit; its
+  intermediates stay on chip), with loops multiplied by their trip counts. Collectives are listed with
+  their execution counts; a group spans more than one slice when its device ids fall in different
+  blocks of `num_devices / num_slices` (the `slice` mesh axis is the outermost). The TPU compiler
+  writes a multi-slice program per slice: its DCN transfers are megascale send ops, listed as
+  collectives over `num_slices` slices.
+  """
+  comps = parse(hlo_text)
+  found: list[Collective] = []
+  exact = True
+
+  def walk(name: str, count: float, stack: tuple[str, ...], rs: bool = False) -> float:
+    nonlocal exact
+    comp = comps.get(name)
+    if comp is None or name in stack:
+      return 0.0
+    shapes = {i.name: i.shape for i in comp.instructions}
+    nbytes = 0.0
+    for ins in comp.instructions:
+      c = _collective(ins, comp, num_devices, num_slices, rs, count)
+      if c is not None:
+        found.append(c)
+      callee = re.search(r"calls=%?([\w.\-]+)", ins.rest)
+      if ins.opcode == "while":
+        body = re.search(r"body=%?([\w.\-]+)", ins.rest)
+        n = _loop_trip_count(comps, ins, name)
+        exact = exact and n is not None
+        if body:
+          nbytes += (n or 1) * walk(body.group(1), count * (n or 1), stack + (name,))
+      elif ins.opcode == "call":
+        to_apply = re.search(r"to_apply=%?([\w.\-]+)", ins.rest)
+        if to_apply:
+          nbytes += walk(to_apply.group(1), count, stack + (name,))
+      elif ins.opcode == "conditional":
+        branches = re.search(r"branch_computations=\{([^}]*)\}", ins.rest)
+        if branches:
+          names = [b.strip().lstrip("%") for b in branches.group(1).split(",")]
+          nbytes += walk(names[0], count, stack + (name,))
+      elif ins.opcode == "fusion":
+        if callee and callee.group(1).startswith("all-reduce-scatter"):
+          walk(callee.group(1), count, stack + (name,), rs=True)  # the collective inside
+        nbytes += _fusion_bytes(comps, callee.group(1) if callee else None, ins, shapes)
+      elif ins.opcode == "async-start":
+        if callee:
+          walk(callee.group(1), count, stack + (name,), rs=callee.group(1).startswith("all-reduce-scatter"))
+      elif ins.opcode in ("dynamic-slice", "slice", "gather"):
+        nbytes += 2 * shape_bytes(ins.shape)
+      elif ins.opcode == "copy-start":
+        ops = _operands(ins.rest)
+        nbytes += 2 * shape_bytes(shapes.get(ops[0], "")) if ops else 0.0
+      elif ins.opcode == "dynamic-update-slice":
+        ops = _operands(ins.rest)
+        nbytes += 2 * shape_bytes(shapes.get(ops[1], "")) if len(ops) > 1 else 0.0
+      elif ins.opcode not in _NO_TRAFFIC and not ins.opcode.endswith("-done"):
+        nbytes += shape_bytes(ins.shape) + sum(shape_bytes(shapes.get(o, "")) for o in _operands(ins.rest))
+    return nbytes
+
+  entry = [c.name for c in comps.values() if c.is_entry]
+  if not entry:
+    raise ValueError("no ENTRY computation in the HLO text")
+  hbm = walk(entry[0], 1.0, ())
+  return Traffic(hbm, found, exact)

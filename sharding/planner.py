@@ -7,9 +7,10 @@ here); nothing in this file imports the training code. The flow:
   `CompileReport` (per-chip memory from `memory_analysis()`, matmul FLOPs read from the compiled HLO,
   fit against the chip table's HBM) -> `format_report`.
 
-`search` ranks candidate plans (mesh factorisation x remat policy x micro-batch count) by
-`estimate_step`, an analytic step-time model described in docs/sharding.md, and compiles them in that
-order, so the plans it prints as fitting are proven by the compiler and ordered by estimated cost.
+`search` orders candidate plans (mesh factorisation x remat policy x micro-batch count) by
+`estimate_step`, a cheap analytic estimate, compiles them in that order, and ranks the ones that fit
+by `step_time`: the step-time model applied to each compiled program (FLOPs against peak, HBM bytes
+against bandwidth, every collective against ICI / DCN bandwidth; docs/sharding.md, "Step-time model").
 """
 
 import dataclasses
@@ -208,6 +209,14 @@ class CompileReport:
   six_nd_per_chip: float
   max_hbm_fraction: float
   compile_seconds: float
+  step: Optional["StepTime"] = None  # the step-time model on the compiled program
+
+  @property
+  def mfu(self) -> float:
+    """Estimated model-FLOP utilisation by 6ND at the estimated step time (nan without an estimate)."""
+    if self.step is None or not self.step.step_s:
+      return float("nan")
+    return self.six_nd_per_chip / (self.step.step_s * self.chip.peak_bf16_flops)
 
   @property
   def total_bytes(self) -> int:
@@ -227,6 +236,75 @@ class CompileReport:
     return self.compiled_flops / self.six_nd_per_chip if self.six_nd_per_chip else float("nan")
 
 
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+  """Estimated seconds per step of a compiled program, per chip (docs/sharding.md, "Step-time model").
+
+  compute_s: matmul FLOPs (loop trip counts applied) at the chip's bf16 peak.
+  memory_s: bytes every top-level HLO instruction reads and writes, at the chip's HBM bandwidth.
+  ici_s / dcn_s: every collective's ring time on ICI / across the DCN `slice` axis, not overlapped.
+  """
+
+  compute_s: float
+  memory_s: float
+  ici_s: float
+  dcn_s: float
+  collective_bytes: float  # per device per step, all collectives' payloads
+  exact: bool  # every loop trip count was read
+
+  @property
+  def step_s(self) -> float:
+    """No overlap of communication with computation; compute and memory traffic overlap (roofline)."""
+    return max(self.compute_s, self.memory_s) + self.ici_s + self.dcn_s
+
+  @property
+  def overlapped_s(self) -> float:
+    """Perfect overlap: the lower bound of the same figures."""
+    return max(self.compute_s, self.memory_s, self.ici_s + self.dcn_s)
+
+
+# Bytes each device sends per payload byte over a ring of n, as (n - 1) / n times this factor.
+_RING_FACTOR = {"all-reduce": 2.0, "all-gather": 1.0, "reduce-scatter": 1.0, "all-to-all": 1.0,
+                "collective-broadcast": 1.0, "ragged-all-to-all": 1.0}
+
+
+def collective_seconds(c: hlo_lib.Collective, chip: chips_lib.Chip,
+                       devices_per_chip: int = 1) -> tuple[float, float]:
+  """(ICI seconds, DCN seconds) of all executions of one collective on one device.
+
+  A group of n devices over s slices runs hierarchically: a ring of n / s devices inside the slice
+  at the bandwidth of one torus ring (both directions of one link), then a ring of s over DCN carrying
+  the 1 / (n / s) share left on each device. A collective-permute sends its payload over one link.
+  """
+  ici_bw = 2 * chip.ici_link_bandwidth / devices_per_chip
+  dcn_bw = chip.dcn_bandwidth / devices_per_chip
+  if c.kind == "collective-permute":
+    t = c.nbytes / (dcn_bw if c.num_slices > 1 else chip.ici_link_bandwidth / devices_per_chip)
+    return (0.0, c.count * t) if c.num_slices > 1 else (c.count * t, 0.0)
+  factor = _RING_FACTOR.get(c.kind, 1.0)
+  s = max(c.num_slices, 1)
+  n_ici = max(c.group_size // s, 1)
+  ici = factor * c.nbytes * (n_ici - 1) / n_ici / ici_bw
+  dcn = factor * (c.nbytes / n_ici) * (s - 1) / s / dcn_bw
+  return c.count * ici, c.count * dcn
+
+
+def step_time(hlo_text: str, chip: chips_lib.Chip, num_devices: int, num_slices: int,
+              devices_per_chip: int = 1, flops: Optional[hlo_lib.FlopCount] = None) -> StepTime:
+  """The step-time model on a compiled program's HLO text (per device, SPMD)."""
+  flops = flops or hlo_lib.matmul_flops(hlo_text)
+  traffic = hlo_lib.traffic(hlo_text, num_devices, num_slices)
+  ici = dcn = 0.0
+  for c in traffic.collectives:
+    i, d = collective_seconds(c, chip, devices_per_chip)
+    ici, dcn = ici + i, dcn + d
+  k = devices_per_chip
+  return StepTime(compute_s=flops.flops / (chip.peak_bf16_flops / k),
+                  memory_s=traffic.hbm_bytes / (chip.hbm_bandwidth / k), ici_s=ici, dcn_s=dcn,
+                  collective_bytes=sum(c.count * c.nbytes for c in traffic.collectives),
+                  exact=flops.exact and traffic.exact)
+
+
 def analyze(compiled: Any, *, topology: str, num_slices: int, chip: chips_lib.Chip,
             devices_per_chip: int, mesh: dict[str, int], six_nd: float, max_hbm_fraction: float,
             compile_seconds: float) -> CompileReport:
@@ -238,6 +316,7 @@ def analyze(compiled: Any, *, topology: str, num_slices: int, chip: chips_lib.Ch
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   n_chips = math.prod(mesh.values()) // devices_per_chip
   k = devices_per_chip
+  step = step_time(hlo_text, chip, math.prod(mesh.values()), num_slices, k, flops)
   return CompileReport(
       topology=topology, num_slices=num_slices, chip=chip, devices_per_chip=k, mesh=dict(mesh),
       argument_bytes=k * mem.argument_size_in_bytes, output_bytes=k * mem.output_size_in_bytes,
@@ -245,7 +324,7 @@ def analyze(compiled: Any, *, topology: str, num_slices: int, chip: chips_lib.Ch
       code_bytes=k * mem.generated_code_size_in_bytes, compiled_flops=k * flops.flops,
       xla_flops=k * float(cost.get("flops", 0.0)), flops_exact=flops.exact,
       six_nd_per_chip=six_nd / n_chips, max_hbm_fraction=max_hbm_fraction,
-      compile_seconds=compile_seconds)
+      compile_seconds=compile_seconds, step=step)
 
 
 def _gib(n: float) -> str:
@@ -272,8 +351,17 @@ def format_report(r: CompileReport) -> str:
       f"6*N*D per chip {r.six_nd_per_chip:.4g}; ratio {r.flops_ratio:.3f}",
       f"  (XLA cost_analysis, which counts each loop body once: {r.xla_flops:.4g})",
       f"at peak bf16 the step's matmuls take >= {r.compiled_flops / r.chip.peak_bf16_flops * 1e3:.1f} ms",
-      f"FITS: {'yes' if r.fits else 'NO'}",
   ]
+  if r.step is not None:
+    s = r.step
+    lines += [
+        f"estimated step time {s.step_s * 1e3:.1f} ms (MFU {r.mfu:.1%} by 6ND): max(compute "
+        f"{s.compute_s * 1e3:.1f}, HBM {s.memory_s * 1e3:.1f}) + ICI {s.ici_s * 1e3:.1f} + DCN "
+        f"{s.dcn_s * 1e3:.1f} ms; with perfect overlap {s.overlapped_s * 1e3:.1f} ms"
+        f"{'' if s.exact else ' (some loop trip counts unknown)'}",
+        f"  collectives move {s.collective_bytes / chips_lib.GiB:.2f} GiB per chip per step",
+    ]
+  lines.append(f"FITS: {'yes' if r.fits else 'NO'}")
   return "\n".join(lines)
 
 
@@ -324,19 +412,32 @@ def search(plans: Iterable[Plan], estimate: Callable[[Plan], Estimate],
   return results
 
 
+def _compiled_step_s(r: SearchResult) -> float:
+  return r.report.step.step_s if r.report is not None and r.report.step is not None else float("inf")
+
+
 def format_search(results: list[SearchResult], limit: int = 20) -> str:
-  """Table of the search: fitting plans first (by estimate), then the rest that were tried."""
+  """Table of the search: fitting plans first, ranked by the step-time model on their compiled
+  programs, then the rest that were tried. `pre-est.` is the analytic estimate that chose the order
+  of compiles."""
   header = (f"{'rank':>4} {'data x fsdp x seq x model':>26} {'remat':>13} {'micro':>5} {'est. step':>10} "
-            f"{'compute':>8} {'TP':>7} {'ZeRO':>7} {'DCN':>7} {'mem/chip':>10} status")
+            f"{'MFU':>6} {'compute':>8} {'HBM':>7} {'ICI':>7} {'DCN':>7} {'pre-est.':>9} {'mem/chip':>10} "
+            "status")
   rows = [header]
-  ordered = [r for r in results if r.status == "fits"] + [
+  ordered = sorted((r for r in results if r.status == "fits"), key=_compiled_step_s) + [
       r for r in results if r.status not in ("fits", "not compiled")]
+  ms = lambda s: f"{s * 1e3:.0f}ms"
   for i, r in enumerate(ordered[:limit]):
-    e = r.estimate
-    mem = _gib(r.report.total_bytes) if r.report else "-"
+    e, rep = r.estimate, r.report
+    mem = _gib(rep.total_bytes) if rep else "-"
+    if rep is not None and rep.step is not None:
+      st = rep.step
+      cols = (f"{st.step_s * 1e3:>8.1f}ms {rep.mfu:>6.1%} {ms(st.compute_s):>8} {ms(st.memory_s):>7} "
+              f"{ms(st.ici_s):>7} {ms(st.dcn_s):>7}")
+    else:
+      cols = f"{'-':>10} {'-':>6} {'-':>8} {'-':>7} {'-':>7} {'-':>7}"
     rows.append(f"{i + 1:>4} {r.plan.mesh_str():>26} {r.plan.remat:>13} {r.plan.num_microbatches:>5} "
-                f"{e.step_s * 1e3:>8.1f}ms {e.compute_s * 1e3:>6.0f}ms {e.tp_s * 1e3:>5.0f}ms "
-                f"{e.fsdp_s * 1e3:>5.0f}ms {e.dcn_s * 1e3:>5.0f}ms {mem:>10} {r.status}")
+                f"{cols} {ms(e.step_s):>9} {mem:>10} {r.status}")
   untried = sum(r.status == "not compiled" for r in results)
   rows.append(f"{len(results)} candidate plans; {untried} not compiled (ranked below the ones tried)")
   return "\n".join(rows)

@@ -313,3 +313,89 @@ def test_scan_placement_follows_mesh_and_rules():
   assert axes == (("slice", "data", "fsdp"), "seq", "model")
   # Static and hashable: a module attribute and part of the jit cache key.
   assert hash(placement) == hash(step_functions.scan_placement(mesh, rules_lib.rules_for("griffin")))
+
+
+# ------------------------------------------------------------------------------- step-time model
+# Programs compiled for a TPU topology through libtpu (see tests/test_compile.py): the collectives,
+# HBM bytes and FLOPs are read from the real TPU compiler's output.
+
+
+def _tpu_mesh(num_slices: int, axes: tuple[str, ...]):
+  from sharding import planner  # pylint: disable=g-import-not-at-top
+  chip, devices, per_chip = planner.topology_devices("v5p:2x2x1", num_slices=num_slices)
+  devices = sorted(devices, key=lambda d: (getattr(d, "slice_index", 0), d.id))
+  grid = np.asarray(devices).reshape((num_slices, -1) if num_slices > 1 else (-1,))
+  return chip, jax.sharding.Mesh(grid, axes), per_chip
+
+
+@pytest.mark.tpu_compile
+def test_collectives_read_from_a_compiled_multislice_program():
+  """Every collective of a known program, its payload, group, DCN crossing and loop count."""
+  from sharding import hlo as hlo_lib  # pylint: disable=g-import-not-at-top
+  _, mesh, _ = _tpu_mesh(2, ("slice", "x"))
+  rows, cols = 256, 1024  # one f32 shard: 1 MiB
+
+  def body(x):
+    a = jax.lax.psum(x, "x")
+    g = jax.lax.all_gather(x, "x", tiled=True)
+    r = jax.lax.psum_scatter(x * 2, "x", tiled=True)
+    d = jax.lax.psum(x * 3, "slice")
+    return (a.sum() + g.sum() + r.sum() + d.sum()).reshape(1)
+
+  def f(x):
+    step = jax.shard_map(body, mesh=mesh, in_specs=P(("slice", "x")), out_specs=P(("slice", "x")))
+    return jax.lax.fori_loop(0, 3, lambda i, acc: acc + step(x + i).sum(), jnp.zeros((), jnp.float32))
+
+  x = jax.ShapeDtypeStruct((8 * rows, cols), jnp.float32,
+                           sharding=jax.sharding.NamedSharding(mesh, P(("slice", "x"))))
+  traffic = hlo_lib.traffic(jax.jit(f).lower(x).compile().as_text(), num_devices=8, num_slices=2)
+  assert traffic.exact
+  found = {(c.kind, c.nbytes, c.group_size, c.num_slices, c.count) for c in traffic.collectives}
+  mib = float(rows * cols * 4)
+  assert ("all-reduce", mib, 4, 1, 3.0) in found  # psum over x: ICI, inside the 3-trip loop
+  assert ("all-gather", 4 * mib, 4, 1, 3.0) in found  # the gathered result
+  assert ("reduce-scatter", mib, 4, 1, 3.0) in found  # the input being scattered
+  assert ("all-reduce", mib, 2, 2, 3.0) in found  # psum over slice: a DCN transfer
+  assert all(c.num_slices == 1 or c.group_size == 2 for c in traffic.collectives)
+
+
+@pytest.mark.tpu_compile
+def test_step_time_ranks_a_communication_heavy_mesh_below_a_balanced_one():
+  """A small residual MLP trained on 4 v5p chips two ways: data parallel (one gradient all-reduce per
+  weight) and with the width split over the chips (activations all-reduced in every matmul)."""
+  from sharding import planner  # pylint: disable=g-import-not-at-top
+  chip, mesh, per_chip = _tpu_mesh(1, ("x",))
+  tokens, width, hidden, layers = 4096, 256, 1024, 2
+
+  def loss(params, x):
+    def layer(h, w):
+      w1, w2 = w
+      return h + jnp.einsum("nf,fd->nd", jax.nn.gelu(jnp.einsum("nd,df->nf", h, w1)), w2), None
+    h, _ = jax.lax.scan(layer, x, params)
+    return jnp.mean(h.astype(jnp.float32) ** 2)
+
+  def step(params, x):
+    return jax.tree.map(lambda p, g: p - 1e-3 * g, params, jax.grad(loss)(params, x))
+
+  def estimate(w1_spec, w2_spec, x_spec):
+    sh = lambda s: jax.sharding.NamedSharding(mesh, s)
+    params = (jax.ShapeDtypeStruct((layers, width, hidden), jnp.bfloat16, sharding=sh(w1_spec)),
+              jax.ShapeDtypeStruct((layers, hidden, width), jnp.bfloat16, sharding=sh(w2_spec)))
+    x = jax.ShapeDtypeStruct((tokens, width), jnp.bfloat16, sharding=sh(x_spec))
+    compiled = jax.jit(step, out_shardings=(sh(w1_spec), sh(w2_spec))).lower(params, x).compile()
+    return planner.step_time(compiled.as_text(), chip, 4, 1, per_chip)
+
+  balanced = estimate(P(), P(), P("x", None))
+  heavy = estimate(P(None, "x", None), P(None, None, "x"), P(None, "x"))
+  assert balanced.exact and heavy.exact
+  # The same matmuls either way (loop trip counts applied): fwd + 2 bwd, 2 weights per layer, / 4 chips.
+  expected = 3 * layers * 2 * 2 * tokens * width * hidden / 4 / chip.peak_bf16_flops
+  np.testing.assert_allclose(balanced.compute_s, expected, rtol=0.05)
+  np.testing.assert_allclose(heavy.compute_s, expected, rtol=0.05)
+  # Data parallel all-reduces each gradient once: 2 weights x layers x width x hidden bf16, ring 2(n-1)/n.
+  grad_bytes = 2 * layers * width * hidden * 2
+  assert balanced.collective_bytes == pytest.approx(grad_bytes, rel=0.1)
+  np.testing.assert_allclose(balanced.ici_s, 2 * grad_bytes * 3 / 4 / (2 * chip.ici_link_bandwidth), rtol=0.1)
+  assert heavy.collective_bytes > 10 * balanced.collective_bytes
+  assert heavy.ici_s > 10 * balanced.ici_s
+  assert heavy.step_s > 2 * balanced.step_s
