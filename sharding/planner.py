@@ -350,7 +350,7 @@ def format_report(r: CompileReport) -> str:
       f"{'' if r.flops_exact else ', some loop trip counts unknown: a lower bound'}); "
       f"6*N*D per chip {r.six_nd_per_chip:.4g}; ratio {r.flops_ratio:.3f}",
       f"  (XLA cost_analysis, which counts each loop body once: {r.xla_flops:.4g})",
-      f"at peak bf16 the step's matmuls take >= {r.compiled_flops / r.chip.peak_bf16_flops * 1e3:.1f} ms",
+      f"at peak bf16 the step's matmuls take >= {r.compiled_flops / r.chip.peak_bf16_flops * 1e3:.3g} ms",
   ]
   if r.step is not None:
     s = r.step
