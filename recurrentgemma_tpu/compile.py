@@ -23,9 +23,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from sharding import chips as chips_lib
+from recurrentgemma_tpu import cli
 from sharding import planner
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:ARG] or "
+                                          "a preset's NAME.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x8 or v5e:16x16.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", None, "Slices over DCN (default: config.mesh.num_slices).")
 _MESH = flags.DEFINE_string("mesh", None, "Override mesh sizes within a slice as DATA,FSDP,SEQ,MODEL "
@@ -217,7 +219,8 @@ def main(argv: Sequence[str]) -> int:
 
 def run() -> None:
   """Console-script entry point (`rg-compile`)."""
-  app.run(lambda argv: sys.exit(main(argv)))
+  flags.mark_flags_as_required(["config", "topology"])
+  cli.run(main, __doc__)
 
 
 if __name__ == "__main__":
