@@ -426,7 +426,7 @@ def format_search(results: list[SearchResult], limit: int = 20) -> str:
   rows = [header]
   ordered = sorted((r for r in results if r.status == "fits"), key=_compiled_step_s) + [
       r for r in results if r.status not in ("fits", "not compiled")]
-  ms = lambda s: f"{s * 1e3:.0f}ms"
+  ms = lambda s: f"{s * 1e3:.0f}ms" if s >= 0.01 else f"{s * 1e3:.1f}ms"
   for i, r in enumerate(ordered[:limit]):
     e, rep = r.estimate, r.report
     mem = _gib(rep.total_bytes) if rep else "-"

@@ -399,3 +399,26 @@ def test_step_time_ranks_a_communication_heavy_mesh_below_a_balanced_one():
   assert heavy.collective_bytes > 10 * balanced.collective_bytes
   assert heavy.ici_s > 10 * balanced.ici_s
   assert heavy.step_s > 2 * balanced.step_s
+
+
+def test_search_table_ranks_fitting_plans_by_the_compiled_step_time():
+  """The order of compiles (the analytic pre-estimate) is not the order of the result table."""
+  from sharding import chips, planner  # pylint: disable=g-import-not-at-top
+  chip = chips.CHIPS["v5p"]
+
+  def result(plan, pre_estimate_s, step_s, status="fits"):
+    report = planner.CompileReport(
+        topology="v5p:2x2x1", num_slices=1, chip=chip, devices_per_chip=1, mesh={"fsdp": 4},
+        argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=2**30, code_bytes=0,
+        compiled_flops=1e12, xla_flops=1e12, flops_exact=True, six_nd_per_chip=1e12,
+        max_hbm_fraction=0.95, compile_seconds=1.0,
+        step=planner.StepTime(step_s, 0.001, step_s / 10, 0.0, 1e6, True))
+    return planner.SearchResult(plan, planner.Estimate(pre_estimate_s, 0, 0, 0, 0, 0, 1), status, report)
+
+  dp = planner.Plan(1, 4, 1, 1, "none", 1)
+  tp = planner.Plan(1, 1, 1, 4, "none", 1)
+  table = planner.format_search([result(tp, 0.001, 0.05), result(dp, 0.002, 0.01)])
+  rows = [line for line in table.splitlines() if line.strip().startswith(("1 ", "2 "))]
+  assert "1x4x1x1" in rows[0] and "1x1x1x4" in rows[1], table
+  # MFU = 6ND per chip / (estimated step x peak).
+  assert f"{1e12 / (0.011 * chip.peak_bf16_flops):.1%}" in rows[0], table
