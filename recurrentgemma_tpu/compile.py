@@ -220,7 +220,8 @@ def main(argv: Sequence[str]) -> int:
 def run() -> None:
   """Console-script entry point (`rg-compile`)."""
   flags.mark_flags_as_required(["config", "topology"])
-  cli.run(main, __doc__)
+  cli.run(main, __doc__, codes="exit codes: 0 fits, 1 does not fit (or an internal error, with its "
+                               "traceback), 2 bad request (one line).")
 
 
 if __name__ == "__main__":
