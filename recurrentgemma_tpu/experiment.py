@@ -134,8 +134,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
 def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """Loads `configs/NAME.py[:ARG]` (ARG goes to `get_config(ARG)`), locks it, applies overrides.
 
-  The same as `--config=SPEC --config.K=V ...` on the command line.
+  The same as `--config=SPEC --config.K=V ...` on the command line; a preset's name (`tiny`,
+  `ladder:griffin,1b`) names the installed `configs/` file (`cli.resolve_config_spec`).
   """
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+  spec = cli.resolve_config_spec(spec)
   config = config_flags.ConfigFileFlagParser(name="config", lock_config=True).parse(spec)
   if not isinstance(config, ml_collections.ConfigDict):
     # The parser defers a missing file's error to first use; raise it now.
