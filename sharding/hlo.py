@@ -380,7 +380,7 @@ _ARRAY_ANY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
 # Instructions that move no data of their own (views, tuples, control flow whose bodies are counted).
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
                "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
-               "copy-done", "send-done", "recv-done", "async-done", "custom-call"}
+               "copy-done", "send-done", "recv-done", "async-done"}
 _SLICING = ("dynamic-slice", "slice", "gather")
 
 
