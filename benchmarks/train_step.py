@@ -1,7 +1,7 @@
 r"""Train-step throughput: tokens/s and MFU for Griffin, Hawk and MQA of the same size (Griffin Fig. 3).
 
   python benchmarks/train_step.py                         # 3 families x T in {2048, 8192}
-  python benchmarks/train_step.py --design_target          # DESIGN.md's 21M Griffin, ours vs reference
+  python benchmarks/train_step.py --design_target          # the design's 21M Griffin, ours vs reference
 
 Each row times the real jitted train step (loss + grad + AdamW, donated state, the mesh of all local
 devices) on random tokens after a compile/warm-up step. MFU counts model FLOPs
@@ -40,7 +40,7 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per row (after one compil
 _DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype; auto = float32 on CPU, bfloat16 elsewhere.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy (model.remat).")
 _DESIGN = flags.DEFINE_bool(
-    "design_target", False, "Only DESIGN.md's target config: Griffin, width 512, 6 layers, vocab "
+    "design_target", False, "Only the design's target config: Griffin, width 512, 6 layers, vocab "
     "4096, T=1024, batch 4 (lru_width = width and window = T, like the reference package's default).")
 _REFERENCE = flags.DEFINE_bool("reference", False, "Also time the reference recurrentgemma package.")
 

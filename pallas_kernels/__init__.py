@@ -1,6 +1,6 @@
 """Linear-recurrence scans: XLA references and Pallas kernels behind one API.
 
-`linear_scan` is the dispatcher (DESIGN.md's stable API); `sequence_parallel_linear_scan` runs it on
+`linear_scan` is the dispatcher (the design's stable API); `sequence_parallel_linear_scan` runs it on
 operands sharded over a device mesh, including along time (a `ScanPlacement` names the mesh and the
 axes). Kernel modules: `tpu` (Mosaic), `gpu` (Triton), `reference` (XLA).
 """

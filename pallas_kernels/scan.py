@@ -1,4 +1,4 @@
-"""The public `linear_scan` dispatcher (DESIGN.md's stable API)."""
+"""The public `linear_scan` dispatcher (the design's stable API)."""
 
 import functools
 from typing import Optional

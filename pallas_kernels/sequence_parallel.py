@@ -10,7 +10,7 @@ up to float32 rounding order.
 Cost: two local scans (the first only for H_k) instead of one scan plus a cumulative product and a
 correction pass (y + cumprod(a) * h_in), which would move more bytes: 6 array passes instead of 8.
 The same function wraps the scan for any sharded operands (batch and channel axes too), which is
-also what keeps the Pallas TPU kernel on per-device shapes (DESIGN.md).
+also what keeps the Pallas TPU kernel on per-device shapes (the original design).
 """
 
 import dataclasses

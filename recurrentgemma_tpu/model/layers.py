@@ -1,6 +1,6 @@
 """Shared building blocks: initialisers, RMSNorm, the tied embedder and the gated GeLU MLP.
 
-Every parameter is created through `param()`, which attaches its logical axis names (DESIGN.md's
+Every parameter is created through `param()`, which attaches its logical axis names (the design's
 alphabet) so `sharding/` can place it; `init_params` strips the boxes to plain arrays.
 """
 
