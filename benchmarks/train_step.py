@@ -5,7 +5,7 @@ r"""Train-step throughput: tokens/s and MFU for Griffin, Hawk and MQA of the sam
 
 Each row times the real jitted train step (loss + grad + AdamW, donated state, the mesh of all local
 devices) on random tokens after a compile/warm-up step. MFU counts model FLOPs
-(`metrics.training_flops_per_token`) against the chip table's peak on TPU and a measured matmul
+(`model.flops.training_flops_per_token`) against the chip table's peak on TPU and a measured matmul
 peak on CPU. `--reference` also times the `recurrentgemma` package (if installed) on the same model.
 """
 
@@ -21,13 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 
-from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
+from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=wrong-import-position
 from recurrentgemma_tpu import metrics as metrics_lib  # pylint: disable=wrong-import-position
-from recurrentgemma_tpu import model as model_lib  # pylint: disable=wrong-import-position
-from recurrentgemma_tpu import train_step as train_step_lib  # pylint: disable=wrong-import-position
+from recurrentgemma_tpu.model import flops as flops_lib  # pylint: disable=wrong-import-position
+from recurrentgemma_tpu import data as data_lib  # pylint: disable=wrong-import-position
+from recurrentgemma_tpu import step_functions  # pylint: disable=wrong-import-position
 from recurrentgemma_tpu import trainer  # pylint: disable=wrong-import-position
+from sharding import mesh as mesh_lib  # pylint: disable=wrong-import-position
 
 _FAMILIES = flags.DEFINE_list("families", ["griffin", "hawk", "mqa"], "Block patterns to compare.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192"], "Sequence lengths T.")
@@ -39,28 +42,35 @@ _WINDOW = flags.DEFINE_integer("window", 1024, "Local-attention window (the pape
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per row (after one compile/warm-up step).")
 _DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype; auto = float32 on CPU, bfloat16 elsewhere.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy (model.remat).")
+_SCAN_LAYERS = flags.DEFINE_enum(
+    "scan_layers", "auto", ["auto", "true", "false"], "model.scan_layers; auto = unrolled on CPU, "
+    "where the scan's stacked residuals cost ~6% of a 6-layer step and compiling 2 groups is quick.")
 _DESIGN = flags.DEFINE_bool(
     "design_target", False, "Only the design's target config: Griffin, width 512, 6 layers, vocab "
     "4096, T=1024, batch 4 (lru_width = width and window = T, like the reference package's default).")
 _REFERENCE = flags.DEFINE_bool("reference", False, "Also time the reference recurrentgemma package.")
 
 
-def model_config(family: str, seq_len: int) -> model_lib.ModelConfig:
-  c = base.get_config().model
-  c.vocab_size = _VOCAB.value
-  c.width = _WIDTH.value
-  c.num_layers = _LAYERS.value
-  c.block_pattern = family
-  c.num_heads = max(_WIDTH.value // 128, 1)
-  # The paper's D_RNN ~ 4D/3 (Table 2), rounded to a multiple of 128 so the gate blocks divide it.
-  c.lru_width = _WIDTH.value if _DESIGN.value else max(round(4 * _WIDTH.value / 3 / 128), 1) * 128
-  c.attention_window = seq_len if _DESIGN.value else min(_WINDOW.value, seq_len)
+def experiment(family: str, seq_len: int, batch: int) -> experiment_lib.Experiment:
+  """configs/base.py with this row's model and batch, validated like a training run."""
   dtype = _DTYPE.value
   if dtype == "auto":
     dtype = "float32" if jax.devices()[0].platform == "cpu" else "bfloat16"
-  c.dtype = dtype
-  c.remat = _REMAT.value
-  return model_lib.ModelConfig.from_config(c)
+  # The paper's D_RNN ~ 4D/3 (Table 2), rounded to a multiple of 128 so the gate blocks divide it.
+  lru_width = _WIDTH.value if _DESIGN.value else max(round(4 * _WIDTH.value / 3 / 128), 1) * 128
+  window = seq_len if _DESIGN.value else min(_WINDOW.value, seq_len)
+  scan_layers = (jax.devices()[0].platform != "cpu" if _SCAN_LAYERS.value == "auto"
+                 else _SCAN_LAYERS.value == "true")
+  overrides = {
+      "model.vocab_size": _VOCAB.value, "model.width": _WIDTH.value, "model.num_layers": _LAYERS.value,
+      "model.block_pattern": family, "model.num_heads": max(_WIDTH.value // 128, 1),
+      "model.lru_width": lru_width, "model.attention_window": window, "model.dtype": dtype,
+      "model.remat": _REMAT.value, "model.scan_layers": scan_layers, "data.seq_len": seq_len,
+      "data.global_batch_size": batch,
+      "data.eval_batch_size": batch, "optimizer.warmup_steps": 10, "optimizer.decay_steps": 1000}
+  config = experiment_lib.load_config(os.path.join(_ROOT, "configs", "base.py"),
+                                      [f"{k}={v}" for k, v in overrides.items()])
+  return experiment_lib.build(config)
 
 
 def random_batch(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
@@ -85,18 +95,18 @@ def _time(step, state, batch, steps: int) -> tuple[float, float]:
   return first, (time.perf_counter() - t) / steps
 
 
-def time_ours(mc: model_lib.ModelConfig, batch: int, seq_len: int) -> tuple[float, float]:
-  opt = train_step_lib.OptimizerConfig(warmup_steps=10, decay_steps=1000)
-  config = base.get_config()
-  mesh = train_step_lib.create_mesh(config)
-  fns = train_step_lib.build_step_functions(mc, opt, mesh, str(config.mesh.strategy))
+def time_ours(exp: experiment_lib.Experiment) -> tuple[float, float]:
+  mesh = mesh_lib.create_mesh(exp.mesh)
+  fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh, exp.mesh.strategy)
   state = fns.create_state(jax.random.key(0))
-  return _time(fns.train_step, state, fns.shard_batch(random_batch(batch, seq_len, mc.vocab_size)),
-               _STEPS.value)
+  batch = random_batch(exp.data.global_batch_size, exp.data.seq_len, exp.model.vocab_size)
+  batch = data_lib.to_global_arrays(batch, fns.batch_shardings["inputs"], exp.data.global_batch_size)
+  return _time(fns.train_step, state, batch, _STEPS.value)
 
 
-def time_reference(mc: model_lib.ModelConfig, batch: int, seq_len: int) -> tuple[float, float]:
+def time_reference(exp: experiment_lib.Experiment) -> tuple[float, float]:
   """The same model in the reference package, with a plain jitted loss + grad + AdamW step."""
+  mc, batch, seq_len = exp.model, exp.data.global_batch_size, exp.data.seq_len
   import recurrentgemma.jax as rg  # pylint: disable=g-import-not-at-top
   kinds = {"recurrent": rg.TemporalBlockType.RECURRENT,
            "local_attention": rg.TemporalBlockType.ATTENTION,
@@ -140,12 +150,11 @@ def main(argv):
         f"{'tokens/s':>10} {'MFU':>6}")
   impls = [("ours", time_ours)] + ([("reference", time_reference)] if _REFERENCE.value else [])
   for family, seq_len, batch in rows:
-    mc = model_config(family, seq_len)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(
-        lambda: model_lib.init_params(mc, jax.random.key(0)))))
-    flops = metrics_lib.training_flops_per_token(mc, seq_len)
+    exp = experiment(family, seq_len, batch)
+    n_params, _ = flops_lib.param_counts(exp.model)
+    flops = flops_lib.training_flops_per_token(exp.model, seq_len)
     for name, fn in impls:
-      first, step_s = fn(mc, batch, seq_len)
+      first, step_s = fn(exp)
       tps = batch * seq_len / step_s
       print(f"{name:<10} {family:<8} {seq_len:>6} {batch:>3} {n_params / 1e6:>8.1f}M {first:>9.1f} "
             f"{step_s:>8.3f} {tps:>10.0f} {metrics_lib.mfu(tps, flops, peak):>6.1%}", flush=True)

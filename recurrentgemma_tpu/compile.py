@@ -5,10 +5,12 @@ r"""Ahead-of-time compile and fit check of the real train step for a TPU topolog
         [--batch=512] [--seq_len=2048] [--microbatches=4] [--scan_impl=pallas_tpu] [--arrays] \
         [--search] [--config.KEY=VALUE ...]
 
-Builds exactly what the training loop runs (`recurrentgemma_tpu.train_step.from_config`: model,
-optimizer, Pallas kernels, shardings, donated state) for the topology's TPU devices, compiles it with
-the TPU compiler through libtpu, prints per-chip memory against the chip's HBM and the compiled FLOPs
-against 6 x params x tokens, and exits 0 only when it fits (1 when it does not, 2 on a bad request).
+Validates the experiment with `experiment.build` for the topology's device count (the checks a
+training run makes), builds exactly what the training loop runs (`step_functions.build_step_functions`:
+model, optimizer, Pallas kernels, shardings, donated state) for its TPU devices, compiles it with the
+TPU compiler through libtpu, prints per-chip memory against the chip's HBM and the compiled FLOPs
+against 6 x params x tokens (and the model FLOPs of `model/flops.py`), and exits 0 only when it fits
+(1 when it does not, 2 on a bad request).
 `--search` tries mesh factorisations x remat policies x micro-batch counts, compiles them in order of
 estimated step time, and prints the fitting plans ranked (exit 0 when at least one fits).
 """
@@ -22,7 +24,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from sharding import chips as chips_lib
 from recurrentgemma_tpu import cli
 from sharding import planner
 
@@ -54,37 +55,6 @@ _SEARCH_COMPILES = flags.DEFINE_integer("search_max_compiles", 6, "Most plans to
 _SEARCH_WANT = flags.DEFINE_integer("search_want", 3, "Stop after this many fitting plans.")
 
 
-def matmul_flops_per_token(mc: Any, seq_len: int) -> float:
-  """Forward matmul FLOPs per token of a model (analytic; for the estimate and the report).
-
-  Weight matmuls cost 2 FLOPs per weight; attention adds 2 x 2 x heads x head_dim per attended key,
-  with causal (global) or windowed (local) context averaged over the sequence. Tied embeddings are
-  used once, by the output projection (the input lookup is a gather).
-  """
-  from recurrentgemma_tpu.model import config as model_config  # pylint: disable=g-import-not-at-top
-  d, f, r, h, k = mc.width, mc.mlp_width, mc.lru_width_, mc.num_heads, mc.head_dim_
-  mlp = 2 * 3 * d * f  # two up branches and one down
-  recurrent = 2 * (2 * d * r + r * d + 2 * r * r // mc.num_gate_blocks_)
-  attention_proj = 2 * (d * h * k + 2 * d * k + h * k * d)
-
-  def mean_context(window: Optional[int]) -> float:
-    t = seq_len
-    if window is None or window >= t:
-      return (t + 1) / 2
-    # Positions < window see t + 1 keys, later ones window + 1 (the current token included).
-    return (window * (window + 1) / 2 + (t - window) * (window + 1)) / t
-
-  total = 2 * d * mc.vocab_size
-  for kind in mc.block_types:
-    total += mlp
-    if kind == model_config.RECURRENT:
-      total += recurrent
-    else:
-      window = mc.attention_window if kind == model_config.LOCAL_ATTENTION else None
-      total += attention_proj + 2 * 2 * h * k * mean_context(window)
-  return float(total)
-
-
 def apply_overrides(config: Any) -> None:
   """Writes the short command-line overrides into the (locked) config."""
   if _MESH.value is not None:
@@ -105,61 +75,74 @@ def apply_overrides(config: Any) -> None:
       group[key] = flag.value
 
 
-def compile_config(config: Any, topology: str, *, max_hbm_fraction: float = 0.95,
-                   print_arrays: bool = False, dump_hlo: Optional[str] = None,
-                   log=print) -> planner.CompileReport:
-  """Compiles `config`'s train step for `topology` (x config.mesh.num_slices) and reports per chip.
+def compile_experiment(exp: Any, topology: str, *, max_hbm_fraction: float = 0.95,
+                       print_arrays: bool = False, dump_hlo: Optional[str] = None,
+                       log=print) -> planner.CompileReport:
+  """Compiles `exp`'s train step for `topology` (x exp.mesh.num_slices) and reports per chip.
 
-  Every check (mesh shape, strategy, divisibility, batch split) runs before the compile.
+  `exp` is an `experiment.Experiment` built for this topology's device count, so every check
+  (mesh shape, strategy, batch split) has already run.
   """
-  from recurrentgemma_tpu import train_step  # pylint: disable=g-import-not-at-top
-  num_slices = int(config.mesh.num_slices)
+  from recurrentgemma_tpu import step_functions  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.model import flops  # pylint: disable=g-import-not-at-top
+  from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  num_slices = exp.mesh.num_slices
   chip, devices, per_chip = planner.topology_devices(topology, num_slices)
-  mesh = train_step.create_mesh(config, devices)
-  fns = train_step.from_config(config, mesh)
-  batch, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
-  train_step.check_batch_shape(batch, seq_len, mesh, fns.opt_config.num_microbatches, fns.rules)
-  num_params = sum(x.size for x in jax.tree.leaves(fns.abstract_state.params))
+  if len(devices) != exp.num_devices:
+    raise ValueError(f"the experiment was built for {exp.num_devices} devices but {topology} x "
+                     f"{num_slices} slices has {len(devices)}")
+  mesh = mesh_lib.create_mesh(exp.mesh, devices)
+  with cli.phase("building the train step (model, optimizer, shardings)", log):
+    fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh, exp.mesh.strategy)
+  num_params, _ = flops.param_counts(exp.model)
   if print_arrays:
     log(fns.state_report()[1])
-  t0 = time.time()
-  compiled = fns.lower_train_step(batch, seq_len).compile()
-  seconds = time.time() - t0
+  log(f"model FLOPs per step (model/flops.py): "
+      f"{flops.training_flops_per_token(exp.model, exp.data.seq_len) * exp.tokens_per_step:.4g}")
+  with cli.phase("lowering to StableHLO", log):
+    lowered = fns.lower_train_step(exp.data.global_batch_size, exp.data.seq_len)
+  with cli.phase(f"compiling for {topology} x {num_slices} slice(s) with the TPU compiler", log) as p:
+    compiled = lowered.compile()
+  seconds = p.seconds
   if dump_hlo:
     with open(dump_hlo, "w") as f:
       f.write(compiled.as_text())
   return planner.analyze(compiled, topology=topology, num_slices=num_slices, chip=chip,
                          devices_per_chip=per_chip, mesh=dict(mesh.shape),
-                         six_nd=6.0 * num_params * batch * seq_len, max_hbm_fraction=max_hbm_fraction,
-                         compile_seconds=seconds)
+                         six_nd=6.0 * num_params * exp.tokens_per_step,
+                         max_hbm_fraction=max_hbm_fraction, compile_seconds=seconds)
 
 
-def search_config(config: Any, topology: str, *, remats: Sequence[str], microbatches: Sequence[int],
-                  max_model: int, max_seq: int, max_compiles: int, want: int,
-                  max_hbm_fraction: float = 0.95, log=print) -> list[planner.SearchResult]:
-  """Ranks and compiles plans for `config` on `topology`; returns every candidate with its status."""
+def search_experiment(exp: Any, topology: str, *, remats: Sequence[str], microbatches: Sequence[int],
+                      max_model: int, max_seq: int, max_compiles: int, want: int,
+                      max_hbm_fraction: float = 0.95, log=print) -> list[planner.SearchResult]:
+  """Ranks and compiles plans (mesh x remat x micro-batches) for `exp` on `topology`.
+
+  Each plan is `exp` with its mesh, remat and micro-batch fields replaced and built again, so a plan
+  passes exactly the checks a training run would.
+  """
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
-  from recurrentgemma_tpu import train_step  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.model import flops  # pylint: disable=g-import-not-at-top
   from sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top
 
-  num_slices = int(config.mesh.num_slices)
+  num_slices = exp.mesh.num_slices
   chip, devices, per_chip = planner.topology_devices(topology, num_slices)
-  mc = model_lib.ModelConfig.from_config(config.model)
-  opt = train_step.OptimizerConfig.from_config(config.optimizer)
-  batch, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
+  mc, data = exp.model, exp.data
   logical = model_lib.param_logical_axes(mc)
   shapes = jax.eval_shape(lambda: model_lib.init_params(mc, jax.random.key(0)))
-  num_params = sum(x.size for x in jax.tree.leaves(shapes))
+  num_params, _ = flops.param_counts(mc)
   stats = planner.ModelStats(
       num_params=num_params, width=mc.width, num_layers=mc.num_layers, vocab_size=mc.vocab_size,
-      matmul_flops_per_token=matmul_flops_per_token(mc, seq_len), global_batch=batch, seq_len=seq_len,
+      matmul_flops_per_token=flops.forward_flops_per_token(mc, data.seq_len).total,
+      global_batch=data.global_batch_size, seq_len=data.seq_len,
       param_bytes=jax.numpy.dtype(mc.parameter_dtype).itemsize,
-      opt_bytes_per_param=4 + (2 if opt.mu_dtype == "bfloat16" else 4))
-  strategy = str(config.mesh.strategy)
+      opt_bytes_per_param=4 + (2 if exp.optimizer.mu_dtype == "bfloat16" else 4))
+  strategy = exp.mesh.strategy
   rules = rules_lib.rules_for(strategy)
 
   def valid(plan: planner.Plan) -> Optional[str]:
-    # The same divisibility check the real build does, on a shape-only mesh of the right sizes.
+    # Parameters against the plan's mesh, on a device-free mesh of the right sizes.
     sizes = {"slice": num_slices, "data": plan.data, "fsdp": plan.fsdp, "seq": plan.seq, "model": plan.model}
     try:
       rules_lib.check_strategy_mesh(strategy, sizes)
@@ -170,20 +153,21 @@ def search_config(config: Any, topology: str, *, remats: Sequence[str], microbat
     return None
 
   per_slice = len(devices) // num_slices
-  plans, rejected = planner.candidate_plans(per_slice, num_slices, batch, seq_len, remats, microbatches,
-                                            max_model=max_model, max_seq=max_seq, valid=valid)
+  plans, rejected = planner.candidate_plans(per_slice, num_slices, data.global_batch_size, data.seq_len,
+                                            remats, microbatches, max_model=max_model, max_seq=max_seq,
+                                            valid=valid)
   for why in rejected:
     log(f"  rejected {why}")
   if not plans:
-    raise ValueError(f"no candidate plan for {len(devices)} devices, batch {batch}, seq_len {seq_len}")
+    raise ValueError(f"no candidate plan for {len(devices)} devices, batch {data.global_batch_size}, "
+                     f"seq_len {data.seq_len}")
 
   def compile_plan(plan: planner.Plan) -> planner.CompileReport:
-    trial = config.copy_and_resolve_references()
-    trial.mesh.data, trial.mesh.fsdp, trial.mesh.seq, trial.mesh.model = (plan.data, plan.fsdp, plan.seq,
-                                                                         plan.model)
-    trial.model.remat = plan.remat
-    trial.optimizer.num_microbatches = plan.num_microbatches
-    return compile_config(trial, topology, max_hbm_fraction=max_hbm_fraction, log=log)
+    trial = experiment_lib.replace(exp, (
+        f"mesh.data={plan.data}", f"mesh.fsdp={plan.fsdp}", f"mesh.seq={plan.seq}",
+        f"mesh.model={plan.model}", f"model.remat={plan.remat}",
+        f"optimizer.num_microbatches={plan.num_microbatches}"))
+    return compile_experiment(trial, topology, max_hbm_fraction=max_hbm_fraction, log=log)
 
   estimate = lambda p: planner.estimate_step(p, stats, chip, num_slices, per_chip)
   log(f"{len(plans)} candidate plans; compiling up to {max_compiles} in order of estimated step time")
@@ -191,25 +175,48 @@ def search_config(config: Any, topology: str, *, remats: Sequence[str], microbat
                         max_compiles=max_compiles, want=want, log=log)
 
 
+def _topology_devices(topology: str, num_slices: int) -> list[Any]:
+  """The topology's devices; a topology libtpu refuses, or no libtpu, is a user error."""
+  from sharding import chips  # pylint: disable=g-import-not-at-top
+  chips.parse_topology(topology)  # the form and the chip generation, before libtpu starts
+  try:
+    return planner.topology_devices(topology, num_slices)[1]
+  except (RuntimeError, jax.errors.JaxRuntimeError) as e:
+    message = cli.one_line(e)
+    if "TPU support not installed" in message or "libtpu" in message.lower():
+      raise cli.exit_codes.UserError(
+          f"compiling for --topology={topology} needs libtpu, which is not installed "
+          "(pip install -e \".[tpu]\")") from e
+    raise cli.exit_codes.UserError(
+        f"--topology={topology}: libtpu refused it: {message} (a slice is whole hosts, e.g. "
+        "v5e:2x2, v5e:4x4, v5e:16x16, v5p:2x2x1, v5p:4x4x8)") from e
+
+
 def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if _CONFIG.value is None or _TOPOLOGY.value is None:
     raise app.UsageError("--config and --topology are required")
-  config = _CONFIG.value
+  config = cli.load_config_flag(_CONFIG)
   try:
     apply_overrides(config)
-    chips_lib.parse_topology(_TOPOLOGY.value)
+    devices = _topology_devices(_TOPOLOGY.value, int(config.mesh.num_slices))
+    from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+    exp = experiment_lib.build(config, num_devices=len(devices))
+    print(cli.format_block("compile", cli.experiment_rows(exp) + [
+        ("target", f"{_TOPOLOGY.value} x {exp.mesh.num_slices} slice(s) = {len(devices)} devices, "
+                   f"mesh {' '.join(f'{k}={v}' for k, v in exp.mesh_shape.items() if v != 1)}")]),
+          flush=True)
     if _SEARCH.value:
-      results = search_config(
-          config, _TOPOLOGY.value, remats=_SEARCH_REMATS.value,
+      results = search_experiment(
+          exp, _TOPOLOGY.value, remats=_SEARCH_REMATS.value,
           microbatches=[int(m) for m in _SEARCH_MICRO.value], max_model=_SEARCH_MAX_MODEL.value,
           max_seq=_SEARCH_MAX_SEQ.value, max_compiles=_SEARCH_COMPILES.value, want=_SEARCH_WANT.value,
           max_hbm_fraction=_MAX_HBM.value)
       print(planner.format_search(results))
       return 0 if any(r.status == "fits" for r in results) else 1
-    report = compile_config(config, _TOPOLOGY.value, max_hbm_fraction=_MAX_HBM.value,
-                            print_arrays=_ARRAYS.value, dump_hlo=_DUMP_HLO.value)
+    report = compile_experiment(exp, _TOPOLOGY.value, max_hbm_fraction=_MAX_HBM.value,
+                                print_arrays=_ARRAYS.value, dump_hlo=_DUMP_HLO.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -5,21 +5,19 @@
     trainer.train_and_evaluate(exp, workdir)   # and compile, sample, summary, benchmarks, launch/
 
 `build` turns each group of the ConfigDict (configs/base.py declares every field) into its frozen
-dataclass with one strict converter (`typed`): an unknown field is refused by name with the nearest
-known one, a value of the wrong type is refused with the field's type. It then checks what no single
-group can: the strategy against the mesh, the batch against the mesh and the micro-batches, the
-`init_from` path. Everything after `build` reads the typed objects; nothing below this module reads a
-ConfigDict.
+dataclass with one strict converter (`strict.typed`): an unknown field is refused by name with the
+nearest known one, a value of the wrong type is refused with the field's type. It then checks what no
+single group can: the strategy against the mesh, the batch against the mesh and the micro-batches,
+the `init_from` path. Everything after `build` reads the typed objects; nothing below this module
+reads a ConfigDict.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import hashlib
 import math
-import typing
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -30,6 +28,7 @@ from recurrentgemma_tpu import data as data_lib
 from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu import optimizer as optimizer_lib
 from recurrentgemma_tpu import step_functions
+from recurrentgemma_tpu import strict
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -122,9 +121,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     *parents, name = key.strip().split(".")
     node, where = config, "config"
     for part in parents:
-      _check_known(part, node.keys(), where)
+      strict.check_known(part, node.keys(), where)
       node, where = node[part], f"{where}.{part}"
-    _check_known(name, node.keys(), where)
+    strict.check_known(name, node.keys(), where)
     try:
       node[name] = _parse_value(text, node[name])
     except TypeError as e:
@@ -150,67 +149,15 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
 # ------------------------------------------------------------------------------------ converting
 
 
-def _check_known(name: str, known: Iterable[str], where: str) -> None:
-  known = sorted(known)
-  if name not in known:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {where}.{close[0]}?)" if close else ""
-    raise ValueError(f"{where}.{name} is not a field of {where}{hint}. Known fields: {known}.")
-
-
-_SCALARS = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
-
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-  """Checks a scalar against its annotation; int widens to float. Other types pass unchanged."""
-  if hint is float and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  if hint in _SCALARS:
-    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    if not ok:
-      raise ValueError(f"{where}={value!r} must be {_SCALARS[hint]}.")
-    if hint is float and not math.isfinite(value):
-      raise ValueError(f"{where}={value!r} must be a finite number.")
-  return value
-
-
-def typed(cls: type, group: Mapping[str, Any], where: str, *, exclude: Iterable[str] = (),
-          extra: Mapping[str, Any] | None = None) -> Any:
-  """Builds the frozen dataclass `cls` from a config group, strictly.
-
-  Args:
-    cls: the dataclass (its `__post_init__` checks the values).
-    group: a ConfigDict group (or mapping) holding exactly `cls`'s fields, plus `exclude`.
-    where: the group's name in messages, e.g. "config.mesh".
-    exclude: fields of the group that are not fields of `cls` (read elsewhere).
-    extra: values of fields of `cls` that do not come from the group.
-
-  Raises:
-    ValueError: an unknown field (with the nearest known name), a missing field, or a value of the
-      wrong type, each naming the field.
-  """
-  extra = dict(extra or {})
-  hints = typing.get_type_hints(cls)
-  names = [f.name for f in dataclasses.fields(cls) if f.name not in extra]
-  items = {k: v for k, v in group.items() if k not in set(exclude)}
-  for key in items:
-    _check_known(key, names, where)
-  missing = [n for n in names if n not in items]
-  if missing:
-    raise ValueError(f"{where} lacks field(s) {missing}; declare them in configs/base.py.")
-  values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in items.items()}
-  return cls(**values, **extra)
-
-
 def _check_data_fields(data: Mapping[str, Any]) -> None:
   # Field names only: data.config.data_config_from checks the values (and reads model.vocab_size).
   fields = {f.name for f in dataclasses.fields(data_lib.DataConfig)} - {"vocab_size"}
   for key in data.keys():
-    _check_known(key, fields, "config.data")
+    strict.check_known(key, fields, "config.data")
   source_fields = {f.name for f in dataclasses.fields(data_lib.SourceConfig)} - {"name"}
   for name, source in data.sources.items():
     for key in source.keys():
-      _check_known(key, source_fields, f"config.data.sources.{name}")
+      strict.check_known(key, source_fields, f"config.data.sources.{name}")
 
 
 def _check_batch(exp_parts: dict[str, Any], mesh_shape: Mapping[str, int]) -> None:
@@ -229,7 +176,7 @@ def _check_batch(exp_parts: dict[str, Any], mesh_shape: Mapping[str, int]) -> No
 
 def min_devices(config: ml_collections.ConfigDict) -> int:
   """The fewest devices `config.mesh` accepts (an axis of -1 gets 1): for single-host tools."""
-  mesh = typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
+  mesh = strict.typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
   sizes = [getattr(mesh, a) for a in mesh_lib.ICI_AXES]
   return math.prod(s for s in sizes if s != -1) * mesh.num_slices
 
@@ -247,18 +194,19 @@ def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     FileNotFoundError: `checkpoint.init_from` names nothing readable.
   """
   for group in config.keys():
-    _check_known(group, GROUPS, "config")
+    strict.check_known(group, GROUPS, "config")
   missing = [g for g in GROUPS if g not in config]
   if missing:
     raise ValueError(f"config has no {missing} group(s); build configs on configs/base.get_config().")
   parts: dict[str, Any] = {}
-  parts["model"] = typed(model_lib.ModelConfig, config.model, "config.model")
-  parts["optimizer"] = typed(optimizer_lib.OptimizerConfig, config.optimizer, "config.optimizer")
-  parts["train"] = typed(TrainConfig, config.train, "config.train")
+  parts["model"] = strict.typed(model_lib.ModelConfig, config.model, "config.model")
+  parts["optimizer"] = strict.typed(optimizer_lib.OptimizerConfig, config.optimizer,
+                                    "config.optimizer")
+  parts["train"] = strict.typed(TrainConfig, config.train, "config.train")
   # Retention against the save interval is checked by CheckpointOptions itself.
-  parts["checkpoint"] = typed(ckpt_lib.CheckpointOptions, config.checkpoint, "config.checkpoint",
-                              exclude=("init_from",))
-  parts["mesh"] = typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
+  parts["checkpoint"] = strict.typed(ckpt_lib.CheckpointOptions, config.checkpoint,
+                                     "config.checkpoint", exclude=("init_from",))
+  parts["mesh"] = strict.typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
   _check_data_fields(config.data)
   parts["data"] = data_lib.data_config_from(config)
 

@@ -51,18 +51,6 @@ class MeshConfig:
     if self.num_slices < 1:
       raise ValueError(f"mesh.num_slices must be >= 1; got {self.num_slices}")
 
-  @classmethod
-  def from_config(cls, c: Any) -> "MeshConfig":
-    """Builds from a config file's `config.mesh` group."""
-    return cls(
-        strategy=str(c.strategy),
-        data=int(c.data),
-        fsdp=int(c.fsdp),
-        seq=int(c.seq),
-        model=int(c.model),
-        num_slices=int(c.num_slices),
-    )
-
   def resolve(self, num_devices: int) -> dict[str, int]:
     """Returns the size of every axis in `MESH_AXES` for `num_devices` devices in total.
 

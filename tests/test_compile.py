@@ -153,13 +153,15 @@ def test_cli_compiles_reduced_depth_griffin_14b_on_v5p():
 
 
 def test_search_ranks_by_estimate_and_compiles_in_that_order():
-  from configs import tiny  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import compile as compile_lib  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  config.model.scan_impl = "xla_linear"
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  config = experiment_lib.load_config(os.path.join(REPO, "configs", "tiny.py"),
+                                      ["model.scan_impl=xla_linear"])
+  exp = experiment_lib.build(config, num_devices=4)
   logs = []
-  results = compile_lib.search_config(config, "v5p:2x2x1", remats=["none", "block"], microbatches=[1, 2],
-                                      max_model=4, max_seq=1, max_compiles=2, want=1, log=logs.append)
+  results = compile_lib.search_experiment(exp, "v5p:2x2x1", remats=["none", "block"],
+                                          microbatches=[1, 2], max_model=4, max_seq=1, max_compiles=2,
+                                          want=1, log=logs.append)
   steps = [r.estimate.step_s for r in results]
   assert steps == sorted(steps)
   # tiny has 2 heads and 2 gate blocks: model=4 would split them, so the rule check rejects it

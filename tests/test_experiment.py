@@ -1,5 +1,6 @@
 """`experiment.build`: every group strict by name, each cross-group check, loading and overrides."""
 
+import dataclasses
 import os
 
 import pytest
@@ -106,3 +107,17 @@ def test_fingerprint_follows_the_config_not_the_devices():
   again = experiment_lib.replace(one, ["train.steps=601"])
   assert again.train.steps == 601 and one.train.steps == 600  # the original is untouched
   assert '"steps": 601' in again.to_json()
+
+
+def test_configs_base_is_the_single_source_of_defaults():
+  # ModelConfig declares no defaults; the two dataclasses that keep them for direct construction
+  # must agree with configs/base.py field for field.
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import strict  # pylint: disable=g-import-not-at-top
+  from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(model_lib.ModelConfig))
+  assert strict.typed(mesh_lib.MeshConfig, base.mesh(), "config.mesh") == mesh_lib.MeshConfig()
+  assert (strict.typed(optimizer_lib.OptimizerConfig, base.optimizer(), "config.optimizer")
+          == optimizer_lib.OptimizerConfig())

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu.model import attention
 from recurrentgemma_tpu.model import flops
@@ -50,8 +51,8 @@ def test_flop_model_matches_compiled_matmuls(family):
   """Forward + backward of the model compiled on CPU: its matmul FLOPs (sharding/hlo.py) are exactly
   3 x the model's weight FLOPs plus 3 x the attention products the blockwise kernel computes."""
   mc = model_lib.ModelConfig.from_config(dict(
-      vocab_size=256, width=64, num_layers=3, block_pattern=family, num_heads=2, head_dim=32,
-      lru_width=96, num_gate_blocks=4, attention_window=8, remat="none"))
+      base.model(), vocab_size=256, width=64, num_layers=3, block_pattern=family, num_heads=2,
+      head_dim=32, lru_width=96, num_gate_blocks=4, attention_window=8, remat="none"))
   B, T = 2, 30
   params = jax.eval_shape(lambda: model_lib.init_params(mc, jax.random.key(0)))
 
@@ -73,8 +74,8 @@ def test_flop_model_matches_compiled_matmuls(family):
 
 
 def test_param_counts_split_off_the_embedding():
-  mc = model_lib.ModelConfig.from_config(dict(vocab_size=256, width=64, num_layers=3, num_heads=2,
-                                              lru_width=96))
+  mc = model_lib.ModelConfig.from_config(dict(base.model(), vocab_size=256, width=64, num_layers=3,
+                                              num_heads=2, lru_width=96))
   total, non_embedding = flops.param_counts(mc)
   assert total - non_embedding == 256 * 64
   leaves = jax.tree.leaves(jax.eval_shape(lambda: model_lib.init_params(mc, jax.random.key(0))))

@@ -66,7 +66,8 @@ def test_config_rejects_bad_values_naming_the_field(field, value, needle):
 
 def test_config_rejects_unknown_fields():
   fields = dict(base.model(), widht=3)
-  with pytest.raises(ValueError, match="unknown field.*widht"):
+  with pytest.raises(ValueError,
+                     match=r"config\.model\.widht is not a field.*did you mean config\.model\.width"):
     ModelConfig.from_config(fields)
 
 

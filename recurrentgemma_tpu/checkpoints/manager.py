@@ -33,7 +33,6 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 from absl import logging
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -72,16 +71,6 @@ class CheckpointOptions:
       raise ValueError(
           f"checkpoint.keep_every={self.keep_every} must be a multiple of "
           f"checkpoint.save_every={self.save_every}, otherwise no saved step is ever kept.")
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "CheckpointOptions":
-    """Builds the options from the `checkpoint` group of a config."""
-    return cls(
-        save_every=int(config.save_every),
-        keep_last=int(config.keep_last),
-        keep_every=int(config.keep_every),
-        async_save=bool(config.async_save),
-    )
 
 
 class Restored(NamedTuple):

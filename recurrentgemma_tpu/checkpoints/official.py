@@ -62,6 +62,12 @@ def official_to_model_config(official_config: Any, **overrides: Any) -> ModelCon
       lambda_init="code",
       rope_fraction=0.5,
       rope_base=10_000.0,
+      # Numerics and compilation choices (not part of the checkpoint); override as needed.
+      dtype="float32",
+      param_dtype="float32",
+      scan_layers=True,
+      remat="none",
+      scan_impl="auto",
   )
   kwargs.update(overrides)
   return ModelConfig(**kwargs)

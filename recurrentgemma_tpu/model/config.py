@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 import pallas_kernels
+from recurrentgemma_tpu import strict
 
 RECURRENT = "recurrent"
 LOCAL_ATTENTION = "local_attention"
@@ -51,29 +52,29 @@ def parse_block_pattern(pattern: str | tuple[str, ...] | list[str]) -> tuple[str
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture and numerics of one model (see configs/base.py for each field's meaning)."""
+  """Architecture and numerics of one model (configs/base.py declares each field and its default)."""
 
   vocab_size: int
   width: int
   num_layers: int
-  block_pattern: tuple[str, ...] = FAMILY_PATTERNS["griffin"]
-  mlp_expansion: int = 3
-  num_heads: int = 1
-  head_dim: int = 0  # 0: width // num_heads, as in the reference code
-  lru_width: int = 0  # 0: width
-  num_gate_blocks: int = 0  # 0: num_heads, as in the reference code (the paper uses 16)
-  conv_width: int = 4
-  attention_window: int = 2048
-  logits_soft_cap: float = 0.0
-  embeddings_scale_by_sqrt_dim: bool = False
-  lambda_init: str = "code"
-  rope_fraction: float = 0.5
-  rope_base: float = 10_000.0
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat: str = "none"
-  scan_impl: str = "auto"
+  block_pattern: tuple[str, ...]
+  mlp_expansion: int
+  num_heads: int
+  head_dim: int  # 0: width // num_heads, as in the reference code
+  lru_width: int  # 0: width
+  num_gate_blocks: int  # 0: num_heads, as in the reference code (the paper uses 16)
+  conv_width: int
+  attention_window: int
+  logits_soft_cap: float
+  embeddings_scale_by_sqrt_dim: bool
+  lambda_init: str
+  rope_fraction: float
+  rope_base: float
+  dtype: str
+  param_dtype: str
+  scan_layers: bool
+  remat: str
+  scan_impl: str
 
   def __post_init__(self):
     # Normalise the pattern first so a list or a family name is accepted everywhere.
@@ -176,16 +177,9 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-    """Builds a ModelConfig from `config.model` (a ConfigDict or a plain mapping).
+    """Builds a ModelConfig from `config.model` (a ConfigDict or a plain mapping of every field).
 
-    Unknown keys are an error, so a typo in a preset or on the command line cannot pass silently.
+    Unknown or missing fields are an error (configs/base.py declares every field, with its default),
+    so a typo in a preset or on the command line cannot pass silently.
     """
-    items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(items) - known)
-    if unknown:
-      raise ValueError(f"config.model has unknown field(s) {unknown}; known fields: {sorted(known)}")
-    missing = [n for n in ("vocab_size", "width", "num_layers") if n not in items]
-    if missing:
-      raise ValueError(f"config.model is missing required field(s) {missing}")
-    return cls(**items)
+    return strict.typed(cls, cfg, "config.model")
