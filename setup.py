@@ -26,6 +26,11 @@ EXTRAS_REQUIRE = {
     # jax[tpu] brings libtpu, which lets a CPU host compile real TPU programs.
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+    # To look at a run: `tensorboard --logdir WORKDIR/tensorboard` (the trainer writes the event
+    # files without it).
+    "tensorboard": ["tensorboard>=2.21,<2.22"],
+    # `python -m launch.sweep plot`.
+    "sweep": ["matplotlib>=3.8,<4"],
     # The reference `recurrentgemma` package itself pins numpy<2.4 and absl<2, so
     # the README installs it with --no-deps; these are the imports it needs.
     "test": [
