@@ -1,0 +1,215 @@
+"""Every command line tool: `--help` lists its flags and exits 0; typical mistakes are one line, exit 2.
+
+Each case runs in its own process. To keep the suite fast, one harness process per command imports
+the command's module once (as a console script does) and forks a child per case that calls its
+`run()`: the children share the import but have their own flags, output and exit code. One case
+per family also runs the real `python -m` command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from recurrentgemma_tpu import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_HARNESS = r"""
+import importlib, json, os, runpy, sys, tempfile
+module, cases = sys.argv[1], json.loads(sys.stdin.read())
+main_only = module.endswith(".__main__")  # runs only as __main__: preload its package's imports
+mod = importlib.import_module(module.rsplit(".", 1)[0] if main_only else module)
+results = []
+for argv in cases:
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        sys.argv = [module] + argv
+        code = 0
+        try:
+            if main_only:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                mod.run()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback; traceback.print_exc(); code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0); err.seek(0)
+    results.append({"rc": os.waitstatus_to_exitcode(status), "out": out.read().decode(),
+                    "err": err.read().decode()})
+print(json.dumps(results))
+"""
+
+
+def _env() -> dict[str, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env[cli.RAW_LOGS_ENV] = "1"  # the stderr filter has its own test; here children exit at once
+  return env
+
+
+def run_cases(module: str, cases: list[list[str]]) -> list[dict]:
+  proc = subprocess.run([sys.executable, "-c", _HARNESS, module], input=json.dumps(cases),
+                        capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_help(result: dict, flags: list[str]) -> None:
+  assert result["rc"] == 0, result
+  text = result["out"]
+  for flag in flags:
+    assert f"--{flag}" in text, (flag, text)
+  assert "python -m " in text, text  # an example command
+  assert "exit codes:" in text, text
+  assert "DESIGN.md" not in text and "../shared" not in text, text
+  # Only the command's own flags, not absl's or Orbax's.
+  assert "--log_dir" not in text and "--experimental_orbax" not in text, text
+
+
+def assert_one_line_error(result: dict, *needles: str) -> None:
+  lines = [line for line in result["err"].splitlines() if line.strip()]
+  assert result["rc"] == 2, result
+  assert len(lines) == 1 and lines[0].startswith("error: "), result["err"]
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+
+
+# (module, flags its help lists, [(mistake argv, words the error line must contain)]).
+COMMANDS = [
+    ("recurrentgemma_tpu.train", ["config", "workdir", "init_from", "accept_config_changes"], [
+        (["--config=tiny", "--workdir=/tmp/x", "--config.train.stepz=5"],
+         ["--config.train.stepz=5", 'Did you mean "steps"']),
+        (["--config=configs/no_such.py", "--workdir=/tmp/x"], ["no such config file", "tiny"]),
+        (["--config=tiny", "--workdir=/tmp/x", "--learning_rate=1"], ["learning_rate"]),
+    ]),
+    ("recurrentgemma_tpu.compile", ["config", "topology", "mesh", "search", "num_slices"], [
+        (["--config=tiny", "--topology=v5e:3x3"], ["v5e:3x3"]),
+        (["--config=tiny", "--topology=v9x:2x2"], ["v9x"]),
+        (["--config=tiny", "--topology=v5e:2x2", "--mesh=1,2"], ["--mesh"]),
+    ]),
+    ("recurrentgemma_tpu.sample", ["workdir", "prompt", "temperature", "top_k"], [
+        ([], ["--workdir is required"]),
+        (["--workdir=/no/such/dir"], ["/no/such/dir"]),
+        (["--workdir=/tmp", "--temperature=hot"], ["--temperature"]),
+    ]),
+    ("recurrentgemma_tpu.model.summary", ["config", "seq_len"], [
+        ([], ["--config is required"]),
+        (["--config=tiny", "--config.model.widht=3"], ['Did you mean "width"']),
+        (["--config=tiny", "--config.model.width=-5"], ["width", "-5"]),
+    ]),
+    ("recurrentgemma_tpu.checkpoints.convert", ["input", "output", "preset"], [
+        (["--output=/tmp/x"], ["--input is required"]),
+        (["--input=/no/such/dir", "--output=/tmp/x"], ["/no/such/dir"]),
+        (["--input=/tmp", "--output=/tmp/x", "--preset=rg_3b"], ["--preset"]),
+    ]),
+    ("recurrentgemma_tpu.data.prepare", ["config", "workers", "show_rows"], [
+        ([], ["--config is required"]),
+        (["--config=tiny", "--workers=0"], ["workers"]),
+        (["--config=tiny", "--config.data.seqlen=3"], ["seqlen", "Did you mean"]),
+    ]),
+    ("launch.submit", ["config", "workdir", "target", "backend", "dry_run"], [
+        (["--config=tiny"], ["--workdir is required"]),
+        (["--config=tiny", "--workdir=/tmp/x", "--target=v9z-3"], ["v9z"]),
+        (["--config=tiny", "--workdir=/tmp/x", "--backend=slurm"], ["--backend"]),
+    ]),
+    ("launch.sweep.__main__", ["sweep", "root", "parallel"], [
+        (["explode", "--sweep=x", "--root=/tmp/x"], ["run|status"]),
+        (["run", "--root=/tmp/x"], ["--sweep"]),
+        (["run", "--sweep=configs/sweeps/no_such.py", "--root=/tmp/x"], ["no_such"]),
+    ]),
+] + [
+    (f"launch.{name}", ["workdir", *extra], [
+        ([], ["--workdir is required"]),
+        (["--workdir=/no/such/run"], ["/no/such/run"]),
+        (["--workdir=/tmp/x", "stray"], ["stray"]),
+    ]) for name, extra in (("status", []), ("logs", ["follow", "lines"]), ("stop", ["dry_run"]),
+                           ("gc", ["dry_run"]))
+]
+
+
+@pytest.mark.parametrize("module,flags,mistakes", COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_help_and_mistakes(module, flags, mistakes):
+  results = run_cases(module, [["--help"]] + [argv for argv, _ in mistakes])
+  assert_help(results[0], flags)
+  for (argv, needles), result in zip(mistakes, results[1:]):
+    assert_one_line_error(result, *needles)
+    assert "Traceback" not in result["err"] and not result["out"].strip(), (argv, result)
+
+
+def test_real_entry_points():
+  """`python -m` (module docstring as __main__) and the console script print the same help."""
+  env = _env()
+  env.pop(cli.RAW_LOGS_ENV)
+  proc = subprocess.run([sys.executable, "-m", "recurrentgemma_tpu.train", "--help"],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert_help({"rc": proc.returncode, "out": proc.stdout}, ["config", "workdir"])
+  proc = subprocess.run([sys.executable, "-m", "recurrentgemma_tpu.train", "--config=tiny",
+                         "--workdir=/tmp/x", "--config.train.stepz=5"],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert_one_line_error({"rc": proc.returncode, "err": proc.stderr}, 'Did you mean "steps"')
+
+
+def test_presets_resolve_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  tiny = os.path.join(ROOT, "configs", "tiny.py")
+  for spec in ("tiny", "tiny.py", "configs/tiny.py", "configs:tiny", "recurrentgemma_tpu:tiny"):
+    assert os.path.samefile(cli.resolve_config_spec(spec), tiny), spec
+  assert cli.resolve_config_spec("ladder:griffin,1b") == os.path.join(
+      os.path.dirname(tiny), "ladder.py") + ":griffin,1b"
+  # A file in the working directory wins over a preset of the same name; unknown names pass through.
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "tiny.py").write_text("")
+  assert cli.resolve_config_spec("configs/tiny.py") == "configs/tiny.py"
+  assert cli.resolve_config_spec("no_such_preset") == "no_such_preset"
+  assert "tiny" in cli.presets() and "base" not in cli.presets()
+
+
+def test_native_noise_filter_keeps_real_errors():
+  noise = [
+      "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+      "I0000 00:00:1796067150.714678   25277 cudart_stub.cc:31] Could not find cuda drivers on your "
+      "machine, GPU will not be used.",
+      "E0000 00:00:1796067163.677907   25277 cuda_platform.cc:52] failed call to cuInit: INTERNAL: "
+      "CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
+      "E1130 20:00:32.263241    8117 slow_operation_alarm.cc:73] ",
+      "*" * 32,
+      "[Compiling module jit_train_step for CPU] Very slow compile? If you want to file a bug, run "
+      "with envvar XLA_FLAGS=--xla_dump_to=/tmp/foo and attach the results.",
+      "",
+  ]
+  real = ["E0000 00:00:1.0 1 pjrt_client.cc:1] RESOURCE_EXHAUSTED: out of memory", "",
+          "Traceback (most recent call last):"]
+  proc = subprocess.run([sys.executable, "-c", cli._FILTER_SCRIPT, *cli.NOISE_PATTERNS],
+                        input="\n".join(noise + real) + "\n", capture_output=True, text=True)
+  assert proc.stderr.splitlines() == real
+
+
+def test_config_error_lines():
+  error = AttributeError(KeyError("'stepz'\nDid you mean \"steps\" instead of \"stepz\"?"))
+  line = cli.config_error(error, ["--config=configs/tiny.py", "--config.train.stepz=5"])
+  assert line.startswith("--config.train.stepz=5: 'stepz' is not a field"), line
+  assert 'Did you mean "steps"' in line and "\n" not in line
+
+
+def test_start_up_block_and_workdir_state(tmp_path):
+  block = cli.format_block("train", [("model", "griffin"), ("parameters", "1.78M")])
+  assert block.splitlines() == ["train", "  model:      griffin", "  parameters: 1.78M"]
+  assert cli.workdir_state(str(tmp_path), 600) == "fresh start"
+  (tmp_path / "checkpoints" / "200").mkdir(parents=True)
+  (tmp_path / "checkpoints" / "400").mkdir()
+  assert cli.workdir_state(str(tmp_path), 600) == "resuming from step 400 (its newest checkpoint)"
+  assert "trains nothing" in cli.workdir_state(str(tmp_path), 400)
+  assert cli.model_family(("recurrent", "recurrent", "local_attention")) == "griffin"
+  assert cli.model_family(("recurrent",)) == "hawk"
+  assert cli.model_family(("global_attention",)) == "mqa"
+  assert cli.human(1_780_000) == "1.78M" and cli.human(2.0e9) == "2B"
