@@ -15,6 +15,8 @@ against 6 x params x tokens (and the model FLOPs of `model/flops.py`), and exits
 estimated step time, and prints the fitting plans ranked (exit 0 when at least one fits).
 """
 
+import glob
+import os
 import sys
 import time
 from typing import Any, Optional, Sequence
