@@ -13,7 +13,8 @@ Each entry point (`python -m recurrentgemma_tpu.train`, `.compile`, `.sample`, `
 * Third-party start-up noise is dropped: INFO records of libraries (jax backend probing, Orbax, seqio,
   TFDS) and a short list of known native-code lines (TensorFlow's CUDA probing on a machine without a
   GPU, `E0000 ... failed call to cuInit`, libtpu's metadata guesses on a non-TPU host). Warnings and
-  errors of every library still appear. `--verbosity=1` (or RECURRENTGEMMA_TPU_RAW_LOGS=1) keeps all.
+  errors of every library still appear. `--verbosity=1` keeps everything; RECURRENTGEMMA_TPU_RAW_LOGS=1
+  only leaves stderr unfiltered.
 * `--config=NAME[:ARG]` also names a preset of the installed `configs` package (`--config=tiny`,
   `--config=configs:ladder:griffin,1b`), and `--config=configs/NAME.py` still works from any directory.
 
@@ -151,6 +152,7 @@ for line in sys.stdin.buffer:
         out.write(line)
 """
 _filter: subprocess.Popen | None = None
+_restore: list[Callable[[], None]] = []
 
 
 def filter_native_stderr(patterns: Sequence[str] = NOISE_PATTERNS) -> None:
@@ -186,7 +188,14 @@ def filter_native_stderr(patterns: Sequence[str] = NOISE_PATTERNS) -> None:
     except subprocess.TimeoutExpired:
       pass  # a subprocess still holds the pipe; the child keeps forwarding until it closes
 
-  atexit.register(restore)
+  _restore.append(restore)
+  atexit.register(stop_native_filter)
+
+
+def stop_native_filter() -> None:
+  """Puts the real stderr back and lets the filter drain (at exit; also before `os._exit`)."""
+  while _restore:
+    _restore.pop()()
 
 
 def _own_file(path: str, roots: tuple[str, ...]) -> bool:
@@ -352,7 +361,7 @@ def run(main: Callable[[list[str]], int | None], doc: str | None, *,
     positional: `main` takes positional arguments (else any is an error).
   """
   from absl import app  # pylint: disable=g-import-not-at-top
-  verbose = verbosity(sys.argv) >= 1 or os.environ.get(RAW_LOGS_ENV) == "1"
+  verbose = verbosity(sys.argv) >= 1
   if not verbose:
     quiet_environment()
     if not any(a in HELP_FLAGS for a in sys.argv[1:]):
@@ -375,6 +384,49 @@ def run(main: Callable[[list[str]], int | None], doc: str | None, *,
 
   app.run(wrapped,
           flags_parser=lambda argv: parse_flags(argv, doc or "", config_flags_names, split, codes))
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def duration(seconds: float) -> str:
+  """`1h02m`, `3m05s` or `12.3s`."""
+  if seconds < 60:
+    return f"{seconds:.1f}s"
+  m, s = divmod(int(round(seconds)), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class phase:  # pylint: disable=invalid-name
+  """`with phase("compiling", log):` logs the start, `still compiling (1m30s)` every `every` seconds
+  while it runs (a long blocking call otherwise looks hung), and `compiling: 4m03s` at the end."""
+
+  def __init__(self, label: str, log: Callable[[str], None] = print, every: float = 30.0):
+    self.label, self.log, self.every = label, log, every
+    self.seconds = 0.0
+
+  def __enter__(self) -> "phase":
+    import threading  # pylint: disable=g-import-not-at-top
+    import time  # pylint: disable=g-import-not-at-top
+    self._time = time.monotonic
+    self._start = time.monotonic()
+    self._done = threading.Event()
+    self.log(f"{self.label} ...")
+
+    def tick() -> None:
+      while not self._done.wait(self.every):
+        self.log(f"  still {self.label} ({duration(self._time() - self._start)})")
+
+    self._thread = threading.Thread(target=tick, daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self._done.set()
+    self.seconds = self._time() - self._start
+    if exc[0] is None:
+      self.log(f"{self.label}: done in {duration(self.seconds)}")
 
 
 # ------------------------------------------------------------------------------------ start-up block

@@ -42,6 +42,8 @@ for argv in cases:
         except BaseException:
             import traceback; traceback.print_exc(); code = 1
         sys.stdout.flush(); sys.stderr.flush()
+        if "recurrentgemma_tpu.cli" in sys.modules:
+            sys.modules["recurrentgemma_tpu.cli"].stop_native_filter()  # atexit does not run
         os._exit(code)
     _, status = os.waitpid(pid, 0)
     out.seek(0); err.seek(0)
@@ -53,7 +55,7 @@ print(json.dumps(results))
 
 def _env() -> dict[str, str]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env[cli.RAW_LOGS_ENV] = "1"  # the stderr filter has its own test; here children exit at once
+  env.pop(cli.RAW_LOGS_ENV, None)
   return env
 
 
@@ -149,7 +151,6 @@ def test_help_and_mistakes(module, flags, mistakes):
 def test_real_entry_points():
   """`python -m` (module docstring as __main__) and the console script print the same help."""
   env = _env()
-  env.pop(cli.RAW_LOGS_ENV)
   proc = subprocess.run([sys.executable, "-m", "recurrentgemma_tpu.train", "--help"],
                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert_help({"rc": proc.returncode, "out": proc.stdout}, ["config", "workdir"])
