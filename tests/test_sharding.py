@@ -359,6 +359,7 @@ def test_collectives_read_from_a_compiled_multislice_program():
   assert all(c.num_slices == 1 or c.group_size == 2 for c in traffic.collectives)
 
 
+@pytest.mark.slow  # 47 s wall at load average ~27 (two TPU compiles)
 @pytest.mark.tpu_compile
 def test_step_time_ranks_a_communication_heavy_mesh_below_a_balanced_one():
   """A small residual MLP trained on 4 v5p chips two ways: data parallel (one gradient all-reduce per
