@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 import pallas_kernels
+from recurrentgemma_tpu import loss as loss_lib
 from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu.optimizer import OptimizerConfig, learning_rate_schedule
 
@@ -79,6 +80,34 @@ def _loss_sums(params: Any, batch: Batch, total_weight: jax.Array, model_config:
   return ce + z_loss * zl, (ce, zl, acc)
 
 
+def _fused_loss_sums(params: Any, batch: Batch, total_weight: jax.Array,
+                     model_config: model_lib.ModelConfig, z_loss: float, scan_placement: Placement):
+  """`_loss_sums` with the unembedding fused into a chunked cross-entropy (`loss.py`)."""
+  x_BTD = model_lib.features(params, model_config, batch["inputs"], segment_ids=batch["segment_ids"],
+                             positions=batch["positions"], scan_placement=scan_placement)
+  return loss_lib.unembed_cross_entropy(
+      x_BTD, params["embedder"]["input_embedding"], batch["targets"], batch["loss_weights"],
+      total_weight, soft_cap=model_config.logits_soft_cap, z_loss=z_loss)
+
+
+def _loss_and_grad(model_config: model_lib.ModelConfig, z_loss: float, scan_placement: Placement):
+  """(params, batch, total_weight) -> ((total, (ce, zl, acc)), grads).
+
+  On CPU the fused, chunked loss (same values and gradients to float rounding; its [B, T, V] logits
+  never reach DRAM, which bounds CPU speed); elsewhere the plain one, whose logits XLA shards over
+  `vocab` and which the accelerator compiles have always used. Each branch is differentiated on its
+  own, so only the lowered platform's branch (and its residuals) is in the compiled program.
+  """
+  def branch(fn):
+    return jax.value_and_grad(functools.partial(fn, model_config=model_config, z_loss=z_loss,
+                                                scan_placement=scan_placement), has_aux=True)
+
+  def loss_and_grad(params, batch, total_weight):
+    return jax.lax.platform_dependent(params, batch, total_weight, cpu=branch(_fused_loss_sums),
+                                      default=branch(_loss_sums))
+  return loss_and_grad
+
+
 def _microbatches(batch: Batch, n: int) -> Batch:
   """[B, T] -> [n, B/n, T], taking rows j, n+j, 2n+j, ... into micro-batch j.
 
@@ -109,9 +138,7 @@ def compute_gradients(params: Any, batch: Batch, *, model_config: model_lib.Mode
   """
   num_tokens = jnp.sum(batch["loss_weights"].astype(jnp.float32))
   total_weight = jnp.maximum(num_tokens, 1.0)
-  loss_and_grad = jax.value_and_grad(
-      functools.partial(_loss_sums, model_config=model_config, z_loss=opt_config.z_loss,
-                        scan_placement=scan_placement), has_aux=True)
+  loss_and_grad = _loss_and_grad(model_config, opt_config.z_loss, scan_placement)
 
   def constrain_like_params(tree):
     if param_logical_axes is None:

@@ -97,7 +97,9 @@ def _np_attention(q, k, v, seg, window):
   return np.einsum("bhts,bsk->bthk", p, v)
 
 
-@pytest.mark.parametrize("T,window", [(23, 5), (24, 6), (7, 10), (16, None)])
+# T = 600 > attention.CAUSAL_CHUNK: the causal strip path (3 query chunks, the last one short).
+@pytest.mark.parametrize("T,window", [(23, 5), (24, 6), (7, 10), (16, None), (600, None),
+                                      (600, 599)])
 def test_blockwise_attention_matches_naive_float64(T, window):
   rng = np.random.default_rng(0)
   B, H, K = 2, 3, 8
@@ -108,6 +110,27 @@ def test_blockwise_attention_matches_naive_float64(T, window):
   fn = jax.jit(attention.blockwise_attention, static_argnums=4)
   got = fn(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(seg), window)
   np.testing.assert_allclose(np.asarray(got), _np_attention(q, k, v, seg, window), atol=2e-5)
+
+
+def test_causal_strip_attention_gradients_match_full_mask():
+  """The strip path's gradients equal those of one masked T x T softmax (float32, packed rows)."""
+  B, T, H, K = 1, 300, 2, 4
+  ks = jax.random.split(jax.random.key(5), 4)
+  q, k, v = (jax.random.normal(kk, s) for kk, s in zip(ks, ((B, T, H, K), (B, T, K), (B, T, K))))
+  seg = jnp.asarray(np.repeat([1, 2], [170, 130])[None], jnp.int32)
+  w = jax.random.normal(ks[3], (B, T, H, K))
+
+  def full(q, k, v):
+    t = jnp.arange(T)
+    mask = (t[:, None] >= t[None]) & (seg[:, None, :, None] == seg[:, None, None, :])
+    logits = jnp.where(mask, jnp.einsum("bthk,bsk->bhts", q, k) / np.sqrt(K), -jnp.inf)
+    return jnp.einsum("bhts,bsk->bthk", jax.nn.softmax(logits, -1), v)
+
+  assert T > attention.CAUSAL_CHUNK
+  grads = [jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+           for f in (lambda q, k, v: attention.causal_strip_attention(q, k, v, seg), full)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_rglru_matches_float64_recurrence_with_resets():

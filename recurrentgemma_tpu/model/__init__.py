@@ -5,6 +5,7 @@ from recurrentgemma_tpu.model.api import (
     Params,
     apply,
     decode,
+    features,
     init_cache,
     init_params,
     make_segments,
@@ -22,6 +23,7 @@ from recurrentgemma_tpu.model.rglru import SCAN_AXES
 
 __all__ = [
     "BLOCK_TYPES", "FAMILY_PATTERNS", "GLOBAL_ATTENTION", "LOCAL_ATTENTION", "RECURRENT",
-    "SCAN_AXES", "Cache", "ModelConfig", "Params", "apply", "decode", "init_cache", "init_params",
+    "SCAN_AXES", "Cache", "ModelConfig", "Params", "apply", "decode", "features", "init_cache",
+    "init_params",
     "make_segments", "param_logical_axes",
 ]

@@ -139,6 +139,29 @@ def _apply_jit(params, config, tokens, segment_ids, positions, scan_placement):
   return logits.astype(jnp.float32)
 
 
+def features(params: Params, config: ModelConfig, tokens: jax.Array, *,
+             segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+             scan_placement: pallas_kernels.ScanPlacement | None = None) -> jax.Array:
+  """`apply` up to the final norm: activations [B, T, width] in the compute dtype.
+
+  The logits are `einsum("btd,vd->btv", features, params["embedder"]["input_embedding"])` (then
+  the soft-cap); `recurrentgemma_tpu.loss` computes the training loss from these chunk by chunk.
+  """
+  B, T = _check_tokens(tokens)
+  for name, value in (("segment_ids", segment_ids), ("positions", positions)):
+    if value is not None and np.shape(value) != (B, T):
+      raise ValueError(f"{name} must have the tokens' shape {(B, T)}; got {np.shape(value)}")
+  return _features_jit(params, config, tokens, segment_ids, positions, scan_placement)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 5))
+def _features_jit(params, config, tokens, segment_ids, positions, scan_placement):
+  B, T = tokens.shape
+  seg = make_segments(B, T, segment_ids, positions)
+  x, _ = module_for(config, scan_placement).apply({"params": params}, tokens, seg, unembed=False)
+  return x
+
+
 # ----------------------------------------------------------------------------- decoding cache
 
 

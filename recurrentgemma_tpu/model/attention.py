@@ -15,6 +15,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from recurrentgemma_tpu.model.config import GLOBAL_ATTENTION, ModelConfig
 from recurrentgemma_tpu.model.layers import constrain, lecun_normal, param
@@ -51,6 +52,34 @@ def _softmax_attend(q, k, v, mask, scale, out_dtype, q_spec, k_spec, l_spec, o_s
   return jnp.einsum(f"{l_spec},{k_spec}->{o_spec}", probs, v)
 
 
+# Query chunk of the causal (window >= T) path; at most _MAX_CAUSAL_CHUNKS chunks per sequence.
+CAUSAL_CHUNK = 256
+_MAX_CAUSAL_CHUNKS = 16
+
+
+def causal_strip_attention(q_BTHK: jax.Array, k_BTK: jax.Array, v_BTK: jax.Array,
+                           segment_ids_BT: jax.Array) -> jax.Array:
+  """Causal MQA within documents, computing only keys at or before each query chunk.
+
+  Query chunk i (C positions) attends to the strip of keys [0, (i + 1) C): a softmax over exactly
+  the keys the full T x T mask would keep plus the diagonal block's upper triangle, so with n
+  chunks the logits are (n + 1) / 2n of the T x T ones (62.5% at n = 4) and no key a query cannot
+  see contributes a term. Same values as the one-chunk path up to summation order.
+  """
+  B, T, H, K = q_BTHK.shape
+  chunk = max(CAUSAL_CHUNK, -(-T // _MAX_CAUSAL_CHUNKS))
+  pos = np.arange(T)
+  outs = []
+  for lo in range(0, T, chunk):
+    hi = min(T, lo + chunk)
+    causal = pos[lo:hi, None] >= pos[None, :hi]  # [C, S], static
+    mask = causal[None, None] & (segment_ids_BT[:, None, lo:hi, None] ==
+                                 segment_ids_BT[:, None, None, :hi])  # [B, 1, C, S]
+    outs.append(_softmax_attend(q_BTHK[:, lo:hi], k_BTK[:, :hi], v_BTK[:, :hi], mask, K**-0.5,
+                                q_BTHK.dtype, "bthk", "bsk", "bhts", "bthk"))
+  return jnp.concatenate(outs, axis=1)
+
+
 def blockwise_attention(q_BTHK: jax.Array, k_BTK: jax.Array, v_BTK: jax.Array,
                         segment_ids_BT: jax.Array, window: int | None) -> jax.Array:
   """Causal MQA within documents and (if window) within `window` positions; O(T x window) memory.
@@ -59,6 +88,8 @@ def blockwise_attention(q_BTHK: jax.Array, k_BTK: jax.Array, v_BTK: jax.Array,
   """
   B, T, H, K = q_BTHK.shape
   scale = K**-0.5
+  if (window is None or window >= T - 1) and T > CAUSAL_CHUNK:
+    return causal_strip_attention(q_BTHK, k_BTK, v_BTK, segment_ids_BT)
   if window is None or window >= T - 1:
     chunk, lookback = T, 0  # one chunk: the window condition never bites
   else:

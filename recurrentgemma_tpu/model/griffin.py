@@ -98,7 +98,9 @@ class Griffin(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, seg: Segments, cache: dict | None = None,
-               num_tokens_B: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+               num_tokens_B: jax.Array | None = None,
+               unembed: bool = True) -> tuple[jax.Array, dict | None]:
+    """Logits [B, T, V] (or, with unembed=False, the final-normed activations [B, T, D])."""
     cfg = self.config
     embedder = Embedder(cfg, name="embedder")
     x = constrain(embedder.encode(tokens_BT), ACT_AXES)
@@ -126,6 +128,8 @@ class Griffin(nn.Module):
       x, new_cache["remainder"] = remainder(
           x, None if cache is None else cache["remainder"], seg, num_tokens_B)
     x = RMSNorm(cfg, name="final_norm")(x)
+    if not unembed:  # the fused loss (recurrentgemma_tpu/loss.py) unembeds chunk by chunk
+      return x, (None if cache is None else new_cache)
     logits = embedder.decode(x)
     if cfg.logits_soft_cap:
       c = cfg.logits_soft_cap
