@@ -192,7 +192,7 @@ def test_kill_storm_resumes_bitwise_and_evaluates_once(finished, tmp_path, env):
   rc, out = _finish(_start(tmp_path, env, checkpoint__save_every=1))
   assert rc == 0 and f"Training completed at step {STEPS}" in out, out[-4000:]
   rc, out = _finish(_start(tmp_path, env, checkpoint__save_every=1))
-  assert rc == 0 and f"Training already_done at step {STEPS}" in out, out[-4000:]
+  assert rc == 0 and f"Training already complete at step {STEPS}" in out, out[-4000:]
   got_eval = metrics_lib.read_metrics(str(tmp_path), "eval")
   assert got_eval == metrics_lib.read_metrics(str(finished), "eval") and len(got_eval) == 1
   assert (heartbeat.read(str(tmp_path)) or {}).get("phase") == "done"
