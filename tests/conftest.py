@@ -11,3 +11,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Several processes (xdist workers, subprocess tests) may compile for TPU topologies at once;
 # libtpu otherwise refuses the second one on its lockfile.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+import glob  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_empty_tfds_temp_dirs():
+  """TFDS's DatasetInfo.initialize_from_bucket leaves an empty mkdtemp("tfds") per builder it opens
+  (the TFDS tests open several); the session removes the empty ones it created."""
+  pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+  before = set(glob.glob(pattern))
+  yield
+  for path in set(glob.glob(pattern)) - before:
+    try:
+      os.rmdir(path)  # only succeeds on an empty directory
+    except OSError:
+      pass
