@@ -112,8 +112,8 @@ def _outcome(result) -> str:
   if result.status == "preempted":
     return f"Stopped after saving step {result.step}; re-run the same command to resume."
   if result.status == "already_done":
-    return (f"Training already complete at step {result.step}: nothing to do"
-            + (f" (final eval: {ev})." if ev else "."))
+    return (f"Training already complete at step {result.step}"
+            + (f"; final eval (as recorded): {ev}." if ev else "."))
   return f"Training completed at step {result.step}; final eval: {ev}."
 
 
