@@ -29,8 +29,8 @@ EXTRAS_REQUIRE = {
     # To look at a run: `tensorboard --logdir WORKDIR/tensorboard` (the trainer writes the event
     # files without it).
     "tensorboard": ["tensorboard>=2.21,<2.22"],
-    # `python -m launch.sweep plot`.
-    "sweep": ["matplotlib>=3.8,<4"],
+    # `python -m launch.sweep`: plot (matplotlib), fit (scipy), collect's HParams log (tensorboard).
+    "sweep": ["matplotlib>=3.8,<4", "scipy>=1.11", "tensorboard>=2.21,<2.22"],
     # The reference `recurrentgemma` package itself pins numpy<2.4 and absl<2, so
     # the README installs it with --no-deps; these are the imports it needs.
     "test": [
