@@ -214,3 +214,17 @@ def test_start_up_block_and_workdir_state(tmp_path):
   assert cli.model_family(("recurrent",)) == "hawk"
   assert cli.model_family(("global_attention",)) == "mqa"
   assert cli.human(1_780_000) == "1.78M" and cli.human(2.0e9) == "2B"
+
+
+def test_docs_stand_alone():
+  """README, docs/ and the commands' docstrings name no file outside the repository."""
+  paths = [os.path.join(ROOT, "README.md")] + [
+      os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))]
+  for package in ("recurrentgemma_tpu", "launch"):
+    for dirpath, _, files in os.walk(os.path.join(ROOT, package)):
+      paths += [os.path.join(dirpath, f) for f in files if f.endswith(".py")]
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    for outside in ("DESIGN.md", "../shared", "/work/shared"):
+      assert outside not in text, (path, outside)
