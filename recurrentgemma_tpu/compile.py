@@ -182,6 +182,10 @@ def _topology_devices(topology: str, num_slices: int) -> list[Any]:
   from sharding import chips  # pylint: disable=g-import-not-at-top
   chips.parse_topology(topology)  # the form and the chip generation, before libtpu starts
   try:
+    if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+      # Not a TPU VM: libtpu's metadata guess would put a warning text in this variable and then
+      # print an INVALID_ARGUMENT line about it (harmless for an ahead-of-time compile).
+      os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     return planner.topology_devices(topology, num_slices)[1]
   except (RuntimeError, jax.errors.JaxRuntimeError) as e:
     message = cli.one_line(e)
