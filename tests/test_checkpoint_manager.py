@@ -301,6 +301,7 @@ def test_every_step_damaged_is_refused_not_restarted(tmp_path):
   m.close()
 
 
+@pytest.mark.slow
 def test_failed_async_save_is_reported_at_the_next_check_naming_the_step(tmp_path, monkeypatch):
   from orbax.checkpoint._src.handlers import json_checkpoint_handler  # pylint: disable=g-import-not-at-top
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
