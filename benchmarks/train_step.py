@@ -6,11 +6,14 @@ r"""Train-step throughput: tokens/s and MFU for Griffin, Hawk and MQA of the sam
 Each row times the real jitted train step (loss + grad + AdamW, donated state, the mesh of all local
 devices) on random tokens after a compile/warm-up step. MFU counts model FLOPs
 (`model.flops.training_flops_per_token`) against the chip table's peak on TPU and a measured matmul
-peak on CPU. `--reference` also times the `recurrentgemma` package (if installed) on the same model.
+peak on CPU. `--reference` also times the `recurrentgemma` package (if installed) on the same model
+and prints the ratio, by wall time and by process CPU time (`cpu_s`, all threads; steadier than wall
+time when other jobs share the CPU).
 """
 
 import functools
 import os
+import resource
 import sys
 import time
 
@@ -82,20 +85,29 @@ def random_batch(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
           "loss_weights": np.ones((batch, seq_len), np.float32)}
 
 
-def _time(step, state, batch, steps: int) -> tuple[float, float]:
-  """(compile + first step seconds, mean seconds of the next `steps` steps)."""
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _time(step, state, batch, steps: int) -> tuple[float, float, float]:
+  """(compile + first step seconds, mean wall and process-CPU seconds of the next `steps` steps).
+
+  CPU seconds are the whole process's (all its threads): on a CPU host shared with other jobs they
+  move far less with the load than wall time, so they compare two implementations more fairly.
+  """
   t = time.perf_counter()
   state, m = step(state, batch)
   jax.block_until_ready(m)
   first = time.perf_counter() - t
-  t = time.perf_counter()
+  t, c = time.perf_counter(), _cpu_seconds()
   for _ in range(steps):
     state, m = step(state, batch)
   jax.block_until_ready((state, m))
-  return first, (time.perf_counter() - t) / steps
+  return first, (time.perf_counter() - t) / steps, (_cpu_seconds() - c) / steps
 
 
-def time_ours(exp: experiment_lib.Experiment) -> tuple[float, float]:
+def time_ours(exp: experiment_lib.Experiment) -> tuple[float, float, float]:
   mesh = mesh_lib.create_mesh(exp.mesh)
   fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh, exp.mesh.strategy)
   state = fns.create_state(jax.random.key(0))
@@ -104,7 +116,7 @@ def time_ours(exp: experiment_lib.Experiment) -> tuple[float, float]:
   return _time(fns.train_step, state, batch, _STEPS.value)
 
 
-def time_reference(exp: experiment_lib.Experiment) -> tuple[float, float]:
+def time_reference(exp: experiment_lib.Experiment) -> tuple[float, float, float]:
   """The same model in the reference package, with a plain jitted loss + grad + AdamW step."""
   mc, batch, seq_len = exp.model, exp.data.global_batch_size, exp.data.seq_len
   import recurrentgemma.jax as rg  # pylint: disable=g-import-not-at-top
@@ -147,17 +159,24 @@ def main(argv):
   print(f"# {jax.device_count()} x {device.device_kind} ({device.platform}); peak used for MFU "
         f"{peak / 1e9:.1f} GFLOP/s in total; jax {jax.__version__}")
   print(f"{'impl':<10} {'family':<8} {'T':>6} {'B':>3} {'params':>9} {'compile_s':>9} {'step_s':>8} "
-        f"{'tokens/s':>10} {'MFU':>6}")
+        f"{'tokens/s':>10} {'MFU':>6} {'cpu_s':>8}")
   impls = [("ours", time_ours)] + ([("reference", time_reference)] if _REFERENCE.value else [])
   for family, seq_len, batch in rows:
     exp = experiment(family, seq_len, batch)
     n_params, _ = flops_lib.param_counts(exp.model)
     flops = flops_lib.training_flops_per_token(exp.model, seq_len)
+    times = {}
     for name, fn in impls:
-      first, step_s = fn(exp)
+      first, step_s, cpu_s = fn(exp)
+      times[name] = (step_s, cpu_s)
       tps = batch * seq_len / step_s
       print(f"{name:<10} {family:<8} {seq_len:>6} {batch:>3} {n_params / 1e6:>8.1f}M {first:>9.1f} "
-            f"{step_s:>8.3f} {tps:>10.0f} {metrics_lib.mfu(tps, flops, peak):>6.1%}", flush=True)
+            f"{step_s:>8.3f} {tps:>10.0f} {metrics_lib.mfu(tps, flops, peak):>6.1%} {cpu_s:>8.2f}",
+            flush=True)
+    if "reference" in times:
+      (ours_s, ours_cpu), (ref_s, ref_cpu) = times["ours"], times["reference"]
+      print(f"ours vs reference: {ref_s / ours_s:.2f}x tokens/s (wall), {ref_cpu / ours_cpu:.2f}x "
+            f"per process-CPU second", flush=True)
 
 
 if __name__ == "__main__":
