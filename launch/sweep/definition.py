@@ -151,27 +151,15 @@ def _spec_variables(base: str) -> list[str]:
 
 def _param_counts(model_config: Any) -> tuple[int, int]:
   """(total, non-embedding) parameters of a ModelConfig from the project's counter."""
-  try:
-    from recurrentgemma_tpu.model import flops as flops_lib  # pylint: disable=g-import-not-at-top
-    if hasattr(flops_lib, "param_counts"):
-      return tuple(int(x) for x in flops_lib.param_counts(model_config))
-  except ImportError:
-    pass
-  from recurrentgemma_tpu.model import summary  # pylint: disable=g-import-not-at-top
-  s = summary.summarize(model_config, 1)
-  return int(s.total), int(s.non_embedding)
+  from recurrentgemma_tpu.model import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  total, non_embedding = flops_lib.param_counts(model_config)
+  return int(total), int(non_embedding)
 
 
 def _flops_per_token(model_config: Any, seq_len: int) -> float:
   """Training FLOPs per token from the project's one FLOP model (not 6N)."""
-  try:
-    from recurrentgemma_tpu.model import flops as flops_lib  # pylint: disable=g-import-not-at-top
-    if hasattr(flops_lib, "training_flops_per_token"):
-      return float(flops_lib.training_flops_per_token(model_config, seq_len))
-  except ImportError:
-    pass
-  from recurrentgemma_tpu import metrics  # pylint: disable=g-import-not-at-top
-  return float(metrics.training_flops_per_token(model_config, seq_len))
+  from recurrentgemma_tpu.model import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  return float(flops_lib.training_flops_per_token(model_config, seq_len))
 
 
 def _model_numbers(config: ml_collections.ConfigDict) -> dict[str, Any]:

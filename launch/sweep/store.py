@@ -65,7 +65,7 @@ def _gcs_create_exclusive(path: str, text: str) -> bool:
     from google.cloud import storage  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise RuntimeError("a gs:// sweep root needs google-cloud-storage for atomic claims: "
-                       "pip install -e '.[sweep]'") from e
+                       "pip install google-cloud-storage") from e
   bucket, _, name = path[len("gs://"):].partition("/")
   blob = storage.Client().bucket(bucket).blob(name)
   try:

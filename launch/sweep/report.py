@@ -1,0 +1,157 @@
+"""`status` and `collect`: what each trial is doing, and the results table of a sweep.
+
+`collect` writes one row per trial to ROOT/results.csv and ROOT/results.jsonl, and the sweep as a
+TensorBoard HParams experiment under ROOT/hparams (one run per finished trial, its hyper-parameters
+and final metrics). FLOPs are the project's FLOP model times the trial's tokens (not 6ND).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import subprocess
+import time
+from typing import Any, Sequence
+
+import ml_collections
+
+from launch.sweep import definition
+from launch.sweep import state as state_lib
+from launch.sweep import store
+
+COLUMNS = ("id", "family", "size", "params", "non_embedding_params", "tokens", "steps", "flops",
+           "flops_per_token", "learning_rate", "final_eval_loss", "best_eval_loss", "status",
+           "restarts", "wall_time_s", "mfu", "config_hash", "code_version", "variables")
+
+
+def code_version() -> str:
+  """`git describe` of the checkout the sweep runs from, else the installed package version."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
+                         capture_output=True, text=True, timeout=10, check=True)
+    return out.stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    pass
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    return metadata.version("recurrentgemma_tpu")
+  except Exception:  # pylint: disable=broad-except
+    return "unknown"
+
+
+def _eta(trial: definition.Trial, step: int, step_time: float | None) -> str:
+  if not step_time:
+    return "-"
+  seconds = max(trial.info["steps"] - step, 0) * step_time
+  return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f}d"
+
+
+def status_table(root: str, trials: Sequence[definition.Trial], retries: int,
+                 ttl_s: float = state_lib.DEFAULT_TTL_S) -> str:
+  """One line per trial: id, label, state, step/steps, ETA, failures, restarts, holder."""
+  lines = [f"{'id':<12} {'trial':<20} {'state':<8} {'step':>11} {'eta':>8} {'fail':>4} "
+           f"{'rest':>4}  holder"]
+  counts: dict[str, int] = {}
+  for t in trials:
+    s = state_lib.read_state(root, t.id, retries, ttl_s)
+    counts[s.state] = counts.get(s.state, 0) + 1
+    step, step_time = state_lib.progress(state_lib.trial_dir(root, t.id))
+    if s.state == state_lib.DONE:
+      step = t.info["steps"]
+    eta = _eta(t, step, step_time) if s.state == state_lib.RUNNING else "-"
+    progress = f"{step}/{t.info['steps']}"
+    lines.append(f"{t.id:<12} {t.label:<20} {s.state:<8} {progress:>11} "
+                 f"{eta:>8} {s.failures:>4} {s.restarts:>4}  {s.owner if s.live_lease else ''}")
+  lines.append(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+  return "\n".join(lines)
+
+
+def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[str, Any]:
+  """The results row of one trial."""
+  s = state_lib.read_state(root, trial.id, retries)
+  records = state_lib.read_records(state_lib.trial_dir(root, trial.id))
+  evals = [r for r in records if r.get("split") == "eval" and "loss" in r]
+  train = [r for r in records if r.get("split") == "train"]
+  # The first logged interval includes compilation warm-up; MFU is the mean of the others.
+  mfus = [r["mfu"] for r in train[1:] if "mfu" in r and math.isfinite(r["mfu"])]
+  return {
+      "id": trial.id,
+      "family": trial.variables.get("family", ""),
+      "size": trial.variables.get("size", ""),
+      "params": trial.info["params"],
+      "non_embedding_params": trial.info["non_embedding_params"],
+      "tokens": trial.info["tokens"],
+      "steps": trial.info["steps"],
+      "flops": trial.info["flops"],
+      "flops_per_token": trial.info["flops_per_token"],
+      "learning_rate": trial.info["learning_rate"],
+      "final_eval_loss": evals[-1]["loss"] if evals else None,
+      "best_eval_loss": min(r["loss"] for r in evals) if evals else None,
+      "status": s.state,
+      "restarts": s.restarts,
+      "wall_time_s": round(s.wall_time, 1),
+      "mfu": sum(mfus) / len(mfus) if mfus else None,
+      "config_hash": trial.config_hash,
+      "code_version": version,
+      "variables": dict(trial.variables),
+  }
+
+
+def read_results(root: str) -> list[dict[str, Any]]:
+  """The rows `collect` wrote (ROOT/results.jsonl)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(store.join(root, "results.jsonl"))
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist; run `python -m launch.sweep collect` first")
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def collect(root: str, sweep: ml_collections.ConfigDict,
+            trials: Sequence[definition.Trial]) -> list[str]:
+  """Writes results.csv, results.jsonl and the HParams log; returns the paths written."""
+  import json  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  version = code_version()
+  retries = int(sweep.get("retries", 2))
+  rows = [row(root, t, retries, version) for t in trials]
+  jsonl = store.join(root, "results.jsonl")
+  epath.Path(jsonl).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+  writer.writeheader()
+  for r in rows:
+    writer.writerow(r | {"variables": json.dumps(r["variables"], sort_keys=True)})
+  csv_path = store.join(root, "results.csv")
+  epath.Path(csv_path).write_text(buf.getvalue())
+  hparams = write_hparams(store.join(root, "hparams"), rows, sweep.metric)
+  return [csv_path, jsonl, hparams]
+
+
+def write_hparams(logdir: str, rows: Sequence[dict[str, Any]], metric: str) -> str:
+  """The sweep in TensorBoard's HParams dashboard: one run per trial with a final eval loss."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+
+  variables = sorted({k for r in rows for k in r["variables"]})
+  numeric = ("params", "non_embedding_params", "tokens", "flops", "learning_rate")
+  metrics = ("final_eval_loss", "best_eval_loss", "mfu", "wall_time_s")
+  with tf.summary.create_file_writer(logdir).as_default():
+    hp.hparams_config(
+        hparams=[hp.HParam(v) for v in variables] + [hp.HParam(k) for k in numeric],
+        metrics=[hp.Metric(m, display_name=(metric if m == "final_eval_loss" else m))
+                 for m in metrics])
+  for r in rows:
+    if r["final_eval_loss"] is None:
+      continue
+    with tf.summary.create_file_writer(store.join(logdir, r["id"])).as_default():
+      values = {v: r["variables"].get(v, "") for v in variables}
+      values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
+      hp.hparams(values | {k: float(r[k]) for k in numeric}, trial_id=r["id"])
+      for m in metrics:
+        if r[m] is not None:
+          tf.summary.scalar(m, float(r[m]), step=int(r["steps"]))
+  return logdir

@@ -1,0 +1,307 @@
+"""Sweeps: axis expansion, trial hashing and derived numbers, leases, the runner, the fits."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from launch.sweep import axes
+from launch.sweep import definition
+from launch.sweep import fit
+from launch.sweep import runner
+from launch.sweep import state as state_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ------------------------------------------------------------------------------------ axes
+
+
+def test_axis_kinds_expand_like_their_definitions():
+  fam = axes.sweep("family", ["a", "b"])
+  size = axes.sweep("size", [1, 2, 3])
+  assert axes.product(fam, size) == [
+      {"family": "a", "size": 1}, {"family": "a", "size": 2}, {"family": "a", "size": 3},
+      {"family": "b", "size": 1}, {"family": "b", "size": 2}, {"family": "b", "size": 3}]
+  lr = axes.sweep("optimizer.learning_rate", [0.1, 0.2, 0.3])
+  assert axes.zip_(size, lr) == [{"size": 1, "optimizer.learning_rate": 0.1},
+                                 {"size": 2, "optimizer.learning_rate": 0.2},
+                                 {"size": 3, "optimizer.learning_rate": 0.3}]
+  assert axes.chain(fam, axes.fixed(family="c", size=9)) == [
+      {"family": "a"}, {"family": "b"}, {"family": "c", "size": 9}]
+  # Nesting: product of a zip and a sweep.
+  assert len(axes.product(axes.zip_(size, lr), fam)) == 6
+  with pytest.raises(ValueError, match="equal length"):
+    axes.zip_(fam, size)
+  with pytest.raises(ValueError, match="twice"):
+    axes.product(axes.fixed(size=1), axes.fixed(size=2))
+  with pytest.raises(ValueError, match="at least one"):
+    axes.sweep("x", [])
+
+
+# ------------------------------------------------------------------------------------ trials
+
+_SWEEP = """
+import ml_collections
+from launch.sweep.axes import chain, fixed, product, sweep, zip_
+
+def get_sweep(arg=""):
+  s = ml_collections.ConfigDict()
+  s.name = "t"
+  s.base = "configs/tiny.py"
+  s.overrides = {{"model": {{"num_layers": 3}}, "train": {{"eval_every": 0}}}}
+  s.choices = {{"family": {{f: {{"model": {{"block_pattern": f}}}} for f in ("griffin", "hawk")}},
+               "size": {{"s": {{"model": {{"width": 64, "num_heads": 1}}}},
+                        "m": {{"model": {{"width": 128, "num_heads": 2}}}}}}}}
+  s.axes = {axes}
+  s.tokens = {tokens}
+  s.budgets = {budgets}
+  s.schedule = {{"decay_with_steps": True, "warmup_fraction": 0.1}}
+  s.lr = {lr}
+  s.metric = "eval/loss"
+  s.retries = 1
+  return s
+"""
+
+
+def _write_sweep(tmp_path, name="s.py", axes_="product(sweep('family', ['griffin', 'hawk']), "
+                 "sweep('size', ['s', 'm']))", tokens="{'rule': 'config'}", budgets="()",
+                 lr="{'rule': 'config'}"):
+  path = tmp_path / name
+  path.write_text(_SWEEP.format(axes=axes_, tokens=tokens, budgets=budgets, lr=lr))
+  return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+  monkeypatch.chdir(REPO)  # sweep bases are repo-relative config paths
+
+
+def test_trial_ids_are_content_hashes_of_the_resolved_config(tmp_path):
+  trials = definition.expand(definition.load_sweep(_write_sweep(tmp_path)))
+  assert [t.label for t in trials] == ["griffin/s", "griffin/m", "hawk/s", "hawk/m"]
+  assert len({t.id for t in trials}) == 4
+  # The same definition again gives the same ids (a rerun finds its trials).
+  again = definition.expand(definition.load_sweep(_write_sweep(tmp_path, "again.py")))
+  assert [t.id for t in again] == [t.id for t in trials]
+  # The id hashes the resolved config, not how it was spelled: griffin/m sets width 128, which is
+  # configs/tiny.py's own width, so a point that leaves the width alone is the same trial ...
+  s = definition.load_sweep(_write_sweep(tmp_path, "same.py"))
+  spelled = definition.resolve(s, {"family": "griffin", "size": "m", "model.width": 128})
+  assert spelled.id == trials[1].id
+  # ... and any changed value is a different trial.
+  other = definition.resolve(s, {"family": "griffin", "size": "m", "optimizer.b2": 0.99})
+  assert other.id != trials[1].id
+  # The spec and overrides rebuild exactly the hashed config.
+  from recurrentgemma_tpu import experiment  # pylint: disable=g-import-not-at-top
+  t = trials[2]
+  config = experiment.load_config(t.spec, t.overrides)
+  assert config.model.block_pattern == "hawk" and config.model.width == 64
+  assert config.model.num_layers == 3
+  assert t.config_hash.startswith(t.id)
+
+
+def test_token_rules_lr_rule_and_isoflop_budgets_set_steps(tmp_path):
+  from recurrentgemma_tpu.model import flops  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.model import ModelConfig  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import experiment  # pylint: disable=g-import-not-at-top
+
+  tokens_per_step = 8 * 256  # configs/tiny.py: batch 8 x 256
+  # explicit: a `tokens` variable zipped with the sizes.
+  s = definition.load_sweep(_write_sweep(
+      tmp_path, "e.py", axes_="zip_(sweep('size', ['s', 'm']), sweep('tokens', [20480, 40960]))",
+      tokens="{'rule': 'explicit'}", lr="{'rule': 'power', 'base': 1e-3, 'ref_params': 1e6, "
+      "'exponent': -0.5}"))
+  small, medium = definition.expand(s)
+  assert (small.info["steps"], medium.info["steps"]) == (10, 20)
+  assert small.info["tokens"] == 20480
+  cfg = experiment.load_config(small.spec, small.overrides)
+  assert (cfg.optimizer.decay_steps, cfg.optimizer.warmup_steps) == (10, 1)
+  # lr = base * (N / ref)^exponent with N the total parameter count.
+  n = small.info["params"]
+  assert small.info["learning_rate"] == pytest.approx(1e-3 * (n / 1e6) ** -0.5, rel=1e-3)
+  assert small.info["params"] < medium.info["params"]
+
+  # params: tokens = per_param * N.
+  s = definition.load_sweep(_write_sweep(tmp_path, "p.py", axes_="sweep('size', ['s'])",
+                                         tokens="{'rule': 'params', 'per_param': 0.5, "
+                                         "'params': 'total'}"))
+  (t,) = definition.expand(s)
+  assert t.info["steps"] == round(0.5 * t.info["params"] / tokens_per_step)
+
+  # isoFLOP: each size trains for C / FLOPs-per-token tokens (the project's FLOP model).
+  s = definition.load_sweep(_write_sweep(tmp_path, "b.py", axes_="sweep('size', ['s', 'm'])",
+                                         budgets="(1e12, 4e12)"))
+  trials = definition.expand(s)
+  assert len(trials) == 4
+  for t in trials:
+    cfg = experiment.load_config(t.spec, t.overrides)
+    fpt = flops.training_flops_per_token(ModelConfig.from_config(cfg.model), 256)
+    want = round(t.variables["budget"] / fpt / tokens_per_step)
+    assert cfg.train.steps == want
+    assert t.info["flops"] == pytest.approx(t.variables["budget"], rel=0.05)
+  assert definition.select(trials, trials[1].id[:6]) == [trials[1]]
+  with pytest.raises(ValueError, match="no trial id"):
+    definition.select(trials, "zzzz")
+
+
+# ------------------------------------------------------------------------------------ leases
+
+
+def _trial(i, steps=5):
+  return definition.Trial(id=f"trial{i:07d}", spec="configs/tiny.py", overrides=(),
+                          variables={"family": "f", "size": str(i)},
+                          info={"steps": steps, "params": 1, "non_embedding_params": 1,
+                                "tokens": 1, "flops": 1.0, "flops_per_token": 1.0,
+                                "learning_rate": 1e-3},
+                          config_hash=f"trial{i:07d}")
+
+
+def test_only_one_of_many_racing_claims_wins(tmp_path):
+  root = str(tmp_path)
+  wins = []
+  barrier = threading.Barrier(8)
+
+  def go():
+    barrier.wait()
+    wins.append(state_lib.claim(root, "t1"))
+
+  threads = [threading.Thread(target=go) for _ in range(8)]
+  for th in threads:
+    th.start()
+  for th in threads:
+    th.join()
+  assert sorted(w for w in wins if w is not None) == [1]
+  # A live lease (fresh heartbeat, this process alive) cannot be taken ...
+  assert state_lib.claim(root, "t1") is None
+  # ... a released one can, with the next number.
+  state_lib.release(root, "t1", 1)
+  assert state_lib.claim(root, "t1") == 2
+
+
+def test_stale_leases_expire(tmp_path):
+  root = str(tmp_path)
+  assert state_lib.claim(root, "t", ttl_s=300) == 1
+  # Heartbeat older than the TTL: stale, even though the holder (this process) is alive.
+  beat = os.path.join(root, "state", "t", "heartbeat.1.json")
+  claim = os.path.join(root, "state", "t", "claim.1.json")
+  for p in (beat, claim):
+    d = json.load(open(p))
+    d["time"] -= 1000
+    json.dump(d, open(p, "w"))
+  assert state_lib.claim(root, "t", ttl_s=300) == 2
+  # Holder on this host with its driver and trial processes gone: stale at once.
+  d = json.load(open(os.path.join(root, "state", "t", "claim.2.json")))
+  d["pid"] = 2**22 + 12345  # no such process
+  json.dump(d, open(os.path.join(root, "state", "t", "claim.2.json"), "w"))
+  assert state_lib.claim(root, "t", ttl_s=300) == 3
+
+
+def test_runner_retries_failures_and_relaunches_after_exit_42(tmp_path):
+  root = str(tmp_path / "root")
+  script = tmp_path / "flaky.py"
+  # Attempt k of a trial exits with codes[k]; the last code 0 writes the final eval record.
+  script.write_text(textwrap.dedent("""
+    import json, os, sys
+    workdir, codes = sys.argv[1], [int(c) for c in sys.argv[2].split(",")]
+    os.makedirs(workdir, exist_ok=True)
+    counter = os.path.join(workdir, "n")
+    n = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, "w").write(str(n + 1))
+    code = codes[min(n, len(codes) - 1)]
+    if code == 0:
+      with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": 5, "split": "eval", "loss": 1.0}) + "\\n")
+    sys.exit(code)
+  """))
+  cases = {"trial0000001": "42,0", "trial0000002": "1,0", "trial0000003": "1,1,1"}
+  trials = [definition.Trial(**{**vars(_trial(i)), "id": tid}) for i, tid in enumerate(cases, 1)]
+  command = f"{sys.executable} {script} {{workdir}} CODES"
+  states = {}
+  for t in trials:  # one driver per trial so each gets its own exit codes
+    opts = runner.Options(retries=1, quiet=True,
+                          trial_command=command.replace("CODES", cases[t.id]))
+    states |= runner.Driver(root, [t], opts, printer=lambda s: None).run()
+  assert states["trial0000001"].state == "done" and states["trial0000001"].restarts == 1
+  assert states["trial0000002"].state == "done" and states["trial0000002"].failures == 1
+  # retries=1: two failed attempts, then it is left failed and not run again.
+  assert states["trial0000003"].state == "failed" and states["trial0000003"].failures == 2
+  assert open(os.path.join(root, "trials", "trial0000003", "n")).read() == "2"
+
+
+@pytest.mark.slow
+def test_two_concurrent_drivers_never_run_a_trial_twice(tmp_path):
+  root = tmp_path / "root"
+  ledger = tmp_path / "ledger.txt"
+  fake = tmp_path / "fake_trial.py"
+  fake.write_text(textwrap.dedent(f"""
+    import json, os, sys, time
+    workdir, trial_id = sys.argv[1], sys.argv[2]
+    with open({str(ledger)!r}, "a") as f:  # O_APPEND: one whole line per write
+      f.write(f"{{trial_id}} {{os.getppid()}}\\n")
+    time.sleep(0.5)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({{"step": 10**9, "split": "eval", "loss": 1.0}}) + "\\n")
+  """))
+  sweep = _write_sweep(tmp_path, axes_="product(sweep('family', ['griffin', 'hawk']), "
+                       "sweep('size', ['s', 'm']), sweep('optimizer.b2', [0.9, 0.95, 0.99]))")
+  cmd = [sys.executable, "-m", "launch.sweep", "run", f"--sweep={sweep}", f"--root={root}",
+         "--parallel=2", f"--trial_command={sys.executable} {fake} {{workdir}} {{id}}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  drivers = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+  outs = [d.communicate(timeout=600)[0] for d in drivers]
+  assert [d.returncode for d in drivers] == [0, 0], outs
+  lines = ledger.read_text().split()
+  ids = lines[0::2]
+  assert len(ids) == 12 and len(set(ids)) == 12, ids  # every trial ran, and exactly once
+  # Both drivers did work (otherwise the test would not test concurrency).
+  assert len(set(lines[1::2])) == 2, lines
+  # A third run finds everything finished and runs nothing.
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0 and "start " not in out.stdout
+  assert len(ledger.read_text().split()) == 24
+
+
+# ------------------------------------------------------------------------------------ fits
+
+
+def test_compute_fit_recovers_known_law_within_its_intervals():
+  rng = np.random.default_rng(0)
+  e, a, alpha = 1.8, 60.0, 0.12
+  c = np.geomspace(1e17, 1e22, 14)
+  loss = (e + a * c**-alpha) * np.exp(rng.normal(0, 0.01, len(c)))
+  rows = [{"status": "done", "family": "g", "flops": float(ci), "final_eval_loss": float(li),
+           "params": 1e6 * (i + 1), "tokens": 2e7 * (i + 1), "flops_per_token": 6e6 * (i + 1),
+           "variables": {}} for i, (ci, li) in enumerate(zip(c, loss))]
+  result = fit.fit_sweep(rows, n_bootstrap=200, n_starts=16)["g"]["saturating"]
+  assert result["converged"]
+  for name, true in (("E", e), ("A", a), ("alpha", alpha)):
+    lo, hi = result["interval_95"][name]
+    assert lo <= true <= hi, (name, true, lo, hi)
+    assert hi - lo < 0.5 * true + (1.0 if name == "A" else 0), (name, lo, hi)  # informative
+  hold = result["holdout"]
+  assert abs(hold["relative_error"]) < 0.03
+
+
+def test_two_variable_fit_recovers_chinchilla_law():
+  rng = np.random.default_rng(1)
+  e, a, b, alpha, beta = 1.69, 406.4, 410.7, 0.34, 0.28
+  n = np.geomspace(1e7, 3e9, 6)
+  d = np.geomspace(1e8, 3e10, 6)
+  nn, dd = (x.ravel() for x in np.meshgrid(n, d))
+  loss = (e + a / nn**alpha + b / dd**beta) * np.exp(rng.normal(0, 0.003, nn.size))
+  x = np.log(np.stack([nn, dd], axis=1))
+  full = fit.fit_form("chinchilla", x, loss, n_starts=64)
+  assert full.converged and full.starts_agreeing >= 2
+  boots = fit.bootstrap("chinchilla", x, loss, full, n=60)
+  ci = fit.intervals(boots)
+  for name, true in (("E", e), ("alpha", alpha), ("beta", beta)):
+    assert ci[name][0] <= true <= ci[name][1], (name, true, ci[name])
+  assert math.isclose(full.params["alpha"], alpha, rel_tol=0.15)
