@@ -1,6 +1,7 @@
 """Heartbeat files: how the launcher tells a slow job from a hung one.
 
-Each process writes `<workdir>/heartbeat/process_<i>.json` atomically (temporary file + rename):
+Each process writes `<workdir>/heartbeat/process_<i>.json` atomically (temporary file + rename on
+a local disk; one object write on gs://, which a bucket makes atomic):
 
     {"step": int, "time": unix_seconds, "phase": "starting|compiling|training|evaluating|saving|done",
      "step_time": seconds_or_null, "pid": int}
@@ -28,12 +29,23 @@ def path(workdir: str, process_index: int) -> str:
   return os.path.join(workdir, "heartbeat", f"process_{process_index}.json")
 
 
+def _is_remote(p: str) -> bool:
+  return "://" in p
+
+
 def read(workdir: str, process_index: int = 0) -> dict | None:
   """The last heartbeat of a process, or None if it has written none."""
+  p = path(workdir, process_index)
   try:
-    with open(path(workdir, process_index)) as f:
+    if _is_remote(p):
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      return json.loads(epath.Path(p).read_text())
+    with open(p) as f:
       return json.load(f)
   except (FileNotFoundError, json.JSONDecodeError):
+    return None
+  except Exception:  # pylint: disable=broad-except
+    # A bucket's own not-found and transient errors: no readable beat is the same as none.
     return None
 
 
@@ -57,14 +69,19 @@ class Heartbeat:
     record = {"step": self.step, "time": time.time(), "phase": phase,
               "step_time": None if step_time is None else float(step_time), "pid": os.getpid()}
     try:
-      os.makedirs(os.path.dirname(self._path), exist_ok=True)
-      tmp = f"{self._path}.tmp{os.getpid()}"
-      with open(tmp, "w") as f:
-        json.dump(record, f)
-      os.replace(tmp, self._path)
+      if _is_remote(self._path):
+        # One object write is atomic on a bucket (readers see the old or the new object).
+        from etils import epath  # pylint: disable=g-import-not-at-top
+        epath.Path(self._path).write_text(json.dumps(record))
+      else:
+        os.makedirs(os.path.dirname(self._path), exist_ok=True)
+        tmp = f"{self._path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+          json.dump(record, f)
+        os.replace(tmp, self._path)
       self._last = time.monotonic()
-    except OSError:
-      pass
+    except Exception:  # pylint: disable=broad-except
+      pass  # never stop training for a heartbeat (full disk, bucket hiccup)
     if entering and self._delays.get(phase):
       time.sleep(self._delays[phase])
 
