@@ -2,9 +2,9 @@
 
     JAX_PLATFORMS=cpu python benchmarks/scan.py            # CPU: the XLA implementations
     python benchmarks/scan.py --impls=pallas_tpu,xla_linear  # on a TPU / GPU host
-    python benchmarks/scan.py --impls=pallas_gpu,pallas_gpu/c64,xla_linear  # GPU block sweep
+    python benchmarks/scan.py --impls=pallas_gpu,pallas_gpu/c128,pallas_gpu/u16,xla_associative  # GPU sweep
 
-For each case it prints the median time of the forward pass and of forward+backward (jax.grad),
+For each case it prints the median time (per call, calls issued back to back; see _time) of the forward pass and of forward+backward (jax.grad),
 the bytes the pass must move at minimum (forward: x and a read, y written; backward: dy, a, y read,
 dx and da written; h0 / h_last are negligible), the achieved GB/s, and that as a fraction of the
 device's memory-copy bandwidth measured here (a jitted x * 1 + 0 style elementwise copy, read +
@@ -26,12 +26,20 @@ DEFAULT_SHAPES = ("4x1024x512", "8x2048x1024", "2x4096x2560")
 
 
 def _time(fn: Callable, *args, repeats: int) -> float:
+  """Median seconds per call. Each sample runs enough back-to-back calls to last ~2 ms (at most 50)
+  and waits once, so host dispatch overlaps the device work (a training step issues the scan among
+  many other ops; a lone blocking call would time the launch latency of sub-millisecond kernels)."""
   jax.block_until_ready(fn(*args))  # compile and warm up
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  number = int(min(50, max(1, 2e-3 / max(time.perf_counter() - start, 1e-9))))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
+    for _ in range(number):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / number)
   return statistics.median(times)
 
 
@@ -44,10 +52,18 @@ def copy_bandwidth(num_bytes: int = 256 << 20, repeats: int = 10) -> float:
 
 
 def scan_fn(impl: str) -> Callable:
-  """`impl` is a `linear_scan` impl, or `pallas_gpu/cN` for the GPU kernel with N channels per program."""
-  if impl.startswith("pallas_gpu/c"):
+  """`impl` is a `linear_scan` impl, or `pallas_gpu/<fields>`: the GPU kernel with gpu.BlockSizes
+  fields overridden, e.g. `pallas_gpu/c128` (channels), `/l256` (chunk), `/u16` (unroll), `/w8`
+  (num_warps), combinable: `pallas_gpu/c128/l256/u16/w4`."""
+  if impl.startswith("pallas_gpu/"):
     from pallas_kernels import gpu  # pylint: disable=g-import-not-at-top
-    blocks = gpu.BlockSizes(channels=int(impl.split("/c")[1]))
+    names = {"c": "channels", "l": "chunk", "u": "unroll", "w": "num_warps", "s": "num_stages"}
+    fields = {}
+    for part in impl.split("/")[1:]:
+      if part[:1] not in names or not part[1:].isdigit():
+        raise SystemExit(f"--impls: {impl!r}: {part!r} is not one of c<N>, l<N>, u<N>, w<N>, s<N>")
+      fields[names[part[0]]] = int(part[1:])
+    blocks = gpu.BlockSizes(**fields)
     return lambda x, a: gpu.linear_scan(x, a, block_sizes=blocks)
   return lambda x, a: pallas_kernels.linear_scan(x, a, impl=impl)
 
@@ -68,14 +84,15 @@ def run_case(impl: str, shape: tuple[int, int, int], dtype, repeats: int):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--impls", default="xla_linear,xla_associative,auto",
-                      help="linear_scan impls, and pallas_gpu/cN: the GPU kernel at N channels per program")
+                      help="linear_scan impls, and pallas_gpu/<fields>: the GPU kernel with other "
+                           "BlockSizes (see scan_fn)")
   parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="BxTxC,...")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
 
   for impl in args.impls.split(","):
-    if impl not in pallas_kernels.IMPLS and not impl.startswith("pallas_gpu/c"):
+    if impl not in pallas_kernels.IMPLS and not impl.startswith("pallas_gpu/"):
       raise SystemExit(f"--impls: {impl!r} is not one of {pallas_kernels.IMPLS}")
   device = jax.devices()[0]
   bandwidth = copy_bandwidth()

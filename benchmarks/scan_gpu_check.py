@@ -3,8 +3,8 @@
     python benchmarks/scan_gpu_check.py        # on a CUDA host; exit 1 on any mismatch
     JAX_PLATFORMS=cpu python benchmarks/scan_gpu_check.py   # the same checks, Pallas interpret mode
 
-Shapes that are not multiples of the channel block, forward and reverse, with and without h0,
-float32 and bfloat16, several block sizes; y, h_last, dx, da and dh0 against
+Shapes that are not multiples of the channel block or the time chunk, forward and reverse, with
+and without h0, float32 and bfloat16, several block sizes, chunked and single-chunk; y, h_last, dx, da and dh0 against
 `reference.numpy_linear_scan(_vjp)` in float64 on the same (rounded) inputs, max error relative to
 the largest reference value. Also reports whether `impl="auto"` lowered to a Triton call.
 """
@@ -58,7 +58,7 @@ def check(shape, dtype, reverse, with_h0, blocks, interpret: bool) -> bool:
   ok = all(v <= tol for v in errs.values())
   triton = text.count("triton")
   print(f"{'OK  ' if ok else 'FAIL'} shape={shape} {jnp.dtype(dtype).name} reverse={reverse} h0={with_h0} "
-        f"channels={blocks.channels} compile {compile_s:.1f}s triton-calls-in-hlo={triton} max rel err "
+        f"{gpu.plan(shape, blocks)} compile {compile_s:.1f}s triton-calls-in-hlo={triton} max rel err "
         + " ".join(f"{k}={v:.2e}" for k, v in errs.items()) + f" (tol {tol:g})", flush=True)
   return ok
 
@@ -67,12 +67,19 @@ def main() -> int:
   device = jax.devices()[0]
   print(f"jax {jax.__version__}, {jax.device_count()} x {device.device_kind} ({device.platform})", flush=True)
   interpret = device.platform == "cpu"
-  cases = [((3, 1000, 300), jnp.float32, False, True, gpu.BlockSizes()),
-           ((3, 1000, 300), jnp.float32, True, False, gpu.BlockSizes(channels=64)),
-           ((2, 517, 1030), jnp.bfloat16, False, True, gpu.BlockSizes()),
-           ((2, 517, 1030), jnp.bfloat16, True, True, gpu.BlockSizes(channels=32, num_warps=1))]
-  if interpret:  # the interpreter is slow: same cases, small shapes
-    cases = [((2, 37, 45), d, r, h, gpu.BlockSizes(channels=16)) for (_, d, r, h, _) in cases]
+  B = gpu.BlockSizes
+  # Default blocks chunk time automatically at these shapes; B(chunk=1024) is a single chunk.
+  cases = [((3, 1000, 300), jnp.float32, False, True, B()),
+           ((3, 1000, 300), jnp.float32, True, False, B(channels=64)),
+           ((3, 1000, 300), jnp.float32, True, True, B(chunk=1024)),
+           ((2, 517, 1030), jnp.bfloat16, False, True, B()),
+           ((2, 517, 1030), jnp.bfloat16, True, True, B(channels=32, num_warps=1)),
+           ((2, 517, 1030), jnp.float32, False, False, B(channels=128, chunk=64, unroll=16))]
+  if interpret:  # the interpreter is slow: small shapes, chunks forced small to cover the chunked path
+    small = [B(channels=16, chunk=8, unroll=4), B(channels=16, chunk=12, unroll=4), B(channels=16),
+             B(channels=16, chunk=8, unroll=4), B(channels=32, chunk=6, unroll=2),
+             B(channels=16, chunk=16, unroll=16)]
+    cases = [((2, 37, 45), d, r, h, blk) for (_, d, r, h, _), blk in zip(cases, small)]
   failures = 0
   for case in cases:
     try:
