@@ -488,10 +488,9 @@ def device_rows(exp: Any) -> list[tuple[str, str]]:
 
 def workdir_state(workdir: str, steps: int, init_from: str = "") -> str:
   """`fresh start`, `resuming from step k` or `complete (step k)`, from the checkpoint directory."""
-  directory = os.path.join(workdir, "checkpoints")
-  found = []
-  if os.path.isdir(directory):
-    found = [int(d) for d in os.listdir(directory) if d.isdigit()]
+  from recurrentgemma_tpu import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  directory = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR)
+  found = [int(d) for d in workdir_lib.listdir(directory) if d.isdigit()]
   if not found:
     return "fresh start" + (f" from the parameters of {init_from}" if init_from else "")
   latest = max(found)

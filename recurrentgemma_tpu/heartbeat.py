@@ -19,6 +19,8 @@ import json
 import os
 import time
 
+from recurrentgemma_tpu import workdir as workdir_lib
+
 PHASES = ("starting", "compiling", "training", "evaluating", "saving", "done")
 # While training, a boundary writes a beat when the last one is at least this old.
 TRAINING_INTERVAL_S = 5.0
@@ -26,22 +28,14 @@ _DELAY_ENV = "RECURRENTGEMMA_TPU_PHASE_DELAY"
 
 
 def path(workdir: str, process_index: int) -> str:
-  return os.path.join(workdir, "heartbeat", f"process_{process_index}.json")
-
-
-def _is_remote(p: str) -> bool:
-  return "://" in p
+  return workdir_lib.join(workdir, workdir_lib.HEARTBEAT_DIR, f"process_{process_index}.json")
 
 
 def read(workdir: str, process_index: int = 0) -> dict | None:
   """The last heartbeat of a process, or None if it has written none."""
   p = path(workdir, process_index)
   try:
-    if _is_remote(p):
-      from etils import epath  # pylint: disable=g-import-not-at-top
-      return json.loads(epath.Path(p).read_text())
-    with open(p) as f:
-      return json.load(f)
+    return json.loads(workdir_lib.read_text(p))
   except (FileNotFoundError, json.JSONDecodeError):
     return None
   except Exception:  # pylint: disable=broad-except
@@ -55,6 +49,7 @@ class Heartbeat:
   def __init__(self, workdir: str, process_index: int):
     self._path = path(workdir, process_index)
     self._last = 0.0
+    self._dir_made = False
     self.phase = "starting"
     self.step = 0
     self._delays = _parse_delays(os.environ.get(_DELAY_ENV, ""))
@@ -69,16 +64,11 @@ class Heartbeat:
     record = {"step": self.step, "time": time.time(), "phase": phase,
               "step_time": None if step_time is None else float(step_time), "pid": os.getpid()}
     try:
-      if _is_remote(self._path):
-        # One object write is atomic on a bucket (readers see the old or the new object).
-        from etils import epath  # pylint: disable=g-import-not-at-top
-        epath.Path(self._path).write_text(json.dumps(record))
-      else:
-        os.makedirs(os.path.dirname(self._path), exist_ok=True)
-        tmp = f"{self._path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-          json.dump(record, f)
-        os.replace(tmp, self._path)
+      # Atomic: tmp + rename locally; one object write on a bucket (readers see old or new).
+      if not self._dir_made:  # every beat locally (as before); once on a bucket (a write each)
+        workdir_lib.makedirs(workdir_lib.parent(self._path))
+        self._dir_made = workdir_lib.is_remote(self._path)
+      workdir_lib.write_text(self._path, json.dumps(record), tmp_suffix=f".tmp{os.getpid()}")
       self._last = time.monotonic()
     except Exception:  # pylint: disable=broad-except
       pass  # never stop training for a heartbeat (full disk, bucket hiccup)

@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from recurrentgemma_tpu import workdir as workdir_lib
+
+METRICS_FILE = workdir_lib.METRICS_FILE
+TENSORBOARD_DIR = workdir_lib.TENSORBOARD_DIR
 
 
 class LaggedMetrics:
@@ -70,18 +72,18 @@ class MetricsWriter:
   def __init__(self, workdir: str, *, total_steps: int, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.total_steps = total_steps
-    self._jsonl_path = os.path.join(workdir, METRICS_FILE)
+    self._jsonl_path = workdir_lib.join(workdir, METRICS_FILE)
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      workdir_lib.makedirs(workdir)
       # Imported here so processes that never write do not pay for TensorFlow's start-up.
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
       self._tf = tf
       self._scalar_metadata = summary_pb2.SummaryMetadata(
           plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
-      self._tb_dir = os.path.join(workdir, TENSORBOARD_DIR)  # opened on the first write: a
+      self._tb_dir = workdir_lib.join(workdir, TENSORBOARD_DIR)  # opened on the first write: a
       # re-run with nothing to do leaves no empty events file
 
   def start(self, step: int) -> None:
@@ -92,13 +94,10 @@ class MetricsWriter:
     """
     if not self.enabled:
       return
-    if os.path.exists(self._jsonl_path):
+    if workdir_lib.exists(self._jsonl_path):
       kept = [line for line in _read_lines(self._jsonl_path) if _record_step(line) <= step]
-      tmp = self._jsonl_path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, self._jsonl_path)
-    self._jsonl = open(self._jsonl_path, "a", buffering=1)
+      workdir_lib.write_text(self._jsonl_path, "".join(kept))
+    self._jsonl = workdir_lib.open_append(self._jsonl_path)
 
   def write(self, step: int, scalars: Mapping[str, float], *, prefix: str = "train") -> None:
     """Writes one record of scalars for `step` (names get `prefix/` in TensorBoard)."""
@@ -264,15 +263,14 @@ def has_record(workdir: str, step: int, split: str) -> dict[str, float] | None:
 
 def read_metrics(workdir: str, split: str = "train") -> list[dict[str, float]]:
   """Reads back the JSONL records of one split, in file order."""
-  path = os.path.join(workdir, METRICS_FILE)
-  records = [json.loads(line) for line in _read_lines(path)] if os.path.exists(path) else []
+  path = workdir_lib.join(workdir, METRICS_FILE)
+  records = [json.loads(line) for line in _read_lines(path)] if workdir_lib.exists(path) else []
   return [r for r in records if r.get("split") == split]
 
 
 def _read_lines(path: str) -> list[str]:
-  with open(path) as f:
-    # A hard kill can leave a partial last line; it has no newline and is dropped.
-    return [line for line in f if line.endswith("\n")]
+  # A hard kill can leave a partial last line; it has no newline and is dropped.
+  return [line + "\n" for line in workdir_lib.read_text(path).split("\n")[:-1]]
 
 
 def _record_step(line: str) -> int:

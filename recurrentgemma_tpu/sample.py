@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from recurrentgemma_tpu import workdir as workdir_lib
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or a checkpoint directory inside it).")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate after the prompt.")
@@ -92,13 +94,11 @@ def load_experiment(workdir: str) -> Any:
   `init_from` is dropped: the workdir's own checkpoint is what is sampled.
   """
   from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-  from recurrentgemma_tpu import trainer  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, trainer.CONFIG_FILE)
-  if not os.path.exists(path):
+  path = workdir_lib.join(workdir, workdir_lib.CONFIG_FILE)
+  if not workdir_lib.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by "
                             "`python -m recurrentgemma_tpu.train`.")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
   config.checkpoint.init_from = ""
   return experiment_lib.build(config, num_devices=experiment_lib.min_devices(config))
 
@@ -109,8 +109,8 @@ def load_model(workdir: str) -> tuple[Any, Any]:
   from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.checkpoints import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
   exp = load_experiment(workdir)
-  steps_dir = os.path.join(workdir, "checkpoints")
-  if not any(d.isdigit() for d in (os.listdir(steps_dir) if os.path.isdir(steps_dir) else [])):
+  steps_dir = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR)
+  if not any(d.isdigit() for d in workdir_lib.listdir(steps_dir)):
     raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet ({steps_dir} holds no step): "
                             "sample once training has saved one.")
   abstract = jax.eval_shape(

@@ -32,6 +32,7 @@ from ml_collections import config_flags
 from recurrentgemma_tpu import cli
 from recurrentgemma_tpu import distributed
 from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config: configs/NAME.py[:ARG], or a preset's NAME (tiny, "
@@ -98,7 +99,7 @@ def _train() -> int:
   if jax.process_index() == 0:  # what runs, where, and from which step (before the long start-up)
     state = cli.workdir_state(_WORKDIR.value, exp.train.steps, exp.init_from)
     rows = (cli.experiment_rows(exp, config_spec=flags.FLAGS["config"].serialize().partition("=")[2])
-            + cli.device_rows(exp) + [("workdir", f"{os.path.abspath(_WORKDIR.value)} ({state})")])
+            + cli.device_rows(exp) + [("workdir", f"{workdir_lib.resolve(_WORKDIR.value)} ({state})")])
     print(cli.format_block("train", rows), flush=True)
   result = trainer.train_and_evaluate(exp, _WORKDIR.value, accept_changes=_ACCEPT.value)
   logging.info("%s", _outcome(result))

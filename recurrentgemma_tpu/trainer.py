@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 from typing import Any, Iterable
 
 from absl import logging
@@ -36,14 +35,15 @@ from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu import preemption
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import train_step as train_step_lib
+from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 from recurrentgemma_tpu.checkpoints import resume as resume_lib
 from recurrentgemma_tpu.model import flops as flops_lib
 from sharding import chips as chips_lib
 from sharding import mesh as mesh_lib
 
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = workdir_lib.CHECKPOINT_DIR
+CONFIG_FILE = workdir_lib.CONFIG_FILE
 # Steps the host may dispatch ahead of the device (2: one running, one queued).
 MAX_IN_FLIGHT = 2
 
@@ -103,29 +103,16 @@ def evaluate(fns: step_functions.StepFunctions, params: Any, pipeline: data_lib.
 
 
 def prepare_workdir(workdir: str) -> str:
-  """Creates `workdir` if needed and checks it is a writable directory; raises UserError if not."""
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise exit_codes.UserError(f"--workdir={workdir} is a file; give a directory (created if missing).")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise exit_codes.UserError(
-        f"--workdir={workdir} is not a writable directory ({e.strerror or e}); give one this "
-        "process can create files in.") from e
-  return workdir
+  """Creates `workdir` if needed and checks it is a writable directory; raises UserError if not.
+
+  Local paths are made absolute; gs:// (any "://") URLs are kept as given (see workdir.py).
+  """
+  return workdir_lib.prepare(workdir)
 
 
 def _write_config(workdir: str, exp: experiment_lib.Experiment) -> None:
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      f.write(exp.to_json())
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    workdir_lib.write_text(workdir_lib.join(workdir, CONFIG_FILE), exp.to_json())
 
 
 def _all_agree(value: bool) -> bool:
@@ -152,7 +139,7 @@ class Trainer:
     self.fns = step_functions.build_step_functions(exp.model, exp.optimizer, self.mesh,
                                                    exp.mesh.strategy)
     self.pipeline: data_lib.Pipeline | None = None  # built after the resume check (it may be slow)
-    self.ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), exp.checkpoint)
+    self.ckpt = ckpt_lib.CheckpointManager(workdir_lib.join(workdir, CHECKPOINT_DIR), exp.checkpoint)
     self.writer = metrics_lib.MetricsWriter(workdir, total_steps=exp.train.steps)
 
   # ---------------------------------------------------------------- pieces

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -36,6 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.checkpoints import integrity as integrity_lib
 
 PyTree = Any
@@ -331,7 +331,7 @@ class CheckpointManager:
       src = self.directory / str(step)
       dst = self.quarantine_dir / f"{step}.{int(time.time())}"
       dst.parent.mkdir(parents=True, exist_ok=True)
-      shutil.move(os.fspath(src), os.fspath(dst))
+      workdir_lib.move(src, dst)  # shutil.move locally; object copies + delete on a bucket
       logging.warning("Moved damaged checkpoint %s to %s.", src, dst)
     _sync_processes(f"quarantine_{step}")
     self._manager.reload()
@@ -394,7 +394,7 @@ def resolve_params_path(path: str | os.PathLike[str]) -> epath.Path:
   Accepts, in this order: a parameters-only checkpoint (`save_params`), a step directory of a training
   checkpoint, a training checkpoint directory (its newest step), or a training workdir.
   """
-  path = epath.Path(path).absolute()
+  path = epath.Path(path) if workdir_lib.is_remote(path) else epath.Path(path).absolute()
   if not path.exists():
     raise FileNotFoundError(f"init_from={os.fspath(path)!r} does not exist.")
   if (path / PARAMS_ITEM).is_dir():

@@ -1,0 +1,153 @@
+"""The training workdir: its layout, and the few file operations the trainer does in it.
+
+A workdir is a local directory or a remote URL (anything with "://", e.g. `gs://bucket/run` on a TPU
+pod). Local paths use `os` exactly as before (absolute paths, tmp + rename for atomic writes);
+remote URLs go through `etils.epath` (TensorFlow's `tf.io.gfile` for gs://), are never made
+absolute, and get atomic writes from the store itself (one object write replaces the object whole).
+Orbax (checkpoints/) and `tf.summary` (tensorboard/) take gs:// paths on their own.
+
+Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps),
+config.json, metrics.jsonl, tensorboard/, heartbeat/process_<i>.json, logs/process_<i>.log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import IO
+
+from recurrentgemma_tpu import exit_codes
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+HEARTBEAT_DIR = "heartbeat"
+LOGS_DIR = "logs"
+
+
+def is_remote(path: str | os.PathLike[str]) -> bool:
+  return "://" in os.fspath(path)
+
+
+def _epath(path: str | os.PathLike[str]):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(os.fspath(path))
+
+
+def join(workdir: str | os.PathLike[str], *parts: str) -> str:
+  """`workdir/part/...` as a string (no `os.path` on URLs: `gs://b` stays `gs://b`)."""
+  workdir = os.fspath(workdir)
+  if is_remote(workdir):
+    return "/".join([workdir.rstrip("/"), *parts])
+  return os.path.join(workdir, *parts)
+
+
+def parent(path: str) -> str:
+  return path.rstrip("/").rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(path)
+
+
+def resolve(workdir: str | os.PathLike[str]) -> str:
+  """The absolute form of a local workdir; a URL unchanged (less a trailing slash)."""
+  workdir = os.fspath(workdir)
+  return workdir.rstrip("/") if is_remote(workdir) else os.path.abspath(workdir)
+
+
+def exists(path: str) -> bool:
+  return _epath(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
+
+
+def makedirs(path: str) -> None:
+  if is_remote(path):
+    _epath(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+  """Names in directory `path` ([] if it is missing)."""
+  if not isdir(path):
+    return []
+  if is_remote(path):
+    return [p.name for p in _epath(path).iterdir()]
+  return os.listdir(path)
+
+
+def read_text(path: str) -> str:
+  if is_remote(path):
+    return _epath(path).read_text()
+  with open(path) as f:
+    return f.read()
+
+
+def write_text(path: str, text: str, *, tmp_suffix: str = ".tmp") -> None:
+  """Replaces the file at `path` atomically: local tmp file + rename, or one object write."""
+  if is_remote(path):
+    _epath(path).write_text(text)
+    return
+  tmp = path + tmp_suffix
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def open_append(path: str) -> IO[str]:
+  """A text file open for appending (line-buffered locally; a remote one is uploaded on flush)."""
+  if is_remote(path):
+    # epath's open is a context manager; this is the file object it wraps for gs:// (TensorFlow).
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.io.gfile.GFile(path, "a")
+  return open(path, "a", buffering=1)
+
+
+def move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+  """Moves a file or directory tree; on a store, copies every object then deletes the source."""
+  if not is_remote(src) and not is_remote(dst):
+    shutil.move(os.fspath(src), os.fspath(dst))
+    return
+  src, dst = _epath(src), _epath(dst)
+  if not src.is_dir():
+    src.copy(dst, overwrite=True)
+    src.unlink()
+    return
+  dst.mkdir(parents=True, exist_ok=True)
+  for child in src.iterdir():
+    move(child, dst / child.name)
+  src.rmtree()
+
+
+def prepare(workdir: str | os.PathLike[str]) -> str:
+  """Creates `workdir` if needed and checks it is a writable directory; raises UserError if not.
+
+  Returns the workdir every later path is joined to (absolute if local).
+  """
+  workdir = resolve(workdir)
+  if exists(workdir) and not isdir(workdir):
+    raise exit_codes.UserError(f"--workdir={workdir} is a file; give a directory (created if missing).")
+  probe = join(workdir, f".write_test.{os.getpid()}")
+  try:
+    makedirs(workdir)
+    if is_remote(workdir):
+      p = _epath(probe)
+      p.write_text("ok")
+      p.unlink()
+    else:
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+  except OSError as e:
+    raise exit_codes.UserError(
+        f"--workdir={workdir} is not a writable directory ({e.strerror or e}); give one this "
+        "process can create files in.") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # A store's own errors (tf.errors.PermissionDeniedError, a bucket that does not exist, ...).
+    if not is_remote(workdir):
+      raise
+    raise exit_codes.UserError(
+        f"--workdir={workdir} is not a writable location ({type(e).__name__}: {e}); give a bucket "
+        "path this process can write to.") from e
+  return workdir
