@@ -280,7 +280,7 @@ def test_compute_fit_recovers_known_law_within_its_intervals():
   rows = [{"status": "done", "family": "g", "flops": float(ci), "final_eval_loss": float(li),
            "params": 1e6 * (i + 1), "tokens": 2e7 * (i + 1), "flops_per_token": 6e6 * (i + 1),
            "variables": {}} for i, (ci, li) in enumerate(zip(c, loss))]
-  result = fit.fit_sweep(rows, n_bootstrap=200, n_starts=16)["g"]["saturating"]
+  result = fit.fit_sweep(rows, n_bootstrap=100, n_starts=12)["g"]["saturating"]
   assert result["converged"]
   for name, true in (("E", e), ("A", a), ("alpha", alpha)):
     lo, hi = result["interval_95"][name]
@@ -298,9 +298,9 @@ def test_two_variable_fit_recovers_chinchilla_law():
   nn, dd = (x.ravel() for x in np.meshgrid(n, d))
   loss = (e + a / nn**alpha + b / dd**beta) * np.exp(rng.normal(0, 0.003, nn.size))
   x = np.log(np.stack([nn, dd], axis=1))
-  full = fit.fit_form("chinchilla", x, loss, n_starts=64)
+  full = fit.fit_form("chinchilla", x, loss, n_starts=32)
   assert full.converged and full.starts_agreeing >= 2
-  boots = fit.bootstrap("chinchilla", x, loss, full, n=60)
+  boots = fit.bootstrap("chinchilla", x, loss, full, n=40, n_starts=2)
   ci = fit.intervals(boots)
   for name, true in (("E", e), ("alpha", alpha), ("beta", beta)):
     assert ci[name][0] <= true <= ci[name][1], (name, true, ci[name])

@@ -161,7 +161,9 @@ def _objective(form: Form, x: np.ndarray, y: np.ndarray):
   def f(t):
     r = form.log_pred(t, x) - y
     value = OBJECTIVE_SCALE * float(np.sum(huber(r)))
-    grad = OBJECTIVE_SCALE * (np.clip(r, -HUBER_DELTA, HUBER_DELTA) @ form.jac(t, x))
+    # An element-wise sum, not `@`: a BLAS call per evaluation is slow on a busy multi-core host.
+    grad = OBJECTIVE_SCALE * np.sum(np.clip(r, -HUBER_DELTA, HUBER_DELTA)[:, None] * form.jac(t, x),
+                                    axis=0)
     return value, grad
   return f
 
@@ -297,6 +299,9 @@ def fit_family(rows: Sequence[dict[str, Any]], *, n_bootstrap: int = 300, n_star
     entry = full.summary() | {"interval_95": intervals(boots), "bootstrap_used": len(boots),
                               "bootstrap_converged": sum(b.converged for b in boots)}
     entry["_fit"], entry["_boots"] = full, boots
+    if name == "saturating" and full.params["E"] < 1e-3 * float(loss.min()):
+      # E ran to 0: the data resolve no irreducible loss and the form is the power law again.
+      entry["degenerate"] = "E -> 0: no irreducible loss resolvable; same as the power law"
     # Hold-out: fit without the largest-compute trial, predict it.
     if len(set(c[:-1])) >= k + 1:
       held = fit_form(name, c[:-1], loss[:-1], n_starts=n_starts)
@@ -346,9 +351,15 @@ def _public(fits: dict[str, Any]) -> dict[str, Any]:
   return fits
 
 
+def preferred_form(entry: dict[str, Any]) -> str:
+  """`saturating` when it converged to a real irreducible loss, else `power`."""
+  sat = entry.get("saturating")
+  return "saturating" if sat and sat["converged"] and not sat.get("degenerate") else "power"
+
+
 def predict_family(entry: dict[str, Any], flops: float) -> dict[str, Any]:
   """Predicted loss (and 95% interval) of one family at `flops`, from its preferred L(C) form."""
-  name = "saturating" if "saturating" in entry and entry["saturating"]["converged"] else "power"
+  name = preferred_form(entry)
   e = entry[name]
   x = np.array([math.log(flops)])
   pred = float(predict(e["_fit"], x)[0])
@@ -372,6 +383,8 @@ def format_report(fits: dict[str, Any]) -> str:
           f"{', at bound: ' + ','.join(e['at_bound']) if e['at_bound'] else ''}; "
           f"{e['bootstrap_used']} bootstrap fits)")
       lines.append(f"  {name:<10} {ps}  {conv}")
+      if e.get("degenerate"):
+        lines.append(f"  {'':<10} degenerate: {e['degenerate']}")
       h = e.get("holdout")
       if h:
         lines.append(f"  {'':<10} hold-out (largest, C={h['flops']:.3g}): predicted {h['predicted']:.4f} "

@@ -53,7 +53,7 @@ def loss_vs_flops(rows: Sequence[dict[str, Any]], fits: dict[str, Any], out_dir:
     ax.scatter(c, loss, color=color, zorder=3, s=22)
     grid = np.geomspace(c.min() / 1.5, c.max() * 1.5, 100)
     x = np.log(grid)
-    form = "saturating" if "saturating" in entry and entry["saturating"]["converged"] else "power"
+    form = fit_lib.preferred_form(entry)
     e = entry.get(form)
     if e is not None:
       pred = fit_lib.predict(e["_fit"], x)
@@ -146,7 +146,7 @@ def isoflop(rows: Sequence[dict[str, Any]], fits: dict[str, Any], out_dir: str) 
   return path
 
 
-def plot_all(root: str, sweep: Any, *, n_bootstrap: int = 300) -> list[str]:
+def plot_all(root: str, sweep: Any, *, n_bootstrap: int = 200) -> list[str]:
   """Every figure of a collected sweep; returns the paths written."""
   if store.is_gcs(root):
     raise ValueError("plot writes local files: copy the root locally first (gsutil -m cp -r)")

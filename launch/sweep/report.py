@@ -23,7 +23,7 @@ from launch.sweep import store
 
 COLUMNS = ("id", "family", "size", "params", "non_embedding_params", "tokens", "steps", "flops",
            "flops_per_token", "learning_rate", "final_eval_loss", "best_eval_loss", "status",
-           "restarts", "wall_time_s", "mfu", "config_hash", "code_version", "variables")
+           "restarts", "wall_time_s", "cpu_time_s", "mfu", "config_hash", "code_version", "variables")
 
 
 def code_version() -> str:
@@ -93,6 +93,7 @@ def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[
       "status": s.state,
       "restarts": s.restarts,
       "wall_time_s": round(s.wall_time, 1),
+      "cpu_time_s": round(sum(float(a.get("cpu_s", 0)) for a in s.attempts), 1) or None,
       "mfu": sum(mfus) / len(mfus) if mfus else None,
       "config_hash": trial.config_hash,
       "code_version": version,

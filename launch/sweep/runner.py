@@ -88,6 +88,7 @@ class _Running:
   restarts: int = 0
   last_beat: float = 0.0
   log: str = ""
+  cpu_s: float = 0.0  # CPU seconds of the finished processes of this lease (trainer included)
 
 
 class Driver:
@@ -120,6 +121,7 @@ class Driver:
     trial, root = r.trial, self.root
     del self.running[trial.id]
     fields = {"rc": rc, "start": r.start, "end": time.time(), "restarts": r.restarts,
+              "cpu_s": r.cpu_s,
               "argv": trial_argv(trial, root, self.opts), "log": r.log}
     if self.stopping:
       state_lib.record_attempt(root, trial.id, r.lease, "interrupted", **fields)
@@ -131,9 +133,10 @@ class Driver:
       return
     if rc == EXIT_PREEMPTED and r.restarts < self.opts.max_restarts:
       self.print(f"restart {trial.id} (exit 42: stopped, resuming)")
-      start = r.start
+      start, cpu = r.start, r.cpu_s
       self._launch(trial, r.lease, r.restarts + 1)
       self.running[trial.id].start = start
+      self.running[trial.id].cpu_s = cpu
       return
     outcome = "interrupted" if rc == EXIT_PREEMPTED else "failed"
     if rc == 0:
@@ -144,7 +147,7 @@ class Driver:
   def _poll(self) -> None:
     now = time.time()
     for r in list(self.running.values()):
-      rc = r.proc.poll()
+      rc = self._reap(r)
       if rc is not None:
         self._finish(r, rc)
         continue
@@ -158,6 +161,21 @@ class Driver:
           continue
         state_lib.heartbeat(self.root, r.trial.id, r.lease, child_pid=r.proc.pid)
         r.last_beat = now
+
+  @staticmethod
+  def _reap(r: _Running) -> int | None:
+    """The exit code if the trial's process ended (its CPU seconds, children included, go to r)."""
+    if r.proc.returncode is not None:
+      return r.proc.returncode
+    try:
+      pid, status, usage = os.wait4(r.proc.pid, os.WNOHANG)
+    except ChildProcessError:
+      return r.proc.poll()
+    if pid == 0:
+      return None
+    r.proc.returncode = os.waitstatus_to_exitcode(status)
+    r.cpu_s += usage.ru_utime + usage.ru_stime
+    return r.proc.returncode
 
   @staticmethod
   def _terminate(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -177,7 +195,8 @@ class Driver:
       time.sleep(0.2)
     for r in list(self.running.values()):
       self._terminate(r.proc, signal.SIGKILL)
-      self._finish(r, r.proc.wait())
+      r.proc.wait()
+      self._finish(r, r.proc.returncode)
 
   # ---------------------------------------------------------------- loop
 

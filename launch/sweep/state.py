@@ -116,6 +116,17 @@ def read_state(root: str, trial_id: str, retries: int, ttl_s: float = DEFAULT_TT
   wall = sum(float(a.get("end", 0)) - float(a.get("start", 0)) for a in attempts)
   n = ns[-1] if ns else 0
   live = bool(ns) and lease_is_live(root, trial_id, n, ttl_s)
+  recorded = {int(a.get("lease", -1)) for a in attempts}
+  for m in ns:
+    if m in recorded or (m == n and live):
+      continue
+    # A lease whose driver died (killed) without recording how it ended: an interruption; its
+    # time runs from the claim to the last heartbeat.
+    restarts += 1
+    claim_m = store.read_json(_path(root, trial_id, f"claim.{m}.json")) or {}
+    beat_m = store.read_json(_path(root, trial_id, f"heartbeat.{m}.json")) or {}
+    if claim_m and beat_m:
+      wall += max(0.0, float(beat_m.get("time", 0)) - float(claim_m.get("time", 0)))
   owner = ""
   if n:
     claim = store.read_json(_path(root, trial_id, f"claim.{n}.json")) or {}
