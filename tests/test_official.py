@@ -69,6 +69,24 @@ def _rel_err(a, b):
   return np.abs(a - b).max() / np.abs(b).max()
 
 
+def test_long_packed_rows_with_window_past_the_row_match_official():
+  """T > model.attention.CAUSAL_CHUNK with window >= T: the causal strip attention path."""
+  official_cfg = rg_common.GriffinConfig(
+      vocab_size=97, scan_type=rg_common.ScanType.LINEAR_NATIVE, width=32, mlp_expanded_width=64,
+      num_heads=2, lru_width=32, block_types=(R, A), embeddings_scale_by_sqrt_dim=True,
+      attention_window_size=512, logits_soft_cap=0.0)
+  model = rg_griffin.Griffin(official_cfg, gradient_checkpointing=False)
+  B, T = 1, 300
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (B, T), 0, 97)
+  pos = np.arange(T)[None].copy()
+  pos[0, 200:] = np.arange(T - 200)  # a second document inside the last query chunk
+  pos = jnp.asarray(pos, jnp.int32)
+  params = _official_params(model, tokens, pos)
+  ref, _ = jax.jit(lambda p: model.apply({"params": p}, tokens, pos, return_cache=False))(params)
+  cfg, ours = import_official(params, official_cfg)
+  assert _rel_err(apply(ours, cfg, tokens, positions=pos), ref) <= 1e-5
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_converted_params_reproduce_official_logits(case):
   official_cfg, params, ref = _case(case)
