@@ -15,6 +15,7 @@ from etils.epath import gpath
 from etils.epath import register
 import pytest
 
+from recurrentgemma_tpu import cli
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import heartbeat
 from recurrentgemma_tpu import metrics
@@ -130,6 +131,9 @@ def test_remote_workdir(ram_scheme, tmp_path, monkeypatch):
   writer.close()
   assert [(r["step"], r["loss"]) for r in metrics.read_metrics(workdir, "train")] == [
       (1, 1.0), (2, 0.5), (3, 0.75)]
+  assert cli.workdir_state(workdir, 4) == "fresh start"
+  epath.Path(workdir_lib.join(workdir, "checkpoints", "3", "params")).mkdir(parents=True)
+  assert cli.workdir_state(workdir, 4) == "resuming from step 3 (its newest checkpoint)"
   assert not os.listdir(tmp_path)
 
 
