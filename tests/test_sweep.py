@@ -272,6 +272,7 @@ def test_two_concurrent_drivers_never_run_a_trial_twice(tmp_path):
 # ------------------------------------------------------------------------------------ fits
 
 
+@pytest.mark.slow
 def test_compute_fit_recovers_known_law_within_its_intervals():
   rng = np.random.default_rng(0)
   e, a, alpha = 1.8, 60.0, 0.12
@@ -280,7 +281,7 @@ def test_compute_fit_recovers_known_law_within_its_intervals():
   rows = [{"status": "done", "family": "g", "flops": float(ci), "final_eval_loss": float(li),
            "params": 1e6 * (i + 1), "tokens": 2e7 * (i + 1), "flops_per_token": 6e6 * (i + 1),
            "variables": {}} for i, (ci, li) in enumerate(zip(c, loss))]
-  result = fit.fit_sweep(rows, n_bootstrap=100, n_starts=12)["g"]["saturating"]
+  result = fit.fit_sweep(rows, n_bootstrap=40, n_starts=8)["g"]["saturating"]
   assert result["converged"]
   for name, true in (("E", e), ("A", a), ("alpha", alpha)):
     lo, hi = result["interval_95"][name]
@@ -290,6 +291,7 @@ def test_compute_fit_recovers_known_law_within_its_intervals():
   assert abs(hold["relative_error"]) < 0.03
 
 
+@pytest.mark.slow
 def test_two_variable_fit_recovers_chinchilla_law():
   rng = np.random.default_rng(1)
   e, a, b, alpha, beta = 1.69, 406.4, 410.7, 0.34, 0.28
@@ -298,9 +300,9 @@ def test_two_variable_fit_recovers_chinchilla_law():
   nn, dd = (x.ravel() for x in np.meshgrid(n, d))
   loss = (e + a / nn**alpha + b / dd**beta) * np.exp(rng.normal(0, 0.003, nn.size))
   x = np.log(np.stack([nn, dd], axis=1))
-  full = fit.fit_form("chinchilla", x, loss, n_starts=32)
+  full = fit.fit_form("chinchilla", x, loss, n_starts=16)
   assert full.converged and full.starts_agreeing >= 2
-  boots = fit.bootstrap("chinchilla", x, loss, full, n=40, n_starts=2)
+  boots = fit.bootstrap("chinchilla", x, loss, full, n=20, n_starts=1)
   ci = fit.intervals(boots)
   for name, true in (("E", e), ("alpha", alpha), ("beta", beta)):
     assert ci[name][0] <= true <= ci[name][1], (name, true, ci[name])

@@ -305,7 +305,7 @@ def fit_family(rows: Sequence[dict[str, Any]], *, n_bootstrap: int = 300, n_star
     # Hold-out: fit without the largest-compute trial, predict it.
     if len(set(c[:-1])) >= k + 1:
       held = fit_form(name, c[:-1], loss[:-1], n_starts=n_starts)
-      held_boots = bootstrap(name, c[:-1], loss[:-1], held, n=max(n_bootstrap // 4, 50), seed=seed + 1)
+      held_boots = bootstrap(name, c[:-1], loss[:-1], held, n=max(n_bootstrap // 4, 20), seed=seed + 1)
       pred = float(predict(held, c[-1:])[0])
       lo, hi = prediction_interval(held_boots, c[-1:]) if held_boots else ([math.nan], [math.nan])
       entry["holdout"] = {"flops": rows[-1]["flops"], "actual": float(loss[-1]), "predicted": pred,
