@@ -337,7 +337,8 @@ def cached_cpu_peak() -> float:
   """`measure_matmul_peak` of this host, measured once and cached per CPU model, core count and jax.
 
   Each run re-measuring the peak on a busy machine made MFU incomparable between runs (0.33 and 0.23
-  for nearly the same tokens/s). Delete the cache file to measure again.
+  for nearly the same tokens/s). A measurement taken while the load average exceeds the core count is
+  used for that run but not cached. Delete the cache file to measure again.
   """
   key = f"{_cpu_model()} | {os.cpu_count()} cores | jax {jax.__version__}"
   path = cpu_peak_cache_path()
@@ -349,6 +350,14 @@ def cached_cpu_peak() -> float:
   if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
     return float(cached[key])
   peak = measure_matmul_peak()
+  load = os.getloadavg()[0]
+  if load > (os.cpu_count() or 1):
+    # Other work shares the cores: this figure can be many times too low (12 GFLOP/s was measured
+    # at load 28 on a host that reaches 265 idle), and a cached bad peak would inflate every later
+    # run's MFU. Use it for this run only.
+    logging.warning("CPU matmul peak %.1f GFLOP/s measured at load average %.1f on %d cores: not "
+                    "cached (MFU of this run is against it).", peak / 1e9, load, os.cpu_count())
+    return peak
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
