@@ -6,7 +6,7 @@ Forms (per model family):
   chinchilla L(N, D) = E + A / N^alpha + B / D^beta (when the sweep varies N and D independently)
 
 Fitting follows Hoffmann et al. (2022) with the corrections Besiroglu et al. (2024) found necessary:
-a Huber loss (delta 1e-3) on log-loss residuals, L-BFGS-B from many starts on a grid (not one), the
+a Huber loss (delta 1e-3) on log-loss residuals, bounded trust-region least squares from many starts on a grid (not one), the
 objective scaled so the optimizer's tolerance is not hit before convergence, and convergence checked
 and reported (gradient norm at the optimum, how many starts reached the best objective, parameters
 at a bound). Intervals are percentile bootstraps over trials. The hold-out check refits without the
@@ -185,12 +185,20 @@ def fit_form(form_name: str, x_raw: np.ndarray, loss: np.ndarray, *, n_starts: i
   while len(starts) < n_starts:
     s = base[len(starts) % len(base)]
     starts.append(s + rng.normal(0, 0.3, size=s.shape) * np.maximum(np.abs(s), 0.1))
+  lower = np.array([-np.inf if lo is None else lo for lo, _ in form.bounds])
+  upper = np.array([np.inf if hi is None else hi for _, hi in form.bounds])
+  # Trust-region least squares with scipy's "huber" loss minimises the same objective as `f` (up to
+  # the constant factor 2 / delta^2), on the residuals and Jacobian directly: tens of microseconds per
+  # iteration for these few parameters, where L-BFGS-B on the summed objective took milliseconds.
+  inside = 1e-9 * np.maximum(1.0, np.abs(np.where(np.isfinite(lower), lower, 0.0)))
   results = []
   for s in starts[:max(n_starts, len(extra_starts) + 1)]:
-    s = np.array([np.clip(v, lo if lo is not None else -np.inf, hi if hi is not None else np.inf)
-                  for v, (lo, hi) in zip(s, form.bounds)])
-    r = optimize.minimize(f, s, jac=True, method="L-BFGS-B", bounds=form.bounds,
-                          options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-9})
+    s = np.clip(np.asarray(s, float), lower + inside, upper - inside)
+    r = optimize.least_squares(lambda t: form.log_pred(t, x) - y, s, jac=lambda t: form.jac(t, x),
+                               bounds=(lower, upper), loss="huber", f_scale=HUBER_DELTA,
+                               method="trf", x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12,
+                               max_nfev=2000)
+    r.fun = f(r.x)[0]
     results.append(r)
   best = min(results, key=lambda r: r.fun)
   agree = sum(abs(r.fun - best.fun) <= AGREE_TOL * max(1.0, abs(best.fun)) for r in results)
