@@ -219,7 +219,7 @@ def test_start_up_block_and_workdir_state(tmp_path):
 def test_docs_stand_alone():
   """README, docs/ and the commands' docstrings name no file outside the repository."""
   paths = [os.path.join(ROOT, "README.md")] + [
-      os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))]
+      os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")]
   for package in ("recurrentgemma_tpu", "launch"):
     for dirpath, _, files in os.walk(os.path.join(ROOT, package)):
       paths += [os.path.join(dirpath, f) for f in files if f.endswith(".py")]
