@@ -3,9 +3,6 @@
   python -m launch.logs --workdir=DIR_OR_GS_URL [--follow] [--lines=50]
 """
 
-import sys
-
-from absl import app
 from absl import flags
 
 from launch import jobs
@@ -17,13 +14,8 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    return jobs.logs(_WORKDIR.value, follow=_FOLLOW.value, lines=_LINES.value)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  del argv  # cli.run rejects positional arguments and reports a missing run directory (exit 2).
+  return jobs.logs(_WORKDIR.value, follow=_FOLLOW.value, lines=_LINES.value)
 
 
 def run() -> None:

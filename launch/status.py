@@ -3,9 +3,6 @@
   python -m launch.status --workdir=DIR_OR_GS_URL
 """
 
-import sys
-
-from absl import app
 from absl import flags
 
 from launch import jobs
@@ -15,13 +12,8 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    return jobs.status(_WORKDIR.value)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  del argv  # cli.run rejects positional arguments and reports a missing run directory (exit 2).
+  return jobs.status(_WORKDIR.value)
 
 
 def run() -> None:

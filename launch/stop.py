@@ -3,9 +3,6 @@
   python -m launch.stop --workdir=DIR_OR_GS_URL [--dry_run]
 """
 
-import sys
-
-from absl import app
 from absl import flags
 
 from launch import jobs
@@ -16,13 +13,8 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  try:
-    return jobs.stop(_WORKDIR.value, dry_run=_DRY_RUN.value)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  del argv  # cli.run rejects positional arguments and reports a missing run directory (exit 2).
+  return jobs.stop(_WORKDIR.value, dry_run=_DRY_RUN.value)
 
 
 def run() -> None:
