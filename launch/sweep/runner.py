@@ -89,6 +89,7 @@ class _Running:
   last_beat: float = 0.0
   log: str = ""
   cpu_s: float = 0.0  # CPU seconds of the finished processes of this lease (trainer included)
+  gen: store.Generation | None = 0  # generation of our last heartbeat (renew's CAS)
 
 
 class Driver:
@@ -104,7 +105,8 @@ class Driver:
 
   # ---------------------------------------------------------------- processes
 
-  def _launch(self, trial: definition.Trial, lease: int, restarts: int = 0) -> None:
+  def _launch(self, trial: definition.Trial, lease: int, gen: store.Generation,
+              restarts: int = 0) -> None:
     argv = trial_argv(trial, self.root, self.opts)
     log = _log_path(self.root, trial.id, lease)
     with open(log, "a") as f:
@@ -112,8 +114,11 @@ class Driver:
       f.flush()
       proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               start_new_session=True, preexec_fn=_die_with_parent)
-    state_lib.heartbeat(self.root, trial.id, lease, child_pid=proc.pid)
-    self.running[trial.id] = _Running(trial, lease, proc, time.time(), restarts, time.time(), log)
+    new_gen = state_lib.renew(self.root, trial.id, lease, gen, child_pid=proc.pid)
+    self.running[trial.id] = _Running(trial, lease, proc, time.time(), restarts, time.time(), log,
+                                      gen=new_gen)
+    if new_gen is None:
+      self._lost(self.running[trial.id])
     if not self.opts.quiet:
       self.print(f"start {trial.id} {trial.label} (lease {lease}{', restart ' + str(restarts) if restarts else ''}) log {log}")
 
@@ -134,7 +139,7 @@ class Driver:
     if rc == EXIT_PREEMPTED and r.restarts < self.opts.max_restarts:
       self.print(f"restart {trial.id} (exit 42: stopped, resuming)")
       start, cpu = r.start, r.cpu_s
-      self._launch(trial, r.lease, r.restarts + 1)
+      self._launch(trial, r.lease, r.gen, r.restarts + 1)
       self.running[trial.id].start = start
       self.running[trial.id].cpu_s = cpu
       return
@@ -152,15 +157,18 @@ class Driver:
         self._finish(r, rc)
         continue
       if now - r.last_beat >= HEARTBEAT_EVERY_S:
-        if state_lib.superseded(self.root, r.trial.id, r.lease):
-          # Our heartbeat went stale (e.g. the machine stalled) and another driver took over.
-          self.print(f"lost lease on {r.trial.id}; stopping our copy")
-          self._terminate(r.proc)
-          r.proc.wait()
-          del self.running[r.trial.id]
+        r.gen = state_lib.renew(self.root, r.trial.id, r.lease, r.gen, child_pid=r.proc.pid)
+        if r.gen is None:
+          self._lost(r)
           continue
-        state_lib.heartbeat(self.root, r.trial.id, r.lease, child_pid=r.proc.pid)
         r.last_beat = now
+
+  def _lost(self, r: _Running) -> None:
+    """Our heartbeat went stale (e.g. the machine stalled) and another driver closed our lease."""
+    self.print(f"lost lease on {r.trial.id}; stopping our copy")
+    self._terminate(r.proc)
+    r.proc.wait()
+    del self.running[r.trial.id]
 
   @staticmethod
   def _reap(r: _Running) -> int | None:
@@ -217,10 +225,10 @@ class Driver:
           break
         if t.id in self.running or states[t.id].state not in (state_lib.PENDING, state_lib.RETRY):
           continue
-        lease = state_lib.claim(self.root, t.id, self.opts.ttl_s)
+        lease = state_lib.claim_lease(self.root, t.id, self.opts.ttl_s)
         if lease is None:
           continue
-        self._launch(t, lease)
+        self._launch(t, *lease)
         free -= 1
       states = self.states()
       waiting = [i for i, s in states.items()

@@ -11,7 +11,11 @@
 A lease is live while its heartbeat is fresh (younger than the TTL) and not released; a lease
 whose driver ran on this host and whose driver and trial processes are gone is dead at once. To
 take a trial, a driver creates lease N+1 with an exclusive create; of two drivers racing for the
-same trial exactly one succeeds, and a stale lease is replaced the same way.
+same trial exactly one succeeds. Renewing and stealing are compare-and-swaps on the heartbeat
+(store.replace_if: GCS generation preconditions, or an flock locally): the holder renews from the
+generation it last wrote, and a driver that finds lease N stale first closes it by swapping in a
+released heartbeat at the generation it judged stale. Of a late renewal and a steal exactly one
+wins, so the old holder learns at its next renewal that it lost the trial and stops its copy.
 """
 
 from __future__ import annotations
@@ -83,12 +87,15 @@ def leases(root: str, trial_id: str) -> list[int]:
   return sorted(int(m.group(1)) for m in map(_CLAIM.match, names) if m)
 
 
-def lease_is_live(root: str, trial_id: str, n: int, ttl_s: float = DEFAULT_TTL_S) -> bool:
+def lease_is_live(root: str, trial_id: str, n: int, ttl_s: float = DEFAULT_TTL_S,
+                  beat: dict[str, Any] | None = None) -> bool:
+  """Whether lease `n` is held; `beat` is its heartbeat if the caller has read it already."""
   claim = store.read_json(_path(root, trial_id, f"claim.{n}.json"))
   if claim is None:
     # Created but not yet readable: the creator is writing it now.
     return True
-  beat = store.read_json(_path(root, trial_id, f"heartbeat.{n}.json")) or {}
+  if beat is None:
+    beat = store.read_json(_path(root, trial_id, f"heartbeat.{n}.json")) or {}
   if beat.get("released"):
     return False
   if store.exists(_path(root, trial_id, f"attempt.{n}.json")):
@@ -144,33 +151,57 @@ def read_state(root: str, trial_id: str, retries: int, ttl_s: float = DEFAULT_TT
   return TrialState(s, n, live, failures, restarts, wall, owner, attempts)
 
 
-def claim(root: str, trial_id: str, ttl_s: float = DEFAULT_TTL_S) -> int | None:
-  """Takes a lease on the trial if none is live; its number, or None if another driver holds it."""
+def claim_lease(root: str, trial_id: str,
+                ttl_s: float = DEFAULT_TTL_S) -> tuple[int, store.Generation] | None:
+  """Takes a lease on the trial if none is live: (its number, its heartbeat's generation, for
+  `renew`), or None if another driver holds the trial or won the race for it."""
   ns = leases(root, trial_id)
   n = ns[-1] if ns else 0
-  if n and lease_is_live(root, trial_id, n, ttl_s):
-    return None
   me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+  if n:
+    beat_path = _path(root, trial_id, f"heartbeat.{n}.json")
+    beat, gen = store.read_json_gen(beat_path)
+    if lease_is_live(root, trial_id, n, ttl_s, beat=beat or {}):
+      return None
+    if not (beat or {}).get("released"):
+      # Close the stale lease at the generation we judged stale: if its holder renewed meanwhile,
+      # this swap fails and the trial stays theirs; if it succeeds, their next renewal fails.
+      closed = {**(beat or {}), "released": True, "closed_by": me}
+      if store.replace_if(beat_path, closed, gen) is None:
+        return None
   if not store.create_exclusive(_path(root, trial_id, f"claim.{n + 1}.json"), me):
     return None
-  heartbeat(root, trial_id, n + 1)
+  gen = renew(root, trial_id, n + 1, 0)
+  if gen is None:
+    return None
   if store.exists(_path(root, trial_id, "done.json")):
     # Finished by another driver between our look and our claim.
     release(root, trial_id, n + 1)
     return None
-  return n + 1
+  return n + 1, gen
+
+
+def claim(root: str, trial_id: str, ttl_s: float = DEFAULT_TTL_S) -> int | None:
+  """`claim_lease` without the generation: the lease number, or None."""
+  lease = claim_lease(root, trial_id, ttl_s)
+  return lease[0] if lease else None
+
+
+def renew(root: str, trial_id: str, n: int, gen: store.Generation,
+          child_pid: int | None = None) -> store.Generation | None:
+  """The holder's heartbeat for lease `n`, swapped in at `gen` (0: the first one); the new
+  generation, or None if the lease was closed by another driver (the trial is no longer ours)."""
+  return store.replace_if(_path(root, trial_id, f"heartbeat.{n}.json"),
+                          {"time": time.time(), "pid": os.getpid(), "child_pid": child_pid,
+                           "released": False}, gen)
 
 
 def heartbeat(root: str, trial_id: str, n: int, child_pid: int | None = None,
               released: bool = False) -> None:
+  """Writes lease `n`'s heartbeat unconditionally (releasing it; see `renew` for the holder's)."""
   store.write_json(_path(root, trial_id, f"heartbeat.{n}.json"),
                    {"time": time.time(), "pid": os.getpid(), "child_pid": child_pid,
                     "released": released})
-
-
-def superseded(root: str, trial_id: str, n: int) -> bool:
-  """True if another driver took a newer lease (ours went stale)."""
-  return store.exists(_path(root, trial_id, f"claim.{n + 1}.json"))
 
 
 def release(root: str, trial_id: str, n: int) -> None:
