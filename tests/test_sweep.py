@@ -1,5 +1,6 @@
 """Sweeps: axis expansion, trial hashing and derived numbers, leases, the runner, the fits."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from launch.sweep import fit
 from launch.sweep import runner
 from launch.sweep import state as state_lib
 from launch.sweep import store
+from launch.sweep import targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -339,6 +341,91 @@ def test_two_concurrent_drivers_never_run_a_trial_twice(tmp_path):
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0 and "start " not in out.stdout
   assert len(ledger.read_text().split()) == 24
+
+
+# ------------------------------------------------------------------------------------ targets
+
+
+def test_candidate_targets_go_by_generation_then_ascending_chips():
+  names = ["v5p-16", "v5e-4", "v5p-8", "v5e:4x4", "v5p:2x2x1"]
+  assert [t.accelerator_type for t in targets.candidates(names)] == [
+      "v5p-8", "v5p-16", "v5litepod-4", "v5litepod-16"]
+  with pytest.raises(ValueError, match="not a v5p slice size"):
+    targets.candidates(["v5p-6"])
+
+
+# A 2.7B-parameter, one-block Hawk (262k vocabulary): over the HBM of 4 v5e chips, well inside 4
+# v5p chips; one layer and 64-token rows keep both compiles short.
+_BIG = {"model.block_pattern": "hawk", "model.num_layers": 1, "model.width": 8192,
+        "model.lru_width": 8192, "model.num_heads": 8, "model.vocab_size": 262144,
+        "model.num_gate_blocks": 8, "model.scan_layers": False, "data.seq_len": 64,
+        "data.global_batch_size": 16, "data.eval_batch_size": 16}
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_compile
+def test_each_trial_gets_the_smallest_target_it_fits_and_that_is_what_is_submitted(
+    tmp_path, monkeypatch):
+  from launch import commands  # pylint: disable=g-import-not-at-top
+  from launch import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("RG_LAUNCH_CACHE", str(tmp_path / "fit_cache"))
+  s = definition.load_sweep(_write_sweep(tmp_path, axes_="fixed(**{})".format(_BIG)))
+  (trial,) = definition.expand(s)
+  compiles = []
+
+  def check(t, target):
+    fits, cached, reason = targets.fit_check(t, target, log=compiles.append)
+    return fits, cached, reason
+
+  # The real TPU compiler through libtpu: 4 v5e chips (16 GiB each) are too small, 4 v5p fit.
+  root = str(tmp_path / "root")
+  choice = targets.plan(root, [trial], ["v5e-4", "v5p-8"], check=check, log=lambda m: None)[trial.id]
+  assert choice["target"] == "v5p-8" and choice["topology"] == "v5p:2x2x1"
+  assert [(x["target"], x["fits"], x["cached"]) for x in choice["tried"]] == [
+      ("v5litepod-4", False, False), ("v5p-8", True, False)]
+  assert "HBM" in choice["tried"][0]["reason"], choice["tried"][0]
+  assert len(compiles) == 2
+  assert targets.read(root, trial.id)["target"] == "v5p-8"
+  # The verdicts are cached by fingerprint + topology: planning again compiles nothing, and with
+  # v5e-4 as the only candidate the trial fits nowhere and is failed before any submission.
+  nowhere = str(tmp_path / "nowhere")
+  choice = targets.plan(nowhere, [trial], ["v5e-4"], check=check, log=lambda m: None)[trial.id]
+  assert choice["target"] is None and choice["tried"][0]["cached"] and len(compiles) == 2
+  assert "fits none of the candidate targets" in choice["error"] and "v5litepod-4" in choice["error"]
+
+  # What gets submitted, through launch.submit and a fake gcloud on PATH.
+  fake_dir, bin_dir = tmp_path / "fake", tmp_path / "bin"
+  fake_dir.mkdir()
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(open(os.path.join(REPO, "tests", "fake_gcloud.py")).read())
+  (bin_dir / "gcloud").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_GCLOUD_DIR", str(fake_dir))
+  opts = runner.Options(backend="tpu_vm", targets=("v5e-4",), quiet=True, launch_flags=(
+      "--zone=us-east5-a", "--project=p", "--allow_local_workdir", "--poll=0.05",
+      "--startup_timeout=0", "--queue_timeout=0"))
+  states = runner.Driver(nowhere, [trial], opts, printer=lambda m: None).run()
+  assert states[trial.id].state == "failed"
+  assert not (fake_dir / "calls.jsonl").exists()  # nothing was submitted
+
+  workdir = state_lib.trial_dir(root, trial.id)
+  monkeypatch.setenv("FAKE_GCLOUD_WORKDIR", workdir)
+  name = commands.resource_name(spec_lib.JobSpec(
+      config=trial.spec, overrides=trial.overrides, workdir=workdir, backend="tpu_vm",
+      target=spec_lib.parse_target("v5p-8"), zone="z", project="p", allow_local_workdir=True), 1)
+  (fake_dir / "scenario.json").write_text(json.dumps({name: [{"state": "ACTIVE", "exit": {"0": 0}}]}))
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # what the pod's trainer writes
+    f.write(json.dumps({"step": trial.info["steps"], "split": "eval", "loss": 1.0}) + "\n")
+  opts = dataclasses.replace(opts, targets=("v5e-4", "v5p-8"))
+  states = runner.Driver(root, [trial], opts, printer=lambda m: None).run()
+  assert states[trial.id].state == "done", states
+  creates = [c for c in map(json.loads, (fake_dir / "calls.jsonl").read_text().splitlines())
+             if c[3:5] == ["queued-resources", "create"]]
+  assert len(creates) == 1 and "--accelerator-type=v5p-8" in creates[0], creates
+  assert len(compiles) == 2  # the driver's plan came from target.json
+  from launch.sweep import report  # pylint: disable=g-import-not-at-top
+  assert report.row(root, trial, retries=1, version="x")["target"] == "v5p-8"
 
 
 # ------------------------------------------------------------------------------------ fits

@@ -1,7 +1,8 @@
 r"""Scaling sweeps: run, watch, collect, fit and plot.
 
   python -m launch.sweep run|status|collect|fit|plot --sweep=configs/sweeps/NAME.py --root=DIR_OR_GS_URL \
-      [--backend=local|tpu_vm|gke] [--parallel=N] [--only=TRIAL_IDS] [--predict=FLOPS]
+      [--backend=local|tpu_vm|gke] [--targets=v5p-8,v5p-16,...] [--launch_flags="--zone=.. --project=.."] \
+      [--parallel=N] [--only=TRIAL_IDS] [--predict=FLOPS]
 
 run      claims and runs every unfinished trial (resumes interrupted ones, retries failed ones within
          the definition's `retries`); several drivers may share one root. Exit 0 all done, 1 some
@@ -16,6 +17,7 @@ plot     PNG figures under ROOT/plots (needs the `sweep` extra: matplotlib).
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 from absl import app
@@ -27,6 +29,12 @@ _SWEEP = flags.DEFINE_string("sweep", None, "Sweep definition, configs/sweeps/NA
 _ROOT = flags.DEFINE_string("root", None, "Sweep root (local directory or gs://).")
 _BACKEND = flags.DEFINE_enum("backend", "local", ["local", "tpu_vm", "gke"], "launch backend.")
 _TARGET = flags.DEFINE_string("target", "", "tpu_vm/gke: --target of every trial (e.g. v5p-8).")
+_TARGETS = flags.DEFINE_string(
+    "targets", "", "tpu_vm/gke: candidate targets, comma-separated (default: the definition's "
+    "`targets`); each trial runs on the smallest one its ahead-of-time compile fits.")
+_LAUNCH_FLAGS = flags.DEFINE_string(
+    "launch_flags", "", "More launch.submit flags for every trial, e.g. \"--zone=us-east5-a "
+    "--project=P --capacity=spot\".")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Trials this driver runs at once.")
 _ONLY = flags.DEFINE_string("only", "", "Comma-separated trial id prefixes (default: all).")
 _TTL = flags.DEFINE_float("lease_ttl", 300.0, "Seconds without a heartbeat before a lease is stale.")
@@ -73,10 +81,22 @@ def main(argv: list[str]) -> int:
     return 2
   if command == "run":
     from launch.sweep import runner  # pylint: disable=g-import-not-at-top
+    from launch.sweep import targets  # pylint: disable=g-import-not-at-top
+    candidates = targets.default_names(sweep, _TARGETS.value) if _BACKEND.value != "local" else []
+    if candidates and _TARGET.value:
+      print("error: give --target (one target for every trial) or candidate targets "
+            "(--targets / the definition's `targets`), not both", file=sys.stderr)
+      return 2
+    try:
+      targets.candidates(candidates)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
     opts = runner.Options(backend=_BACKEND.value, parallel=_PARALLEL.value,
                           retries=int(sweep.get("retries", 2)), max_restarts=_MAX_RESTARTS.value,
                           ttl_s=_TTL.value, trial_command=_TRIAL_COMMAND.value,
-                          target=_TARGET.value)
+                          target=_TARGET.value, targets=tuple(candidates),
+                          launch_flags=tuple(shlex.split(_LAUNCH_FLAGS.value)))
     print(f"sweep {sweep.name}: {len(trials)} trials under {root}", flush=True)
     return runner.run_sweep(root, trials, opts)
   if command == "status":

@@ -23,7 +23,7 @@ from launch.sweep import store
 
 COLUMNS = ("id", "family", "size", "params", "non_embedding_params", "tokens", "steps", "flops",
            "flops_per_token", "learning_rate", "final_eval_loss", "best_eval_loss", "status",
-           "restarts", "wall_time_s", "cpu_time_s", "mfu", "config_hash", "code_version", "variables")
+           "target", "restarts", "wall_time_s", "cpu_time_s", "mfu", "config_hash", "code_version", "variables")
 
 
 def code_version() -> str:
@@ -69,6 +69,12 @@ def status_table(root: str, trials: Sequence[definition.Trial], retries: int,
   return "\n".join(lines)
 
 
+def _target(root: str, trial_id: str) -> str:
+  """The TPU target `run` chose for the trial (pod backends), else ""."""
+  choice = store.read_json(store.join(state_lib.state_dir(root, trial_id), "target.json")) or {}
+  return choice.get("target") or ""
+
+
 def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[str, Any]:
   """The results row of one trial."""
   s = state_lib.read_state(root, trial.id, retries)
@@ -91,6 +97,7 @@ def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[
       "final_eval_loss": evals[-1]["loss"] if evals else None,
       "best_eval_loss": min(r["loss"] for r in evals) if evals else None,
       "status": s.state,
+      "target": _target(root, trial.id),
       "restarts": s.restarts,
       "wall_time_s": round(s.wall_time, 1),
       "cpu_time_s": round(sum(float(a.get("cpu_s", 0)) for a in s.attempts), 1) or None,

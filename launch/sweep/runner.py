@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 from launch.sweep import definition
 from launch.sweep import state as state_lib
 from launch.sweep import store
+from launch.sweep import targets as targets_lib
 
 EXIT_PREEMPTED = 42
 HEARTBEAT_EVERY_S = 15.0
@@ -38,12 +39,14 @@ class Options:
   max_restarts: int = 3  # relaunches after exit 42 within one lease
   ttl_s: float = state_lib.DEFAULT_TTL_S
   trial_command: str = ""  # a template replacing the launcher (tests): {workdir} {id} {spec} {root}
-  target: str = ""  # pod backends: --target passed to launch.submit
+  target: str = ""  # pod backends: --target of every trial (when `targets` is empty)
+  targets: tuple[str, ...] = ()  # pod backends: candidates; each trial gets the first it fits on
+  launch_flags: tuple[str, ...] = ()  # more launch.submit flags (--zone, --project, --poll, ...)
   quiet: bool = False
 
 
-def trial_argv(trial: definition.Trial, root: str, opts: Options) -> list[str]:
-  """The command that runs one trial."""
+def trial_argv(trial: definition.Trial, root: str, opts: Options, target: str = "") -> list[str]:
+  """The command that runs one trial (`target`: its planned TPU target, else opts.target)."""
   workdir = state_lib.trial_dir(root, trial.id)
   if opts.trial_command:
     text = opts.trial_command.format(workdir=workdir, id=trial.id, spec=trial.spec, root=root)
@@ -54,9 +57,9 @@ def trial_argv(trial: definition.Trial, root: str, opts: Options) -> list[str]:
             f"--config={trial.spec}", f"--workdir={workdir}", "--skip_fit_check"]
     if opts.backend == "local":
       argv.append("--num_processes=1")
-    if opts.target:
-      argv.append(f"--target={opts.target}")
-    return argv + overrides
+    if target or opts.target:
+      argv.append(f"--target={target or opts.target}")
+    return argv + list(opts.launch_flags) + overrides
   return [sys.executable, "-m", "recurrentgemma_tpu.train", f"--config={trial.spec}",
           f"--workdir={workdir}"] + overrides
 
@@ -102,12 +105,13 @@ class Driver:
     self.stopping = False
     self.print = printer or (lambda s: print(s, flush=True))
     self._last_bar = 0.0
+    self.plan: dict[str, dict] = {}  # trial id -> targets.plan's choice (pod backends)
 
   # ---------------------------------------------------------------- processes
 
   def _launch(self, trial: definition.Trial, lease: int, gen: store.Generation,
               restarts: int = 0) -> None:
-    argv = trial_argv(trial, self.root, self.opts)
+    argv = self._argv(trial)
     log = _log_path(self.root, trial.id, lease)
     with open(log, "a") as f:
       f.write(f"$ {shlex.join(argv)}\n")
@@ -127,7 +131,7 @@ class Driver:
     del self.running[trial.id]
     fields = {"rc": rc, "start": r.start, "end": time.time(), "restarts": r.restarts,
               "cpu_s": r.cpu_s,
-              "argv": trial_argv(trial, root, self.opts), "log": r.log}
+              "argv": self._argv(trial), "log": r.log}
     if self.stopping:
       state_lib.record_attempt(root, trial.id, r.lease, "interrupted", **fields)
       return
@@ -148,6 +152,10 @@ class Driver:
       fields["error"] = "exit 0 but no final evaluation at train.steps in metrics.jsonl"
     state_lib.record_attempt(root, trial.id, r.lease, outcome, **fields)
     self.print(f"{outcome} {trial.id} {trial.label}: exit {rc}, log {r.log}")
+
+  def _argv(self, trial: definition.Trial) -> list[str]:
+    return trial_argv(trial, self.root, self.opts,
+                      (self.plan.get(trial.id) or {}).get("target") or "")
 
   def _poll(self) -> None:
     now = time.time()
@@ -216,6 +224,9 @@ class Driver:
     """Runs until no trial is left to run here; returns the final states."""
     for t in self.trials:
       state_lib.write_trial(self.root, t)
+    if self.opts.targets and self.opts.backend != "local":
+      # Every trial's target before the first submission; one that fits nowhere is failed here.
+      self.plan = targets_lib.plan(self.root, self.trials, self.opts.targets, log=self.print)
     while not self.stopping:
       self._poll()
       states = self.states()

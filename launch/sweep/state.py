@@ -6,6 +6,7 @@
     ROOT/state/ID/heartbeat.N.json  the holder's heartbeat for lease N ({"time", "released", ...})
     ROOT/state/ID/attempt.N.json    how lease N ended: done | failed | interrupted (+ rc, times)
     ROOT/state/ID/done.json         written once when the trial completed
+    ROOT/state/ID/target.json       pod backends: the TPU target chosen for it (targets.py)
     ROOT/predictions.jsonl-like     predictions/*.json (fit --predict)
 
 A lease is live while its heartbeat is fresh (younger than the TTL) and not released; a lease
@@ -142,13 +143,19 @@ def read_state(root: str, trial_id: str, retries: int, ttl_s: float = DEFAULT_TT
     s = DONE
   elif live:
     s = RUNNING
-  elif failures > retries:
+  elif failures > retries or _fits_nowhere(root, trial_id):
     s = FAILED
   elif attempts:
     s = RETRY
   else:
     s = PENDING
   return TrialState(s, n, live, failures, restarts, wall, owner, attempts)
+
+
+def _fits_nowhere(root: str, trial_id: str) -> bool:
+  """targets.py planned this trial and no candidate target fits it."""
+  choice = store.read_json(_path(root, trial_id, "target.json"))
+  return choice is not None and not choice.get("target")
 
 
 def claim_lease(root: str, trial_id: str,
