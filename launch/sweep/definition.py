@@ -15,6 +15,8 @@ A definition is a ConfigDict:
     schedule   decay_with_steps: cosine length = the trial's steps; warmup_fraction of them
     lr         rule: "config" or "power" (lr = base * (params / ref_params) ** exponent), unless a
                point sets optimizer.learning_rate itself
+    targets    pod backends: candidate TPU targets ("v5p-8", "v5p-16", ...); each trial runs on the
+               first, by generation then ascending chips, that its AOT compile fits (targets.py)
     metric     the eval metric the fits use ("eval/loss")
     retries    failed attempts re-run before a trial is left "failed"
 
@@ -106,6 +108,12 @@ def check_sweep(s: ml_collections.ConfigDict, where: str = "sweep") -> None:
     raise ValueError(f"{where}: lr.rule={s.lr.rule!r} must be one of {LR_RULES}")
   if not list(s.axes):
     raise ValueError(f"{where}: axes is empty")
+  if s.get("targets", None):
+    from launch.sweep import targets  # pylint: disable=g-import-not-at-top
+    try:
+      targets.candidates(list(s.targets))
+    except ValueError as e:
+      raise ValueError(f"{where}: targets: {e}") from e
   for b in s.get("budgets", ()) or ():
     if not b > 0:
       raise ValueError(f"{where}: budgets must be positive FLOP counts, got {b!r}")
