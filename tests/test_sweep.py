@@ -256,6 +256,9 @@ def test_renewal_and_steal_are_compare_and_swaps(lease_root):
   assert store.read_json(path) == {"a": 1}
   assert sorted(store.listdir(store.join(root, "state", "t"))) == [
       "claim.1.json", "claim.2.json", "heartbeat.1.json", "heartbeat.2.json"]
+  # A driver's progress line reads the trial's files through the same store (not etils.epath,
+  # which cannot reach the emulator).
+  assert state_lib.progress(state_lib.trial_dir(root, "t")) == (0, None)
 
 
 def test_stale_leases_expire(tmp_path):

@@ -29,8 +29,6 @@ import socket
 import time
 from typing import Any
 
-from etils import epath
-
 from launch.sweep import store
 
 DEFAULT_TTL_S = 300.0
@@ -233,11 +231,11 @@ def write_trial(root: str, trial: Any) -> None:
 
 def read_records(workdir: str) -> list[dict[str, Any]]:
   """The trainer's metrics.jsonl records (complete lines only)."""
-  p = epath.Path(store.join(workdir, METRICS_FILE))
-  if not p.exists():
+  text = store.read_text(store.join(workdir, METRICS_FILE))
+  if text is None:
     return []
   out = []
-  for line in p.read_text().splitlines(keepends=True):
+  for line in text.splitlines(keepends=True):
     if line.endswith("\n"):
       try:
         out.append(json.loads(line))

@@ -145,6 +145,17 @@ def read_json_gen(path: str) -> tuple[Any | None, Generation]:
     return None, gen
 
 
+def read_text(path: str) -> str | None:
+  """The text in `path`, or None if it does not exist."""
+  if is_gcs(path):
+    return _gcs_read(path)[0]
+  try:
+    with open(path) as f:
+      return f.read()
+  except FileNotFoundError:
+    return None
+
+
 def read_json(path: str) -> Any | None:
   """The JSON in `path`, or None if it does not exist (or is being replaced and is partial)."""
   return read_json_gen(path)[0]
