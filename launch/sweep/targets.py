@@ -73,7 +73,8 @@ def choose(trial: definition.Trial, cands: Sequence[spec_lib.Target],
     if fits:
       return {"target": t.accelerator_type, "topology": t.topology_name,
               "candidates": [c.accelerator_type for c in cands], "tried": tried, "error": ""}
-  error = (f"trial {trial.id} ({trial.label}) fits none of the candidate targets " +
+  label = f" ({trial.label})" if trial.label else ""
+  error = (f"trial {trial.id}{label} fits none of the candidate targets " +
            "; ".join(f"{x['target']}: {x['reason']}" for x in tried))
   return {"target": None, "topology": None, "candidates": [c.accelerator_type for c in cands],
           "tried": tried, "error": error}
