@@ -63,8 +63,10 @@ def status_table(root: str, trials: Sequence[definition.Trial], retries: int,
       step = t.info["steps"]
     eta = _eta(t, step, step_time) if s.state == state_lib.RUNNING else "-"
     progress = f"{step}/{t.info['steps']}"
+    target = _target(root, t.id)
     lines.append(f"{t.id:<12} {t.label:<20} {s.state:<8} {progress:>11} "
-                 f"{eta:>8} {s.failures:>4} {s.restarts:>4}  {s.owner if s.live_lease else ''}")
+                 f"{eta:>8} {s.failures:>4} {s.restarts:>4}  {s.owner if s.live_lease else ''}"
+                 f"{'  on ' + target if target else ''}")
   lines.append(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
   return "\n".join(lines)
 
