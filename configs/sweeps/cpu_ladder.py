@@ -7,13 +7,13 @@ Shrunk from configs/tiny.py (rows of 256 tokens, batch 8, the embedded corpus) w
 vocabulary so the output layer does not dominate the compute of the smallest models. Widths 32-96,
 one (recurrent, recurrent, local attention) group of 3 blocks, D_RNN ~ 4D/3 and 16 gate blocks as
 in the paper's ladder, head dim width / heads. Tokens are proportional to parameters like the paper's
-ladder, but at 2 tokens per parameter instead of Chinchilla's ~20 (74 to 460 steps), so these
+ladder, but at 2 tokens per parameter instead of Chinchilla's ~20 (72 to 460 steps), so these
 models are far from compute-optimal (see docs/scaling.md).
 
 Budget: measured on an idle 2-core host, a trial costs ~38 CPU-s of fixed work (two interpreters,
 compiling the train and eval steps, the final evaluation, checkpoints) plus ~0.22 (w32) to ~0.5
-(w96) CPU-s per step, so the 12 trials cost ~26 CPU-minutes idle; docs/scaling.md has the measured
-sum of a real run (the ~40 CPU-minute budget leaves room for a contended host and one restart).
+(w96) CPU-s per step, so the 12 trials cost ~26 CPU-minutes; a real run (docs/scaling.md) measured
+~25.7 CPU-minutes with one kill and resume, inside the ~40 CPU-minute budget.
 """
 
 import ml_collections
