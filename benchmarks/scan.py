@@ -51,19 +51,26 @@ def copy_bandwidth(num_bytes: int = 256 << 20, repeats: int = 10) -> float:
   return 2 * num_bytes / seconds
 
 
+def gpu_blocks(spec: str):
+  """gpu.BlockSizes from `c<N>/l<N>/u<N>/w<N>/s<N>/p<0|1>` (any subset; the rest default)."""
+  from pallas_kernels import gpu  # pylint: disable=g-import-not-at-top
+  names = {"c": "channels", "l": "chunk", "u": "unroll", "w": "num_warps", "s": "num_stages",
+           "p": "prefetch"}
+  fields = {}
+  for part in spec.split("/") if spec else ():
+    if part[:1] not in names or not part[1:].isdigit():
+      raise SystemExit(f"{spec!r}: {part!r} is not one of c<N>, l<N>, u<N>, w<N>, s<N>, p<0|1>")
+    fields[names[part[0]]] = bool(int(part[1:])) if part[0] == "p" else int(part[1:])
+  return gpu.BlockSizes(**fields)
+
+
 def scan_fn(impl: str) -> Callable:
   """`impl` is a `linear_scan` impl, or `pallas_gpu/<fields>`: the GPU kernel with gpu.BlockSizes
   fields overridden, e.g. `pallas_gpu/c128` (channels), `/l256` (chunk), `/u16` (unroll), `/w8`
-  (num_warps), combinable: `pallas_gpu/c128/l256/u16/w4`."""
+  (num_warps), `/s3` (num_stages), `/p0` (prefetch off), combinable: `pallas_gpu/c128/l256/u16/w4`."""
   if impl.startswith("pallas_gpu/"):
+    blocks = gpu_blocks(impl.split("/", 1)[1])
     from pallas_kernels import gpu  # pylint: disable=g-import-not-at-top
-    names = {"c": "channels", "l": "chunk", "u": "unroll", "w": "num_warps", "s": "num_stages"}
-    fields = {}
-    for part in impl.split("/")[1:]:
-      if part[:1] not in names or not part[1:].isdigit():
-        raise SystemExit(f"--impls: {impl!r}: {part!r} is not one of c<N>, l<N>, u<N>, w<N>, s<N>")
-      fields[names[part[0]]] = int(part[1:])
-    blocks = gpu.BlockSizes(**fields)
     return lambda x, a: gpu.linear_scan(x, a, block_sizes=blocks)
   return lambda x, a: pallas_kernels.linear_scan(x, a, impl=impl)
 

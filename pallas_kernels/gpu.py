@@ -1,32 +1,36 @@
-"""Pallas GPU (Triton) linear scan h_t = a_t * h_{t-1} + x_t: chunked forward and backward kernels.
+"""Pallas GPU (Triton) linear scan h_t = a_t * h_{t-1} + x_t: streaming forward and backward kernels.
 
-The first version (one program per batch row and channel block, walking the whole sequence) was
-correct but latency-bound on an H200: a few dozen programs, each paying one global-memory latency per
-time step (3-9% of copy bandwidth; docs/kernels.md). This version raises parallelism and
-memory-level parallelism two ways:
+A scan moves little data per flop, so the kernel is measured against copy bandwidth, and the
+obstacle is memory latency, not arithmetic: each channel's steps are serial, so a program can only
+hide latency by having many time steps' loads in flight at once (docs/kernels.md has the history:
+3-9% of copy bandwidth for one-step-at-a-time programs, 43-52% for the chunked two-pass version).
 
-- **Time chunks.** The grid is (batch, channel block, time chunk). The map a chunk applies to its
-  incoming state is affine, `h_out = P_k h_in + c_k` (`P_k` the product of its decays, `c_k` its
-  scan from zero). Pass 1 (`_summary_kernel`, only when there is more than one chunk) writes
-  (P_k, c_k) per (batch, chunk, channel) in float32; pass 2 folds the summaries of the earlier chunks
-  into the chunk's exact incoming state (a short loop over at most `num_chunks` vectors) and rescans
-  the chunk from it, writing the outputs. Rescanning reads x and a twice (5 array passes forward
-  instead of 3) but never rounds a partial result to the output dtype.
-- **Unrolled steps.** Each loop iteration loads `unroll` time steps of a and x before the dependent
-  multiply-add chain, so that many loads are in flight per program instead of one.
+- **Single pass, many loads in flight.** By default a program owns a few channels (BlockSizes.
+  channels, e.g. 32 = one 128-byte row per array and step in float32, one warp) of one batch row and
+  walks the whole sequence once: x and a are read once and y written once, the minimum traffic.
+  Parallelism comes from the number of programs (batch * channels / block) and, inside each, from
+  `unroll` time steps whose loads are issued before their dependent multiply-add chain, with the
+  next iteration's loads issued before this iteration's chain (`prefetch`, a register double
+  buffer), so about 2 * unroll steps of each operand are in flight per thread.
+- **Time chunks** (only when batch * channels is too small to fill the GPU, or when
+  `BlockSizes.chunk` asks for them). The map a chunk applies to its incoming state is affine,
+  `h_out = P_k h_in + c_k` (`P_k` the product of its decays, `c_k` its scan from zero). Pass 1
+  (`_summary_kernel`) writes (P_k, c_k) per (batch, chunk, channel) in float32; pass 2 folds the
+  summaries of the earlier chunks into the chunk's exact incoming state and rescans the chunk from
+  it. Rescanning reads x and a twice (5 array passes forward instead of 3).
 
-The number of chunks is chosen from the shape (enough programs to fill the GPU, chunks of at least
-`MIN_CHUNK` steps) unless `BlockSizes.chunk` fixes the chunk length; one chunk means a single pass.
+Masks are generated only where a shape needs them (channels not a multiple of the block, time not
+a multiple of the chunk), so the aligned case issues plain vector loads at constant offsets.
 
 The backward kernel is the adjoint scan run in the opposite direction (see tpu.py for the algebra):
 g_t = dy_t + a_{t+1} g_{t+1}, dx_t = g_t, da_t = g_t * h_{t-1} (h_{t-1} read back from the saved y,
 h0 at the sequence start), dh0 = a_0 g_0. Its carried state m = a g obeys m' = a m + a dy, which is
-affine again, so it is chunked the same way.
+affine again, so it streams and chunks the same way.
 """
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +42,10 @@ from pallas_kernels._common import ACC_DTYPE
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-# Automatic chunking: split time until about this many programs run (an H200 has 132 SMs), but keep
+# Automatic chunking (BlockSizes.chunk == 0): one pass when batch * channels / block gives at least
+# SINGLE_PASS_PROGRAMS programs; otherwise split time until about TARGET_PROGRAMS programs run, with
 # chunks at least MIN_CHUNK steps long so the carry fold stays small against the chunk's own work.
+SINGLE_PASS_PROGRAMS = 128
 TARGET_PROGRAMS = 1024
 MIN_CHUNK = 128
 
@@ -48,16 +54,18 @@ MIN_CHUNK = 128
 class BlockSizes:
   """Channels per program (a power of two), time steps per chunk and per loop iteration, launch.
 
-  chunk: time steps per program; 0 chooses it from the shape (TARGET_PROGRAMS, MIN_CHUNK). A multiple
-    of `unroll`.
+  chunk: time steps per program; 0 chooses from the shape (single pass unless too few programs).
+    A multiple of `unroll`.
   unroll: time steps whose loads are issued together in one loop iteration.
+  prefetch: issue the next iteration's loads before this iteration's dependent chain.
   """
 
-  channels: int = 256
+  channels: int = 32
   chunk: int = 0
-  unroll: int = 8
-  num_warps: int = 4
+  unroll: int = 16
+  num_warps: int = 1
   num_stages: int = 1
+  prefetch: bool = True
 
   def __post_init__(self):
     for name in ("channels", "unroll", "num_warps", "num_stages"):
@@ -78,6 +86,9 @@ class _Plan:
   chunk: int  # time steps per program, a multiple of unroll
   num_chunks: int
   unroll: int
+  prefetch: bool
+  mask_c: bool  # channels is not a multiple of block_c
+  mask_t: bool  # the last chunk is partial
 
 
 def _round_up(n: int, m: int) -> int:
@@ -93,73 +104,112 @@ def plan(shape, blocks: BlockSizes) -> _Plan:
     chunk = blocks.chunk
   else:
     programs = batch * pl.cdiv(channels, block_c)
-    num_chunks = max(1, min(pl.cdiv(TARGET_PROGRAMS, programs), seq_len // MIN_CHUNK))
+    num_chunks = 1
+    if programs < SINGLE_PASS_PROGRAMS:
+      num_chunks = max(1, min(pl.cdiv(TARGET_PROGRAMS, programs), seq_len // MIN_CHUNK))
     chunk = pl.cdiv(seq_len, num_chunks)
   chunk = min(_round_up(chunk, unroll), _round_up(seq_len, unroll))
-  return _Plan(block_c, chunk, pl.cdiv(seq_len, chunk), unroll)
+  num_chunks = pl.cdiv(seq_len, chunk)
+  return _Plan(block_c, chunk, num_chunks, unroll, blocks.prefetch,
+               mask_c=channels % block_c != 0, mask_t=num_chunks * chunk != seq_len)
 
 
-def _columns(block_c: int, channels: int):
-  cols = pl.program_id(1) * block_c + jnp.arange(block_c)
+def _and(*masks):
+  """Conjunction of the masks that exist; None (no mask at all) when none does."""
+  masks = [m for m in masks if m is not None]
+  return functools.reduce(jnp.logical_and, masks) if masks else None
+
+
+def _load(ref, mask, other):
+  return plgpu.load(ref, mask=mask, other=None if mask is None else other)
+
+
+def _columns(p: _Plan, channels: int):
+  """This program's channel index (a contiguous slice when aligned) and its mask (None if aligned)."""
+  start = pl.program_id(1) * p.block_c
+  if not p.mask_c:
+    return pl.ds(pl.multiple_of(start, p.block_c), p.block_c), None
+  cols = start + jnp.arange(p.block_c)
   return cols, cols < channels
 
 
-def _chunk_loop(p: _Plan, seq_len: int, walk_reverse: bool, body, carry):
-  """Runs `body(steps, carry) -> carry` over this program's chunk, `unroll` steps per call.
+def _stream(p: _Plan, seq_len: int, walk_reverse: bool, load: Callable, compute: Callable, carry):
+  """Walks this program's chunk `unroll` steps per loop iteration.
 
-  `steps` lists (t, valid) per step in walk order: t the time index (clamped into range), valid
-  whether the step exists (the last chunk may be partial); invalid steps must act as the identity.
+  `load(steps) -> values` issues one iteration's loads, `compute(steps, values, carry) -> carry`
+  runs its dependent chain; `steps` lists (t, valid) per step in walk order: t the time index,
+  valid None when every step exists, else whether it does (the last chunk may be partial; invalid
+  steps must act as the identity). With `prefetch` the next iteration's loads are issued before
+  this iteration's chain (the last iteration reloads its own steps rather than branch).
   """
   k = pl.program_id(2)
+  n = p.chunk // p.unroll
 
-  def iteration(i, carry):
-    steps = []
+  def steps(i):
+    out = []
     for j in range(p.unroll):
       s = k * p.chunk + i * p.unroll + j
       t = seq_len - 1 - s if walk_reverse else s
-      steps.append((jnp.clip(t, 0, seq_len - 1), s < seq_len))
-    return body(steps, carry)
+      out.append((jnp.clip(t, 0, seq_len - 1), s < seq_len) if p.mask_t else (t, None))
+    return out
 
-  return jax.lax.fori_loop(0, p.chunk // p.unroll, iteration, carry)
+  if not p.prefetch:
+    return jax.lax.fori_loop(0, n, lambda i, c: compute(steps(i), load(steps(i)), c), carry)
+
+  def iteration(i, state):
+    carry, values = state
+    upcoming = load(steps(jnp.minimum(i + 1, n - 1)))
+    return compute(steps(i), values, carry), upcoming
+
+  carry, _ = jax.lax.fori_loop(0, n, iteration, (carry, load(steps(0))))
+  return carry
 
 
-def _incoming(init_ref, p_ref, c_ref, b, cols, mask, num_chunks: int):
+def _incoming(init_ref, p_ref, c_ref, b, cols, cmask, num_chunks: int):
   """This chunk's incoming state: the initial state folded through the earlier chunks' summaries."""
   k = pl.program_id(2)
-  state = plgpu.load(init_ref.at[b, cols], mask=mask, other=0.0)
+  state = _load(init_ref.at[b, cols], cmask, 0.0)
   if p_ref is None:
     return state
 
   def fold(j, state):
-    m = mask & (j < k)
-    prod = plgpu.load(p_ref.at[b, j, cols], mask=m, other=1.0)
-    c = plgpu.load(c_ref.at[b, j, cols], mask=m, other=0.0)
-    return prod * state + c
+    prod = _load(p_ref.at[b, j, cols], cmask, 1.0)
+    c = _load(c_ref.at[b, j, cols], cmask, 0.0)
+    return jnp.where(j < k, prod * state + c, state)
 
   return jax.lax.fori_loop(0, num_chunks, fold, state)
+
+
+def _store_last(ref, b, cols, cmask, value, num_chunks: int):
+  """Stores the carried state of the last chunk (the only one that reaches the sequence end)."""
+  @pl.when(pl.program_id(2) == num_chunks - 1)
+  def _():
+    plgpu.store(ref.at[b, cols], value, mask=cmask)
 
 
 def _summary_kernel(u_ref, a_ref, p_ref, c_ref, *, p: _Plan, walk_reverse: bool, scale_by_a: bool):
   """(P, c) of this chunk: product of a, and the scan s' = a s + u (or a (s + u)) from zero."""
   b = pl.program_id(0)
   seq_len, channels = u_ref.shape[1], u_ref.shape[2]
-  cols, mask = _columns(p.block_c, channels)
+  cols, cmask = _columns(p, channels)
 
-  def body(steps, carry):
+  def load(steps):
+    return [(_load(a_ref.at[b, t, cols], _and(cmask, v), 1.0),
+             _load(u_ref.at[b, t, cols], _and(cmask, v), 0.0)) for t, v in steps]
+
+  def compute(steps, values, carry):
     prod, s = carry
-    loads = [(plgpu.load(a_ref.at[b, t, cols], mask=mask & v, other=1.0).astype(ACC_DTYPE),
-              plgpu.load(u_ref.at[b, t, cols], mask=mask & v, other=0.0).astype(ACC_DTYPE))
-             for t, v in steps]
-    for a, u in loads:
+    for a, u in values:
+      a, u = a.astype(ACC_DTYPE), u.astype(ACC_DTYPE)
       s = a * (s + u) if scale_by_a else a * s + u
       prod = prod * a
     return prod, s
 
   zeros = jnp.zeros((p.block_c,), ACC_DTYPE)
-  prod, s = _chunk_loop(p, seq_len, walk_reverse, body, (zeros + 1.0, zeros))
+  prod, s = _stream(p, seq_len, walk_reverse, load, compute, (zeros + 1.0, zeros))
   k = pl.program_id(2)
-  plgpu.store(p_ref.at[b, k, cols], prod, mask=mask)
-  plgpu.store(c_ref.at[b, k, cols], s, mask=mask)
+  plgpu.store(p_ref.at[b, k, cols], prod, mask=cmask)
+  plgpu.store(c_ref.at[b, k, cols], s, mask=cmask)
 
 
 def _fwd_kernel(x_ref, a_ref, h0_ref, *refs, p: _Plan, reverse: bool):
@@ -167,20 +217,21 @@ def _fwd_kernel(x_ref, a_ref, h0_ref, *refs, p: _Plan, reverse: bool):
   y_ref, h_last_ref = refs[-2:]
   b = pl.program_id(0)
   seq_len, channels = x_ref.shape[1], x_ref.shape[2]
-  cols, mask = _columns(p.block_c, channels)
+  cols, cmask = _columns(p, channels)
 
-  def body(steps, h):
-    loads = [(plgpu.load(a_ref.at[b, t, cols], mask=mask & v, other=1.0).astype(ACC_DTYPE),
-              plgpu.load(x_ref.at[b, t, cols], mask=mask & v, other=0.0).astype(ACC_DTYPE))
-             for t, v in steps]
-    for (t, v), (a, x) in zip(steps, loads):
-      h = a * h + x
-      plgpu.store(y_ref.at[b, t, cols], h.astype(y_ref.dtype), mask=mask & v)
+  def load(steps):
+    return [(_load(a_ref.at[b, t, cols], _and(cmask, v), 1.0),
+             _load(x_ref.at[b, t, cols], _and(cmask, v), 0.0)) for t, v in steps]
+
+  def compute(steps, values, h):
+    for (t, v), (a, x) in zip(steps, values):
+      h = a.astype(ACC_DTYPE) * h + x.astype(ACC_DTYPE)
+      plgpu.store(y_ref.at[b, t, cols], h.astype(y_ref.dtype), mask=_and(cmask, v))
     return h
 
-  h = _incoming(h0_ref, p_ref, c_ref, b, cols, mask, p.num_chunks)
-  h = _chunk_loop(p, seq_len, reverse, body, h)
-  plgpu.store(h_last_ref.at[b, cols], h, mask=mask & (pl.program_id(2) == p.num_chunks - 1))
+  h = _incoming(h0_ref, p_ref, c_ref, b, cols, cmask, p.num_chunks)
+  h = _stream(p, seq_len, reverse, load, compute, h)
+  _store_last(h_last_ref, b, cols, cmask, h, p.num_chunks)
 
 
 def _bwd_kernel(dy_ref, a_ref, y_ref, h0_ref, dh_last_ref, *refs, p: _Plan, reverse: bool):
@@ -188,33 +239,30 @@ def _bwd_kernel(dy_ref, a_ref, y_ref, h0_ref, dh_last_ref, *refs, p: _Plan, reve
   dx_ref, da_ref, dh0_ref = refs[-3:]
   b = pl.program_id(0)
   seq_len, channels = dy_ref.shape[1], dy_ref.shape[2]
-  cols, mask = _columns(p.block_c, channels)
-  h0 = plgpu.load(h0_ref.at[b, cols], mask=mask, other=0.0)
+  cols, cmask = _columns(p, channels)
+  h0 = _load(h0_ref.at[b, cols], cmask, 0.0)
   # Forward order: h_{t-1} sits at t + prev; the adjoint visits t against the forward direction.
   prev = 1 if reverse else -1
   first = seq_len - 1 if reverse else 0  # The forward's first step, whose h_{t-1} is h0.
 
-  def body(steps, m):
-    loads = []
-    for t, v in steps:
-      t_prev = jnp.clip(t + prev, 0, seq_len - 1)
-      loads.append((
-          plgpu.load(dy_ref.at[b, t, cols], mask=mask & v, other=0.0).astype(ACC_DTYPE),
-          plgpu.load(a_ref.at[b, t, cols], mask=mask & v, other=1.0).astype(ACC_DTYPE),
-          plgpu.load(y_ref.at[b, t_prev, cols], mask=mask & v, other=0.0).astype(ACC_DTYPE)))
-    for (t, v), (dy, a, y_prev) in zip(steps, loads):
-      g = dy + m
-      h_prev = jnp.where(t == first, h0, y_prev)
-      plgpu.store(dx_ref.at[b, t, cols], g.astype(dx_ref.dtype), mask=mask & v)
-      plgpu.store(da_ref.at[b, t, cols], (g * h_prev).astype(da_ref.dtype), mask=mask & v)
-      m = a * g
+  def load(steps):
+    return [(_load(dy_ref.at[b, t, cols], _and(cmask, v), 0.0),
+             _load(a_ref.at[b, t, cols], _and(cmask, v), 1.0),
+             _load(y_ref.at[b, jnp.clip(t + prev, 0, seq_len - 1), cols], _and(cmask, v), 0.0))
+            for t, v in steps]
+
+  def compute(steps, values, m):
+    for (t, v), (dy, a, y_prev) in zip(steps, values):
+      g = dy.astype(ACC_DTYPE) + m
+      h_prev = jnp.where(t == first, h0, y_prev.astype(ACC_DTYPE))
+      plgpu.store(dx_ref.at[b, t, cols], g.astype(dx_ref.dtype), mask=_and(cmask, v))
+      plgpu.store(da_ref.at[b, t, cols], (g * h_prev).astype(da_ref.dtype), mask=_and(cmask, v))
+      m = a.astype(ACC_DTYPE) * g
     return m
 
-  m = _incoming(dh_last_ref, p_ref, c_ref, b, cols, mask, p.num_chunks)
-  m = _chunk_loop(p, seq_len, not reverse, body, m)
-  plgpu.store(dh0_ref.at[b, cols], m, mask=mask & (pl.program_id(2) == p.num_chunks - 1))
-
-
+  m = _incoming(dh_last_ref, p_ref, c_ref, b, cols, cmask, p.num_chunks)
+  m = _stream(p, seq_len, not reverse, load, compute, m)
+  _store_last(dh0_ref, b, cols, cmask, m, p.num_chunks)
 def _params(blocks: BlockSizes) -> plgpu.CompilerParams:
   return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
