@@ -68,17 +68,24 @@ def main() -> int:
   print(f"jax {jax.__version__}, {jax.device_count()} x {device.device_kind} ({device.platform})", flush=True)
   interpret = device.platform == "cpu"
   B = gpu.BlockSizes
+  SINGLE = B(channels=32, chunk=65536, unroll=16, num_warps=1, prefetch=True)  # pylint: disable=invalid-name
   # Default blocks chunk time automatically at these shapes; B(chunk=1024) is a single chunk.
   cases = [((3, 1000, 300), jnp.float32, False, True, B()),
            ((3, 1000, 300), jnp.float32, True, False, B(channels=64)),
            ((3, 1000, 300), jnp.float32, True, True, B(chunk=1024)),
            ((2, 517, 1030), jnp.bfloat16, False, True, B()),
            ((2, 517, 1030), jnp.bfloat16, True, True, B(channels=32, num_warps=1)),
-           ((2, 517, 1030), jnp.float32, False, False, B(channels=128, chunk=64, unroll=16))]
+           ((2, 517, 1030), jnp.float32, False, False, B(channels=128, chunk=64, unroll=16)),
+           # Single pass, one warp, register prefetch: masked (odd C, partial last iteration) and aligned.
+           ((3, 1000, 300), jnp.float32, True, True, SINGLE),
+           ((2, 512, 1024), jnp.bfloat16, False, True, SINGLE),
+           ((2, 512, 1024), jnp.float32, True, False, B(channels=16, chunk=65536, unroll=32,
+                                                        num_warps=1, prefetch=True))]
   if interpret:  # the interpreter is slow: small shapes, chunks forced small to cover the chunked path
     small = [B(channels=16, chunk=8, unroll=4), B(channels=16, chunk=12, unroll=4), B(channels=16),
              B(channels=16, chunk=8, unroll=4), B(channels=32, chunk=6, unroll=2),
-             B(channels=16, chunk=16, unroll=16)]
+             B(channels=16, chunk=16, unroll=16), B(channels=16, chunk=64, unroll=8, prefetch=True),
+             B(channels=64, chunk=64, unroll=4, prefetch=True), B(channels=16, chunk=64, unroll=16, prefetch=True)]
     cases = [((2, 37, 45), d, r, h, blk) for (_, d, r, h, _), blk in zip(cases, small)]
   failures = 0
   for case in cases:

@@ -5,16 +5,16 @@ obstacle is memory latency, not arithmetic: each channel's steps are serial, so 
 hide latency by having many time steps' loads in flight at once (docs/kernels.md has the history:
 3-9% of copy bandwidth for one-step-at-a-time programs, 43-52% for the chunked two-pass version).
 
-- **Single pass, many loads in flight.** By default a program owns a few channels (BlockSizes.
-  channels, e.g. 32 = one 128-byte row per array and step in float32, one warp) of one batch row and
-  walks the whole sequence once: x and a are read once and y written once, the minimum traffic.
-  Parallelism comes from the number of programs (batch * channels / block) and, inside each, from
+- **Single pass, many loads in flight** (a plan with one chunk; not yet measured on a GPU, so not
+  the default). A program owns a few channels (BlockSizes.channels, e.g. 32 = one 128-byte row per
+  array and step in float32, one warp) of one batch row and walks the whole sequence once: x and
+  a are read once and y written once, the minimum traffic. Parallelism comes from the number of programs (batch * channels / block) and, inside each, from
   `unroll` time steps whose loads are issued before their dependent multiply-add chain, with the
   next iteration's loads issued before this iteration's chain (`prefetch`, a register double
   buffer), so about 2 * unroll steps of each operand are in flight per thread.
-- **Time chunks** (only when batch * channels is too small to fill the GPU, or when
-  `BlockSizes.chunk` asks for them). The map a chunk applies to its incoming state is affine,
-  `h_out = P_k h_in + c_k` (`P_k` the product of its decays, `c_k` its scan from zero). Pass 1
+- **Time chunks** (the default, measured at 43-52% of copy bandwidth: the automatic plan splits
+  time until about TARGET_PROGRAMS programs run). The map a chunk applies to its incoming state
+  is affine, `h_out = P_k h_in + c_k` (`P_k` the product of its decays, `c_k` its scan from zero). Pass 1
   (`_summary_kernel`) writes (P_k, c_k) per (batch, chunk, channel) in float32; pass 2 folds the
   summaries of the earlier chunks into the chunk's exact incoming state and rescans the chunk from
   it. Rescanning reads x and a twice (5 array passes forward instead of 3).
@@ -42,10 +42,10 @@ from pallas_kernels._common import ACC_DTYPE
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-# Automatic chunking (BlockSizes.chunk == 0): one pass when batch * channels / block gives at least
-# SINGLE_PASS_PROGRAMS programs; otherwise split time until about TARGET_PROGRAMS programs run, with
-# chunks at least MIN_CHUNK steps long so the carry fold stays small against the chunk's own work.
-SINGLE_PASS_PROGRAMS = 128
+# Automatic chunking (BlockSizes.chunk == 0): split time until about TARGET_PROGRAMS programs run (an
+# H200 has 132 SMs), with chunks at least MIN_CHUNK steps long so the carry fold stays small against
+# the chunk's own work. This is the rule measured on an H200 with the default blocks (256 channels,
+# 4 warps); a single pass is `chunk` >= the sequence length.
 TARGET_PROGRAMS = 1024
 MIN_CHUNK = 128
 
@@ -54,18 +54,22 @@ MIN_CHUNK = 128
 class BlockSizes:
   """Channels per program (a power of two), time steps per chunk and per loop iteration, launch.
 
-  chunk: time steps per program; 0 chooses from the shape (single pass unless too few programs).
-    A multiple of `unroll`.
+  The defaults are the chunked plan measured on an H200 (docs/benchmarks.md). The single-pass
+  candidate, e.g. BlockSizes(channels=32, chunk=65536, unroll=16, num_warps=1, prefetch=True), is
+  what benchmarks/scan_gpu_sweep.py times against it; it becomes the default only once measured.
+
+  chunk: time steps per program; 0 chooses from the shape (TARGET_PROGRAMS, MIN_CHUNK); at least
+    the sequence length means a single pass. A multiple of `unroll`.
   unroll: time steps whose loads are issued together in one loop iteration.
   prefetch: issue the next iteration's loads before this iteration's dependent chain.
   """
 
-  channels: int = 32
+  channels: int = 256
   chunk: int = 0
-  unroll: int = 16
-  num_warps: int = 1
+  unroll: int = 8
+  num_warps: int = 4
   num_stages: int = 1
-  prefetch: bool = True
+  prefetch: bool = False
 
   def __post_init__(self):
     for name in ("channels", "unroll", "num_warps", "num_stages"):
@@ -104,9 +108,7 @@ def plan(shape, blocks: BlockSizes) -> _Plan:
     chunk = blocks.chunk
   else:
     programs = batch * pl.cdiv(channels, block_c)
-    num_chunks = 1
-    if programs < SINGLE_PASS_PROGRAMS:
-      num_chunks = max(1, min(pl.cdiv(TARGET_PROGRAMS, programs), seq_len // MIN_CHUNK))
+    num_chunks = max(1, min(pl.cdiv(TARGET_PROGRAMS, programs), seq_len // MIN_CHUNK))
     chunk = pl.cdiv(seq_len, num_chunks)
   chunk = min(_round_up(chunk, unroll), _round_up(seq_len, unroll))
   num_chunks = pl.cdiv(seq_len, chunk)

@@ -40,9 +40,11 @@ def _scan_fn(impl):
   if impl == "pallas_tpu":
     return functools.partial(tpu.linear_scan, block_sizes=SMALL_TPU_BLOCKS, interpret=True)
   if impl == "pallas_gpu":
-    # chunk=16: T=37/45 run as 3 time chunks (the last partial), covering the chunked passes.
-    return functools.partial(gpu.linear_scan, block_sizes=gpu.BlockSizes(channels=128, chunk=16, unroll=4),
-                             interpret=True)
+    # chunk=16: T=37/45 run as 3 time chunks (the last partial), covering the chunked passes;
+    # prefetch covers the register double buffer (the default blocks' loop runs in
+    # test_scan_sequence_parallel); T=1 and C=1 take the unmasked time and channel paths.
+    blocks = gpu.BlockSizes(channels=128, chunk=16, unroll=4, prefetch=True)
+    return functools.partial(gpu.linear_scan, block_sizes=blocks, interpret=True)
   return functools.partial(pallas_kernels.linear_scan, impl=impl)
 
 
