@@ -53,6 +53,12 @@ _ACCEPT = flags.DEFINE_list(
     "Config fields (dotted, wildcards allowed) that may differ from the checkpoint being resumed, "
     "e.g. optimizer.learning_rate. Without it such a change refuses to resume (exit 2).")
 
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "JAX persistent compilation cache (local dir or gs://), so a restarted or resumed job loads its "
+    "compiled steps instead of compiling again. Default: $RECURRENTGEMMA_TPU_COMPILATION_CACHE if set, "
+    "else ~/.cache/recurrentgemma_tpu/jax. Empty (--compilation_cache_dir=): off.")
+
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -88,6 +94,8 @@ def _train() -> int:
   from recurrentgemma_tpu import experiment as experiment_lib
   from recurrentgemma_tpu import trainer
 
+  cache_dir = trainer.enable_compilation_cache(_COMPILATION_CACHE.value)  # before any compile
+  logging.info("Compilation cache: %s", cache_dir or "off")
   config = _load_config()
   if _INIT_FROM.value is not None:
     config.checkpoint.init_from = _INIT_FROM.value

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 from typing import Any, Iterable
 
 from absl import logging
@@ -46,6 +47,10 @@ CHECKPOINT_DIR = workdir_lib.CHECKPOINT_DIR
 CONFIG_FILE = workdir_lib.CONFIG_FILE
 # Steps the host may dispatch ahead of the device (2: one running, one queued).
 MAX_IN_FLIGHT = 2
+# JAX persistent compilation cache of `python -m recurrentgemma_tpu.train` when --compilation_cache_dir
+# is not given: this env var if set (the tests share one directory per session), else a per-user dir.
+COMPILATION_CACHE_ENV = "RECURRENTGEMMA_TPU_COMPILATION_CACHE"
+DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "recurrentgemma_tpu", "jax")
 
 NonFiniteError = metrics_lib.NonFiniteError
 # Kept here for callers that build restore targets from step functions.
@@ -70,6 +75,41 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+  """Points JAX's persistent compilation cache at `path`; call before anything is compiled.
+
+  A restarted job (preemption, a crash, a launcher restart) then loads its compiled steps instead of
+  compiling them again; the cache key covers the program, the devices and the jax/XLA versions, so
+  a hit runs the same executable a fresh compile would build. Every compile is cached, however
+  short: on a restart each one is on the critical path. Only process 0 writes (jax's rule).
+
+  Args:
+    path: a local directory or a URL (gs://...); None: $RECURRENTGEMMA_TPU_COMPILATION_CACHE if set,
+      else ~/.cache/recurrentgemma_tpu/jax; "": no persistent cache.
+
+  Returns:
+    The directory in use, or "" when the cache is off.
+  """
+  if path is None:
+    path = os.environ.get(COMPILATION_CACHE_ENV, DEFAULT_COMPILATION_CACHE_DIR)
+  if not path:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return ""
+  if "://" not in path:
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:
+      raise exit_codes.UserError(
+          f"--compilation_cache_dir={path} cannot be created ({e.strerror}); pass a writable "
+          "directory, or --compilation_cache_dir= to run without a compilation cache.") from e
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  return path
 
 
 def peak_flops_per_device(configured: float = 0.0) -> float:

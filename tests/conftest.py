@@ -14,9 +14,24 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 import glob  # pylint: disable=g-import-not-at-top,wrong-import-position
+import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Every `python -m recurrentgemma_tpu.train` the tests start (directly or through launch/) shares one
+# JAX persistent compilation cache per test session (trainer.COMPILATION_CACHE_ENV), so each distinct
+# program compiles once per session instead of once per subprocess; nothing lands in ~/.cache. Set
+# the variable yourself to keep a cache across sessions. The test process's own jax does not use it.
+_CACHE_ENV = "RECURRENTGEMMA_TPU_COMPILATION_CACHE"
+_SESSION_CACHE = None if _CACHE_ENV in os.environ else tempfile.mkdtemp(prefix="rg_jax_cache_")
+if _SESSION_CACHE:
+  os.environ[_CACHE_ENV] = _SESSION_CACHE
+
+
+def pytest_unconfigure(config):  # pylint: disable=unused-argument
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

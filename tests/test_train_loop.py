@@ -81,9 +81,13 @@ def _fresh_params(plan):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """The same command run uninterrupted, checkpointing every step (a separate process, like the rest)."""
+  """The same command run uninterrupted, checkpointing every step (a separate process, like the rest).
+
+  It compiles afresh (no persistent cache) while the runs compared with it load their executables
+  from the session's compilation cache: equal parameters also show a cached executable computes
+  exactly what a fresh compile does."""
   workdir = tmp_path_factory.mktemp("reference")
-  out, _ = _start(workdir, checkpoint__save_every=1).communicate(timeout=600)
+  out, _ = _start(workdir, "--compilation_cache_dir=", checkpoint__save_every=1).communicate(timeout=600)
   assert "Training completed at step %d" % STEPS in out, out[-4000:]
   return workdir
 
@@ -98,8 +102,8 @@ def _losses(workdir):
   return [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(str(workdir))]
 
 
-def _start(workdir, **overrides):
-  return subprocess.Popen(train_command(str(workdir), train__steps=STEPS, **overrides), cwd=REPO,
+def _start(workdir, *extra, **overrides):
+  return subprocess.Popen(train_command(str(workdir), *extra, train__steps=STEPS, **overrides), cwd=REPO,
                           env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
 
