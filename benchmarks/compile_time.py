@@ -1,7 +1,7 @@
 r"""Where the CPU time of an ahead-of-time TPU compile goes.
 
     python benchmarks/compile_time.py --config=configs/griffin_14b.py --topology=v5p:4x4x8 \
-        [--config.data.global_batch_size=512] [--passes=25] [--dump_dir=/tmp/rg_dump]
+        [--config.data.global_batch_size=512] [--passes=25] [--dump_dir=/tmp/rg_dump] [--backend=20]
 
 Builds the real train step exactly as `python -m recurrentgemma_tpu.compile` does, then times, in CPU
 seconds (this process, all threads: `resource.getrusage`) and wall seconds:
@@ -28,10 +28,15 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+# Run as a script: the repository root (configs/, recurrentgemma_tpu/) must be importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x8", "TPU topology.")
 _PASSES = flags.DEFINE_integer("passes", 0, "Print the N most expensive HLO passes (0: no pass timing).")
 _DUMP_DIR = flags.DEFINE_string("dump_dir", "/tmp/rg_compile_time_dump", "Where the pass metadata goes.")
+_BACKEND = flags.DEFINE_integer("backend", 0, "Print the backend's time per kind of instruction and "
+                                "the N slowest instructions (0: off).")
 
 
 def _cpu_s() -> float:
@@ -84,9 +89,77 @@ def libtpu_stages(log_dir: str = "/tmp/tpu_logs") -> list[str]:
   return out
 
 
+_EMIT = re.compile(r"emitting for (\S+) time: ([\d.]+) (ms|us|s) ")
+_RETRY = re.compile(r"Successful retry compilation of (\S+) after")
+_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def _kind(name: str, hlo_op: str) -> str:
+  """A coarse kind for an instruction the backend lowered, from its HLO name and opcode/calls."""
+  base = re.sub(r"\.\d+$", "", name)
+  if base.startswith(("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")):
+    return "collective (" + base + ")"
+  if "convolution" in hlo_op or "convolution" in base:
+    return "matmul fusion (convolution inside)"
+  if base in ("copy", "sort", "scatter", "gather", "dynamic-update-slice", "reduce-window"):
+    return base
+  if base.startswith("linear_scan") or "custom-call" in hlo_op:
+    return "custom call (Pallas kernel)"
+  if base == "multiply_reduce_fusion":
+    return "multiply_reduce_fusion (optimizer update + norm)"
+  return "other fusion"
+
+
+def backend_times(log_dir: str = "/tmp/tpu_logs") -> tuple[dict[str, float], list[str]]:
+  """Backend seconds per lowered instruction (summed over retries) and the retried names, from
+  libtpu's INFO log of this process (written when `--vmodule=lowering_emitter=1` was given)."""
+  logs = sorted(glob.glob(os.path.join(log_dir, f"*.INFO.*.{os.getpid()}")), key=os.path.getmtime)
+  times: dict[str, float] = collections.defaultdict(float)
+  retried = []
+  if logs:
+    with open(logs[-1], errors="replace") as f:
+      for line in f:
+        m = _EMIT.search(line)
+        if m:
+          times[m.group(1)] += float(m.group(2)) * _UNITS[m.group(3)]
+        m = _RETRY.search(line)
+        if m:
+          retried.append(m.group(1))
+  return dict(times), retried
+
+
+def _print_backend(times: dict[str, float], retried: list[str], hlo: str, top: int) -> None:
+  ops = {}
+  for m in re.finditer(r"%([\w.\-]+) = [^\n]*? ([a-z\-]+)\((?:[^\n]*?calls=%([\w.\-]+))?", hlo):
+    ops[m.group(1)] = m.group(2) + " " + (m.group(3) or "")
+  # A fusion's kind shows in its called computation: look for a convolution inside it.
+  comps = dict(re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
+  kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+  for name, s in times.items():
+    op = ops.get(name, "")
+    called = op.split(" ")[-1]
+    if "convolution(" in comps.get(called, ""):
+      op += " convolution"
+    k = kinds[_kind(name, op)]
+    k[0] += s
+    k[1] += 1
+  total = sum(times.values())
+  print(f"backend (libtpu lowering_emitter log, wall s on its compile threads): {total:.1f} s over "
+        f"{len(times)} instructions; retried: {', '.join(retried) or 'none'}")
+  for kind, (s, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+    print(f"  {s:8.1f} s {100 * s / max(total, 1e-9):5.1f}%  {n:4d} x {kind}")
+  print(f"slowest {top}:")
+  for name, s in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+    print(f"  {s:8.2f} s  {name}  ({ops.get(name, '?').strip()})")
+
+
 def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _BACKEND.value:
+    # libtpu reads its flags once, when jax first starts the TPU backend: set them before that.
+    os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") +
+                                      " --vmodule=lowering_emitter=1").strip()
   import jax  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import step_functions  # pylint: disable=g-import-not-at-top
@@ -132,6 +205,8 @@ def main(argv: Sequence[str]) -> int:
     print("libtpu compile stages (its own log):")
     for line in stages:
       print(f"  {line}")
+  if _BACKEND.value:
+    _print_backend(*backend_times(), hlo, _BACKEND.value)
   if _PASSES.value:
     times = pass_times(_DUMP_DIR.value)
     if not times:
