@@ -93,21 +93,62 @@ def run_linear_scan(x_BTR: jax.Array, a_BTR: jax.Array, h0_BR: jax.Array | None,
 
 
 class BlockDiagonalLinear(nn.Module):
-  """x -> x W + b with W block-diagonal: N blocks of [R/N, R/N]."""
+  """x -> x W + b with W block-diagonal: N blocks of [R/N, R/N].
+
+  Called with no input it returns its parameters (w [N, I, I], b [N, I]), so `RGLRU` can compute
+  both of its gates in one pass (`block_diagonal_gates`).
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTR: jax.Array) -> jax.Array:
+  def __call__(self, x_BTR: jax.Array | None = None):
     cfg = self.config
     N, R = cfg.num_gate_blocks_, cfg.lru_width_
     I = R // N
     pd, cd = cfg.parameter_dtype, cfg.compute_dtype
     w = param(self, "w", lecun_normal(), (N, I, I), ("rnn_block", None, None), pd)
     b = param(self, "b", nn.initializers.zeros_init(), (N, I), ("rnn_block", None), pd)
+    if x_BTR is None:
+      return w, b
     x_BTNI = x_BTR.astype(cd).reshape(*x_BTR.shape[:-1], N, I)
     y_BTNJ = jnp.einsum("btni,nij->btnj", x_BTNI, w.astype(cd)) + b.astype(cd)
     return y_BTNJ.reshape(x_BTR.shape)
+
+
+def _gates_einsum(x_BTR, w_x, b_x, w_a, b_a):
+  """Both gates as a block-batched einsum each: the form XLA partitions over `rnn_block`."""
+  N, I, _ = w_x.shape
+  x_BTNI = x_BTR.reshape(*x_BTR.shape[:-1], N, I)
+  gates = [jnp.einsum("btni,nij->btnj", x_BTNI, w) + b for w, b in ((w_x, b_x), (w_a, b_a))]
+  return tuple(g.reshape(x_BTR.shape) for g in gates)
+
+
+def _gates_per_block(x_BTR, w_x, b_x, w_a, b_a):
+  """Both gates as N plain [B*T, I] x [I, 2I] matmuls on column slices (CPU).
+
+  The einsum's batch dimension N makes the CPU backend transpose x, the outputs and, for the
+  weight gradient, x again into [N, I, B*T] around every gate; slices and plain matmuls avoid
+  most of that, and the shared x slice serves both gates (interleaved A/B, docs/benchmarks.md).
+  """
+  N, I, _ = w_x.shape
+  w_NI2I = jnp.concatenate([w_x, w_a], axis=-1)
+  outs = [x_BTR[..., n * I:(n + 1) * I] @ w_NI2I[n] for n in range(N)]
+  gate_x = jnp.concatenate([o[..., :I] for o in outs], axis=-1) + b_x.reshape(N * I)
+  gate_a = jnp.concatenate([o[..., I:] for o in outs], axis=-1) + b_a.reshape(N * I)
+  return gate_x, gate_a
+
+
+def block_diagonal_gates(x_BTR: jax.Array, w_x: jax.Array, b_x: jax.Array, w_a: jax.Array,
+                         b_a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Pre-activation input and decay gates x W + b (block-diagonal W [N, I, I], b [N, I]).
+
+  Same values on every platform up to summation order. Slicing the `rnn` axis by block would
+  add communication where `rnn` is sharded over `model`, so only the lowered CPU program uses the
+  per-block form; TPU and GPU keep the einsum (only the lowered platform's branch is compiled).
+  """
+  return jax.lax.platform_dependent(x_BTR, w_x, b_x, w_a, b_a, cpu=_gates_per_block,
+                                    default=_gates_einsum)
 
 
 class RGLRU(nn.Module):
@@ -128,8 +169,12 @@ class RGLRU(nn.Module):
     cfg = self.config
     a_param = param(self, "a_param", lambda_initializer(cfg.lambda_init), (cfg.lru_width_,),
                     ("rnn",), cfg.parameter_dtype)
-    gate_x = jax.nn.sigmoid(BlockDiagonalLinear(cfg, name="input_gate")(x_BTR))
-    gate_a = jax.nn.sigmoid(BlockDiagonalLinear(cfg, name="a_gate")(x_BTR))
+    cd = cfg.compute_dtype
+    w_x, b_x = BlockDiagonalLinear(cfg, name="input_gate")()
+    w_a, b_a = BlockDiagonalLinear(cfg, name="a_gate")()
+    gate_x, gate_a = block_diagonal_gates(x_BTR.astype(cd), w_x.astype(cd), b_x.astype(cd),
+                                          w_a.astype(cd), b_a.astype(cd))
+    gate_x, gate_a = jax.nn.sigmoid(gate_x), jax.nn.sigmoid(gate_a)
     # Decay and normaliser in float32 even in bfloat16 runs: a is close to 1, where bfloat16
     # cannot tell 0.999 from 1 and sqrt(1 - a^2) loses all its digits.
     log_a = -LRU_C * gate_a.astype(jnp.float32) * jax.nn.softplus(a_param.astype(jnp.float32))
