@@ -94,12 +94,13 @@ def _train() -> int:
   from recurrentgemma_tpu import experiment as experiment_lib
   from recurrentgemma_tpu import trainer
 
-  cache_dir = trainer.enable_compilation_cache(_COMPILATION_CACHE.value)  # before any compile
-  logging.info("Compilation cache: %s", cache_dir or "off")
   config = _load_config()
   if _INIT_FROM.value is not None:
     config.checkpoint.init_from = _INIT_FROM.value
   _maybe_initialize_distributed()
+  # After jax.distributed (it decides by process count), before anything is compiled.
+  cache_dir = trainer.enable_compilation_cache(_COMPILATION_CACHE.value)
+  logging.info("Compilation cache: %s", cache_dir or "off")
   try:
     exp = experiment_lib.build(config)
   except (ValueError, FileNotFoundError) as e:

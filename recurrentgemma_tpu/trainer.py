@@ -84,6 +84,8 @@ def enable_compilation_cache(path: str | None = None) -> str:
   compiling them again; the cache key covers the program, the devices and the jax/XLA versions, so
   a hit runs the same executable a fresh compile would build. Every compile is cached, however
   short: on a restart each one is on the critical path. Only process 0 writes (jax's rule).
+  Multi-process CPU jobs (gloo) run without it: their cached executables were measured not to
+  reproduce fresh compiles bit for bit. Call after jax.distributed.initialize.
 
   Args:
     path: a local directory or a URL (gs://...); None: $RECURRENTGEMMA_TPU_COMPILATION_CACHE if set,
@@ -94,6 +96,12 @@ def enable_compilation_cache(path: str | None = None) -> str:
   """
   if path is None:
     path = os.environ.get(COMPILATION_CACHE_ENV, DEFAULT_COMPILATION_CACHE_DIR)
+  if path and jax.process_count() > 1 and jax.default_backend() == "cpu":
+    # Measured (docs/training.md): a 2-process gloo job whose restarts loaded cached executables
+    # ended with parameters ~1e-5 away from one compiled afresh, which breaks exact resume.
+    logging.warning("Compilation cache off: multi-process CPU (gloo) executables loaded from it "
+                    "do not reproduce freshly compiled ones bit for bit.")
+    path = ""
   if not path:
     jax.config.update("jax_enable_compilation_cache", False)
     return ""

@@ -137,7 +137,8 @@ def _step_functions(config, devices, **mesh):
 
 
 def test_restore_onto_other_meshes_and_device_counts(tmp_path):
-  """A real train state saved on 8 devices (fsdp=8) restores on 2x2 (fsdp x model), 4 and 1 device."""
+  """A real train state saved on 8 devices (fsdp=8) restores on 2x2 (fsdp x model: another device
+  count, a re-split fsdp axis and tensor-parallel layouts at once) and on 1 device (unsharded)."""
   config = small_config()
   devices = jax.devices()
   fns8 = _step_functions(config, devices, fsdp=8)
@@ -146,7 +147,7 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
   assert m.save(2, state.params, trainer.state_item(state), {})
   m.close()
   expected = jax.device_get((state.params, trainer.state_item(state)))
-  for mesh_kw, n in (({"fsdp": 2, "model": 2}, 4), ({"fsdp": 4}, 4), ({"fsdp": 1}, 1)):
+  for mesh_kw, n in (({"fsdp": 2, "model": 2}, 4), ({"fsdp": 1}, 1)):
     fns = _step_functions(config, devices[:n], **mesh_kw)
     m = ckpt.CheckpointManager(tmp_path, _options())
     abstract_params, abstract_rest = trainer.abstract_checkpoint(fns)
