@@ -73,10 +73,12 @@ def causal_strip_attention(q_BTHK: jax.Array, k_BTK: jax.Array, v_BTK: jax.Array
   for lo in range(0, T, chunk):
     hi = min(T, lo + chunk)
     causal = pos[lo:hi, None] >= pos[None, :hi]  # [C, S], static
-    mask = causal[None, None] & (segment_ids_BT[:, None, lo:hi, None] ==
-                                 segment_ids_BT[:, None, None, :hi])  # [B, 1, C, S]
+    mask = causal[None, :, None] & (segment_ids_BT[:, lo:hi, None, None] ==
+                                    segment_ids_BT[:, None, None, :hi])  # [B, C, 1, S]
+    # Logits [B, C, H, S]: with one shared K/V head the (query, head) rows are q's own memory
+    # order, so no transpose of q, the logits or the output is needed around the two matmuls.
     outs.append(_softmax_attend(q_BTHK[:, lo:hi], k_BTK[:, :hi], v_BTK[:, :hi], mask, K**-0.5,
-                                q_BTHK.dtype, "bthk", "bsk", "bhts", "bthk"))
+                                q_BTHK.dtype, "bthk", "bsk", "bths", "bthk"))
   return jnp.concatenate(outs, axis=1)
 
 
