@@ -93,27 +93,23 @@ def run_linear_scan(x_BTR: jax.Array, a_BTR: jax.Array, h0_BR: jax.Array | None,
 
 
 class BlockDiagonalLinear(nn.Module):
-  """x -> x W + b with W block-diagonal: N blocks of [R/N, R/N].
+  """The parameters of x -> x W + b with W block-diagonal: w [N, I, I] (N blocks, I = R/N), b [N, I].
 
-  Called with no input it returns its parameters (w [N, I, I], b [N, I]), so `RGLRU` can compute
-  both of its gates in one pass (`block_diagonal_gates`).
+  It returns them rather than applying them, so that `RGLRU` computes both of its gates in one pass
+  (`block_diagonal_gates`, whose form depends on the platform).
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTR: jax.Array | None = None):
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
     cfg = self.config
     N, R = cfg.num_gate_blocks_, cfg.lru_width_
     I = R // N
-    pd, cd = cfg.parameter_dtype, cfg.compute_dtype
+    pd = cfg.parameter_dtype
     w = param(self, "w", lecun_normal(), (N, I, I), ("rnn_block", None, None), pd)
     b = param(self, "b", nn.initializers.zeros_init(), (N, I), ("rnn_block", None), pd)
-    if x_BTR is None:
-      return w, b
-    x_BTNI = x_BTR.astype(cd).reshape(*x_BTR.shape[:-1], N, I)
-    y_BTNJ = jnp.einsum("btni,nij->btnj", x_BTNI, w.astype(cd)) + b.astype(cd)
-    return y_BTNJ.reshape(x_BTR.shape)
+    return w, b
 
 
 def _gates_einsum(x_BTR, w_x, b_x, w_a, b_a):
