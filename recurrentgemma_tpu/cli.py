@@ -160,7 +160,9 @@ def filter_native_stderr(patterns: Sequence[str] = NOISE_PATTERNS) -> None:
 
   C++ libraries (TensorFlow, XLA, libtpu) write past Python's logging, so stderr is piped through a
   small child process that forwards every other line. The child outlives a crash of this process, so
-  a fatal native error still reaches the terminal or log file in full.
+  a fatal native error still reaches the terminal or log file in full. It runs in its own session:
+  a signal to this process's group (a launcher's or scheduler's SIGTERM, Ctrl-C's SIGINT) must not
+  kill it first, or this process's next write to stderr fails and it dies before it can save.
   """
   global _filter
   if _filter is not None or os.environ.get(RAW_LOGS_ENV) == "1":
@@ -168,7 +170,7 @@ def filter_native_stderr(patterns: Sequence[str] = NOISE_PATTERNS) -> None:
   try:
     read_fd, write_fd = os.pipe()
     _filter = subprocess.Popen([sys.executable, "-c", _FILTER_SCRIPT, *patterns], stdin=read_fd,
-                               close_fds=True)
+                               close_fds=True, start_new_session=True)
   except OSError:
     return  # no filter is better than no command
   os.close(read_fd)

@@ -105,7 +105,7 @@ def _losses(workdir):
 def _start(workdir, *extra, **overrides):
   return subprocess.Popen(train_command(str(workdir), *extra, train__steps=STEPS, **overrides), cwd=REPO,
                           env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                          text=True, start_new_session=True)
 
 
 def _logged_step(workdir) -> int:
@@ -116,10 +116,11 @@ def _logged_step(workdir) -> int:
 @pytest.mark.slow
 def test_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_run(reference, tmp_path):
   """Preempted (SIGTERM), resumed, hard-killed (SIGKILL), resumed again: same run as `reference`."""
-  # 1. SIGTERM: the job saves the step it is at and exits with 42.
+  # 1. SIGTERM to the whole process group, as the local launcher and a VM shutdown send it (its
+  # stderr filter child must survive it): the job saves the step it is at and exits with 42.
   proc = _start(tmp_path, checkpoint__save_every=4)
   wait_for(lambda: _logged_step(tmp_path) >= 5, proc, 300, "step 5")
-  proc.send_signal(signal.SIGTERM)
+  os.killpg(proc.pid, signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 42, out[-4000:]  # exit_codes.PREEMPTED: the scheduler restarts it
   assert "Stopped for preemption" in out

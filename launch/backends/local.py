@@ -158,8 +158,12 @@ def run(spec: spec_lib.JobSpec, *, python: str = sys.executable, poll_s: float =
       st.phase = "restarting"
       state_lib.save_state(wd, st)
   except (_Terminated, KeyboardInterrupt):
-    log("launcher terminated: stopping the job (the trainer saves and exits 42)")
+    log("launcher terminated: SIGTERM to the job (the trainer saves at its next step, exits 42)")
     _terminate(procs)
+    codes = [p.returncode for p in procs]
+    log(f"job stopped: exit codes {codes}" + ("" if all(c == commands.EXIT_PREEMPTED for c in codes)
+                                             else " (not all saved: the run resumes from its "
+                                                  "newest checkpoint)"))
     st.phase, st.pids, st.message = "stopped", [], "launcher terminated"
     st.event("stopped")
     state_lib.save_state(wd, st)
