@@ -50,7 +50,7 @@ class Heartbeat:
     self._path = path(workdir, process_index)
     self._last = 0.0
     self._dir_made = False
-    self.phase = "starting"
+    self.phase = ""  # none yet: the first beat enters its phase (and takes that phase's delay)
     self.step = 0
     self._delays = _parse_delays(os.environ.get(_DELAY_ENV, ""))
 
