@@ -29,6 +29,20 @@ if _SESSION_CACHE:
   os.environ[_CACHE_ENV] = _SESSION_CACHE
 
 
+# The README's test command runs two pytest-xdist workers with `--dist loadfile`: each file runs whole
+# on one worker (its module fixtures are built once), handed out in collection order. The longest
+# files therefore go first, longest first, so the two workers end together instead of one finishing
+# a long file alone at the end. Order by seconds measured with two workers on the 2-core CI machine
+# (2026-12-01): ~600, ~500, ~400, ~320, ~250, ~200, ~150; every other file keeps its place after these.
+_LONGEST_FIRST = ("test_train_loop.py", "test_sharding.py", "test_launch_local.py", "test_resume.py",
+                  "test_compile.py", "test_sweep.py", "test_model.py")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
 def pytest_unconfigure(config):  # pylint: disable=unused-argument
   if _SESSION_CACHE:
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
