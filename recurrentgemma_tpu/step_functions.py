@@ -176,7 +176,7 @@ def build_step_functions(model_config: model_lib.ModelConfig, opt_config: Optimi
   batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
 
   init_fn = jax.jit(init, out_shardings=state_shardings)
-  step = functools.partial(train_step, model_config=model_config, opt_config=opt_config, tx=tx,
+  step = functools.partial(train_step, model_config=model_config, opt_config=opt_config,
                            param_logical_axes=logical, scan_placement=placement)
   metric_sharding = replicated
   train_fn = jax.jit(step, in_shardings=(state_shardings, batch_shardings),

@@ -10,8 +10,8 @@ mean (log Z)^2 term, before the coefficient), `total_loss` (what is differentiat
 (global norm before clipping), `param_norm`, `learning_rate` (the rate used by this step),
 `num_tokens` (sum of loss weights), `accuracy` (argmax == target, weighted).
 
-Static values (model and optimizer configs, the optimizer, the scan placement) are bound with
-`functools.partial`; `step_functions` jits the results with explicit shardings.
+Static values (model and optimizer configs, the parameters' logical axes, the scan placement) are
+bound with `functools.partial`; `step_functions` jits the results with explicit shardings.
 """
 
 import functools
@@ -26,6 +26,7 @@ import optax
 import pallas_kernels
 from recurrentgemma_tpu import loss as loss_lib
 from recurrentgemma_tpu import model as model_lib
+from recurrentgemma_tpu import optimizer as optimizer_lib
 from recurrentgemma_tpu.optimizer import OptimizerConfig, learning_rate_schedule
 
 Batch = Mapping[str, jax.Array]
@@ -166,8 +167,7 @@ def compute_gradients(params: Any, batch: Batch, *, model_config: model_lib.Mode
 
 
 def train_step(state: TrainState, batch: Batch, *, model_config: model_lib.ModelConfig,
-               opt_config: OptimizerConfig, tx: optax.GradientTransformation,
-               param_logical_axes: Any = None,
+               opt_config: OptimizerConfig, param_logical_axes: Any,
                scan_placement: Placement = None) -> tuple[TrainState, Metrics]:
   """One optimizer update on one global batch (pure; bind the keyword arguments with partial).
 
@@ -175,9 +175,10 @@ def train_step(state: TrainState, batch: Batch, *, model_config: model_lib.Model
     state: current TrainState.
     batch: dict of [B, T] arrays (module docstring).
     model_config: the model.
-    opt_config: micro-batch count, z-loss coefficient and schedule are read from it.
-    tx: the optimizer from `make_optimizer(opt_config, ...)`.
-    param_logical_axes, scan_placement: see `compute_gradients`.
+    opt_config: the optimizer (`optimizer.apply_update`), micro-batch count and z-loss coefficient.
+    param_logical_axes: the parameters' logical axes (weight-decay mask, layer-group stacking;
+      gradient accumulators are constrained to the parameters' sharding, see `compute_gradients`).
+    scan_placement: see `compute_gradients`.
 
   Returns:
     (new state, metrics) as described in the module docstring.
@@ -185,8 +186,8 @@ def train_step(state: TrainState, batch: Batch, *, model_config: model_lib.Model
   grads, metrics = compute_gradients(state.params, batch, model_config=model_config,
                                      opt_config=opt_config, param_logical_axes=param_logical_axes,
                                      scan_placement=scan_placement)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state = optimizer_lib.apply_update(opt_config, param_logical_axes, grads,
+                                                 state.opt_state, state.params)
   metrics = metrics | {
       "grad_norm": optax.global_norm(grads),
       "param_norm": optax.global_norm(params),
