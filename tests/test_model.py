@@ -364,3 +364,56 @@ def test_modelconfig_is_hashable_and_frozen():
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.width = 3  # type: ignore[misc]
   assert hash(cfg) == hash(small())
+
+
+# ------------------------------------------- hand-written backward passes vs float64 numpy
+
+
+def _fd_vjp(fn, args, cotangents, eps=1e-6):
+  """Cotangent-weighted central differences of a float64 NumPy function, one array per input."""
+  def weighted(*a):
+    return sum(np.sum(o * c) for o, c in zip(fn(*a), cotangents))
+
+  grads = []
+  for i, arg in enumerate(args):
+    g = np.zeros_like(arg)
+    for idx in np.ndindex(arg.shape):
+      plus, minus = list(args), list(args)
+      plus[i], minus[i] = arg.copy(), arg.copy()
+      plus[i][idx] += eps
+      minus[i][idx] -= eps
+      g[idx] = (weighted(*plus) - weighted(*minus)) / (2 * eps)
+    grads.append(g)
+  return grads
+
+
+def _check_vjp(jax_fn, np_fn, args, cotangents, rtol=1e-5, atol=1e-6):
+  """Values and gradients of a float32 JAX function against float64 NumPy and central differences."""
+  f32 = [jnp.asarray(a, jnp.float32) for a in args]
+  outs, vjp = jax.vjp(jax_fn, *f32)
+  outs = outs if isinstance(outs, tuple) else (outs,)
+  want = np_fn(*args)
+  for got, expected in zip(outs, want):
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=rtol, atol=atol)
+  cot = tuple(jnp.asarray(c, jnp.float32) for c in cotangents)
+  grads = vjp(cot if len(cot) > 1 else cot[0])
+  for got, expected in zip(grads, _fd_vjp(np_fn, args, cotangents)):
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=rtol, atol=atol)
+
+
+def test_strip_attend_values_and_gradients_match_float64():
+  B, C, H, K, S = 1, 3, 2, 4, 5
+  rng = np.random.default_rng(5)
+  q, k, v = rng.normal(size=(B, C, H, K)), rng.normal(size=(B, S, K)), rng.normal(size=(B, S, K))
+  cot = rng.normal(size=(B, C, H, K))
+  t = np.arange(S)
+  mask = (t[2:, None] >= t[None]) & (t[None] != 1)  # queries 2..4; key 1 in another document
+  mask = mask[None, :, None]  # [B, C, 1, S]
+
+  def np_fn(q, k, v):
+    logits = np.where(mask, np.einsum("bthk,bsk->bths", q, k) / np.sqrt(K), -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return (np.einsum("bths,bsk->bthk", p / p.sum(-1, keepdims=True), v),)
+
+  _check_vjp(lambda q, k, v: attention.strip_attend(q, k, v, jnp.asarray(mask)), np_fn,
+             [q, k, v], [cot])

@@ -57,6 +57,45 @@ CAUSAL_CHUNK = 256
 _MAX_CAUSAL_CHUNKS = 16
 
 
+@jax.custom_vjp
+def strip_attend(q_BCHK: jax.Array, k_BSK: jax.Array, v_BSK: jax.Array,
+                 mask_BC1S: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(K), masked) v for one query chunk and its key strip, logits [B, C, H, S].
+
+  Its backward pass keeps only the probabilities p and the output and uses the softmax identity
+  sum_s p_s dp_s = dout . out, so it makes one elementwise pass over [B, C, H, S] to form the
+  logits' gradient; autodiff through the mask, the max and the division makes several.
+  """
+  K = q_BCHK.shape[-1]
+  return _softmax_attend(q_BCHK, k_BSK, v_BSK, mask_BC1S, K**-0.5, q_BCHK.dtype, "bthk", "bsk",
+                         "bths", "bthk")
+
+
+def _strip_attend_fwd(q, k, v, mask):
+  # The ops of `_softmax_attend` (jax.nn.softmax's), so values equal the undifferentiated call.
+  logits = jnp.einsum("bthk,bsk->bths", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask, logits * q.shape[-1]**-0.5, _NEG_INF)
+  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  probs = e / jnp.sum(e, axis=-1, keepdims=True)
+  out = jnp.einsum("bths,bsk->bthk", probs.astype(q.dtype), v)
+  return out, (q, k, v, mask, probs, out)
+
+
+def _strip_attend_bwd(res, d_out):
+  q, k, v, mask, probs, out = res
+  dv = jnp.einsum("bths,bthk->bsk", probs.astype(q.dtype), d_out)
+  d_probs = jnp.einsum("bthk,bsk->bths", d_out, v, preferred_element_type=jnp.float32)
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_logits = jnp.where(mask, probs * (d_probs - row), 0.0) * q.shape[-1]**-0.5
+  d_logits = d_logits.astype(q.dtype)
+  dq = jnp.einsum("bths,bsk->bthk", d_logits, k)
+  dk = jnp.einsum("bths,bthk->bsk", d_logits, q)
+  return dq, dk, dv, None
+
+
+strip_attend.defvjp(_strip_attend_fwd, _strip_attend_bwd)
+
+
 def causal_strip_attention(q_BTHK: jax.Array, k_BTK: jax.Array, v_BTK: jax.Array,
                            segment_ids_BT: jax.Array) -> jax.Array:
   """Causal MQA within documents, computing only keys at or before each query chunk.
@@ -77,8 +116,7 @@ def causal_strip_attention(q_BTHK: jax.Array, k_BTK: jax.Array, v_BTK: jax.Array
                                     segment_ids_BT[:, None, None, :hi])  # [B, C, 1, S]
     # Logits [B, C, H, S]: with one shared K/V head the (query, head) rows are q's own memory
     # order, so no transpose of q, the logits or the output is needed around the two matmuls.
-    outs.append(_softmax_attend(q_BTHK[:, lo:hi], k_BTK[:, :hi], v_BTK[:, :hi], mask, K**-0.5,
-                                q_BTHK.dtype, "bthk", "bsk", "bths", "bthk"))
+    outs.append(strip_attend(q_BTHK[:, lo:hi], k_BTK[:, :hi], v_BTK[:, :hi], mask))
   return jnp.concatenate(outs, axis=1)
 
 
