@@ -401,6 +401,28 @@ def _check_vjp(jax_fn, np_fn, args, cotangents, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=rtol, atol=atol)
 
 
+def test_causal_conv1d_values_and_gradients_match_float64():
+  B, T, R, W = 2, 7, 3, 4
+  rng = np.random.default_rng(4)
+  x, cot = rng.normal(size=(B, T, R)), rng.normal(size=(B, T, R))
+  w, b = rng.normal(size=(W, R)), rng.normal(size=(R,))
+  doc = np.ones((B, T), np.int32)
+  doc[1, 3:] = 2  # a document starts at t = 3 in row 1
+  doc[1, 5:] = 3
+
+  def np_fn(x, w, b):
+    out = np.tile(b, (B, T, 1))
+    for bb in range(B):
+      for t in range(T):
+        for j in range(W):
+          if t - j >= 0 and doc[bb, t - j] == doc[bb, t]:
+            out[bb, t] += x[bb, t - j] * w[W - 1 - j]
+    return (out,)
+
+  _check_vjp(lambda x, w, b: rglru.causal_conv1d(x, w, b, jnp.asarray(doc)), np_fn, [x, w, b],
+             [cot])
+
+
 def test_strip_attend_values_and_gradients_match_float64():
   B, C, H, K, S = 1, 3, 2, 4, 5
   rng = np.random.default_rng(5)

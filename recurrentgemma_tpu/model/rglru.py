@@ -184,6 +184,58 @@ class RGLRU(nn.Module):
     return y_BTR.astype(cfg.compute_dtype), h_last
 
 
+def _conv_masks(doc_BT: jax.Array, W: int) -> list[jax.Array]:
+  """masks[j][b, t]: input t - j exists and lies in t's document; [B, T, 1] bool each."""
+  T = doc_BT.shape[1]
+  doc_pad = jnp.pad(doc_BT, ((0, 0), (W - 1, 0)), constant_values=-1)
+  return [(doc_pad[:, W - 1 - j:W - 1 - j + T] == doc_BT)[..., None] for j in range(W)]
+
+
+@jax.custom_vjp
+def causal_conv1d(x_BTR: jax.Array, w_WR: jax.Array, b_R: jax.Array,
+                  doc_BT: jax.Array) -> jax.Array:
+  """Depthwise causal convolution from a zero history that never crosses a document start.
+
+  out[t] = b + sum_j [doc[t - j] == doc[t]] x[t - j] w[W - 1 - j]  (doc: `Segments.doc_index`).
+  The hand-written backward pass is the same shifted multiply-adds run the other way plus one
+  reduction per tap; autodiff of the slices and selects adds padded copies and transposes.
+  """
+  return _causal_conv1d(x_BTR, w_WR, b_R, doc_BT)
+
+
+def _causal_conv1d(x, w, b, doc_BT):
+  W, T = w.shape[0], x.shape[1]
+  x_pad = jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0)))
+  out = None
+  for j, mask in enumerate(_conv_masks(doc_BT, W)):  # x[t - j] * w[W - 1 - j]
+    term = jnp.where(mask, x_pad[:, W - 1 - j:W - 1 - j + T], 0) * w[W - 1 - j]
+    out = term if out is None else out + term
+  return out + b
+
+
+def _causal_conv1d_fwd(x, w, b, doc_BT):
+  return _causal_conv1d(x, w, b, doc_BT), (x, w, doc_BT)
+
+
+def _causal_conv1d_bwd(res, g):
+  x, w, doc_BT = res
+  W, T = w.shape[0], x.shape[1]
+  x_pad = jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0)))
+  g_pad = jnp.pad(g, ((0, 0), (0, W - 1), (0, 0)))
+  dx, dw = None, [None] * W
+  for j, mask in enumerate(_conv_masks(doc_BT, W)):
+    # out[t + j] received x[t] * w[W - 1 - j] wherever mask[t + j] holds.
+    mask_ahead = jnp.pad(mask, ((0, 0), (0, W - 1), (0, 0)))[:, j:j + T]
+    term = jnp.where(mask_ahead, g_pad[:, j:j + T], 0) * w[W - 1 - j]
+    dx = term if dx is None else dx + term
+    dw[W - 1 - j] = jnp.sum(jnp.where(mask, x_pad[:, W - 1 - j:W - 1 - j + T], 0) * g,
+                            axis=(0, 1))
+  return dx, jnp.stack(dw).astype(w.dtype), jnp.sum(g, axis=(0, 1)).astype(w.dtype), None
+
+
+causal_conv1d.defvjp(_causal_conv1d_fwd, _causal_conv1d_bwd)
+
+
 class Conv1D(nn.Module):
   """Depthwise causal convolution of temporal width W that never looks across a document start."""
 
@@ -199,8 +251,9 @@ class Conv1D(nn.Module):
     b_R = param(self, "b", nn.initializers.zeros_init(), (R,), ("rnn",), cfg.parameter_dtype)
     B, T, _ = x_BTR.shape
     x = x_BTR.astype(cd)
-    if tail_BWR is None:
-      tail_BWR = jnp.zeros((B, W - 1, R), cd)
+    if tail_BWR is None:  # training and prefill: zero history
+      out = causal_conv1d(x, w_WR.astype(cd), b_R.astype(cd), seg.doc_index)
+      return out, jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0)))[:, T:]  # the last W - 1 inputs
     # The previous W-1 inputs (zeros at the start of a row, the cache when decoding) sit before
     # the chunk with document index 0; any start inside the chunk raises the index, which masks
     # everything before it.
