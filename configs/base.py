@@ -43,6 +43,7 @@ def model() -> ml_collections.ConfigDict:
   c.scan_layers = True  # scan over repeated block_pattern groups (fast compiles for deep models)
   # Rematerialisation per residual block: 'none' | 'block' (save nothing) | 'dots' (save matmul
   # outputs) | 'dots_no_batch' (save matmul outputs without batch dims, i.e. weight-like ones).
+  # The last block, when it sits after the scanned groups, is never rematerialised.
   c.remat = "none"
   # RG-LRU scan implementation for pallas_kernels.linear_scan: 'auto' | 'xla_linear' |
   # 'xla_associative' | 'pallas_tpu' | 'pallas_gpu'.
