@@ -38,7 +38,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "jax[tpu]>=0.10.2,<0.11",
         "pytest>=8",
-        "pytest-xdist>=3",
+        "pytest-xdist>=3.8",  # --no-loadscope-reorder (the README test command)
         "jaxtyping>=0.2,<1",
         "typeguard>=2,<3",
         "einops>=0.6,<1",
