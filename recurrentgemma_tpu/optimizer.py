@@ -158,21 +158,21 @@ def apply_update(c: OptimizerConfig, logical_axes: Any, grads: Any, opt_state: A
     return (treedef.flatten_up_to(optax.apply_updates(p_tree, updates)),
             st_def.flatten_up_to(new_st))
 
-  placeholder = lambda x: jnp.zeros((), x.dtype)
+  stand_in = lambda x: jnp.zeros((), x.dtype)  # for a leaf the other call updates
   only = lambda leaves, leaf_flags: [x for x, f in zip(leaves, leaf_flags) if f]
   # The leaves that are not stacked, and the scalar state (step counts), in one call; the stacked
-  # leaves enter it as scalar placeholders whose results are dropped.
-  new_p, new_st = step([placeholder(x) if f else x for x, f in zip(g, flags)],
-                       [placeholder(x) if f else x for x, f in zip(st, st_flags)],
-                       [placeholder(x) if f else x for x, f in zip(p, flags)])
+  # leaves enter it as scalar stand-ins whose results are dropped.
+  new_p, new_st = step([stand_in(x) if f else x for x, f in zip(g, flags)],
+                       [stand_in(x) if f else x for x, f in zip(st, st_flags)],
+                       [stand_in(x) if f else x for x, f in zip(p, flags)])
   if any(flags):
     def one_group(xs):
       g_i, st_i, p_i = (iter(v) for v in xs)
       out_p, out_st = step(
-          [next(g_i) if f else placeholder(x) for x, f in zip(g, flags)],
-          [next(st_i) if f else (placeholder(x) if i >= 0 else x)
+          [next(g_i) if f else stand_in(x) for x, f in zip(g, flags)],
+          [next(st_i) if f else (stand_in(x) if i >= 0 else x)
            for x, f, i in zip(st, st_flags, owner)],
-          [next(p_i) if f else placeholder(x) for x, f in zip(p, flags)])
+          [next(p_i) if f else stand_in(x) for x, f in zip(p, flags)])
       return only(out_p, flags), only(out_st, st_flags)
     group_p, group_st = jax.lax.map(one_group, (only(g, flags), only(st, st_flags), only(p, flags)))
     group_p, group_st = iter(group_p), iter(group_st)

@@ -44,11 +44,15 @@ def apply_rope(x_BTHK: jax.Array, positions_BT: jax.Array, rope_dims: int,
   return jnp.concatenate([first * cos - second * sin, second * cos + first * sin, x_pass], -1)
 
 
-def _softmax_attend(q, k, v, mask, scale, out_dtype, q_spec, k_spec, l_spec, o_spec):
+def _masked_probs(q, k, mask, scale, q_spec, k_spec, l_spec):
+  """float32 softmax over the last axis of the masked, scaled logits q k^T."""
   logits = jnp.einsum(f"{q_spec},{k_spec}->{l_spec}", q, k,
                       preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask, logits, _NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(out_dtype)
+  return jax.nn.softmax(jnp.where(mask, logits, _NEG_INF), axis=-1)
+
+
+def _softmax_attend(q, k, v, mask, scale, out_dtype, q_spec, k_spec, l_spec, o_spec):
+  probs = _masked_probs(q, k, mask, scale, q_spec, k_spec, l_spec).astype(out_dtype)
   return jnp.einsum(f"{l_spec},{k_spec}->{o_spec}", probs, v)
 
 
@@ -72,11 +76,8 @@ def strip_attend(q_BCHK: jax.Array, k_BSK: jax.Array, v_BSK: jax.Array,
 
 
 def _strip_attend_fwd(q, k, v, mask):
-  # The ops of `_softmax_attend` (jax.nn.softmax's), so values equal the undifferentiated call.
-  logits = jnp.einsum("bthk,bsk->bths", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(mask, logits * q.shape[-1]**-0.5, _NEG_INF)
-  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-  probs = e / jnp.sum(e, axis=-1, keepdims=True)
+  # `_softmax_attend`'s ops, so values equal the undifferentiated call.
+  probs = _masked_probs(q, k, mask, q.shape[-1]**-0.5, "bthk", "bsk", "bths")
   out = jnp.einsum("bths,bsk->bthk", probs.astype(q.dtype), v)
   return out, (q, k, v, mask, probs, out)
 

@@ -203,14 +203,23 @@ def causal_conv1d(x_BTR: jax.Array, w_WR: jax.Array, b_R: jax.Array,
   return _causal_conv1d(x_BTR, w_WR, b_R, doc_BT)
 
 
-def _causal_conv1d(x, w, b, doc_BT):
-  W, T = w.shape[0], x.shape[1]
-  x_pad = jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0)))
+def _conv_with_history(x_ext, idx_ext, w, b, doc_BT):
+  """out[t] = b + sum_j [idx_ext[t'] == doc[t]] x_ext[t'] w[W - 1 - j], t' = t + W - 1 - j: x_ext and
+  idx_ext are the chunk's inputs and document indices after the W - 1 before it."""
+  W, T = w.shape[0], doc_BT.shape[1]
   out = None
-  for j, mask in enumerate(_conv_masks(doc_BT, W)):  # x[t - j] * w[W - 1 - j]
-    term = jnp.where(mask, x_pad[:, W - 1 - j:W - 1 - j + T], 0) * w[W - 1 - j]
+  for j in range(W):  # x[t - j] * w[W - 1 - j]
+    start = W - 1 - j
+    same_doc = (idx_ext[:, start:start + T] == doc_BT)[..., None]
+    term = jnp.where(same_doc, x_ext[:, start:start + T], 0) * w[start]
     out = term if out is None else out + term
   return out + b
+
+
+def _causal_conv1d(x, w, b, doc_BT):
+  W = w.shape[0]
+  return _conv_with_history(jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0))),
+                            jnp.pad(doc_BT, ((0, 0), (W - 1, 0)), constant_values=-1), w, b, doc_BT)
 
 
 def _causal_conv1d_fwd(x, w, b, doc_BT):
@@ -254,19 +263,11 @@ class Conv1D(nn.Module):
     if tail_BWR is None:  # training and prefill: zero history
       out = causal_conv1d(x, w_WR.astype(cd), b_R.astype(cd), seg.doc_index)
       return out, jnp.pad(x, ((0, 0), (W - 1, 0), (0, 0)))[:, T:]  # the last W - 1 inputs
-    # The previous W-1 inputs (zeros at the start of a row, the cache when decoding) sit before
-    # the chunk with document index 0; any start inside the chunk raises the index, which masks
-    # everything before it.
+    # The cached W-1 inputs sit before the chunk with document index 0; any start inside the
+    # chunk raises the index, which masks everything before it.
     x_ext = jnp.concatenate([tail_BWR.astype(cd), x], axis=1)  # [B, W-1+T, R]
     idx_ext = jnp.concatenate([jnp.zeros((B, W - 1), seg.doc_index.dtype), seg.doc_index], axis=1)
-    out = jnp.zeros_like(x)
-    w = w_WR.astype(cd)
-    for shift in range(W):  # x[t - shift] * w[W - 1 - shift]
-      start = W - 1 - shift
-      window = x_ext[:, start:start + T]
-      same_doc = (idx_ext[:, start:start + T] == seg.doc_index)[..., None]
-      out = out + jnp.where(same_doc, window, 0) * w[W - 1 - shift]
-    out = out + b_R.astype(cd)
+    out = _conv_with_history(x_ext, idx_ext, w_WR.astype(cd), b_R.astype(cd), seg.doc_index)
     new_tail = x_ext[:, -(W - 1):] if W > 1 else x_ext[:, :0]
     return out, new_tail
 
