@@ -29,7 +29,8 @@ if _SESSION_CACHE:
   os.environ[_CACHE_ENV] = _SESSION_CACHE
 
 
-# The README's test command runs two pytest-xdist workers with `--dist loadfile`: each file runs whole
+# The README's test command runs two pytest-xdist workers with `--dist loadfile --no-loadscope-reorder`
+# (xdist would otherwise order files by their number of tests): each file runs whole
 # on one worker (its module fixtures are built once), handed out in collection order. The longest
 # files therefore go first, longest first, so the two workers end together instead of one finishing
 # a long file alone at the end. Order by seconds measured with two workers on the 2-core CI machine
