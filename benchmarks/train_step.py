@@ -8,7 +8,8 @@ devices) on random tokens after a compile/warm-up step. MFU counts model FLOPs
 (`model.flops.training_flops_per_token`) against the chip table's peak on TPU and a measured matmul
 peak on CPU. `--reference` also times the `recurrentgemma` package (if installed) on the same model
 and prints the ratio, by wall time and by process CPU time (`cpu_s`, all threads; steadier than wall
-time when other jobs share the CPU).
+time when other jobs share the CPU), timing the two alternately step by step. `faults` counts the
+minor page faults of a step: on a CPU host each step's temporaries are fresh memory from the OS.
 """
 
 import functools
@@ -42,7 +43,8 @@ _WIDTH = flags.DEFINE_integer("width", 512, "Model width D (heads = D / 128, as 
 _LAYERS = flags.DEFINE_integer("layers", 6, "Residual blocks.")
 _VOCAB = flags.DEFINE_integer("vocab", 4096, "Vocabulary size.")
 _WINDOW = flags.DEFINE_integer("window", 1024, "Local-attention window (the paper's 1024 at T=2048).")
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per row (after one compile/warm-up step).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per row and implementation (after one "
+                              "compile/warm-up step each); the table shows their medians.")
 _DTYPE = flags.DEFINE_string("dtype", "auto", "Compute dtype; auto = float32 on CPU, bfloat16 elsewhere.")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy (model.remat).")
 _SCAN_LAYERS = flags.DEFINE_enum(
@@ -52,6 +54,9 @@ _DESIGN = flags.DEFINE_bool(
     "design_target", False, "Only the design's target config: Griffin, width 512, 6 layers, vocab "
     "4096, T=1024, batch 4 (lru_width = width and window = T, like the reference package's default).")
 _REFERENCE = flags.DEFINE_bool("reference", False, "Also time the reference recurrentgemma package.")
+_MICROBATCHES = flags.DEFINE_integer(
+    "num_microbatches", 1, "optimizer.num_microbatches of our step (gradient accumulation: the "
+    "same update, with 1/n of the activations live at a time). The reference step has none.")
 
 
 def experiment(family: str, seq_len: int, batch: int) -> experiment_lib.Experiment:
@@ -70,7 +75,8 @@ def experiment(family: str, seq_len: int, batch: int) -> experiment_lib.Experime
       "model.lru_width": lru_width, "model.attention_window": window, "model.dtype": dtype,
       "model.remat": _REMAT.value, "model.scan_layers": scan_layers, "data.seq_len": seq_len,
       "data.global_batch_size": batch,
-      "data.eval_batch_size": batch, "optimizer.warmup_steps": 10, "optimizer.decay_steps": 1000}
+      "data.eval_batch_size": batch, "optimizer.warmup_steps": 10, "optimizer.decay_steps": 1000,
+      "optimizer.num_microbatches": _MICROBATCHES.value}
   config = experiment_lib.load_config(os.path.join(_ROOT, "configs", "base.py"),
                                       [f"{k}={v}" for k, v in overrides.items()])
   return experiment_lib.build(config)
@@ -85,38 +91,53 @@ def random_batch(batch: int, seq_len: int, vocab: int) -> dict[str, np.ndarray]:
           "loss_weights": np.ones((batch, seq_len), np.float32)}
 
 
-def _cpu_seconds() -> float:
+def _usage() -> tuple[float, float, int]:
+  """(wall seconds, process CPU seconds of all threads, minor page faults) so far."""
   usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
+  return time.perf_counter(), usage.ru_utime + usage.ru_stime, usage.ru_minflt
 
 
-def _time(step, state, batch, steps: int) -> tuple[float, float, float]:
-  """(compile + first step seconds, mean wall and process-CPU seconds of the next `steps` steps).
+class Timed:
+  """One implementation's jitted step, its (donated) state and batch, and the timed steps so far."""
 
-  CPU seconds are the whole process's (all its threads): on a CPU host shared with other jobs they
-  move far less with the load than wall time, so they compare two implementations more fairly.
+  def __init__(self, name: str, step, state, batch):
+    self.name, self.step, self.state, self.batch = name, step, state, batch
+    self.samples = []  # (wall s, CPU s, minor faults) per timed step
+    self.first_s = self.run()[0]  # compile + first step
+
+  def run(self) -> tuple[float, float, int]:
+    before = _usage()
+    self.state, metrics = self.step(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+    return tuple(b - a for a, b in zip(before, _usage()))
+
+  def median(self, i: int) -> float:
+    return float(np.median([s[i] for s in self.samples]))
+
+
+def time_interleaved(impls: list[Timed], steps: int) -> None:
+  """Times `steps` steps of each implementation, alternating them step by step (A B, B A, ...).
+
+  Back-to-back blocks of steps let the host's drift (this VM's speed moves by 10-20% over
+  minutes) land on one implementation; alternating spreads it over both, and the medians drop
+  single outliers. CPU seconds are the whole process's (all its threads): with other jobs on
+  the host they move far less than wall time.
   """
-  t = time.perf_counter()
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
-  first = time.perf_counter() - t
-  t, c = time.perf_counter(), _cpu_seconds()
-  for _ in range(steps):
-    state, m = step(state, batch)
-  jax.block_until_ready((state, m))
-  return first, (time.perf_counter() - t) / steps, (_cpu_seconds() - c) / steps
+  for r in range(steps):
+    for impl in (impls if r % 2 == 0 else impls[::-1]):
+      impl.samples.append(impl.run())
 
 
-def time_ours(exp: experiment_lib.Experiment) -> tuple[float, float, float]:
+def build_ours(exp: experiment_lib.Experiment) -> Timed:
   mesh = mesh_lib.create_mesh(exp.mesh)
   fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh, exp.mesh.strategy)
   state = fns.create_state(jax.random.key(0))
   batch = random_batch(exp.data.global_batch_size, exp.data.seq_len, exp.model.vocab_size)
   batch = data_lib.to_global_arrays(batch, fns.batch_shardings["inputs"], exp.data.global_batch_size)
-  return _time(fns.train_step, state, batch, _STEPS.value)
+  return Timed("ours", fns.train_step, state, batch)
 
 
-def time_reference(exp: experiment_lib.Experiment) -> tuple[float, float, float]:
+def build_reference(exp: experiment_lib.Experiment) -> Timed:
   """The same model in the reference package, with a plain jitted loss + grad + AdamW step."""
   mc, batch, seq_len = exp.model, exp.data.global_batch_size, exp.data.seq_len
   import recurrentgemma.jax as rg  # pylint: disable=g-import-not-at-top
@@ -145,7 +166,7 @@ def time_reference(exp: experiment_lib.Experiment) -> tuple[float, float, float]
     u, o = tx.update(g, o, p)
     return (optax.apply_updates(p, u), o), loss
 
-  return _time(step, (params, tx.init(params)), b, _STEPS.value)
+  return Timed("reference", step, (params, tx.init(params)), b)
 
 
 def main(argv):
@@ -157,26 +178,30 @@ def main(argv):
   peak = trainer.peak_flops_per_device() * jax.device_count()
   device = jax.devices()[0]
   print(f"# {jax.device_count()} x {device.device_kind} ({device.platform}); peak used for MFU "
-        f"{peak / 1e9:.1f} GFLOP/s in total; jax {jax.__version__}")
+        f"{peak / 1e9:.1f} GFLOP/s in total; jax {jax.__version__}; load average "
+        f"{os.getloadavg()[0]:.1f}; medians of {_STEPS.value} timed steps"
+        + (", ours and the reference alternating" if _REFERENCE.value else ""))
   print(f"{'impl':<10} {'family':<8} {'T':>6} {'B':>3} {'params':>9} {'compile_s':>9} {'step_s':>8} "
-        f"{'tokens/s':>10} {'MFU':>6} {'cpu_s':>8}")
-  impls = [("ours", time_ours)] + ([("reference", time_reference)] if _REFERENCE.value else [])
+        f"{'tokens/s':>10} {'MFU':>6} {'cpu_s':>8} {'faults':>8}")
+  builders = [build_ours] + ([build_reference] if _REFERENCE.value else [])
   for family, seq_len, batch in rows:
     exp = experiment(family, seq_len, batch)
     n_params, _ = flops_lib.param_counts(exp.model)
     flops = flops_lib.training_flops_per_token(exp.model, seq_len)
-    times = {}
-    for name, fn in impls:
-      first, step_s, cpu_s = fn(exp)
-      times[name] = (step_s, cpu_s)
+    impls = [build(exp) for build in builders]
+    time_interleaved(impls, _STEPS.value)
+    for impl in impls:
+      step_s = impl.median(0)
       tps = batch * seq_len / step_s
-      print(f"{name:<10} {family:<8} {seq_len:>6} {batch:>3} {n_params / 1e6:>8.1f}M {first:>9.1f} "
-            f"{step_s:>8.3f} {tps:>10.0f} {metrics_lib.mfu(tps, flops, peak):>6.1%} {cpu_s:>8.2f}",
-            flush=True)
-    if "reference" in times:
-      (ours_s, ours_cpu), (ref_s, ref_cpu) = times["ours"], times["reference"]
-      print(f"ours vs reference: {ref_s / ours_s:.2f}x tokens/s (wall), {ref_cpu / ours_cpu:.2f}x "
-            f"per process-CPU second", flush=True)
+      print(f"{impl.name:<10} {family:<8} {seq_len:>6} {batch:>3} {n_params / 1e6:>8.1f}M "
+            f"{impl.first_s:>9.1f} {step_s:>8.3f} {tps:>10.0f} {metrics_lib.mfu(tps, flops, peak):>6.1%} "
+            f"{impl.median(1):>8.2f} {impl.median(2):>8.0f}", flush=True)
+    if len(impls) == 2:
+      ours, ref = impls
+      print(f"ours vs reference: {ref.median(0) / ours.median(0):.2f}x tokens/s (wall), "
+            f"{ref.median(1) / ours.median(1):.2f}x per process-CPU second (medians); load average "
+            f"now {os.getloadavg()[0]:.1f}", flush=True)
+    del impls
 
 
 if __name__ == "__main__":
