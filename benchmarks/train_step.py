@@ -1,7 +1,8 @@
 r"""Train-step throughput: tokens/s and MFU for Griffin, Hawk and MQA of the same size (Griffin Fig. 3).
 
   python benchmarks/train_step.py                         # 3 families x T in {2048, 8192}
-  python benchmarks/train_step.py --design_target          # the design's 21M Griffin, ours vs reference
+  python benchmarks/train_step.py --design_target --reference   # the design's 21M Griffin, ours vs reference
+  python benchmarks/train_step.py --design_target --reference --num_microbatches=1,2
 
 Each row times the real jitted train step (loss + grad + AdamW, donated state, the mesh of all local
 devices) on random tokens after a compile/warm-up step. MFU counts model FLOPs
@@ -54,12 +55,14 @@ _DESIGN = flags.DEFINE_bool(
     "design_target", False, "Only the design's target config: Griffin, width 512, 6 layers, vocab "
     "4096, T=1024, batch 4 (lru_width = width and window = T, like the reference package's default).")
 _REFERENCE = flags.DEFINE_bool("reference", False, "Also time the reference recurrentgemma package.")
-_MICROBATCHES = flags.DEFINE_integer(
-    "num_microbatches", 1, "optimizer.num_microbatches of our step (gradient accumulation: the "
-    "same update, with 1/n of the activations live at a time). The reference step has none.")
+_MICROBATCHES = flags.DEFINE_list(
+    "num_microbatches", ["1"], "optimizer.num_microbatches of our step, one row per value (e.g. "
+    "1,2): gradient accumulation, the same update with 1/n of the activations live at a time. "
+    "The reference step has none.")
 
 
-def experiment(family: str, seq_len: int, batch: int) -> experiment_lib.Experiment:
+def experiment(family: str, seq_len: int, batch: int,
+               microbatches: int = 1) -> experiment_lib.Experiment:
   """configs/base.py with this row's model and batch, validated like a training run."""
   dtype = _DTYPE.value
   if dtype == "auto":
@@ -76,7 +79,7 @@ def experiment(family: str, seq_len: int, batch: int) -> experiment_lib.Experime
       "model.remat": _REMAT.value, "model.scan_layers": scan_layers, "data.seq_len": seq_len,
       "data.global_batch_size": batch,
       "data.eval_batch_size": batch, "optimizer.warmup_steps": 10, "optimizer.decay_steps": 1000,
-      "optimizer.num_microbatches": _MICROBATCHES.value}
+      "optimizer.num_microbatches": microbatches}
   config = experiment_lib.load_config(os.path.join(_ROOT, "configs", "base.py"),
                                       [f"{k}={v}" for k, v in overrides.items()])
   return experiment_lib.build(config)
@@ -128,13 +131,13 @@ def time_interleaved(impls: list[Timed], steps: int) -> None:
       impl.samples.append(impl.run())
 
 
-def build_ours(exp: experiment_lib.Experiment) -> Timed:
+def build_ours(exp: experiment_lib.Experiment, name: str = "ours") -> Timed:
   mesh = mesh_lib.create_mesh(exp.mesh)
   fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh, exp.mesh.strategy)
   state = fns.create_state(jax.random.key(0))
   batch = random_batch(exp.data.global_batch_size, exp.data.seq_len, exp.model.vocab_size)
   batch = data_lib.to_global_arrays(batch, fns.batch_shardings["inputs"], exp.data.global_batch_size)
-  return Timed("ours", fns.train_step, state, batch)
+  return Timed(name, fns.train_step, state, batch)
 
 
 def build_reference(exp: experiment_lib.Experiment) -> Timed:
@@ -183,12 +186,15 @@ def main(argv):
         + (", ours and the reference alternating" if _REFERENCE.value else ""))
   print(f"{'impl':<10} {'family':<8} {'T':>6} {'B':>3} {'params':>9} {'compile_s':>9} {'step_s':>8} "
         f"{'tokens/s':>10} {'MFU':>6} {'cpu_s':>8} {'faults':>8}")
-  builders = [build_ours] + ([build_reference] if _REFERENCE.value else [])
+  microbatches = [int(n) for n in _MICROBATCHES.value]
   for family, seq_len, batch in rows:
     exp = experiment(family, seq_len, batch)
     n_params, _ = flops_lib.param_counts(exp.model)
     flops = flops_lib.training_flops_per_token(exp.model, seq_len)
-    impls = [build(exp) for build in builders]
+    impls = [build_ours(experiment(family, seq_len, batch, n),
+                        "ours" if microbatches == [1] else f"ours/mb{n}") for n in microbatches]
+    if _REFERENCE.value:
+      impls.append(build_reference(exp))
     time_interleaved(impls, _STEPS.value)
     for impl in impls:
       step_s = impl.median(0)
@@ -196,11 +202,12 @@ def main(argv):
       print(f"{impl.name:<10} {family:<8} {seq_len:>6} {batch:>3} {n_params / 1e6:>8.1f}M "
             f"{impl.first_s:>9.1f} {step_s:>8.3f} {tps:>10.0f} {metrics_lib.mfu(tps, flops, peak):>6.1%} "
             f"{impl.median(1):>8.2f} {impl.median(2):>8.0f}", flush=True)
-    if len(impls) == 2:
-      ours, ref = impls
-      print(f"ours vs reference: {ref.median(0) / ours.median(0):.2f}x tokens/s (wall), "
-            f"{ref.median(1) / ours.median(1):.2f}x per process-CPU second (medians); load average "
-            f"now {os.getloadavg()[0]:.1f}", flush=True)
+    if _REFERENCE.value:
+      ref = impls[-1]
+      for ours in impls[:-1]:
+        print(f"{ours.name} vs reference: {ref.median(0) / ours.median(0):.2f}x tokens/s (wall), "
+              f"{ref.median(1) / ours.median(1):.2f}x per process-CPU second (medians)", flush=True)
+      print(f"# load average now {os.getloadavg()[0]:.1f}", flush=True)
     del impls
 
 
