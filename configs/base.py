@@ -121,7 +121,8 @@ def optimizer() -> ml_collections.ConfigDict:
   # 0 disables it.
   c.z_loss = 0.0
   # Gradient accumulation: the global batch is split into this many
-  # micro-batches, processed sequentially inside one step.
+  # micro-batches, processed sequentially inside one step. On a CPU host 2
+  # can be faster than 1: fewer temporaries, fewer page faults per step.
   c.num_microbatches = 1
   # dtype of the Adam moments: "float32" or "bfloat16" (halves their memory).
   c.mu_dtype = "float32"
