@@ -1,7 +1,7 @@
 r"""Train-step throughput: tokens/s and MFU for Griffin, Hawk and MQA of the same size (Griffin Fig. 3).
 
   python benchmarks/train_step.py                         # 3 families x T in {2048, 8192}
-  python benchmarks/train_step.py --design_target --reference   # the design's 21M Griffin, ours vs reference
+  python benchmarks/train_step.py --design_target --reference   # the design's 21M Griffin
   python benchmarks/train_step.py --design_target --reference --num_microbatches=1,2
 
 Each row times the real jitted train step (loss + grad + AdamW, donated state, the mesh of all local
@@ -199,9 +199,10 @@ def main(argv):
     for impl in impls:
       step_s = impl.median(0)
       tps = batch * seq_len / step_s
+      mfu = metrics_lib.mfu(tps, flops, peak)
       print(f"{impl.name:<10} {family:<8} {seq_len:>6} {batch:>3} {n_params / 1e6:>8.1f}M "
-            f"{impl.first_s:>9.1f} {step_s:>8.3f} {tps:>10.0f} {metrics_lib.mfu(tps, flops, peak):>6.1%} "
-            f"{impl.median(1):>8.2f} {impl.median(2):>8.0f}", flush=True)
+            f"{impl.first_s:>9.1f} {step_s:>8.3f} {tps:>10.0f} {mfu:>6.1%} {impl.median(1):>8.2f} "
+            f"{impl.median(2):>8.0f}", flush=True)
     if _REFERENCE.value:
       ref = impls[-1]
       for ours in impls[:-1]:
