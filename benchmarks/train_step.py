@@ -187,12 +187,16 @@ def main(argv):
   print(f"{'impl':<10} {'family':<8} {'T':>6} {'B':>3} {'params':>9} {'compile_s':>9} {'step_s':>8} "
         f"{'tokens/s':>10} {'MFU':>6} {'cpu_s':>8} {'faults':>8}")
   microbatches = [int(n) for n in _MICROBATCHES.value]
-  for family, seq_len, batch in rows:
-    exp = experiment(family, seq_len, batch)
+  # Every row's configs are built (and so validated) before the first compile: a micro-batch count
+  # that does not divide a row's batch fails now, not after the rows before it were timed.
+  plans = [(family, seq_len, batch, {n: experiment(family, seq_len, batch, n) for n in microbatches})
+           for family, seq_len, batch in rows]
+  for family, seq_len, batch, exps in plans:
+    exp = exps[microbatches[0]]  # the model is the same in each; the reference runs it in one pass
     n_params, _ = flops_lib.param_counts(exp.model)
     flops = flops_lib.training_flops_per_token(exp.model, seq_len)
-    impls = [build_ours(experiment(family, seq_len, batch, n),
-                        "ours" if microbatches == [1] else f"ours/mb{n}") for n in microbatches]
+    impls = [build_ours(exps[n], "ours" if microbatches == [1] else f"ours/mb{n}")
+             for n in microbatches]
     if _REFERENCE.value:
       impls.append(build_reference(exp))
     time_interleaved(impls, _STEPS.value)
@@ -209,7 +213,7 @@ def main(argv):
         print(f"{ours.name} vs reference: {ref.median(0) / ours.median(0):.2f}x tokens/s (wall), "
               f"{ref.median(1) / ours.median(1):.2f}x per process-CPU second (medians)", flush=True)
       print(f"# load average now {os.getloadavg()[0]:.1f}", flush=True)
-    del impls
+    del impls  # frees this row's states before the next row builds its own
 
 
 if __name__ == "__main__":
