@@ -12,7 +12,7 @@ import pytest
 from configs import base
 from recurrentgemma_tpu.model import (BLOCK_TYPES, ModelConfig, apply, decode, init_cache,
                                       init_params, make_segments, param_logical_axes)
-from recurrentgemma_tpu.model import attention, rglru
+from recurrentgemma_tpu.model import attention, layers, rglru
 
 LOGICAL_NAMES = {"batch", "length", "embed", "vocab", "mlp", "heads", "kv", "head_dim", "rnn",
                  "rnn_block", "conv", "layers", None}
@@ -439,3 +439,14 @@ def test_strip_attend_values_and_gradients_match_float64():
 
   _check_vjp(lambda q, k, v: attention.strip_attend(q, k, v, jnp.asarray(mask)), np_fn,
              [q, k, v], [cot])
+
+
+def test_rms_norm_values_and_gradients_match_float64():
+  rng = np.random.default_rng(6)
+  x, cot = 3 * rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 3, 8))
+  scale = 0.1 * rng.normal(size=(8,))
+
+  def np_fn(x, scale):
+    return (x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-6) * (scale + 1),)
+
+  _check_vjp(lambda x, scale: layers.rms_norm(x, scale, 1e-6), np_fn, [x, scale], [cot])
