@@ -63,7 +63,8 @@ def _rms_norm_bwd(eps, res, d_out):
   d_scale = jnp.sum((d_out * normed).astype(jnp.float32), axis=tuple(range(x.ndim - 1)))
   d_normed = (d_out * (scale.astype(x.dtype) + 1)).astype(jnp.float32)
   # d(x r)/dx with r = (mean(x^2) + eps)^(-1/2): r g - x r^3 mean(g x).
-  d_x = inv_rms * (d_normed - x32 * jnp.square(inv_rms) * jnp.mean(d_normed * x32, -1, keepdims=True))
+  mean_gx = jnp.mean(d_normed * x32, axis=-1, keepdims=True)
+  d_x = inv_rms * (d_normed - x32 * jnp.square(inv_rms) * mean_gx)
   return d_x.astype(x.dtype), d_scale.astype(scale.dtype)
 
 
