@@ -16,7 +16,9 @@ INSTALL_REQUIRES = [
     # TFDS builders import it (via etils.epath) as soon as a real, non-mocked builder is opened.
     "importlib_resources>=6,<8",
     "ml-collections>=1.1,<2",
-    "sentencepiece>=0.2,<0.3",
+    # 0.2.2 and later ship protobuf-7 generated code, which refuses the protobuf 6 runtime that
+    # Apache Beam (the `beam` extra) requires (protobuf<7); 0.2.1 runs on both.
+    "sentencepiece>=0.2,<0.2.2",
     "absl-py>=2,<3",
     "numpy>=2,<3",
     "pyyaml>=6,<7",  # launch/ writes GKE JobSet manifests
@@ -33,6 +35,14 @@ EXTRAS_REQUIRE = {
     # atomic claims and leases under a gs:// root (google-cloud-storage's generation preconditions).
     "sweep": ["matplotlib>=3.8,<4", "scipy>=1.11", "tensorboard>=2.21,<2.22",
               "google-cloud-storage>=3,<4"],
+    # `python -m recurrentgemma_tpu.data.prepare --runner=...`: corpus preparation on Apache Beam
+    # (DirectRunner here; Dataflow needs `apache-beam[gcp]`), Parquet sources through pyarrow.
+    "beam": ["apache-beam>=2.78,<3", "pyarrow>=14,<26"],
+    # The Hugging Face bridge (`checkpoints.export_hf`, `--init_from=hf:DIR`). torch is CPU-only
+    # here; on a machine whose pip would pick a CUDA build, install a CPU wheel of torch first.
+    "hf": ["torch>=2.9", "transformers>=5.23,<6", "safetensors>=0.8"],
+    # `python -m recurrentgemma_tpu.evaluate`: lm-eval-harness runs our JAX model (no torch).
+    "eval": ["lm-eval>=0.4.13,<0.5"],
     # The reference `recurrentgemma` package itself pins numpy<2.4 and absl<2, so
     # the README installs it with --no-deps; these are the imports it needs.
     "test": [
