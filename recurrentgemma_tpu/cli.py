@@ -489,7 +489,11 @@ def device_rows(exp: Any) -> list[tuple[str, str]]:
 
 
 def workdir_state(workdir: str, steps: int, init_from: str = "") -> str:
-  """`fresh start`, `resuming from step k` or `complete (step k)`, from the checkpoint directory."""
+  """`fresh start` or the newest checkpoint step, from the checkpoint directory's listing.
+
+  Only what the listing shows: whether that step is resumed (its config compared, its arrays
+  read and verified) is decided later, so this never says "resuming" before a refusal.
+  """
   from recurrentgemma_tpu import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   directory = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR)
   found = [int(d) for d in workdir_lib.listdir(directory) if d.isdigit()]
@@ -497,5 +501,5 @@ def workdir_state(workdir: str, steps: int, init_from: str = "") -> str:
     return "fresh start" + (f" from the parameters of {init_from}" if init_from else "")
   latest = max(found)
   if latest >= steps:
-    return f"its newest checkpoint is step {latest} of {steps}: evaluates if needed, trains nothing"
-  return f"resuming from step {latest} (its newest checkpoint)"
+    return f"newest checkpoint step {latest} of {steps}; checked before use, then only evaluates"
+  return f"newest checkpoint step {latest}; checked against this config before resuming"

@@ -15,6 +15,7 @@ from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import trainer
 from recurrentgemma_tpu.checkpoints import manager as ckpt
+from recurrentgemma_tpu.checkpoints import resume
 from sharding import mesh as mesh_lib
 from test_train_common import small_config
 
@@ -59,7 +60,7 @@ def test_saving_an_existing_step_is_refused(tmp_path):
   _save_steps(m, [2])
   p, st = _toy_state(99.0)
   assert not m.save(2, p, st, {})
-  r = m.restore_latest(_abstract(p), _abstract(st))
+  r = resume.restore_newest(m, _abstract(p), _abstract(st))
   np.testing.assert_array_equal(r.params["w"], np.full((16, 4), 2.0))
   m.close()
 
@@ -73,7 +74,7 @@ def test_interrupted_save_is_never_used(tmp_path):
   p, st = _toy_state(0.0)
   m = ckpt.CheckpointManager(tmp_path, _options(keep_last=5))
   assert m.latest_step() == 4
-  r = m.restore_latest(_abstract(p), _abstract(st))
+  r = resume.restore_newest(m, _abstract(p), _abstract(st))
   assert r.step == 4 and r.meta["data"] == {"next_step": 4}
   np.testing.assert_array_equal(r.params["w"], np.full((16, 4), 4.0))
   np.testing.assert_array_equal(r.state["mu"]["w"], np.full((16, 4), 8.0))
@@ -83,7 +84,7 @@ def test_interrupted_save_is_never_used(tmp_path):
   m.close()
   assert sorted(os.listdir(tmp_path)) == ["2", "4", "6"]
   m = ckpt.CheckpointManager(tmp_path, _options(keep_last=5))
-  np.testing.assert_array_equal(m.restore_latest(_abstract(p), _abstract(st)).params["w"],
+  np.testing.assert_array_equal(resume.restore_newest(m, _abstract(p), _abstract(st)).params["w"],
                                 np.full((16, 4), 60.0))
   m.close()
 
@@ -100,10 +101,11 @@ def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path, caplog):
   p, st = _toy_state(0.0)
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5))
   with caplog.at_level(logging.WARNING):
-    r = m.restore_latest(_abstract(p), _abstract(st))
+    r = resume.restore_newest(m, _abstract(p), _abstract(st))
   assert r.step == 2
   np.testing.assert_array_equal(r.params["w"], np.full((16, 4), 2.0))
-  assert any("step 4" in rec.getMessage() and "falling back" in rec.getMessage() for rec in caplog.records)
+  assert any(rec.getMessage().startswith("Checkpoint step 4 is damaged")
+             and "continuing from step 2" in rec.getMessage() for rec in caplog.records)
   assert m.all_steps() == [2]
   assert os.listdir(tmp_path / "ck_corrupt")  # moved aside for inspection, not deleted
   # Training can redo step 4 under the same number.
@@ -115,7 +117,7 @@ def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path, caplog):
 def test_no_checkpoint_means_fresh_start(tmp_path):
   m = ckpt.CheckpointManager(tmp_path, _options())
   p, st = _toy_state(0.0)
-  assert m.restore_latest(_abstract(p), _abstract(st)) is None
+  assert resume.restore_newest(m, _abstract(p), _abstract(st)) is None
   m.close()
 
 
@@ -151,7 +153,7 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
     fns = _step_functions(config, devices[:n], **mesh_kw)
     m = ckpt.CheckpointManager(tmp_path, _options())
     abstract_params, abstract_rest = trainer.abstract_checkpoint(fns)
-    r = m.restore_latest(abstract_params, abstract_rest)
+    r = resume.restore_newest(m, abstract_params, abstract_rest)
     m.close()
     got = jax.device_get((r.params, r.state))
     jax.tree.map(np.testing.assert_array_equal, got, expected)
@@ -189,7 +191,8 @@ def _random_state(seed: int):
   rng = np.random.default_rng(seed)
   params = {"w": jnp.asarray(rng.standard_normal((64, 64), np.float32)),
             "b": jnp.asarray(rng.standard_normal((64,), np.float32))}
-  return params, {"step": jnp.asarray(seed, jnp.int32)}
+  return params, {"step": jnp.asarray(seed, jnp.int32),
+                  "mu": jnp.asarray(rng.standard_normal((64, 64), np.float32))}
 
 
 def _write_random_steps(directory, steps):
@@ -199,43 +202,116 @@ def _write_random_steps(directory, steps):
   m.close()
 
 
-def _data_files(step_dir):
-  return [os.path.join(root, f) for root, _, files in os.walk(step_dir)
-          if os.path.basename(root) == "d" for f in files]
+def _largest_data_file(item_dir):
+  """The largest array data file of an item (OCDBT keeps them under ocdbt.process_<i>/d/)."""
+  files = [os.path.join(root, f) for root, _, names in os.walk(item_dir)
+           if os.path.basename(root) == "d" and "ocdbt.process_" in root for f in names]
+  return max(files, key=os.path.getsize)
 
 
-def test_bit_flipped_array_is_detected_and_the_previous_step_used(tmp_path, caplog):
+# Invalid UTF-8 (the decode error the issue saw) followed by what is not JSON either.
+GARBAGE = b"\xff\xfe\x00\x17garbage{"
+
+
+def damage(step_dir, kind: str) -> str:
+  """Damages one file of a committed step like a bad disk or a bad copy would; returns its path.
+
+  kind: `<item>_data_{truncated,deleted,bitflip}` (item params or state: its largest data file),
+  `<item>_metadata_{garbage,emptied}` (params/_METADATA, state/_METADATA, the meta item's file),
+  `ocdbt_manifest_emptied`, `commit_marker_removed`."""
+  step_dir = str(step_dir)
+  item, what = kind.split("_", 1)
+  if what.startswith("data_"):
+    path = _largest_data_file(os.path.join(step_dir, item))
+    if what == "data_truncated":
+      os.truncate(path, os.path.getsize(path) // 2)
+    elif what == "data_deleted":
+      os.remove(path)
+    else:  # 64 bytes inverted in the middle; size unchanged
+      data = bytearray(open(path, "rb").read())
+      for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0xFF
+      open(path, "wb").write(bytes(data))
+    return path
+  path = {"params_metadata": "params/_METADATA", "state_metadata": "state/_METADATA",
+          "meta_metadata": "meta/metadata", "ocdbt_manifest": "params/manifest.ocdbt",
+          "commit_marker": "commit_success.txt"}[kind.rsplit("_", 1)[0]]
+  path = os.path.join(step_dir, path)
+  assert os.path.exists(path), path
+  if kind.endswith("_removed"):
+    os.remove(path)
+  else:
+    open(path, "wb").write(b"" if kind.endswith("_emptied") else GARBAGE)
+  return path
+
+
+DAMAGE_KINDS = [f"{item}_data_{how}" for item in ("params", "state")
+                for how in ("truncated", "deleted", "bitflip")] + [
+                    f"{item}_metadata_{how}" for item in ("params", "state", "meta")
+                    for how in ("garbage", "emptied")] + [
+                        "ocdbt_manifest_emptied", "commit_marker_removed"]
+# Damage that leaves the step readable and correct: Orbax commits a local step by renaming it, so
+# the commit marker is only read on object stores; resume keeps such a step.
+HARMLESS = ("commit_marker_removed",)
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+  """{(step, item): number of times Orbax was asked to read that item} for every restore."""
+  reads = {}
+  real = ckpt.ocp.CheckpointManager.restore
+
+  def counting(self, step, *args, **kwargs):
+    for item in kwargs["args"].keys():
+      reads[(step, item)] = reads.get((step, item), 0) + 1
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", counting)
+  return reads
+
+
+@pytest.mark.parametrize("kind", DAMAGE_KINDS)
+def test_damaged_newest_step_falls_back_after_at_most_one_extra_read(tmp_path, caplog, count_reads,
+                                                                    kind):
   _write_random_steps(tmp_path / "ck", [2, 4])
-  # Invert 64 bytes in the middle of step 4's largest parameter data file; its size is unchanged.
-  path = max(_data_files(tmp_path / "ck" / "4" / "params"), key=os.path.getsize)
-  data = bytearray(open(path, "rb").read())
-  size = len(data)
-  for i in range(size // 2, size // 2 + 64):
-    data[i] ^= 0xFF
-  open(path, "wb").write(bytes(data))
-  assert os.path.getsize(path) == size
+  path = damage(tmp_path / "ck" / "4", kind)
+  item = kind.split("_")[0] if not kind.startswith(("ocdbt", "commit")) else "params"
   p, st = _random_state(0)
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
   with caplog.at_level(logging.WARNING):
-    r = m.restore_latest(_abstract(p), _abstract(st))
+    r = resume.restore_newest(m, _abstract(p), _abstract(st))
   m.close()
-  assert r.step == 2
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(r.params), jax.device_get(_random_state(2)[0]))
-  warnings = [rec.getMessage() for rec in caplog.records if "falling back" in rec.getMessage()]
-  assert warnings and "step 4" in warnings[0] and "checksum mismatch in array params/w" in warnings[0]
-  assert [e.split(".")[0] for e in os.listdir(tmp_path / "ck_corrupt")] == ["4"]
+  want = 4 if kind in HARMLESS else 2
+  assert r.step == want
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get((r.params, r.state)),
+               jax.device_get(_random_state(want)))
+  warnings = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+  if kind in HARMLESS:
+    assert not warnings and m.all_steps() == [2, 4] and not os.path.exists(tmp_path / "ck_corrupt")
+    return
+  # One warning line naming the step, the file (or the item holding it) and the error.
+  assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+  shown = path if "_metadata_" in kind or kind.startswith("ocdbt") else os.path.dirname(
+      os.path.dirname(os.path.dirname(path)))  # the item directory of a data file
+  assert warnings[0].startswith("Checkpoint step 4 is damaged: ") and shown in warnings[0], warnings
+  assert ("checksum mismatch in array " if kind.endswith("bitflip") else "Error") in warnings[0]
+  # Time: the failing item is read at most twice, every other item of step 4 at most once.
+  assert count_reads[(4, item)] == (1 if kind.endswith("bitflip") else 2), count_reads
+  assert all(n <= 1 for (step, it), n in count_reads.items() if step == 4 and it != item)
+  # Set aside, not deleted: the damaged file is in the quarantined copy.
+  assert m.all_steps() == [2]
+  (moved,) = os.listdir(tmp_path / "ck_corrupt")
+  assert moved.startswith("4.")
+  relative = os.path.relpath(path, tmp_path / "ck" / "4")
+  assert os.path.exists(os.path.join(tmp_path, "ck_corrupt", moved, relative)) != kind.endswith("deleted")
 
 
-@pytest.mark.parametrize("damage", ["empty_ocdbt_manifest", "garbage_checkpoint_metadata"])
-def test_damaged_metadata_of_a_finished_step_is_detected(tmp_path, damage):
+def test_garbled_checkpoint_metadata_is_damage(tmp_path):
   _write_random_steps(tmp_path / "ck", [2, 4])
-  target = {"empty_ocdbt_manifest": tmp_path / "ck" / "4" / "params" / "manifest.ocdbt",
-            "garbage_checkpoint_metadata": tmp_path / "ck" / "4" / "_CHECKPOINT_METADATA"}[damage]
-  assert target.exists()
-  target.write_bytes(b"" if damage == "empty_ocdbt_manifest" else b"\x00\x17garbage{")
+  (tmp_path / "ck" / "4" / "_CHECKPOINT_METADATA").write_bytes(GARBAGE)
   p, st = _random_state(0)
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
-  r = m.restore_latest(_abstract(p), _abstract(st))
+  r = resume.restore_newest(m, _abstract(p), _abstract(st))
   m.close()
   assert r.step == 2 and m.all_steps() == [2]
   assert os.listdir(tmp_path / "ck_corrupt")
@@ -247,8 +323,7 @@ def test_transient_read_error_is_retried_and_nothing_is_quarantined(tmp_path, mo
   failures = []
 
   def flaky(self, step, *args, **kwargs):
-    items = set(kwargs["args"].keys()) if "args" in kwargs else set()
-    if "params" in items and not failures:  # the first array read fails like a storage hiccup
+    if "params" in kwargs["args"].keys() and not failures:  # the first array read: a storage hiccup
       failures.append(step)
       raise ValueError("UNAVAILABLE: Error reading params/d/...: connection reset by peer")
     return real(self, step, *args, **kwargs)
@@ -256,15 +331,16 @@ def test_transient_read_error_is_retried_and_nothing_is_quarantined(tmp_path, mo
   monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", flaky)
   p, st = _random_state(0)
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
-  with caplog.at_level(logging.WARNING):
-    r = m.restore_latest(_abstract(p), _abstract(st))
+  with caplog.at_level(logging.INFO):
+    r = resume.restore_newest(m, _abstract(p), _abstract(st))
   m.close()
   assert failures == [4] and r.step == 4
-  assert any("retrying" in rec.getMessage() for rec in caplog.records)
+  assert any("again in" in rec.getMessage() for rec in caplog.records)
+  assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
   assert m.all_steps() == [2, 4] and not os.path.exists(tmp_path / "ck_corrupt")
 
 
-def test_persistent_non_damage_error_moves_nothing(tmp_path, monkeypatch):
+def test_storage_down_moves_nothing_and_names_every_step(tmp_path, monkeypatch, count_reads):
   _write_random_steps(tmp_path / "ck", [2, 4])
 
   def down(self, step, *args, **kwargs):
@@ -272,12 +348,34 @@ def test_persistent_non_damage_error_moves_nothing(tmp_path, monkeypatch):
 
   monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", down)
   p, st = _random_state(0)
-  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), read_attempts=2,
-                             retry_pause_s=0.01)
-  with pytest.raises(ckpt.StorageError, match=r"step 4 \(meta\).*failed 2 times.*Nothing was moved"):
-    m.restore_latest(_abstract(p), _abstract(st))
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
+  with pytest.raises(ckpt.StorageError) as info:
+    resume.restore_newest(m, _abstract(p), _abstract(st))
   m.close()
-  assert sorted(os.listdir(tmp_path / "ck")) == ["2", "4"]
+  text = str(info.value)
+  assert "nothing was moved" in text and "\n" not in text
+  assert text.count("UNAVAILABLE: storage is down") == 2 and "step 4: " in text and "step 2: " in text
+  assert sorted(os.listdir(tmp_path / "ck")) == ["2", "4"] and not os.path.exists(tmp_path / "ck_corrupt")
+
+
+def test_storage_failing_differently_each_time_judges_nothing(tmp_path, monkeypatch):
+  _write_random_steps(tmp_path / "ck", [2, 4])
+  calls = []
+
+  def flaky(self, step, *args, **kwargs):
+    calls.append(step)
+    raise ValueError(["UNAVAILABLE: connection reset", "DEADLINE_EXCEEDED: timed out",
+                      "PERMISSION_DENIED: token expired"][len(calls) % 3])
+
+  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", flaky)
+  p, st = _random_state(0)
+  m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), read_attempts=3,
+                             retry_pause_s=0.01)
+  with pytest.raises(ckpt.StorageError, match=r"step 4 .*failed 3 times, differently each time"):
+    resume.restore_newest(m, _abstract(p), _abstract(st))
+  m.close()
+  assert calls == [4, 4, 4]  # the older step is not read: nothing can be judged
+  assert sorted(os.listdir(tmp_path / "ck")) == ["2", "4"] and not os.path.exists(tmp_path / "ck_corrupt")
 
 
 def test_other_shapes_are_a_mismatch_not_damage(tmp_path):
@@ -286,20 +384,27 @@ def test_other_shapes_are_a_mismatch_not_damage(tmp_path):
   wider = dict(_abstract(p), w=jax.ShapeDtypeStruct((64, 128), jnp.float32))
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
   with pytest.raises(ckpt.CheckpointMismatch, match=r"params/w: saved \(64, 64\) float32, requested "
-                     r"\(64, 128\) float32"):
-    m.restore_latest(wider, _abstract(st))
+                     r"\(64, 128\) float32") as info:
+    resume.restore_newest(m, wider, _abstract(st))
   m.close()
+  assert not info.value.params_fit
   assert os.listdir(tmp_path / "ck") == ["2"] and not os.path.exists(tmp_path / "ck_corrupt")
 
 
-def test_every_step_damaged_is_refused_not_restarted(tmp_path):
-  _write_random_steps(tmp_path / "ck", [2])
-  (tmp_path / "ck" / "2" / "_CHECKPOINT_METADATA").write_text("not json")
+def test_every_step_damaged_moves_nothing_and_names_each(tmp_path):
+  _write_random_steps(tmp_path / "ck", [2, 4])
+  damage(tmp_path / "ck" / "4", "params_data_truncated")
+  damage(tmp_path / "ck" / "2", "meta_metadata_garbage")
+  before = sorted(os.listdir(tmp_path / "ck"))
   p, st = _random_state(0)
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
-  with pytest.raises(ckpt.CheckpointDamaged, match="every checkpoint .* is damaged"):
-    m.restore_latest(_abstract(p), _abstract(st))
+  with pytest.raises(ckpt.StorageError) as info:
+    resume.restore_newest(m, _abstract(p), _abstract(st))
   m.close()
+  text = str(info.value)
+  assert f"step 4: {tmp_path / 'ck' / '4' / 'params'}: ValueError: OUT_OF_RANGE" in text, text
+  assert f"step 2: {tmp_path / 'ck' / '2' / 'meta' / 'metadata'}: UnicodeDecodeError" in text, text
+  assert sorted(os.listdir(tmp_path / "ck")) == before and not os.path.exists(tmp_path / "ck_corrupt")
 
 
 @pytest.mark.slow
@@ -322,6 +427,6 @@ def test_failed_async_save_is_reported_at_the_next_check_naming_the_step(tmp_pat
   assert m.all_steps() == [2]  # the earlier step is intact
   m.close()
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5))
-  r = m.restore_latest(_abstract(p), _abstract(st))
+  r = resume.restore_newest(m, _abstract(p), _abstract(st))
   assert r.step == 2
   m.close()

@@ -208,8 +208,9 @@ def test_start_up_block_and_workdir_state(tmp_path):
   assert cli.workdir_state(str(tmp_path), 600) == "fresh start"
   (tmp_path / "checkpoints" / "200").mkdir(parents=True)
   (tmp_path / "checkpoints" / "400").mkdir()
-  assert cli.workdir_state(str(tmp_path), 600) == "resuming from step 400 (its newest checkpoint)"
-  assert "trains nothing" in cli.workdir_state(str(tmp_path), 400)
+  assert cli.workdir_state(str(tmp_path), 600) == (
+      "newest checkpoint step 400; checked against this config before resuming")
+  assert "then only evaluates" in cli.workdir_state(str(tmp_path), 400)
   assert cli.model_family(("recurrent", "recurrent", "local_attention")) == "griffin"
   assert cli.model_family(("recurrent",)) == "hawk"
   assert cli.model_family(("global_attention",)) == "mqa"

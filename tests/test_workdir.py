@@ -133,7 +133,8 @@ def test_remote_workdir(ram_scheme, tmp_path, monkeypatch):
       (1, 1.0), (2, 0.5), (3, 0.75)]
   assert cli.workdir_state(workdir, 4) == "fresh start"
   epath.Path(workdir_lib.join(workdir, "checkpoints", "3", "params")).mkdir(parents=True)
-  assert cli.workdir_state(workdir, 4) == "resuming from step 3 (its newest checkpoint)"
+  assert cli.workdir_state(workdir, 4) == (
+      "newest checkpoint step 3; checked against this config before resuming")
   assert not os.listdir(tmp_path)
 
 

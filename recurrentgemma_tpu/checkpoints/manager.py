@@ -11,11 +11,12 @@ A training checkpoint is one Orbax step directory `<workdir>/checkpoints/<step>/
 Safety rests on Orbax's atomic commit: a step is written under a temporary name and renamed (or, on
 object stores, marked with a commit file) only once every host has finished, so a save interrupted
 by SIGKILL or preemption never shows up as a step. Restoring reads `meta` first (the caller compares
-it with the requested run before any array is read), then the arrays, then verifies their checksums.
-Failures are told apart: damaged files (missing items, garbled metadata, TensorStore DATA_LOSS /
-NOT_FOUND, a checksum mismatch) move the step to `<dir>_corrupt/` and the previous step is used; a
-request that does not match raises `CheckpointMismatch` with nothing moved; any other read error is
-retried with backoff and then raised as `StorageError`, again with nothing moved.
+it with the requested run before any array is read), then each item's arrays, then verifies their
+checksums. This module reads and reports; which step to use, and when a step that does not read is
+moved to `<dir>_corrupt/`, is decided by the resume policy (`resume.py`). A read that fails is
+retried with backoff until it succeeds, fails the same way twice in a row, or runs out of attempts;
+a failed verification (checksum, metadata) is not retried. Either way the step is reported as
+`StepUnreadable` naming the file and the error, and nothing is moved here.
 
 Arrays are restored straight into the shardings of the abstract target handed to `restore`, so a
 checkpoint written on 8 devices restores onto 4 or 1 (or another mesh shape) without a detour
@@ -25,8 +26,10 @@ through host memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import re
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -83,38 +86,49 @@ class Restored(NamedTuple):
 
 
 class CheckpointDamaged(Exception):
-  """A committed step's files are missing, unreadable or fail their checksums (real damage)."""
+  """A step's files read but fail verification (checksums, metadata): not worth reading again."""
 
-  def __init__(self, step: int, reason: str):
+  def __init__(self, step: int, reason: str, path: str = ""):
     super().__init__(f"checkpoint step {step} is damaged: {reason}")
-    self.step, self.reason = step, reason
+    self.step, self.reason, self.path = step, reason, path
+
+
+class StepUnreadable(Exception):
+  """One step could not be read (after the retries of `CheckpointManager._read`); nothing was moved.
+
+  Attributes:
+    step: the step.
+    path: the file or item directory the failure points at.
+    error: the error, in one line.
+    persistent: True when the same failure repeated (or verification failed): a step that fails
+      like this while an older one restores is damaged. False when every attempt failed differently
+      (storage that comes and goes): such a step is never judged.
+    reads: how many times the failing item was read.
+  """
+
+  def __init__(self, step: int, path: str, error: str, *, persistent: bool, reads: int):
+    super().__init__(f"step {step}: {path}: {error}")
+    self.step, self.path, self.error = step, path, error
+    self.persistent, self.reads = persistent, reads
 
 
 class CheckpointMismatch(ValueError):
-  """The checkpoint holds arrays of other shapes or dtypes than requested (a user error, not damage)."""
+  """The checkpoint holds arrays of other shapes or dtypes than requested (a user error, not damage).
+
+  `params_fit` tells whether the parameters alone still fit (then `--init_from` can use them).
+  """
+
+  def __init__(self, message: str, params_fit: bool = False):
+    super().__init__(message)
+    self.params_fit = params_fit
 
 
 class StorageError(RuntimeError):
-  """Reading a checkpoint kept failing for a reason that does not show damage (nothing was moved)."""
+  """No checkpoint step could be read (storage down, or every step damaged); nothing was moved."""
 
 
 class SaveFailed(RuntimeError):
   """An (asynchronous) checkpoint save failed; the steps committed before it are intact."""
-
-
-# Status codes (TensorStore / gRPC) and exception types that mean the files themselves are bad. Anything
-# else (UNAVAILABLE, DEADLINE_EXCEEDED, permission errors, unknown errors) is retried and then reported,
-# never quarantined: moving a good step aside because the storage hiccuped would lose work.
-_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND")
-_DAMAGE_TYPES = (CheckpointDamaged, json.JSONDecodeError, FileNotFoundError, KeyError)
-
-
-def is_damage(error: BaseException) -> bool:
-  """True when `error` (from reading a step) means missing or corrupt files."""
-  if isinstance(error, _DAMAGE_TYPES):
-    return True
-  text = str(error)
-  return any(text.startswith(code) or f" {code}:" in text for code in _DAMAGE_CODES)
 
 
 class CheckpointManager:
@@ -123,8 +137,9 @@ class CheckpointManager:
   Args:
     directory: the checkpoint directory (`<workdir>/checkpoints`).
     options: retention and async settings.
-    read_attempts: reads of a step that fail are retried this many times in all, with a doubling
-      pause starting at `retry_pause_s`, before the failure is classified.
+    read_attempts: a read that keeps failing in new ways is tried at most this many times in all,
+      with a doubling pause starting at `retry_pause_s`; one that fails the same way twice in a row
+      is given up at once (at most one extra read of a damaged item).
     checksums: write per-array checksums and verify them on restore (False only to measure their cost).
   """
 
@@ -230,111 +245,101 @@ class CheckpointManager:
   # ---------------------------------------------------------------- restoring
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    """The `meta` item of `step` alone (no array is read); raises CheckpointDamaged if unreadable."""
+    """The `meta` item of `step` alone (no array is read); raises StepUnreadable if it does not read."""
+    step_dir = self.directory / str(step)
+
     def read():
-      _check_step_metadata(self.directory / str(step))
+      _check_step_metadata(step_dir)
       out = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
       meta = out[META_ITEM]
       if not isinstance(meta, dict) or meta.get("step", step) != step:
-        raise CheckpointDamaged(step, f"its meta item is not this step's: {str(meta)[:200]}")
+        raise CheckpointDamaged(step, f"its meta item is not this step's: {str(meta)[:200]}",
+                                os.fspath(step_dir / META_ITEM))
       return dict(meta)
-    return self._with_retries(step, "meta", read)
+
+    return self._read(step, META_ITEM, read)
 
   def restore(self, step: int, abstract_params: PyTree, abstract_state: PyTree,
               meta: Mapping[str, Any] | None = None) -> Restored:
     """Restores `step` onto the shardings of the abstract (ShapeDtypeStruct) targets, verified.
 
     Raises CheckpointMismatch when the stored arrays have other shapes or dtypes than the targets
-    (checked from `meta` before any array is read), CheckpointDamaged when files are missing or a
-    checksum differs, and StorageError when reading kept failing for another reason.
+    (checked from `meta` before any array is read) and StepUnreadable when an item does not read or
+    fails its checksums. Items are read one at a time, so a damaged `params` costs no read of `state`.
     """
     meta = dict(self.read_meta(step) if meta is None else meta)
     trees = {PARAMS_ITEM: abstract_params, STATE_ITEM: abstract_state}
     if "arrays" in meta:
       _check_specs(self.directory / str(step), meta["arrays"], integrity_lib.array_specs(trees))
-
-    def read():
-      out = self._manager.restore(step, args=ocp.args.Composite(**{
-          PARAMS_ITEM: ocp.args.StandardRestore(abstract_params),
-          STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-      }))
-      restored = {PARAMS_ITEM: out[PARAMS_ITEM], STATE_ITEM: out[STATE_ITEM]}
-      if not self.checksums:
-        pass
-      elif "checksums" in meta:
-        bad = integrity_lib.mismatches(meta["checksums"], integrity_lib.checksums(restored))
-        if bad:
-          raise CheckpointDamaged(step, f"checksum mismatch in array {', '.join(bad[:5])}"
-                                        + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-      else:
-        logging.warning("Checkpoint step %d has no checksums (written by an older version); its "
-                        "arrays are not verified.", step)
-      return restored
-
-    out = self._with_retries(step, "arrays", read)
+    if self.checksums and "checksums" not in meta:
+      logging.warning("Checkpoint step %d has no checksums (written by an older version); its "
+                      "arrays are not verified.", step)
+    out = {item: self._read(step, item, functools.partial(self._read_item, step, item, target, meta))
+           for item, target in trees.items()}
     return Restored(step=step, params=out[PARAMS_ITEM], state=out[STATE_ITEM], meta=meta)
 
-  def restore_latest(self, abstract_params: PyTree, abstract_state: PyTree,
-                     check: Callable[[dict[str, Any]], None] | None = None) -> Restored | None:
-    """Restores the newest intact step; damaged newer steps are quarantined with a warning.
+  def _read_item(self, step: int, item: str, target: PyTree, meta: Mapping[str, Any]) -> PyTree:
+    """One read of an array item, verified against the checksums in `meta`."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
+    if self.checksums and "checksums" in meta:
+      expected = {p: c for p, c in meta["checksums"].items() if p.startswith(f"{item}/")}
+      bad = integrity_lib.mismatches(expected, integrity_lib.checksums({item: restored}))
+      if bad:
+        raise CheckpointDamaged(
+            step, f"checksum mismatch in array {', '.join(bad[:5])}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
+            os.fspath(self.directory / str(step) / item))
+    return restored
 
-    `check(meta)` runs on the newest step's metadata before any array is read; whatever it raises
-    (a refused resume) propagates with nothing moved. Returns None when the directory holds no
-    committed step. Raises CheckpointDamaged when every step is damaged (after quarantining them):
-    a workdir that held checkpoints is never silently restarted from step 0.
+  def _read(self, step: int, item: str, fn: Callable[[], Any]) -> Any:
+    """Runs `fn` (one read of `item` of `step`) until it succeeds, else raises StepUnreadable.
+
+    A failed verification (CheckpointDamaged) is final at once; any other error is read again after
+    a pause, and given up when it repeats word for word (so a damaged file costs one extra read, not
+    `read_attempts`) or after `read_attempts` reads. All processes take each decision together.
     """
-    steps = self.all_steps()
-    checked = False
-    for step in reversed(steps):
-      try:
-        meta = self.read_meta(step)
-        if check is not None and not checked:
-          check(meta)
-          checked = True
-        return self.restore(step, abstract_params, abstract_state, meta)
-      except CheckpointDamaged as e:
-        logging.warning("Checkpoint step %d in %s is damaged (%s); falling back to the previous step.",
-                        step, self.directory, e.reason)
-        self.quarantine(step)
-    if steps:
-      raise CheckpointDamaged(steps[0], (
-          f"every checkpoint in {self.directory} (steps {steps}) is damaged; they were moved to "
-          f"{self.quarantine_dir}. Nothing is restarted from step 0 here: inspect them (see "
-          "docs/training.md, 'Recovering a quarantined step'), or train in another workdir."))
-    return None
-
-  def _with_retries(self, step: int, what: str, fn: Callable[[], Any]) -> Any:
-    pause = self.retry_pause_s
+    item_dir = self.directory / str(step) / item
+    pause, previous = self.retry_pause_s, None
     for attempt in range(1, self.read_attempts + 1):
+      result, error, persistent = None, None, False
       try:
-        return fn()
+        result = fn()
       except CheckpointMismatch:
         raise
+      except CheckpointDamaged as e:
+        error, persistent = e, True
       except Exception as e:  # pylint: disable=broad-except
-        if attempt == self.read_attempts:
-          if is_damage(e):
-            if isinstance(e, CheckpointDamaged):
-              raise
-            raise CheckpointDamaged(step, f"reading its {what} failed: {_one_line(e)}") from e
-          raise StorageError(
-              f"Reading checkpoint step {step} ({what}) in {self.directory} failed {attempt} times: "
-              f"{_one_line(e)}. Nothing was moved; this does not look like damaged files (if it is, "
-              "move the step aside by hand: docs/training.md).") from e
-        logging.warning("Reading checkpoint step %d (%s) failed (attempt %d of %d, retrying in %.1f s): %s",
-                        step, what, attempt, self.read_attempts, pause, _one_line(e))
-        time.sleep(pause)
-        pause *= 2
+        error, persistent = e, _signature(e) == previous
+      ok = error is None
+      all_ok, stop, all_persistent = _all_processes(
+          ok, ok or persistent or attempt == self.read_attempts, ok or persistent)
+      if all_ok:
+        return result
+      text = (error.reason if isinstance(error, CheckpointDamaged) else _one_line(error)) if error \
+          else "the read failed on another process"
+      if stop:
+        path = error.path if isinstance(error, CheckpointDamaged) and error.path else \
+            _locate(item_dir, error) if error else os.fspath(item_dir)
+        raise StepUnreadable(step, path, text, persistent=all_persistent, reads=attempt)
+      # INFO: a blip is routine; a failure that stays gets its one warning line from the policy.
+      logging.info("Reading checkpoint step %d (%s) failed (read %d of at most %d; again in %.1f s): %s",
+                   step, item, attempt, self.read_attempts, pause, text)
+      previous = _signature(error) if error else None
+      time.sleep(pause)
+      pause *= 2
+    raise AssertionError("unreachable: the last attempt always stops")
 
-  def quarantine(self, step: int) -> None:
-    """Moves a damaged step out of Orbax's view, so it is not retried and its number can be reused."""
+  def quarantine(self, step: int) -> epath.Path:
+    """Moves a step out of Orbax's view (never deletes it); returns where it went."""
+    dst = self.quarantine_dir / f"{step}.{int(time.time())}"
     if jax.process_index() == 0:
       src = self.directory / str(step)
-      dst = self.quarantine_dir / f"{step}.{int(time.time())}"
       dst.parent.mkdir(parents=True, exist_ok=True)
       workdir_lib.move(src, dst)  # shutil.move locally; object copies + delete on a bucket
-      logging.warning("Moved damaged checkpoint %s to %s.", src, dst)
     _sync_processes(f"quarantine_{step}")
     self._manager.reload()
+    return dst
 
 
 def _check_step_metadata(step_dir: epath.Path) -> None:
@@ -346,20 +351,53 @@ def _check_step_metadata(step_dir: epath.Path) -> None:
       if not isinstance(json.loads(path.read_text()), dict):
         raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
-      raise CheckpointDamaged(step, f"{path} is not valid JSON ({e})") from e
+      raise CheckpointDamaged(step, f"not valid JSON ({_one_line(e)})", os.fspath(path)) from e
   missing = [item for item in _ITEMS if not (step_dir / item).is_dir()]
   if missing:
-    raise CheckpointDamaged(step, f"items {missing} are missing from {step_dir}")
+    raise CheckpointDamaged(step, f"items {missing} are missing", os.fspath(step_dir))
+
+
+# JSON files Orbax keeps beside an item's arrays (and the meta item's one file): where a decode error
+# comes from, since the JSON and Unicode errors themselves name no file.
+_JSON_FILES = ("_METADATA", "_sharding", "metadata", "array_metadatas")
+
+
+def _locate(item_dir: epath.Path, error: BaseException) -> str:
+  """The file a read error points at: its own file name, an unparsable JSON file, else the item."""
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.filename:
+      return os.fspath(e.filename)
+    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+      for name in _JSON_FILES:
+        for path in ([item_dir / name] if name != "array_metadatas"
+                     else sorted((item_dir / name).glob("*")) if (item_dir / name).is_dir() else []):
+          try:
+            if path.is_file():
+              json.loads(path.read_text())
+          except (ValueError, UnicodeDecodeError, OSError):
+            return os.fspath(path)
+  return os.fspath(item_dir)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and its causes (and contexts), outermost first, without repeats."""
+  out: list[BaseException] = []
+  while error is not None and error not in out:
+    out.append(error)
+    error = error.__cause__ or error.__context__
+  return out
 
 
 def _check_specs(step_dir: epath.Path, saved: Mapping[str, Any], requested: Mapping[str, Any]) -> None:
-  changed = [f"{p}: saved {_spec(saved.get(p))}, requested {_spec(requested.get(p))}"
-             for p in sorted(set(saved) | set(requested)) if saved.get(p) != requested.get(p)]
+  changed = [p for p in sorted(set(saved) | set(requested)) if saved.get(p) != requested.get(p)]
   if changed:
     more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+    listed = "; ".join(f"{p}: saved {_spec(saved.get(p))}, requested {_spec(requested.get(p))}"
+                       for p in changed[:8])
     raise CheckpointMismatch(
         f"The checkpoint {step_dir} holds other arrays than this model/optimizer needs: "
-        f"{'; '.join(changed[:8])}{more}. Nothing was moved.")
+        f"{listed}{more}. Nothing was moved.",
+        params_fit=not any(p.startswith(f"{PARAMS_ITEM}/") for p in changed))
 
 
 def _spec(spec: Any) -> str:
@@ -367,8 +405,29 @@ def _spec(spec: Any) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-  text = " ".join(str(error).split())
-  return f"{type(error).__name__}: {text[:400]}"
+  """`Type: message` in one line; a TensorStore status (e.g. `OUT_OF_RANGE: ...`) among the causes
+  is preferred over Orbax's wrapper exception, whose text is a dump of the TensorStore spec."""
+  chain = [e for e in _chain(error) if not isinstance(e, StopIteration)] or [error]
+  coded = [e for e in chain if re.match(r"[A-Z][A-Z_]+: ", str(e))]
+  chosen = coded[0] if coded else chain[0]
+  text = " ".join(str(chosen).split()).split(" [tensorstore_spec", 1)[0]
+  return f"{type(chosen).__name__}: {text[:400]}"
+
+
+def _signature(error: BaseException) -> str:
+  """What makes two failures "the same way": the error without its numbers and quoted names (the
+  chunk TensorStore reports first varies between reads of one damaged file)."""
+  return re.sub(r"\d+", "#", re.sub(r'"[^"]*"', '""', _one_line(error)))
+
+
+def _all_processes(*flags: bool) -> tuple[bool, ...]:
+  """Each flag AND-ed over all processes, so every host takes the same decision."""
+  if jax.process_count() == 1:
+    return tuple(flags)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+  return tuple(bool(v) for v in np.asarray(gathered).reshape(-1, len(flags)).min(axis=0))
 
 
 def _sync_processes(name: str) -> None:

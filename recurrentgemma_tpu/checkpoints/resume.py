@@ -1,24 +1,33 @@
 """Resume policy: continue the run in a workdir, start from `init_from`, or start fresh.
 
-`restore_or_init` is the only place that decides. Its rules:
+`restore_or_init` is the only place that decides, and `restore_newest` the only place that judges a
+checkpoint that does not read. Damage is judged by outcome, never by the type of an exception
+(TensorStore reports a short or missing chunk as a generic error, a garbled JSON file as a decode
+error, an unreachable bucket as yet another): a step is damaged when it fails to read the same way
+on a second read (or fails its checksums) *and* an older step then restores and verifies. The rule,
+one row per outcome (docs/training.md has the same table):
 
-1. The newest checkpoint's `meta` item is read alone and compared with the requested experiment
-   (`compare`) before any array is read. A change to a field that alters array shapes, the numerics
-   of a step or the data stream stops the job (`ResumeRefused`, exit 2) naming every field
-   `old -> new` and the ways forward; nothing is moved or deleted. `accept_changes` lets the user
-   take a named field over deliberately (e.g. a new learning rate).
-2. Arrays are then restored onto the current mesh and verified against their checksums. Damaged
-   steps are quarantined by the manager and the previous step is used; a workdir whose checkpoints
-   are all damaged is refused, never restarted from step 0.
-3. Only a workdir with no checkpoint starts at step 0: from `init_from`'s parameters if given, else
-   from a fresh initialisation.
+| what happens                                          | what resume does                       | exit |
+| ----------------------------------------------------- | -------------------------------------- | ---- |
+| no checkpoint                                         | step 0: `init_from`'s parameters, else fresh | - |
+| newest readable `meta`: a compared config field differs | refuse, nothing moved; hints that can work | 2 |
+| arrays of other shapes than requested                 | refuse, nothing moved                  | 2    |
+| a read fails, then succeeds (a blip)                  | read again (pause 1 s, doubling), use the step | - |
+| a step fails the same way twice or fails its checksums, and an older step restores and verifies | use the older step; afterwards move the newer ones to `checkpoints_corrupt/`, one warning line each (step, file, error) | - |
+| a step keeps failing differently (4 reads)            | nothing moved, stop: storage is unreliable | 1 |
+| no step restores (storage down, or every step damaged) | nothing moved, one line naming each step and its error | 1 |
+| no step left, damaged ones set aside                  | refuse (never restart from step 0)     | 2    |
+
+Exit 1 is the code the launcher retries: a storage outage passes, and damage to every step needs a
+person either way, who finds every step and its error in that one line. A damaged step costs at most
+one extra read of the item that failed (items are read one at a time; a checksum mismatch none).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from absl import logging
 import jax
@@ -27,6 +36,7 @@ import jax.numpy as jnp
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import train_step as train_step_lib
+from recurrentgemma_tpu.checkpoints import integrity as integrity_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 
 # Config fields that may differ between a checkpoint and the run that resumes it: they change
@@ -98,9 +108,37 @@ def compare(saved: Mapping[str, Any], requested: Mapping[str, Any],
   return changed, one_sided
 
 
+def _hints(directory: str, changed: list[str], saved_arrays: Mapping[str, Any] | None,
+           requested_arrays: Mapping[str, Any] | None) -> str:
+  """The ways forward that can work: --init_from only if the parameters fit, --accept_config_changes
+  only if every array fits; another architecture leaves another workdir alone."""
+  fields = ",".join(c.split(":")[0] for c in changed)
+  if saved_arrays is None or requested_arrays is None:  # written before arrays were recorded
+    params_fit = all_fit = True
+    caveat = " (if the arrays still fit)"
+  else:
+    differ = [p for p in set(saved_arrays) | set(requested_arrays)
+              if saved_arrays.get(p) != requested_arrays.get(p)]
+    params_fit = not any(p.startswith(f"{ckpt_lib.PARAMS_ITEM}/") for p in differ)
+    all_fit, caveat = not differ, ""
+  ways = ["train this config in another --workdir"]
+  if params_fit:
+    ways.append(f"start a deliberate new run from these weights with another --workdir and "
+                f"--init_from={directory}")
+  if all_fit:
+    ways.append(f"if the change is intended{caveat}, re-run with --accept_config_changes={fields}")
+  why = "" if params_fit else (" (the checkpoint's parameters have other shapes or names, so "
+                               "neither --init_from nor --accept_config_changes can use them)")
+  return f"Ways forward: {'; or '.join(ways)}{why}."
+
+
 def check_resumable(meta: Mapping[str, Any], requested_json: str, directory: str,
-                    accept: Iterable[str] = ()) -> None:
-  """Raises ResumeRefused when the checkpoint's config differs from the request in a checked field."""
+                    accept: Iterable[str] = (),
+                    requested_arrays: Mapping[str, Any] | None = None) -> None:
+  """Raises ResumeRefused when the checkpoint's config differs from the request in a checked field.
+
+  `requested_arrays` ({path: [shape, dtype]}, `integrity.array_specs`) decides which hints can work.
+  """
   saved = json.loads(meta.get("config", "{}"))
   changed, one_sided = compare(saved, json.loads(requested_json), accept)
   if one_sided:
@@ -109,24 +147,67 @@ def check_resumable(meta: Mapping[str, Any], requested_json: str, directory: str
     raise ResumeRefused(
         f"Refusing to resume {directory} (step {meta.get('step')}): the requested run differs from "
         f"the checkpointed one in fields that change array shapes, numerics or the data stream: "
-        f"{'; '.join(changed)}. Nothing was moved or deleted. Ways forward: train this config in "
-        "another --workdir; or start a deliberate new run from these weights with another --workdir "
-        f"and --init_from={directory}; or, if the change is intended and the arrays still fit, "
-        "re-run with --accept_config_changes="
-        + ",".join(c.split(":")[0] for c in changed) + ".")
+        f"{'; '.join(changed)}. Nothing was moved or deleted. "
+        + _hints(directory, changed, meta.get("arrays"), requested_arrays))
+
+
+def restore_newest(ckpt: ckpt_lib.CheckpointManager, abstract_params: Any, abstract_state: Any,
+                   check: Callable[[dict[str, Any]], None] | None = None) -> ckpt_lib.Restored | None:
+  """Restores the newest step that reads and verifies, judging the newer ones (the module's rule).
+
+  `check(meta)` runs on the newest readable `meta` before any array is read; what it raises (a
+  refused resume) and CheckpointMismatch propagate with nothing moved. Returns None when the
+  directory holds no committed step; raises StorageError when no step restores.
+  """
+  steps = ckpt.all_steps()
+  failed: list[ckpt_lib.StepUnreadable] = []
+  checked = False
+  for step in reversed(steps):
+    try:
+      meta = ckpt.read_meta(step)
+      if check is not None and not checked:
+        check(meta)
+        checked = True
+      restored = ckpt.restore(step, abstract_params, abstract_state, meta)
+    except ckpt_lib.StepUnreadable as e:
+      if not e.persistent:
+        raise ckpt_lib.StorageError(
+            f"Reading checkpoint step {step} in {ckpt.directory} failed {e.reads} times, differently "
+            f"each time (last: {e.path}: {e.error}); the storage looks unreliable, so nothing is "
+            "judged and nothing was moved. Re-run the same command to retry.") from e
+      failed.append(e)
+      continue
+    # Only now is damage shown: an older step reads where the newer ones fail the same way.
+    for e in failed:
+      moved_to = ckpt.quarantine(e.step)
+      logging.warning(
+          "Checkpoint step %d is damaged: %s: %s (read %d time(s); step %d restores and verifies); "
+          "moved it to %s, nothing deleted; continuing from step %d.",
+          e.step, e.path, e.error, e.reads, step, moved_to, step)
+    return restored
+  if failed:
+    raise ckpt_lib.StorageError(
+        f"No checkpoint in {ckpt.directory} could be read, so nothing was moved and nothing restarts "
+        f"from step 0: {'; '.join(str(e) for e in failed)}. If the storage is unreachable, re-run the "
+        "same command once it is back; if these files are damaged, see docs/training.md "
+        "('Recovering a quarantined step').")
+  return None
 
 
 def restore_or_init(exp: Any, fns: step_functions.StepFunctions, ckpt: ckpt_lib.CheckpointManager,
                     accept_changes: Iterable[str] = ()) -> Resumed:
   """Resumes `exp` from `ckpt`'s newest intact step, else starts at step 0 (see the module doc)."""
   abstract_params, abstract_rest = abstract_checkpoint(fns)
-  check = lambda meta: check_resumable(meta, exp.to_json(), str(ckpt.directory), accept_changes)
+  requested_arrays = integrity_lib.array_specs(
+      {ckpt_lib.PARAMS_ITEM: abstract_params, ckpt_lib.STATE_ITEM: abstract_rest})
+  check = lambda meta: check_resumable(meta, exp.to_json(), str(ckpt.directory), accept_changes,
+                                       requested_arrays)
   try:
-    restored = ckpt.restore_latest(abstract_params, abstract_rest, check=check)
+    restored = restore_newest(ckpt, abstract_params, abstract_rest, check=check)
   except ckpt_lib.CheckpointMismatch as e:
-    raise ResumeRefused(f"{e} Train this config in another --workdir (or --init_from it).") from e
-  except ckpt_lib.CheckpointDamaged as e:
-    raise ResumeRefused(str(e)) from e
+    ways = "train this config in another --workdir" + (
+        " (or start one from these weights with --init_from)" if e.params_fit else "")
+    raise ResumeRefused(f"{e} Ways forward: {ways}.") from e
   if restored is not None:
     state = train_step_lib.TrainState(step=restored.state["step"], params=restored.params,
                                       opt_state=restored.state["opt_state"])
