@@ -1,9 +1,12 @@
 """Resume under faults, in real `python -m recurrentgemma_tpu.train` subprocesses on CPU.
 
 A kill storm (SIGKILL at start-up, mid-save and mid-final-evaluation, restarted until done) must end
-bitwise equal to an uninterrupted run with its final evaluation recorded once; a changed model is
-refused naming the fields with every checkpoint left in place; SIGTERM before the loop and user
-errors give their exit codes (recurrentgemma_tpu/exit_codes.py) with one clear line.
+bitwise equal to an uninterrupted run with its final evaluation recorded once; so must a re-run
+after each kind of damage to the newest checkpoint (it falls back, sets the step aside and trains
+on); damage to every step and a storage that fails every read move nothing and exit 1 with one
+line; a changed config is refused naming the fields, with only the hints that can work, every
+checkpoint left in place; SIGTERM before the loop and user errors give their exit codes
+(recurrentgemma_tpu/exit_codes.py) with one clear line.
 """
 
 import glob
@@ -24,6 +27,10 @@ from recurrentgemma_tpu import heartbeat
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt
 from recurrentgemma_tpu.checkpoints import resume
+from checkpoint_damage import DAMAGE_KINDS, HARMLESS, damage
+from recurrentgemma_tpu import step_functions
+from recurrentgemma_tpu.checkpoints import integrity
+from sharding import mesh as mesh_lib
 from test_train_common import REPO, small_config, subprocess_env, train_command, wait_for
 
 STEPS = 12
@@ -74,15 +81,32 @@ def _logged_step(workdir) -> int:
   return records[-1]["step"] if records else 0
 
 
+def _checkpoint(workdir, step=STEPS):
+  """(params, state item) of one step of `workdir`, restored on this process's 8 devices."""
+  exp = experiment_lib.build(small_config(train__steps=STEPS))
+  fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh_lib.create_mesh(exp.mesh),
+                                            exp.mesh.strategy)
+  m = ckpt.CheckpointManager(workdir / "checkpoints", exp.checkpoint)
+  restored = m.restore(step, *resume.abstract_checkpoint(fns))
+  m.close()
+  return jax.device_get((restored.params, restored.state))
+
+
+def _losses(workdir):
+  return [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(str(workdir))]
+
+
 # ---------------------------------------------------------------------------- refused changes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, field", [
-    ({"model__width": 128, "model__lru_width": 128}, "model.width: 64 -> 128"),
-    ({"model__vocab_size": 2048}, "model.vocab_size: 1024 -> 2048"),
+@pytest.mark.parametrize("override, field, fits", [
+    ({"model__width": 128, "model__lru_width": 128}, "model.width: 64 -> 128", "nothing"),
+    ({"model__block_pattern": "hawk"}, "model.block_pattern: ", "nothing"),  # another architecture
+    ({"optimizer__learning_rate": 1e-3}, "optimizer.learning_rate: 0.003 -> 0.001", "all"),
 ])
-def test_changed_model_is_refused_and_nothing_moves(finished, tmp_path, env, override, field):
+def test_changed_config_is_refused_with_hints_that_can_work(finished, tmp_path, env, override, field,
+                                                            fits):
   workdir = tmp_path / "wd"
   shutil.copytree(finished, workdir)
   before = _tree_listing(workdir / "checkpoints")
@@ -90,10 +114,39 @@ def test_changed_model_is_refused_and_nothing_moves(finished, tmp_path, env, ove
   assert rc == 2, out[-4000:]
   error = [line for line in out.splitlines() if line.startswith("error: ")]
   assert len(error) == 1 and field in error[0] and "Nothing was moved" in error[0], out[-4000:]
-  assert "--init_from=" in error[0] and "--accept_config_changes=" in error[0]
+  assert "another --workdir" in error[0]
+  # --init_from and --accept_config_changes only where the checkpoint's arrays fit the request.
+  assert ("--init_from=" in error[0]) == (fits == "all"), error[0]
+  assert (f"--accept_config_changes={field.split(':')[0]}" in error[0]) == (fits == "all"), error[0]
+  assert "resuming" not in out.lower() and f"newest checkpoint step {STEPS} of {STEPS}" in out
   assert "Traceback" not in out
   assert _tree_listing(workdir / "checkpoints") == before  # every checkpoint still in place
   assert not os.path.exists(workdir / "checkpoints_corrupt")
+
+
+def test_refusal_hints_follow_the_arrays():
+  base = small_config()
+  saved_exp = experiment_lib.build(base)
+  specs = lambda params, state: {**{f"params/{k}": v for k, v in params.items()},
+                                 **{f"state/{k}": v for k, v in state.items()}}
+  saved_arrays = specs({"w": [[64, 64], "float32"]}, {"mu/w": [[64, 64], "float32"]})
+  meta = {"step": 12, "config": saved_exp.to_json(), "arrays": saved_arrays}
+  lr = experiment_lib.build(small_config(optimizer__learning_rate=1e-3)).to_json()
+  cases = {  # requested arrays -> (init_from offered, accept offered)
+      "same arrays": (saved_arrays, True, True),
+      "other optimizer state": (specs({"w": [[64, 64], "float32"]}, {}), True, False),
+      "other parameters": (specs({"w": [[64, 128], "float32"]}, {"mu/w": [[64, 128], "float32"]}),
+                           False, False),
+  }
+  for name, (requested, init_from, accept) in cases.items():
+    with pytest.raises(resume.ResumeRefused) as info:
+      resume.check_resumable(meta, lr, "/wd/checkpoints", requested_arrays=requested)
+    text = str(info.value)
+    assert "optimizer.learning_rate: 0.003 -> 0.001" in text and "another --workdir" in text, name
+    assert ("--init_from=/wd/checkpoints" in text) == init_from, (name, text)
+    assert ("--accept_config_changes=optimizer.learning_rate" in text) == accept, (name, text)
+  resume.check_resumable(meta, lr, "/wd", accept=["optimizer.learning_rate"],
+                         requested_arrays=saved_arrays)  # accepted: no refusal
 
 
 def test_compatible_fields_are_not_compared():
@@ -197,3 +250,82 @@ def test_kill_storm_resumes_bitwise_and_evaluates_once(finished, tmp_path, env):
   losses = lambda w: [(r["step"], r["loss"]) for r in metrics_lib.read_metrics(str(w))]
   assert losses(tmp_path) == losses(finished)
   jax.tree.map(np.testing.assert_array_equal, _params(tmp_path), _params(finished))
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", DAMAGE_KINDS)
+def test_damaged_newest_checkpoint_falls_back_and_ends_bitwise_equal(finished, tmp_path, env, kind):
+  """The finished run's newest step (12) damaged one way, then the same command again: it falls back
+  to step 10 with one warning line, sets step 12 aside, trains steps 11-12 and ends bitwise equal
+  to the uninterrupted run (a step that is still intact is simply kept)."""
+  workdir = tmp_path / "wd"
+  shutil.copytree(finished, workdir)
+  path = damage(workdir / "checkpoints" / str(STEPS), kind)
+  damaged = _tree_listing(workdir / "checkpoints" / str(STEPS))
+  rc, out = _finish(_start(workdir, env))
+  assert rc == 0, out[-4000:]
+  warnings = [line for line in out.splitlines() if "is damaged" in line]
+  if kind in HARMLESS:
+    assert f"Training already complete at step {STEPS}" in out and not warnings, out[-4000:]
+    assert not os.path.exists(workdir / "checkpoints_corrupt")
+  else:
+    assert f"Training completed at step {STEPS}" in out, out[-4000:]
+    assert len(warnings) == 1, out[-4000:]
+    assert f"WARNING: Checkpoint step {STEPS} is damaged: " in warnings[0]
+    assert "continuing from step 10" in warnings[0] and str(workdir) in warnings[0]
+    named = path if "_data_" not in kind else str(workdir / "checkpoints" / str(STEPS) / kind.split("_")[0])
+    assert named in warnings[0], warnings[0]
+    (moved,) = os.listdir(workdir / "checkpoints_corrupt")  # set aside as it was, not deleted
+    assert moved.startswith(f"{STEPS}.")
+    assert _tree_listing(workdir / "checkpoints_corrupt" / moved) == damaged
+  assert _losses(workdir) == _losses(finished)
+  got_eval = metrics_lib.read_metrics(str(workdir), "eval")
+  assert got_eval == metrics_lib.read_metrics(str(finished), "eval") and len(got_eval) == 1
+  jax.tree.map(np.testing.assert_array_equal, _checkpoint(workdir), _checkpoint(finished))
+
+
+def _refused_with_nothing_moved(workdir, env):
+  """Runs the same command on `workdir`; asserts exit 1 after one line, nothing moved or trained."""
+  before = (_tree_listing(workdir / "checkpoints"), (workdir / "metrics.jsonl").read_text())
+  rc, out = _finish(_start(workdir, env), timeout=300)
+  assert rc == 1, out[-4000:]
+  errors = [line for line in out.splitlines() if line.startswith("internal error: ")]
+  assert len(errors) == 1 and "Traceback" not in out, out[-4000:]
+  assert "nothing was moved" in errors[0] and "nothing restarts from step 0" in errors[0]
+  assert "[train] step" not in out  # no restart from step 0
+  assert (_tree_listing(workdir / "checkpoints"), (workdir / "metrics.jsonl").read_text()) == before
+  assert not os.path.exists(workdir / "checkpoints_corrupt")
+  return errors[0]
+
+
+@pytest.mark.slow
+def test_damage_to_every_step_names_each_and_moves_nothing(finished, tmp_path, env):
+  workdir = tmp_path / "wd"
+  shutil.copytree(finished, workdir)
+  kinds = [k for k in DAMAGE_KINDS if k not in HARMLESS]
+  steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
+  for i, step in enumerate(steps):
+    damage(workdir / "checkpoints" / str(step), kinds[(3 * i) % len(kinds)])
+  line = _refused_with_nothing_moved(workdir, env)
+  for i, step in enumerate(steps):
+    assert f"step {step}: {workdir / 'checkpoints' / str(step)}" in line, (step, line)
+  assert "checksum mismatch" in line and "OUT_OF_RANGE" in line  # each step's own error
+
+
+@pytest.mark.slow
+def test_storage_error_on_every_read_moves_nothing(finished, tmp_path, env):
+  """Every file of every step answers reads with EIO, like a failed disk or a dead network mount
+  (the files are links to /proc/self/mem, whose first page no process maps): still listed, never
+  readable. Root reads through chmod, so this is how a test makes reads fail for real."""
+  workdir = tmp_path / "wd"
+  shutil.copytree(finished, workdir)
+  for root, _, files in os.walk(workdir / "checkpoints"):
+    for name in files:
+      os.remove(os.path.join(root, name))
+      os.symlink("/proc/self/mem", os.path.join(root, name))
+  line = _refused_with_nothing_moved(workdir, env)
+  assert line.count("OSError: [Errno 5] Input/output error") == len(os.listdir(workdir / "checkpoints"))
+
