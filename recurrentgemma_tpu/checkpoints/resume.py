@@ -4,23 +4,21 @@
 checkpoint that does not read. Damage is judged by outcome, never by the type of an exception
 (TensorStore reports a short or missing chunk as a generic error, a garbled JSON file as a decode
 error, an unreachable bucket as yet another): a step is damaged when it fails to read the same way
-on a second read (or fails its checksums) *and* an older step then restores and verifies. The rule,
-one row per outcome (docs/training.md has the same table):
+on a second read (or fails its checksums) *and* an older step then restores and verifies. In order:
 
-| what happens                                          | what resume does                       | exit |
-| ----------------------------------------------------- | -------------------------------------- | ---- |
-| no checkpoint                                         | step 0: `init_from`'s parameters, else fresh | - |
-| newest readable `meta`: a compared config field differs | refuse, nothing moved; hints that can work | 2 |
-| arrays of other shapes than requested                 | refuse, nothing moved                  | 2    |
-| a read fails, then succeeds (a blip)                  | read again (pause 1 s, doubling), use the step | - |
-| a step fails the same way twice or fails its checksums, and an older step restores and verifies | use the older step; afterwards move the newer ones to `checkpoints_corrupt/`, one warning line each (step, file, error) | - |
-| a step keeps failing differently (4 reads)            | nothing moved, stop: storage is unreliable | 1 |
-| no step restores (storage down, or every step damaged) | nothing moved, one line naming each step and its error | 1 |
-| no step left, damaged ones set aside                  | refuse (never restart from step 0)     | 2    |
+1. No committed step: start at step 0, from `init_from`'s parameters if given, else fresh; but a
+   workdir whose steps were all set aside before is refused (exit 2), never restarted from zero.
+2. The newest `meta` that reads is compared with the request (`check_resumable`): a changed field
+   is refused (exit 2) with only the hints that can work, as are arrays of other shapes; nothing moved.
+3. Steps are tried newest first. A read that fails is read again (the manager's `_read`) until it
+   succeeds, fails the same way twice, or fails differently 4 times; a checksum mismatch is final.
+4. The first step that restores and verifies is used; only then is each newer step that failed the
+   same way moved to `checkpoints_corrupt/` (one warning line: step, file, error).
+5. A step that failed differently every time, or no step restoring at all (storage down, or every
+   step damaged), moves nothing and stops with one line naming each step and its error, exit 1:
+   the code the launcher retries (an outage passes; damage everywhere needs a person either way).
 
-Exit 1 is the code the launcher retries: a storage outage passes, and damage to every step needs a
-person either way, who finds every step and its error in that one line. A damaged step costs at most
-one extra read of the item that failed (items are read one at a time; a checksum mismatch none).
+docs/training.md has the same rule as a table (failure, what resume does, exit code).
 """
 
 from __future__ import annotations
