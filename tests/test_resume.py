@@ -327,5 +327,7 @@ def test_storage_error_on_every_read_moves_nothing(finished, tmp_path, env):
       os.remove(os.path.join(root, name))
       os.symlink("/proc/self/mem", os.path.join(root, name))
   line = _refused_with_nothing_moved(workdir, env)
-  assert line.count("OSError: [Errno 5] Input/output error") == len(os.listdir(workdir / "checkpoints"))
+  for step in os.listdir(workdir / "checkpoints"):  # each step, the file and the storage error
+    path = workdir / "checkpoints" / step / "_CHECKPOINT_METADATA"
+    assert f"step {step}: {path}: OSError: [Errno 5] Input/output error" in line, line
 

@@ -348,7 +348,11 @@ def _check_step_metadata(step_dir: epath.Path) -> None:
   path = step_dir / "_CHECKPOINT_METADATA"
   if path.exists():
     try:
-      if not isinstance(json.loads(path.read_text()), dict):
+      text = path.read_text()
+    except OSError as e:  # name the file: epath's read errors do not
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+    try:
+      if not isinstance(json.loads(text), dict):
         raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
       raise CheckpointDamaged(step, f"not valid JSON ({_one_line(e)})", os.fspath(path)) from e
