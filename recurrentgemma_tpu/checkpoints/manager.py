@@ -296,8 +296,9 @@ class CheckpointManager:
     """Runs `fn` (one read of `item` of `step`) until it succeeds, else raises StepUnreadable.
 
     A failed verification (CheckpointDamaged) is final at once; any other error is read again after
-    a pause, and given up when it repeats word for word (so a damaged file costs one extra read, not
-    `read_attempts`) or after `read_attempts` reads. All processes take each decision together.
+    a pause, and given up when it repeats (`_signature`: the same error up to numbers and quoted
+    names), so a damaged file costs one extra read, or after `read_attempts` reads of errors that
+    keep changing. All processes take each decision together.
     """
     item_dir = self.directory / str(step) / item
     pause, previous = self.retry_pause_s, None
@@ -316,11 +317,8 @@ class CheckpointManager:
           ok, ok or persistent or attempt == self.read_attempts, ok or persistent)
       if all_ok:
         return result
-      text = (error.reason if isinstance(error, CheckpointDamaged) else _one_line(error)) if error \
-          else "the read failed on another process"
+      path, text = _describe(item_dir, error)
       if stop:
-        path = error.path if isinstance(error, CheckpointDamaged) and error.path else \
-            _locate(item_dir, error) if error else os.fspath(item_dir)
         raise StepUnreadable(step, path, text, persistent=all_persistent, reads=attempt)
       # INFO: a blip is routine; a failure that stays gets its one warning line from the policy.
       logging.info("Reading checkpoint step %d (%s) failed (read %d of at most %d; again in %.1f s): %s",
@@ -364,6 +362,15 @@ def _check_step_metadata(step_dir: epath.Path) -> None:
 # JSON files Orbax keeps beside an item's arrays (and the meta item's one file): where a decode error
 # comes from, since the JSON and Unicode errors themselves name no file.
 _JSON_FILES = ("_METADATA", "_sharding", "metadata", "array_metadatas")
+
+
+def _describe(item_dir: epath.Path, error: BaseException | None) -> tuple[str, str]:
+  """(file, one-line error) of a failed read of the item in `item_dir` (None: another process's)."""
+  if error is None:
+    return os.fspath(item_dir), "the read failed on another process"
+  if isinstance(error, CheckpointDamaged):
+    return error.path or os.fspath(item_dir), error.reason
+  return _locate(item_dir, error), _one_line(error)
 
 
 def _locate(item_dir: epath.Path, error: BaseException) -> str:
