@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -331,3 +332,30 @@ def test_storage_error_on_every_read_moves_nothing(finished, tmp_path, env):
     path = workdir / "checkpoints" / step / "_CHECKPOINT_METADATA"
     assert f"step {step}: {path}: OSError: [Errno 5] Input/output error" in line, line
 
+
+
+@pytest.mark.slow
+def test_two_hosts_agree_on_a_damaged_newest_step(finished, tmp_path):
+  """Two processes (one CPU device each, gloo) act as two hosts: each reads only its own shards, so
+  one may hit the damaged chunk alone; they must still take every decision together (fall back,
+  set step 12 aside once, train on) instead of diverging or hanging."""
+  workdir = tmp_path / "wd"
+  shutil.copytree(finished, workdir)
+  damage(workdir / "checkpoints" / str(STEPS), "params_data_truncated")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      train_command(str(workdir), f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                    f"--process_id={i}", train__steps=STEPS, checkpoint__save_every=2),
+      cwd=REPO, env=subprocess_env(num_devices=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  warnings = [line for line in outs[0].splitlines() if "is damaged" in line]
+  assert len(warnings) == 1 and "continuing from step 10" in warnings[0], outs[0][-4000:]
+  assert len(os.listdir(workdir / "checkpoints_corrupt")) == 1
+  got, want = _losses(workdir), _losses(finished)
+  assert got[:10] == want[:10] and [s for s, _ in got] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([l for _, l in got[10:]], [l for _, l in want[10:]], rtol=1e-4)
