@@ -378,3 +378,20 @@ def test_failed_async_save_is_reported_at_the_next_check_naming_the_step(tmp_pat
   r = resume.restore_newest(m, _abstract(p), _abstract(st))
   assert r.step == 2
   m.close()
+
+
+def test_the_same_failure_is_recognised_whichever_chunk_reports_it():
+  """Two reads of one damaged file report different chunks first (other array names, byte ranges,
+  messages longer than the one-line cut); they are the same failure. Another status is not."""
+  db = "/" + "very/long/workdir/" * 12 + "checkpoints/10/params/"
+
+  def error(array, status="DATA_LOSS"):
+    return ValueError(f'{status}: Error opening "cast" driver: Error reading "{array}/.zarray" in '
+                      f'OCDBT database at local file "{db}": Error decoding local file '
+                      f'"{db}manifest.ocdbt": Encoded length (0) is less than minimum length (16) '
+                      f'[tensorstore_spec=\'{{"driver":"zarr"}}\']')
+
+  first, second = error("embedder.input_embedding"), error("groups.block_0.recurrent_block.linear_out_w")
+  assert len(ckpt._one_line(first)) < len(str(first))  # the one-line text is cut, the signature not
+  assert ckpt._signature(first) == ckpt._signature(second)
+  assert ckpt._signature(first) != ckpt._signature(error("embedder.input_embedding", "UNAVAILABLE"))

@@ -415,20 +415,27 @@ def _spec(spec: Any) -> str:
   return "absent" if spec is None else f"{tuple(spec[0])} {spec[1]}"
 
 
-def _one_line(error: BaseException) -> str:
-  """`Type: message` in one line; a TensorStore status (e.g. `OUT_OF_RANGE: ...`) among the causes
-  is preferred over Orbax's wrapper exception, whose text is a dump of the TensorStore spec."""
+def _chosen(error: BaseException) -> tuple[str, str]:
+  """(type name, whole message in one line) of the most telling exception in `error`'s chain: a
+  TensorStore status (e.g. `OUT_OF_RANGE: ...`) is preferred over Orbax's wrapper exception, whose
+  text is a dump of the TensorStore spec (cut off, as is the spec TensorStore appends)."""
   chain = [e for e in _chain(error) if not isinstance(e, StopIteration)] or [error]
   coded = [e for e in chain if re.match(r"[A-Z][A-Z_]+: ", str(e))]
   chosen = coded[0] if coded else chain[0]
-  text = " ".join(str(chosen).split()).split(" [tensorstore_spec", 1)[0]
-  return f"{type(chosen).__name__}: {text[:400]}"
+  return type(chosen).__name__, " ".join(str(chosen).split()).split(" [tensorstore_spec", 1)[0]
+
+
+def _one_line(error: BaseException) -> str:
+  """`Type: message` in one line, at most ~400 characters."""
+  name, text = _chosen(error)
+  return f"{name}: {text[:400]}"
 
 
 def _signature(error: BaseException) -> str:
-  """What makes two failures "the same way": the error without its numbers and quoted names (the
-  chunk TensorStore reports first varies between reads of one damaged file)."""
-  return re.sub(r"\d+", "#", re.sub(r'"[^"]*"', '""', _one_line(error)))
+  """What makes two failures "the same way": the whole error without its numbers and quoted names
+  (the chunk TensorStore reports first varies between reads of one damaged file)."""
+  name, text = _chosen(error)
+  return name + ": " + re.sub(r"\d+", "#", re.sub(r'"[^"]*"', '""', text))
 
 
 def _all_processes(*flags: bool) -> tuple[bool, ...]:
