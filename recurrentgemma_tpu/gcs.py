@@ -125,6 +125,14 @@ def list_sizes(prefix: str) -> dict[str, int]:
           for b in c.list_blobs(c.bucket(bucket), prefix=name, retry=retry())}
 
 
+def list_objects(prefix: str) -> dict[str, tuple[int, int]]:
+  """gs:// path -> (size, generation) of every object whose name starts with `prefix`."""
+  bucket, name = split(prefix)
+  c = client()
+  return {f"{GS}{bucket}/{b.name}": (int(b.size), int(b.generation))
+          for b in c.list_blobs(c.bucket(bucket), prefix=name, retry=retry())}
+
+
 def list_dir(path: str) -> list[str]:
   """Names directly under a gs:// "directory" (objects and sub-prefixes), sorted."""
   bucket, name = split(path.rstrip("/") + "/")
