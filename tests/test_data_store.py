@@ -9,6 +9,7 @@ tokenization with the sentencepiece library.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -348,3 +349,92 @@ def test_training_reads_a_beam_store_from_a_bucket_and_resumes_bitwise(tmp_path,
     for dirpath, _, names in os.walk(tmp_path / path):
       assert not [n for n in names if n.endswith(".rows") or n == "manifest.json"], dirpath
     assert not os.path.exists(tmp_path / path / "stores")
+
+
+# ------------------------------------------------------------------------------- launch/ checks
+
+
+def _small_overrides(corpus_root, cache_dir, store) -> tuple[str, ...]:
+  return (f"data.sources.default.default_root={corpus_root}", "model.vocab_size=512",
+          "data.sources.default.validation_fraction=0.15", f"data.seq_len={SEQ}",
+          f"data.cache_dir={cache_dir}", f"data.store={store}")
+
+
+def test_submit_preflight_and_sweep_check_the_store_before_any_pod(pipeline, corpus_root,
+                                                                   cache_dir, tmp_path, bucket):
+  from launch import preflight, spec as spec_lib
+  from launch.sweep import definition
+
+  missing = f"gs://{BUCKET}/never-prepared"
+  overrides = _small_overrides(corpus_root, cache_dir, missing)
+  spec = spec_lib.JobSpec(config="configs/tiny.py", overrides=overrides, workdir="gs://b/w",
+                          backend="tpu_vm", target=spec_lib.parse_target("v5p-8"), zone="z",
+                          project="p")
+  with pytest.raises(data.StoreError, match=re.escape(
+      f"config.data.store='{missing}' does not exist (no prepared store); prepare it with: "
+      f"python -m recurrentgemma_tpu.data.prepare --config=configs/tiny.py "
+      f"--config.data.sources.default.default_root={corpus_root}")):
+    preflight.store_check(spec)
+  root = f"gs://{BUCKET}/sweep"
+  prepare.prepare(_cfg(make_config(corpus_root, cache_dir), root))
+  trials = [definition.Trial(id=f"t{i}", spec="configs/tiny.py",
+                             overrides=_small_overrides(corpus_root, cache_dir, root)
+                             + (f"model.width={w}",), variables={}, info={}, config_hash=f"t{i}")
+            for i, w in enumerate((64, 128, 256))]
+  assert preflight.check_stores(trials, prepare_local=False) == 1  # one store for three trials
+  spec = dataclasses.replace(spec, overrides=_small_overrides(corpus_root, cache_dir, root))
+  assert preflight.store_check(spec) == [f"{root}/{os.path.basename(pipeline.stores[0].directory)}"]
+  bad = [dataclasses.replace(trials[0], overrides=trials[0].overrides + ("data.seed=3",))]
+  with pytest.raises(data.StoreError, match=r"seed: store 0, config 3"):
+    preflight.check_stores(trials + bad, prepare_local=False)
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line_and_exit_2(pipeline, corpus_root, cache_dir, tmp_path, bucket):
+  """Each bad input through the real commands: one `error:` line on stderr, exit 2."""
+  import subprocess
+  import sys
+
+  from test_train_common import REPO, subprocess_env
+
+  root = str(tmp_path / "stores")
+  prepare.prepare(_cfg(make_config(corpus_root, cache_dir), root))
+  directory = os.path.join(root, os.path.basename(pipeline.stores[0].directory))
+  truncated = str(tmp_path / "truncated")
+  import shutil
+  shutil.copytree(root, truncated)
+  shard = os.path.join(truncated, os.path.basename(directory), "train-00000-of-00001.rows")
+  with open(shard, "r+b") as f:
+    f.truncate(os.path.getsize(shard) - 1)
+  no_manifest = str(tmp_path / "no_manifest")
+  shutil.copytree(root, no_manifest)
+  os.remove(os.path.join(no_manifest, os.path.basename(directory), "manifest.json"))
+  _write_parquet(tmp_path / "pq", ["a document", "another one"], files=1)
+
+  def train(store, *extra):
+    return [sys.executable, "-m", "recurrentgemma_tpu.train", "--config=configs/tiny.py",
+            f"--workdir={tmp_path / 'wd'}"] + [
+                f"--config.{o}" for o in _small_overrides(corpus_root, cache_dir, store)] + list(extra)
+
+  prep = [sys.executable, "-m", "recurrentgemma_tpu.data.prepare", "--config=configs/tiny.py"] + [
+      f"--config.{o}" for o in _small_overrides(corpus_root, cache_dir, "")]
+  cases = {
+      "store path missing": (train(str(tmp_path / "nope")), r"does not exist"),
+      "other seq_len": (train(root, "--config.data.seq_len=32"),
+                        r"seq_len: store 64, config 32"),
+      "missing manifest": (train(no_manifest), r"has no manifest.json"),
+      "truncated shard": (train(truncated), rf"{re.escape(shard)} is \d+ bytes but"),
+      "unknown runner": (prep + ["--runner=SparkRuner"], r"--runner='SparkRuner' is not a Beam"),
+      "parquet without the column": (prep + [
+          "--config.data.sources.default.kind=files", "--config.data.sources.default.format=parquet",
+          f"--config.data.sources.default.pattern={tmp_path / 'pq' / '*.parquet'}"],
+          r"has no column 'text' \(config text_key\)"),
+  }
+  for name, (argv, match) in cases.items():
+    r = subprocess.run(argv, cwd=REPO, env=subprocess_env(num_devices=1), capture_output=True,
+                       text=True, timeout=300)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2, (name, r.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), (name, r.stderr[-3000:])
+    assert re.search(match, lines[0]), (name, lines[0])
+  assert not os.path.exists(tmp_path / "wd" / "checkpoints")  # refused before any training

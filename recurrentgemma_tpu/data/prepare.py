@@ -76,17 +76,12 @@ def prepare(cfg: DataConfig, runner: str = "", num_workers: int = 1,
     raise ValueError(f"--num_workers={num_workers}; it must be >= 1.")
   if not runner and pipeline_args:
     raise ValueError(f"unknown flags {list(pipeline_args)}; Beam pipeline options need --runner.")
-  root = store_lib.root(cfg)
   if runner:
     from recurrentgemma_tpu.data import beam  # pylint: disable=g-import-not-at-top (the beam extra)
 
-    beam.prepare(cfg, root, runner, num_workers, pipeline_args)
-  elif cfg.store:
-    from recurrentgemma_tpu.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-
-    vocab = vocab_lib.Vocabulary(vocab_lib.tokenizer_path(cfg), cfg.vocab_size)
-    for source in cfg.sources:
-      store_lib.prepare(cfg, source, vocab, root)
+    beam.prepare(cfg, store_lib.root(cfg), runner, num_workers, pipeline_args)
+  else:
+    store_lib.prepare_all(cfg)
   return make_pipeline(cfg, process_index=0, process_count=1)
 
 

@@ -412,6 +412,22 @@ def open_source(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary,
                      validation=splits[corpus.VALIDATION])
 
 
+def identity(cfg: DataConfig) -> str:
+  """What decides a config's stores and where they are: equal for configs sharing them."""
+  sources = [{k: v for k, v in dataclasses.asdict(s).items() if k != "rate"} for s in cfg.sources]
+  return json.dumps({"sources": sources, "seq_len": cfg.seq_len, "seed": cfg.seed,
+                     "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size,
+                     "root": root(cfg)}, sort_keys=True)
+
+
+def prepare_all(cfg: DataConfig) -> list[str]:
+  """Prepares (in this process) every store of `cfg` that is missing; returns their directories."""
+  from recurrentgemma_tpu.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+
+  vocab = Vocabulary(vocab_lib.tokenizer_path(cfg), cfg.vocab_size)
+  return [prepare(cfg, s, vocab).directory for s in cfg.sources]
+
+
 def check(cfg: DataConfig, config_args: Sequence[str] | None = None) -> list[str]:
   """Checks a prepared store root (`config.data.store`) against the config: jax-free, no writes
   besides the embedded tokenizer's cache; returns the source stores' directories.
