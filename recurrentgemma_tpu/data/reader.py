@@ -130,9 +130,13 @@ class Prefetcher:
                                                        thread_name_prefix="rg-prefetch")
     self.wait_seconds = 0.0
     self.waits: list[float] = []
+    self.first_get: float | None = None  # perf_counter of the first and the latest `get`
+    self.last_get: float | None = None
 
   def get(self, step: int) -> dict:
     start = time.perf_counter()
+    self.first_get = start if self.first_get is None else self.first_get
+    self.last_get = start
     future = self._futures.pop(step, None)
     for k in [k for k in self._futures if not step < k <= step + self.depth]:
       self._futures.pop(k).cancel()  # a jump (resume, out-of-order access): drop stale work
