@@ -5,7 +5,8 @@
       [--latencies_ms=0,50,200] [--train_steps=60]
 
 Prints one JSON object per part:
-- local: tokenizer training, in-process preparation and steady-state batch tokens/s (local disk).
+- local: tokenizer training, in-process preparation and steady-state batch tokens/s (local disk),
+  numpy rows and global jax arrays.
 - beam: preparation tokens/s on the Beam DirectRunner (multi-processing) with each worker count,
   and per worker; the config's default source is cut into 2 x workers shards.
 - gcs: per-process reads from fake-gcs-server (the real client), through a proxy adding 0/50/200
@@ -67,8 +68,17 @@ def bench_local(config, cache_dir: str, steps: int) -> dict:
   t = time.perf_counter()
   for k in ks:
     pipeline.batch(int(k))
-  out["batch_tokens_per_s"] = round(cfg.global_batch_size * cfg.seq_len * steps
-                                    / (time.perf_counter() - t))
+  tokens = cfg.global_batch_size * cfg.seq_len
+  out["batch_tokens_per_s"] = round(tokens * steps / (time.perf_counter() - t))
+  import jax  # pylint: disable=import-outside-toplevel
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  jax.block_until_ready(data.global_batch(pipeline, 0, sharding))
+  t = time.perf_counter()
+  for k in ks[:500]:
+    jax.block_until_ready(data.global_batch(pipeline, int(k), sharding))
+  out["global_batch_tokens_per_s"] = round(tokens * min(500, steps) / (time.perf_counter() - t))
   return out
 
 
