@@ -159,12 +159,13 @@ def bench_gcs(config, emulator: str, latencies_ms: list[int], steps: int) -> dic
 
 
 def bench_train(emulator: str, store_root: str, cache_dir: str, latencies_ms: list[int],
-                steps: int) -> dict:
+                steps: int, batch: int) -> dict:
   """The tiny model trained for `steps` steps reading the gs:// store through the proxy."""
   from recurrentgemma_tpu import experiment as experiment_lib, trainer as trainer_lib
   import gcs_emulator
 
-  out: dict = {"part": "train", "steps": steps, "runs": []}
+  out: dict = {"part": "train", "steps": steps, "rows_per_step": batch, "seq_len": PLAN_SEQ,
+               "runs": []}
   for ms in latencies_ms:
     proxy = gcs_emulator.Proxy(emulator, latency_s=ms / 1000)
     os.environ["STORAGE_EMULATOR_HOST"] = proxy.address
@@ -172,7 +173,8 @@ def bench_train(emulator: str, store_root: str, cache_dir: str, latencies_ms: li
       with tempfile.TemporaryDirectory() as workdir:
         config = experiment_lib.load_config(os.path.join(REPO, "configs/tiny.py"), [
             f"data.store={store_root}", f"data.cache_dir={cache_dir}", f"data.seq_len={PLAN_SEQ}",
-            "data.global_batch_size=8", f"train.steps={steps}", "train.eval_every=0",
+            f"data.global_batch_size={batch}", f"data.eval_batch_size={batch}",
+            f"train.steps={steps}", "train.eval_every=0",
             "data.num_eval_batches=1", "checkpoint.save_every=100000", "train.log_every=10"])
         exp = experiment_lib.build(config)
         t = trainer_lib.Trainer(exp, trainer_lib.prepare_workdir(workdir))
@@ -199,7 +201,8 @@ def main() -> None:
   parser.add_argument("--max_documents", type=int, default=0, help="cap per split (0 = all)")
   parser.add_argument("--beam_workers", default="1,2")
   parser.add_argument("--latencies_ms", default="0,50,200")
-  parser.add_argument("--train_steps", type=int, default=60)
+  parser.add_argument("--train_steps", type=int, default=20)
+  parser.add_argument("--train_batch", type=int, default=2, help="rows per step (T=2,048)")
   args = parser.parse_args()
   sys.path.insert(0, REPO)
   sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -233,7 +236,8 @@ def main() -> None:
         print(json.dumps({**bench_gcs(c, host, latencies, args.steps), "machine": machine,
                           "load": load()}), flush=True)
       if "train" in parts:
-        print(json.dumps({**bench_train(host, root, cache, latencies, args.train_steps),
+        print(json.dumps({**bench_train(host, root, cache, latencies, args.train_steps,
+                                      args.train_batch),
                           "machine": machine, "load": load()}), flush=True)
   tmp.cleanup()
 
