@@ -245,6 +245,8 @@ class Trainer:
     steps = self.exp.train.steps
     try:  # a prepared store that is missing or made for other settings: exit 2 before any compile
       data_lib.check_store(self.exp.data)
+    except data_lib.StoreError:
+      raise  # names the store and the prepare command already
     except (ValueError, FileNotFoundError) as e:
       raise exit_codes.UserError(f"config.data: {e}") from e
     state, step = self.initial_state()  # refuses a changed run before data or arrays are touched
