@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "absl-py>=2,<3",
     "numpy>=2,<3",
     "pyyaml>=6,<7",  # launch/ writes GKE JobSet manifests
+    # Every host reads its rows of a gs:// data store by range reads (recurrentgemma_tpu/gcs.py).
+    "google-cloud-storage>=3,<4",
 ]
 
 EXTRAS_REQUIRE = {

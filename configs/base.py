@@ -66,15 +66,15 @@ def data_source(kind: str = "default", rate: float = 1.0, **overrides) -> ml_col
   c.eval_split = "validation"
   # kind=files: comma-separated globs on any tf.io.gfile filesystem; eval_pattern "" holds out
   # validation_fraction of the documents instead. format: text (a document per file) | lines
-  # (a document per line) | jsonl | tfrecord (tf.train.Example).
+  # (a document per line) | jsonl | tfrecord (tf.train.Example) | parquet (column text_key).
   c.pattern = ""
   c.eval_pattern = ""
   c.format = "text"
-  c.text_key = "text"  # text field of tfds / jsonl / tfrecord records
+  c.text_key = "text"  # text field of tfds / jsonl / tfrecord records, column of parquet files
   c.validation_fraction = 0.02  # kind=default/files: documents held out by hash of their id
   c.max_documents = 0  # documents read per split; 0 = all
-  # Stores the source is prepared in; local processes (rg-prepare-data --workers=N) build them in
-  # parallel. Changing it changes the rows (it is part of the data definition).
+  # Shards the source is prepared in: the unit of parallel work (Beam workers, or the local
+  # processes of a job). Changing it changes the rows (it is part of the data definition).
   c.num_shards = 1
   for key, value in overrides.items():
     c[key] = value  # raises on an undeclared field
@@ -95,6 +95,13 @@ def data() -> ml_collections.ConfigDict:
   # Local directory for the tokenizer and prepared stores; "" = $RECURRENTGEMMA_TPU_DATA_CACHE
   # or ~/.cache/recurrentgemma_tpu/data.
   c.cache_dir = ""
+  # Root of stores prepared ahead with `python -m recurrentgemma_tpu.data.prepare --store=ROOT`
+  # (a local directory or gs://BUCKET/PATH), read by every host without a local copy; training
+  # never prepares into it and fails at start-up if it is missing or made for other settings.
+  # "" = <cache_dir>/stores, prepared at train start when missing.
+  c.store = ""
+  c.prefetch_steps = 8  # batches read ahead from a gs:// store (memory: steps x local rows)
+  c.read_threads = 16  # parallel range reads per process from a gs:// store
   return c
 
 

@@ -44,6 +44,7 @@ def _preflight(spec: spec_lib.JobSpec, skip_fit_check: bool, log: Log) -> tuple[
       n = spec.num_processes * _local_devices_per_process()
       return 0, experiment_lib.build(config, num_devices=n).fingerprint()
     fp = preflight.fingerprint(spec)
+    preflight.store_check(spec)  # a missing or mismatched data store: refused before any pod
     if skip_fit_check:
       return 0, fp
     fit = preflight.fit_check(spec, fp, log=log)

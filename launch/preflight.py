@@ -56,6 +56,38 @@ def fingerprint(spec: spec_lib.JobSpec) -> str:
   return experiment_lib.build(config, num_devices=num_devices(spec)).fingerprint()
 
 
+def store_check(spec: spec_lib.JobSpec) -> list[str]:
+  """Checks the job's prepared data stores (config.data.store) before any pod exists; jax-free.
+
+  Raises:
+    ValueError (data.StoreError): a store is missing or was prepared for other settings; the
+      message names it, the differing field and the prepare command.
+  """
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.data import config as data_config, store  # pylint: disable=g-import-not-at-top
+  config = experiment_lib.load_config(spec.config, spec.overrides)
+  args = [f"--config={spec.config}"] + [f"--config.{o}" for o in spec.overrides]
+  return store.check(data_config.data_config_from(config), config_args=args)
+
+
+def check_stores(trials, *, prepare_local: bool) -> int:
+  """A sweep's data, once per distinct store for all its trials: prepared stores are checked;
+  local-cache stores are prepared here when the trials run on this machine. Returns how many."""
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.data import config as data_config, store  # pylint: disable=g-import-not-at-top
+  seen = {}
+  for t in trials:
+    cfg = data_config.data_config_from(experiment_lib.load_config(t.spec, list(t.overrides)))
+    seen.setdefault(store.identity(cfg), (t, cfg))
+  for t, cfg in seen.values():
+    args = [f"--config={t.spec}"] + [f"--config.{o}" for o in t.overrides]
+    if cfg.store or not prepare_local:
+      store.check(cfg, config_args=args)
+    else:
+      store.prepare_all(cfg)
+  return len(seen)
+
+
 def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[str], None] = print,
               timeout_s: float = 3 * 3600) -> FitCheck:
   """Ahead-of-time compile for the target; cached by fingerprint + topology + slices."""

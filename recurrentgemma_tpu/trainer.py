@@ -243,6 +243,12 @@ class Trainer:
 
   def _run(self) -> TrainResult:
     steps = self.exp.train.steps
+    try:  # a prepared store that is missing or made for other settings: exit 2 before any compile
+      data_lib.check_store(self.exp.data)
+    except data_lib.StoreError:
+      raise  # names the store and the prepare command already
+    except (ValueError, FileNotFoundError) as e:
+      raise exit_codes.UserError(f"config.data: {e}") from e
     state, step = self.initial_state()  # refuses a changed run before data or arrays are touched
     self.prepare_data()
     _write_config(self.workdir, self.exp)
@@ -312,6 +318,8 @@ class Trainer:
 
   def _close(self, quiet: bool) -> None:
     """Finishes pending saves and closes the writers; `quiet` when another error is on its way."""
+    if self.pipeline is not None:
+      self.pipeline.close()  # stops reading ahead
     try:
       self.ckpt.close()
     except ckpt_lib.SaveFailed:

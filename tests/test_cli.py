@@ -114,9 +114,11 @@ COMMANDS = [
         (["--input=/no/such/dir", "--output=/tmp/x"], ["/no/such/dir"]),
         (["--input=/tmp", "--output=/tmp/x", "--preset=rg_3b"], ["--preset"]),
     ]),
-    ("recurrentgemma_tpu.data.prepare", ["config", "workers", "show_rows"], [
+    ("recurrentgemma_tpu.data.prepare", ["config", "store", "runner", "num_workers", "show_rows"], [
         ([], ["--config is required"]),
-        (["--config=tiny", "--workers=0"], ["workers"]),
+        (["--config=tiny", "--num_workers=0"], ["--num_workers=0"]),
+        (["--config=tiny", "--runner=DirectRuner"], ["--runner='DirectRuner'", "DataflowRunner"]),
+        (["--config=tiny", "--projct=p"], ["--projct=p", "need --runner"]),
         (["--config=tiny", "--config.data.seqlen=3"], ["seqlen", "Did you mean"]),
     ]),
     ("launch.submit", ["config", "workdir", "target", "backend", "dry_run"], [

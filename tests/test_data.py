@@ -84,7 +84,7 @@ def reference_chunks(docs: list[str], sp: spm.SentencePieceProcessor, seq: int) 
   return out
 
 
-def stored_segments(split: data.pipeline.store.Split) -> list[tuple]:
+def stored_segments(split) -> list[tuple]:
   """Every packed document piece of a split, recovered from targets and segment_ids alone."""
   out = []
   targets = np.asarray(split.targets, np.int64)
@@ -148,21 +148,21 @@ def test_describe_counts_every_token(pipeline):
   assert summary["step0_rows"][1] == pipeline.vocab.decode(row[row > 0][:200])
 
 
-def _assert_same_store_bytes(paths_a: list[str], paths_b: list[str]) -> None:
-  assert [os.path.basename(p) for p in paths_a] == [os.path.basename(p) for p in paths_b]
-  for a, b in zip(paths_a, paths_b):
-    names = sorted(n for n in os.listdir(a) if n.endswith(".bin"))
-    assert names == sorted(n for n in os.listdir(b) if n.endswith(".bin"))
-    for name in names:
-      with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
-        assert fa.read() == fb.read(), (a, name)
+def _assert_same_store_bytes(a: str, b: str) -> None:
+  """Two store directories hold the same files with the same bytes (manifest included)."""
+  assert os.path.basename(a) == os.path.basename(b)
+  names = sorted(os.listdir(a))
+  assert names == sorted(os.listdir(b)) and "manifest.json" in names
+  for name in names:
+    with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+      assert fa.read() == fb.read(), (a, name)
 
 
 def test_store_preparation_is_reproducible(pipeline, corpus_root, tmp_path):
   """Hosts prepare their own copies; they must be byte-identical."""
   config = make_config(corpus_root, str(tmp_path), tokenizer=pipeline.vocab.path)
   again = make_pipeline(config, process_index=0, process_count=1)
-  _assert_same_store_bytes(pipeline.stores[0].paths, again.stores[0].paths)
+  _assert_same_store_bytes(pipeline.stores[0].directory, again.stores[0].directory)
 
 
 def test_sharded_source_prepared_in_parallel(pipeline, corpus_root, tmp_path):
@@ -189,9 +189,9 @@ def test_sharded_source_prepared_in_parallel(pipeline, corpus_root, tmp_path):
     t.join(timeout=300)
   assert not errors and len(results) == 2
   sequential = make_pipeline(sharded("sequential"), process_index=0, process_count=1)
-  assert len(sequential.stores[0].paths) == 3
-  _assert_same_store_bytes(results[0].stores[0].paths, sequential.stores[0].paths)
-  assert all(s.train.num_rows > 0 for s in sequential.stores[0].shards)
+  assert sequential.stores[0].manifest["num_shards"] == 3
+  _assert_same_store_bytes(results[0].stores[0].directory, sequential.stores[0].directory)
+  assert all(s["train"]["rows"] > 0 for s in sequential.stores[0].manifest["shards"])
   sp = spm.SentencePieceProcessor(model_proto=pipeline.vocab.model_bytes)
   source = sequential.config.sources[0]
   for split, rows in ((corpus.TRAIN, sequential.stores[0].train),
@@ -349,7 +349,7 @@ def test_file_sources(fmt, pattern, key, corpus_root, cache_dir, tmp_path):
     shutil.copytree(tmp_path / "lines", tmp_path / "elsewhere" / "lines")
     config.data.sources.web.pattern = str(tmp_path / "elsewhere" / "lines" / "*.txt")
     moved = make_pipeline(config, process_index=0, process_count=1)
-    assert moved.stores[0].paths != p.stores[0].paths
+    assert moved.stores[0].directory != p.stores[0].directory
     assert sorted(_decoded_docs(moved, moved.stores[0].validation)) == sorted(val)
 
 
@@ -408,7 +408,7 @@ def test_mixture_rates_and_rows(pipeline, corpus_root, cache_dir, tmp_path):
   assert sorted(t.name for t in mixture.tasks) == sorted(task_names)
   assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == dict(zip(task_names, (3.0, 1.0)))
   # The default source's store is shared with the single-source pipeline (same key).
-  assert p.stores[0].paths == pipeline.stores[0].paths
+  assert p.stores[0].directory == pipeline.stores[0].directory
   b = p.batch(5)
   s, r = p.source_of(np.arange(40, 48))
   for row in range(8):

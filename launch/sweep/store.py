@@ -10,7 +10,8 @@
 Leases (state.py) are built on them. Under gs:// every operation goes through the
 google-cloud-storage client (the `sweep` extra): etils.epath has no conditional writes, and one
 client for all of a root's state keeps what a driver reads consistent with what it wrote. The
-client honours `STORAGE_EMULATOR_HOST`, which the tests point at a local GCS emulator.
+client is recurrentgemma_tpu/gcs.py's (it honours `STORAGE_EMULATOR_HOST`, which the tests point
+at a local GCS emulator).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import os
 import threading
 from typing import Any, Iterator
 
+from recurrentgemma_tpu import gcs
+
 Generation = int | str  # GCS: the object's generation; local: inode-mtime-size of the file
-
-_local = threading.local()
-
 
 def is_gcs(path: str) -> bool:
   return str(path).startswith("gs://")
@@ -44,27 +44,16 @@ def _dumps(value: Any) -> str:
 
 def _gcs_modules():
   try:
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-    from google.cloud import storage  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
+    return gcs.modules()
+  except RuntimeError as e:
     raise RuntimeError("a gs:// sweep root needs google-cloud-storage for atomic claims: "
                        "pip install -e '.[sweep]'") from e
-  return storage, exceptions
 
 
 def _blob(path: str):
-  """The client's Blob for a gs:// path (one client per thread and emulator endpoint)."""
-  storage, _ = _gcs_modules()
-  key = os.environ.get("STORAGE_EMULATOR_HOST", "")
-  clients = getattr(_local, "clients", None)
-  if clients is None:
-    clients = _local.clients = {}
-  if key not in clients:
-    clients[key] = storage.Client()
-  bucket, _, name = path[len("gs://"):].partition("/")
-  if not bucket or not name:
-    raise ValueError(f"{path!r} is not gs://BUCKET/OBJECT")
-  return clients[key].bucket(bucket).blob(name)
+  """The client's Blob for a gs:// path (gcs.py's client: one per thread and endpoint)."""
+  _gcs_modules()
+  return gcs.blob(path)
 
 
 def _gcs_read(path: str) -> tuple[str | None, Generation]:

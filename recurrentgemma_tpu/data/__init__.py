@@ -15,12 +15,24 @@ See docs/data.md for the design.
 
 from recurrentgemma_tpu.data.config import DataConfig, SourceConfig, data_config_from
 from recurrentgemma_tpu.data.corpus import CorpusError
-from recurrentgemma_tpu.data.device import global_batch, process_rows, to_global_arrays
 from recurrentgemma_tpu.data.pipeline import Batch, Pipeline, derive_features, make_pipeline
+from recurrentgemma_tpu.data.reader import ReadError
+from recurrentgemma_tpu.data.store import StoreError, check as check_store
 from recurrentgemma_tpu.data.vocab import TokenizerError, Vocabulary
 
 __all__ = [
-    "Batch", "CorpusError", "DataConfig", "Pipeline", "SourceConfig", "TokenizerError",
-    "Vocabulary", "data_config_from", "derive_features", "global_batch", "make_pipeline",
-    "process_rows", "to_global_arrays",
+    "Batch", "CorpusError", "DataConfig", "Pipeline", "ReadError", "SourceConfig", "StoreError",
+    "TokenizerError", "Vocabulary", "check_store", "data_config_from", "derive_features",
+    "global_batch", "make_pipeline", "process_rows", "to_global_arrays",
 ]
+
+_DEVICE = ("global_batch", "process_rows", "to_global_arrays")
+
+
+def __getattr__(name: str):
+  # device.py imports jax; loaded on first use so the data package (the store check that
+  # launch/ calls before any pod exists) stays jax-free.
+  if name in _DEVICE:
+    from recurrentgemma_tpu.data import device  # pylint: disable=g-import-not-at-top
+    return getattr(device, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 SOURCE_KINDS = ("default", "tfds", "files")
-FILE_FORMATS = ("text", "lines", "jsonl", "tfrecord")
+FILE_FORMATS = ("text", "lines", "jsonl", "tfrecord", "parquet")
+# Beam runners `python -m recurrentgemma_tpu.data.prepare --runner=...` accepts.
+BEAM_RUNNERS = ("DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
 # Mixture pattern period (pipeline.py): rates are honoured exactly over every P consecutive rows,
 # quantised to 1/P. Large enough for rates of 0.1%, small enough to build instantly.
 MIXTURE_PERIOD = 4096
@@ -64,6 +66,11 @@ class DataConfig:
   vocab_size: int  # from config.model.vocab_size
   tokenizer: str  # SentencePiece model path; "" = train one on the embedded default corpus
   cache_dir: str  # local directory for the tokenizer and the prepared stores
+  # Root of stores prepared ahead (`python -m recurrentgemma_tpu.data.prepare --store=...`), a
+  # local directory or gs://; "" = `<cache_dir>/stores`, prepared at train start when missing.
+  store: str
+  prefetch_steps: int  # batches read ahead in the background from a gs:// store
+  read_threads: int  # parallel range reads per process from a gs:// store
 
   @property
   def resolved_cache_dir(self) -> str:
@@ -105,7 +112,7 @@ def _source_from_dict(name: str, d: Mapping[str, Any]) -> SourceConfig:
     _require(bool(s.pattern.strip(",")), f"{where}.pattern is empty; give one or more globs.")
     _require(s.format in FILE_FORMATS, f"{where}.format={s.format!r}; valid formats: "
              f"{FILE_FORMATS}.")
-    if s.format in ("jsonl", "tfrecord"):
+    if s.format in ("jsonl", "tfrecord", "parquet"):
       _require(bool(s.text_key), f"{where}.text_key is empty; format {s.format!r} needs the name "
                "of the text field.")
   return s
@@ -138,6 +145,13 @@ def data_config_from(config: Any) -> DataConfig:
     _require(len(sources) == 1 or s.rate / total * MIXTURE_PERIOD >= 1,
              f"config.data.sources.{s.name}.rate={s.rate} is below 1/{MIXTURE_PERIOD} of the total "
              f"rate {total}; raise it or remove the source.")
+  _require(int(d.prefetch_steps) >= 0,
+           f"config.data.prefetch_steps={d.prefetch_steps}; it must be >= 0 (0 = off).")
+  _require(int(d.read_threads) >= 1,
+           f"config.data.read_threads={d.read_threads}; it must be >= 1.")
+  store = str(d.store).strip()
+  _require(not store or store.startswith("gs://") or "://" not in store,
+           f"config.data.store={store!r}; give a local directory or a gs://BUCKET/PATH URL.")
   if d.tokenizer:
     _require(bool(str(d.tokenizer).strip()), "config.data.tokenizer is blank.")
   return DataConfig(
@@ -150,4 +164,7 @@ def data_config_from(config: Any) -> DataConfig:
       vocab_size=vocab_size,
       tokenizer=str(d.tokenizer),
       cache_dir=str(d.cache_dir),
+      store=store.rstrip("/"),
+      prefetch_steps=int(d.prefetch_steps),
+      read_threads=int(d.read_threads),
   )

@@ -7,6 +7,7 @@ the split does not depend on the order, the file count, or the process reading i
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
+from recurrentgemma_tpu import gcs
 from recurrentgemma_tpu.data.config import SourceConfig
 
 # Stdlib directories that are not the library itself: third-party installs, bundled test data
@@ -97,26 +99,33 @@ def _glob_root(glob: str) -> str:
   return glob[:cut].rpartition("/")[0]
 
 
+def _glob(glob: str) -> list[str]:
+  """Files matching one glob: gs:// through the storage client (gcs.py), else tf.io.gfile."""
+  if gcs.is_gcs(glob):
+    cut = min((i for i, c in enumerate(glob) if c in "*?["), default=len(glob))
+    return sorted(p for p in gcs.list_objects(glob[:cut]) if fnmatch.fnmatchcase(p, glob))
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return [m for m in tf.io.gfile.glob(glob) if not tf.io.gfile.isdir(m)]
+
+
 def expand_globs_with_ids(pattern: str, what: str) -> dict[str, str]:
   """Matches of comma-separated globs -> document-id prefix, in sorted path order.
 
   The id is the path relative to the glob's fixed directory, so the train/validation split of a
   corpus does not change when it is mounted or copied somewhere else.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   files: dict[str, str] = {}
   for glob in (p.strip() for p in pattern.split(",")):
     if not glob:
       continue
-    matches = tf.io.gfile.glob(glob)
+    matches = _glob(glob)
     if not matches:
       raise CorpusError(f"{what}: no file matches {glob!r}; give an existing file or a glob that "
                         "matches files (tf.io.gfile syntax, e.g. '/data/*.txt' or 'gs://bucket/d/*.jsonl').")
     root = _glob_root(glob)
     for m in matches:
-      if not tf.io.gfile.isdir(m):
-        files.setdefault(m, m[len(root):].lstrip("/") if root and m.startswith(root) else m)
+      files.setdefault(m, m[len(root):].lstrip("/") if root and m.startswith(root) else m)
   if not files:
     raise CorpusError(f"{what}: {pattern!r} matches only directories.")
   return dict(sorted(files.items()))
@@ -128,11 +137,20 @@ def expand_globs(pattern: str, what: str) -> list[str]:
 
 
 def files_fingerprint(files: list[str]) -> str:
-  """Identity of a file set: names, sizes and modification times (contents are not re-read)."""
+  """Identity of a file set: names, sizes and modification times (object generations on gs://;
+  contents are not re-read)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   h = hashlib.sha256()
+  listed: dict[str, dict[str, tuple[int, int]]] = {}  # one listing per gs:// directory
   for path in files:
+    if gcs.is_gcs(path):
+      directory = path.rpartition("/")[0] + "/"
+      if directory not in listed:
+        listed[directory] = gcs.list_objects(directory)
+      size, generation = listed[directory][path]
+      h.update(f"{path}\0{size}\0{generation}\0".encode())
+      continue
     st = tf.io.gfile.stat(path)
     h.update(f"{path}\0{st.length}\0{st.mtime_nsec}\0".encode())
   return h.hexdigest()
@@ -147,6 +165,11 @@ def _decode(raw: bytes, path: str, record: int | None) -> str:
 
 
 def _read_bytes(path: str) -> bytes:
+  if gcs.is_gcs(path):
+    data = gcs.read_bytes(path)
+    if data is None:
+      raise CorpusError(f"cannot read {path}: the object does not exist.")
+    return data
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   try:
@@ -187,8 +210,35 @@ def _records(path: str, fmt: str, text_key: str) -> Iterator[tuple[int, str]]:
         yield i, _decode(feature.bytes_list.value[0], path, i)
     except tf.errors.OpError as e:
       raise CorpusError(f"cannot read {path} after record {i}: {e.message}") from None
+  elif fmt == "parquet":
+    yield from _parquet_records(path, text_key)
   else:
-    raise ValueError(f"format={fmt!r}; valid: text, lines, jsonl, tfrecord.")
+    raise ValueError(f"format={fmt!r}; valid: text, lines, jsonl, tfrecord, parquet.")
+
+
+def _parquet_records(path: str, text_key: str) -> Iterator[tuple[int, str]]:
+  """(row index, text) of the `text_key` column of a Parquet file, one row group at a time."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  try:
+    with (gcs.open_read(path) if gcs.is_gcs(path) else open(path, "rb")) as f:
+      parquet = pq.ParquetFile(f)
+      names = parquet.schema_arrow.names
+      if text_key not in names:
+        raise CorpusError(f"{path} has no column {text_key!r} (config text_key); its columns: "
+                          f"{names}.")
+      field = parquet.schema_arrow.field(text_key)
+      if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+        raise CorpusError(f"{path}: column {text_key!r} is {field.type}, not a string column.")
+      i = 0
+      for group in range(parquet.num_row_groups):
+        for text in parquet.read_row_group(group, columns=[text_key]).column(0).to_pylist():
+          if text is not None:
+            yield i, text
+          i += 1
+  except (pa.ArrowException, OSError) as e:
+    raise CorpusError(f"cannot read {path} as Parquet: {e}") from None
 
 
 def read_files(source: SourceConfig, split: str) -> Iterator[tuple[str, str]]:

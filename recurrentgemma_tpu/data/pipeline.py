@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from recurrentgemma_tpu.data import permute, store, vocab as vocab_lib
+from recurrentgemma_tpu.data import permute, reader, store, vocab as vocab_lib
 from recurrentgemma_tpu.data.config import MIXTURE_PERIOD, DataConfig
 
 
@@ -103,6 +103,11 @@ class Pipeline:
     self._pattern, self._rank, self._counts = _mixture_pattern(
         [s.rate for s in cfg.sources], cfg.seed)
     self._train_rows = np.array([st.train.num_rows for st in stores], np.int64)
+    # Stores on object storage are read ahead; local ones are memory-mapped (reads take µs).
+    remote = any(p.remote for st in stores for p in st.train.parts)
+    self._read_ahead = remote and cfg.prefetch_steps > 0
+    self.prefetcher: reader.Prefetcher | None = None  # for the block of rows last asked for
+    self._prefetch_rows: range | None = None
 
   @property
   def num_train_rows(self) -> int:
@@ -147,6 +152,21 @@ class Pipeline:
     if step < 0:
       raise ValueError(f"step={step} must be >= 0.")
     local = self._local_rows(rows, self.config.global_batch_size)
+    if not self._read_ahead:
+      return self._read_batch(step, local)
+    if self.prefetcher is None or local != self._prefetch_rows:
+      self.close()  # another block of rows: what was read ahead is not it
+      self.prefetcher = reader.Prefetcher(lambda k: self._read_batch(k, local),
+                                          self.config.prefetch_steps)
+      self._prefetch_rows = local
+    return self.prefetcher.get(step)
+
+  def close(self) -> None:
+    """Stops reading ahead (pending reads are dropped)."""
+    if self.prefetcher is not None:
+      self.prefetcher.close()
+
+  def _read_batch(self, step: int, local: range) -> Batch:
     g = step * self.config.global_batch_size + np.arange(local.start, local.stop, dtype=np.int64)
     src, idx = self.source_of(g)
     t = self.config.seq_len
@@ -194,8 +214,13 @@ def make_pipeline(cfg: DataConfig, *, process_index: int | None = None,
     process_count: processes sharing the global batch; default `jax.process_count()`.
 
   Returns:
-    A `Pipeline`. The first call on a machine trains the embedded tokenizer (if used) and writes
-    each source's store under the cache directory; later calls only memory-map them.
+    A `Pipeline`. Without `config.data.store`, the first call on a machine trains the embedded
+    tokenizer (if used) and writes each source's store under the cache directory; later calls only
+    memory-map them. With it, the prepared stores there are opened (never written): local ones
+    memory-mapped, gs:// ones read by range.
+
+  Raises:
+    store.StoreError: a prepared store is missing, incomplete or made for other settings.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -212,6 +237,7 @@ def make_pipeline(cfg: DataConfig, *, process_index: int | None = None,
   vocab = vocab_lib.Vocabulary(vocab_lib.tokenizer_path(cfg), cfg.vocab_size)
   stores = []
   for source in cfg.sources:
-    stores.append(store.prepare(cfg, source, vocab))
+    stores.append(store.open_source(cfg, source, vocab) if cfg.store
+                  else store.prepare(cfg, source, vocab))
     logging.info("data source %s: %s rows", source.name, stores[-1].count("rows"))
   return Pipeline(cfg, vocab, stores, process_index, process_count)

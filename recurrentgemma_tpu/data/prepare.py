@@ -1,12 +1,17 @@
 r"""Prepares (or checks) the tokenizer and stores of a config ahead of a job, and describes them.
 
-  python -m recurrentgemma_tpu.data.prepare --config=configs/tiny.py [--config.data.cache_dir=DIR]
-      [--workers=8 --config.data.sources.default.num_shards=8] [--show_rows=1]
+  python -m recurrentgemma_tpu.data.prepare --config=configs/tiny.py [--store=DIR_OR_GS_URL]
+      [--runner=DirectRunner|DataflowRunner|FlinkRunner|SparkRunner|PortableRunner]
+      [--num_workers=N] [--show_rows=2] [Beam pipeline options, e.g. --project=P --region=R
+      --temp_location=gs://B/tmp]
 
-Training prepares whatever is missing on its own; running this first (on each host, or once on a
-machine whose cache directory is then copied) moves the one-time work out of the job's start-up
-and shows what the model will see. It also registers the sources as seqio Tasks (and a Mixture when
-there are several) for seqio's own tools; training never reads them, so its start skips that.
+Without --runner the stores are prepared in this process (what training does at start-up for the
+local cache); with one, on Apache Beam, one work item per shard of each source
+(config.data.sources.NAME.num_shards), on --num_workers workers. Either way the bytes are the
+same. --store (default: config.data.store, else the local cache) may be a gs:// URL; a job then
+reads its rows from there with --config.data.store=THE_SAME_URL. Flags this command does not
+define are passed to Beam. It also registers the sources as seqio Tasks (and a Mixture when there
+are several) for seqio's own tools; training never reads them, so its start skips that.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
 
-from recurrentgemma_tpu.data.config import DataConfig, data_config_from
+from recurrentgemma_tpu.data import store as store_lib
+from recurrentgemma_tpu.data.config import BEAM_RUNNERS, DataConfig, data_config_from
 from recurrentgemma_tpu.data.pipeline import Pipeline, make_pipeline
 
 
@@ -43,7 +48,7 @@ def describe(pipeline: Pipeline, show_rows: int = 0) -> dict[str, Any]:
       "task_names": task_names, "mixture_name": mixture_name, "sources": {},
   }
   for source, st in zip(cfg.sources, pipeline.stores):
-    entry = {"stores": st.paths, "rate": source.rate}
+    entry = {"store": st.directory, "shards": source.num_shards, "rate": source.rate}
     rows, tokens = st.count("rows"), st.count("tokens")
     for split in rows:
       entry[split] = {"rows": rows[split], "tokens": tokens[split],
@@ -56,34 +61,28 @@ def describe(pipeline: Pipeline, show_rows: int = 0) -> dict[str, Any]:
   return out
 
 
-def prepare_parallel(cfg: DataConfig, workers: int) -> Pipeline:
-  """Prepares with `workers` local processes (this one included); they split the shards.
+def prepare(cfg: DataConfig, runner: str = "", num_workers: int = 1,
+            pipeline_args: tuple[str, ...] = ()) -> Pipeline:
+  """Prepares every missing store of `cfg` (in this process, or on a Beam runner); returns the
+  pipeline that reads them.
 
-  Each helper runs `make_pipeline` too: the store's try-locks hand every process different
-  shards, so a source with num_shards >= workers is prepared about `workers` times faster.
+  Raises:
+    ValueError: an unknown runner or a worker count below 1 (before any work).
   """
-  if workers < 1:
-    raise ValueError(f"workers={workers}; it must be >= 1.")
-  import multiprocessing  # pylint: disable=g-import-not-at-top
+  if runner and runner not in BEAM_RUNNERS:
+    raise ValueError(f"--runner={runner!r} is not a Beam runner this command supports; valid: "
+                     f"{', '.join(BEAM_RUNNERS)}, or none (prepare in this process).")
+  if num_workers < 1:
+    raise ValueError(f"--num_workers={num_workers}; it must be >= 1.")
+  if not runner and pipeline_args:
+    raise ValueError(f"unknown flags {list(pipeline_args)}; Beam pipeline options need --runner.")
+  if runner:
+    from recurrentgemma_tpu.data import beam  # pylint: disable=g-import-not-at-top (the beam extra)
 
-  ctx = multiprocessing.get_context("spawn")  # no forked TensorFlow state
-  helpers = [ctx.Process(target=_prepare_only, args=(cfg,)) for _ in range(workers - 1)]
-  for h in helpers:
-    h.start()
-  try:
-    pipeline = make_pipeline(cfg, process_index=0, process_count=1)
-  finally:
-    for h in helpers:
-      h.join()
-  failed = [h.exitcode for h in helpers if h.exitcode != 0]
-  if failed:
-    raise RuntimeError(f"{len(failed)} preparation helper(s) failed (exit codes {failed}); "
-                       "their errors are in the log above.")
-  return pipeline
-
-
-def _prepare_only(cfg: DataConfig) -> None:
-  make_pipeline(cfg, process_index=0, process_count=1)
+    beam.prepare(cfg, store_lib.root(cfg), runner, num_workers, pipeline_args)
+  else:
+    store_lib.prepare_all(cfg)
+  return make_pipeline(cfg, process_index=0, process_count=1)
 
 
 def run() -> None:
@@ -96,16 +95,39 @@ def run() -> None:
   config_flag = config_flags.DEFINE_config_file(
       "config", None, "Experiment config: configs/NAME.py[:ARG] or a preset's NAME.",
       lock_config=True)
+  store = flags.DEFINE_string("store", None, "Store root, a directory or gs://BUCKET/PATH "
+                              "(default: config.data.store, else the local data cache).")
+  runner = flags.DEFINE_string("runner", "", f"Beam runner ({', '.join(BEAM_RUNNERS)}); "
+                               "empty: prepare in this process.")
+  num_workers = flags.DEFINE_integer("num_workers", 1, "Beam workers (DirectRunner: processes).")
   show_rows = flags.DEFINE_integer("show_rows", 0, "Decode the start of this many rows of step 0.")
-  workers = flags.DEFINE_integer("workers", 1, "Local processes preparing shards in parallel.")
   flags.mark_flags_as_required(["config"])
+  beam_args: list[str] = []
+
+  def split(argv: list[str]) -> list[str]:
+    """Keeps this command's flags for absl; the others are Beam pipeline options."""
+    ours = [argv[0]]
+    rest = argv[1:]
+    for i, a in enumerate(rest):
+      if a == "--":
+        beam_args.extend(rest[i + 1:])
+        break
+      name = a.lstrip("-").partition("=")[0]
+      known = name.split(".")[0] in flags.FLAGS or name.removeprefix("no") in flags.FLAGS
+      (ours if not a.startswith("--") or known else beam_args).append(a)
+    return ours
 
   def main(argv) -> None:
     del argv
-    pipeline = prepare_parallel(data_config_from(cli.load_config_flag(config_flag)), workers.value)
+    config = cli.load_config_flag(config_flag)
+    if store.value is not None:
+      with config.unlocked():
+        config.data.store = store.value
+    cfg = data_config_from(config)
+    pipeline = prepare(cfg, runner.value, num_workers.value, tuple(beam_args))
     print(json.dumps(describe(pipeline, show_rows.value), indent=1, ensure_ascii=False))
 
-  cli.run(main, __doc__)
+  cli.run(main, __doc__, split=split)
 
 
 if __name__ == "__main__":
