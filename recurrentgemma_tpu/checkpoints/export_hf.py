@@ -13,8 +13,12 @@ than the attention window; the export is refused if their logits differ. OUTPUT 
 (files are uploaded, manifest last). Needs the hf extra (torch, transformers, safetensors).
 """
 
-from absl import flags
+from typing import Any
 
+from absl import flags
+import numpy as np
+
+from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.checkpoints import hf_bridge
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export from.")
@@ -23,9 +27,32 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: 
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored tensor dtype.")
 
 
+def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "float32",
+           max_shard_bytes: int = hf_bridge.SHARD_BYTES, log: Any = print) -> dict[str, Any]:
+  """Exports step `step` (newest if None) of `workdir` to `output`; returns the manifest.
+
+  Every request error is a one-line exit_codes.UserError, raised before any array is read.
+  """
+  step = hf_bridge.check_export_args(workdir, output, step, dtype)
+  import jax  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import sample  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.checkpoints import manager  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  exp = sample.load_experiment(workdir)
+  vocab = vocab_lib.Vocabulary(sample.existing_tokenizer(exp.data), exp.model.vocab_size)
+  step_dir = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR, str(step))
+  abstract = jax.eval_shape(lambda: model_lib.init_params(exp.model, jax.random.key(0)))
+  params = jax.tree.map(np.asarray, manager.load_params(step_dir, abstract))
+  source = {"workdir": workdir_lib.resolve(workdir), "step": step,
+            "config_sha256": exp.fingerprint()}
+  return hf_bridge.export_params(params, exp.model, vocab, output, source=source, dtype=dtype,
+                                 max_shard_bytes=max_shard_bytes, log=log)
+
+
 def main(argv: list[str]) -> None:
   del argv
-  manifest = hf_bridge.export(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value)
+  manifest = export(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value)
   check = manifest["logits_check"]
   print(f"wrote {_OUTPUT.value} (step {manifest['source']['step']}, {manifest['dtype']}, "
         f"{len(manifest['tensors'])} tensors); logits agree with transformers to "

@@ -348,33 +348,22 @@ def check_export_args(workdir: str, output: str, step: int | None, dtype: str) -
   return steps[-1] if step is None else step
 
 
-def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "float32",
-           max_shard_bytes: int = SHARD_BYTES, log: Any = print) -> dict[str, Any]:
-  """Exports step `step` (newest if None) of `workdir` to `output`; returns the manifest.
+def export_params(params: Any, cfg: ModelConfig, vocab: Any, output: str, *, source: Mapping[str, Any],
+                  dtype: str = "float32", max_shard_bytes: int = SHARD_BYTES,
+                  log: Any = print) -> dict[str, Any]:
+  """Exports `params` of `cfg` with tokenizer `vocab` (a data.vocab.Vocabulary) to `output`.
 
-  Raises exit_codes.UserError (exit 2) for a bad request, a model HF cannot express exactly
-  (hf_mapping.NotExpressible, with the report) and a failed logits or tokenizer check; in every
-  such case `output` is left as it was.
+  `source` (e.g. workdir, step, config fingerprint) goes into the manifest. Raises ExportRefused
+  (exit 2) for a model HF cannot express exactly (after logging the report) and for a failed
+  logits or tokenizer check; in every such case `output` is left as it was.
   """
-  step = check_export_args(workdir, output, step, dtype)
-  import jax  # pylint: disable=g-import-not-at-top
-  from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
-  from recurrentgemma_tpu import sample  # pylint: disable=g-import-not-at-top
-  from recurrentgemma_tpu.checkpoints import manager  # pylint: disable=g-import-not-at-top
-  from recurrentgemma_tpu.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-  exp = sample.load_experiment(workdir)
-  cfg = exp.model
   report = hf_mapping.expressibility(cfg, dtype)
   if not report.exportable:
     for line in report.lines():
       log(line)
-    raise ExportRefused(f"{workdir} cannot be exported exactly to transformers' RecurrentGemma: "
+    raise ExportRefused("this model cannot be exported exactly to transformers' RecurrentGemma: "
                         + "; ".join(str(f) for f in report.findings))
   _require_extra()
-  vocab = vocab_lib.Vocabulary(sample.existing_tokenizer(exp.data), cfg.vocab_size)
-  step_dir = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR, str(step))
-  abstract = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-  params = jax.tree.map(np.asarray, manager.load_params(step_dir, abstract))
   tensors = hf_mapping.to_hf(params, cfg, dtype)
   fields = hf_mapping.hf_config(cfg, pad_id=vocab.pad_id, eos_id=vocab.eos_id,
                                 bos_id=vocab.bos_id, dtype=dtype)
@@ -392,8 +381,7 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
     # Ours with the values exactly as written (a bfloat16 export is compared at bfloat16 values).
     written = hf_mapping.from_hf(tensors, cfg)
     figures = logits_check(load_hf_model(tmp), written, cfg)
-    manifest = _manifest(workdir, step, exp, dtype, report, figures, tensors, tmp, files,
-                         tokenizer_class)
+    manifest = _manifest(source, dtype, report, figures, tensors, tmp, files, tokenizer_class)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
     _publish(tmp, output, files)
@@ -414,7 +402,7 @@ def _write_all(directory: str, tensors: Mapping[str, np.ndarray], fields: Mappin
       "config.json", "generation_config.json"]
 
 
-def _manifest(workdir: str, step: int, exp: Any, dtype: str, report: hf_mapping.Report,
+def _manifest(source: Mapping[str, Any], dtype: str, report: hf_mapping.Report,
               figures: Mapping[str, Any], tensors: Mapping[str, np.ndarray], directory: str,
               files: list[str], tokenizer_class: str) -> dict[str, Any]:
   import torch  # pylint: disable=g-import-not-at-top
@@ -424,8 +412,7 @@ def _manifest(workdir: str, step: int, exp: Any, dtype: str, report: hf_mapping.
     with open(os.path.join(directory, name), "rb") as f:
       file_sums[name] = sha256(f.read())
   return {
-      "source": {"workdir": workdir_lib.resolve(workdir), "step": step,
-                 "config_sha256": exp.fingerprint()},
+      "source": dict(source),
       "dtype": dtype,
       "rewrites": list(report.rewrites),
       "logits_check": dict(figures),
