@@ -212,3 +212,23 @@ def test_init_from_an_hf_directory_of_another_architecture_fails_at_build(tmp_pa
   config = small_config(checkpoint__init_from=f"hf:{tmp_path / 'missing'}")
   with pytest.raises(FileNotFoundError, match="is not a directory"):
     experiment_lib.build(config, num_devices=1)
+
+
+# ------------------------------------------------------------------------------------ config time
+
+
+def test_summary_and_start_up_block_say_whether_a_run_exports():
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.model import summary  # pylint: disable=g-import-not-at-top
+  plain = _model(ladder.get_config("griffin,100m"))
+  text = summary.format_summary(plain, summary.summarize(plain, 2048))
+  assert "Hugging Face export: not expressible" in text
+  assert "lru_width = 1024: HF splits the RG-LRU gates into num_heads=6 blocks" in text
+  variant = _model(ladder.get_config("griffin,100m,hf"))
+  assert "Hugging Face export: exact" in summary.format_summary(variant, summary.summarize(variant, 2048))
+  for config, expected in ((small_config(), "no: transformers cannot express logits_soft_cap=0.0"),
+                           (small_config(model__logits_soft_cap=30.0,
+                                         model__embeddings_scale_by_sqrt_dim=True), "yes, exactly")):
+    rows = dict(cli.experiment_rows(experiment_lib.build(config, num_devices=1)))
+    assert rows["hf export"].startswith(expected), rows["hf export"]
