@@ -232,3 +232,13 @@ def test_summary_and_start_up_block_say_whether_a_run_exports():
                                          model__embeddings_scale_by_sqrt_dim=True), "yes, exactly")):
     rows = dict(cli.experiment_rows(experiment_lib.build(config, num_devices=1)))
     assert rows["hf export"].startswith(expected), rows["hf export"]
+
+
+def test_model_fields_read_back_from_an_hf_config():
+  cfg = _model(recurrentgemma.get_config("2b"))
+  fields = hf_mapping.model_fields_from_hf(
+      hf_mapping.hf_config(cfg, pad_id=0, eos_id=1, bos_id=2, dtype="bfloat16"))
+  back = cfg.replace(**fields)
+  assert back == cfg.replace(head_dim=0, num_gate_blocks=0)
+  assert fields["block_pattern"] == "recurrent,recurrent,local_attention"
+  assert fields["attention_window"] == 2048 and fields["mlp_expansion"] == 3
