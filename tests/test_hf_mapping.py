@@ -176,12 +176,14 @@ def _export(*args):
                         cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
 
 
-def _one_error_line(proc, *needles):
+def _one_error_line(proc, *needles, alone=True):
+  """Exit 2 and one `error:` line (the last; with `alone`, the only line on stderr) naming needles."""
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  errors = [l for l in lines if l.startswith("error")]
+  assert errors == lines[-1:] and (len(lines) == 1 or not alone), proc.stderr[-2000:]
   for needle in needles:
-    assert needle in lines[0], lines[0]
+    assert needle in errors[0], errors[0]
 
 
 def test_export_refuses_a_workdir_without_checkpoint(tmp_path):
@@ -242,3 +244,16 @@ def test_model_fields_read_back_from_an_hf_config():
   assert back == cfg.replace(head_dim=0, num_gate_blocks=0)
   assert fields["block_pattern"] == "recurrent,recurrent,local_attention"
   assert fields["attention_window"] == 2048 and fields["mlp_expansion"] == 3
+
+
+@pytest.mark.slow
+def test_train_refuses_init_from_an_hf_directory_of_another_architecture(tmp_path):
+  from test_train_common import train_command  # pylint: disable=g-import-not-at-top
+  (tmp_path / "llama").mkdir()
+  (tmp_path / "llama" / "config.json").write_text(json.dumps(
+      {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+  proc = subprocess.run(train_command(str(tmp_path / "wd"), f"--init_from=hf:{tmp_path / 'llama'}"),
+                        cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  # The trainer logs its compilation cache before building the experiment.
+  _one_error_line(proc, "model_type='llama'", "only transformers' RecurrentGemma", alone=False)
+  assert not (tmp_path / "wd" / "checkpoints").exists()
