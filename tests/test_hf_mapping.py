@@ -257,3 +257,15 @@ def test_train_refuses_init_from_an_hf_directory_of_another_architecture(tmp_pat
   # The trainer logs its compilation cache before building the experiment.
   _one_error_line(proc, "model_type='llama'", "only transformers' RecurrentGemma", alone=False)
   assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_the_bridge_and_the_training_modules_import_without_torch():
+  code = ("import sys\n"
+          "from recurrentgemma_tpu.checkpoints import export_hf, hf_bridge, hf_mapping, resume\n"
+          "from recurrentgemma_tpu import experiment, trainer\n"
+          "from recurrentgemma_tpu.model import summary\n"
+          "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(1),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
