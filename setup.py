@@ -78,6 +78,7 @@ setuptools.setup(
             "rg-train=recurrentgemma_tpu.train:run",
             "rg-compile=recurrentgemma_tpu.compile:run",
             "rg-sample=recurrentgemma_tpu.sample:run",
+            "rg-export-hf=recurrentgemma_tpu.checkpoints.export_hf:run",
             "rg-prepare-data=recurrentgemma_tpu.data.prepare:run",
             "rg-launch=launch.submit:run",
             "rg-launch-status=launch.status:run",
