@@ -1,6 +1,7 @@
 """The Griffin paper's scaling ladder (Table 2 / App. C) as complete training recipes.
 
     --config=configs/ladder.py:griffin,1b        # family in {griffin, hawk, mqa}, size in LADDER
+    --config=configs/ladder.py:griffin,1b,hf     # the same run, exportable to Hugging Face exactly
 
 `get_config("FAMILY,SIZE")` returns the full experiment of one ladder point: the architecture of
 Table 2, sequence length 2048, the paper's Chinchilla-style token budget for the size turned into
@@ -10,7 +11,15 @@ files `configs/{griffin,hawk,mqa}_{100m,...,14b}.py` are aliases of these points
 Settings the paper does not give follow the reference code, except the RG-LRU gate blocks: the
 paper's 16 "for all experiments" (the reference ties them to heads, which cannot express 14B: D_RNN
 8192 is not divisible by 40 heads' worth of blocks of a whole size).
+
+The `hf` variant (`make_exportable`) keeps the size and the recipe and makes the choices
+transformers' RecurrentGemma can express exactly: RecurrentGemma's logit soft-cap (30) and
+embedding scale, gate blocks a multiple of the heads (16 where the heads divide 16, else the heads),
+and D_RNN the nearest width those blocks divide (100m: 1026, 400m: 2052, 3b: 4104, 14b: 8200; the
+others keep theirs). The paper's points themselves do not export: HF always soft-caps the logits.
 """
+
+import math
 
 import ml_collections
 
@@ -41,23 +50,40 @@ LADDER_VOCAB = 32_000
 SEQ_LEN = 2048  # [G] section 3
 
 
-def parse_arg(arg: str) -> tuple[str, str]:
-  """'griffin,1b' -> ('griffin', '1b'), naming the valid values on a bad one."""
+VARIANTS = ("hf",)  # optional third part of the argument
+
+
+def parse_arg(arg: str) -> tuple[str, str, str]:
+  """'griffin,1b' -> ('griffin', '1b', ''); 'griffin,1b,hf' -> (..., 'hf'); names valid values."""
   parts = [p.strip() for p in (arg or "").split(",")]
-  if len(parts) != 2:
-    raise ValueError(f"configs/ladder.py:{arg} must be FAMILY,SIZE, e.g. configs/ladder.py:griffin,1b "
-                     f"(families {FAMILIES}, sizes {tuple(LADDER)})")
-  family, size = parts
+  if len(parts) not in (2, 3):
+    raise ValueError(f"configs/ladder.py:{arg} must be FAMILY,SIZE[,hf], e.g. "
+                     f"configs/ladder.py:griffin,1b (families {FAMILIES}, sizes {tuple(LADDER)})")
+  family, size, variant = (parts + [""])[:3]
   if family not in FAMILIES:
     raise ValueError(f"family={family!r} must be one of {FAMILIES}")
   if size not in LADDER:
     raise ValueError(f"size={size!r} must be one of {tuple(LADDER)}")
-  return family, size
+  if len(parts) == 3 and variant not in VARIANTS:
+    raise ValueError(f"variant={variant!r} must be one of {VARIANTS} (or left out)")
+  return family, size, variant
+
+
+def make_exportable(m: ml_collections.ConfigDict) -> None:
+  """Turns a model group into its closest Hugging Face-expressible form, in place (see above)."""
+  m.logits_soft_cap = 30.0  # RecurrentGemma's; HF always applies a cap
+  m.embeddings_scale_by_sqrt_dim = True  # HF always scales; tied tables then export as they are
+  heads = m.num_heads
+  blocks = 16 if 16 % heads == 0 else heads
+  m.num_gate_blocks = blocks
+  lru = m.lru_width or m.width
+  step = math.lcm(2, heads, blocks)
+  m.lru_width = max(step, int(round(lru / step)) * step)
 
 
 def get_config(arg: str = "griffin,1b") -> ml_collections.ConfigDict:
-  """The full experiment config of one ladder point, `arg` = "FAMILY,SIZE"."""
-  family, size = parse_arg(arg)
+  """The full experiment config of one ladder point, `arg` = "FAMILY,SIZE[,hf]"."""
+  family, size, variant = parse_arg(arg)
   width, lru_width, depth, heads = LADDER[size]
   config = base.get_config()
   m = config.model
@@ -75,6 +101,8 @@ def get_config(arg: str = "griffin,1b") -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # [G] section 4: bfloat16 parameters-in-compute and activations
   m.remat = "block"
   m.scan_layers = True
+  if variant == "hf":
+    make_exportable(m)
   config.data.seq_len = SEQ_LEN
   recipe.apply(config, num_params=NOMINAL_PARAMS[size], tokens=TOKENS[size])
   return config

@@ -29,6 +29,7 @@ from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu import optimizer as optimizer_lib
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import strict
+from recurrentgemma_tpu.checkpoints import hf_bridge
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 from recurrentgemma_tpu.downstream import config as eval_lib
 from sharding import mesh as mesh_lib
@@ -231,7 +232,9 @@ def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   init_from = config.checkpoint.init_from
   if not isinstance(init_from, str):
     raise ValueError(f"config.checkpoint.init_from={init_from!r} must be a string.")
-  if init_from:
+  if init_from and hf_bridge.is_hf(init_from):  # transformers checkpoint: its config.json only
+    hf_bridge.check_importable(init_from, parts["model"])
+  elif init_from:
     ckpt_lib.resolve_params_path(init_from)  # a bad path fails now, not after data preparation
   if parts["eval"].every:
     _check_eval(parts["eval"])

@@ -118,7 +118,7 @@ def load_model(workdir: str) -> tuple[Any, Any]:
   return exp, ckpt_lib.load_params(workdir, abstract)
 
 
-def _existing_tokenizer(data_config: Any) -> str:
+def existing_tokenizer(data_config: Any) -> str:
   """The tokenizer a workdir was trained with, found but never trained or written here.
 
   config.json may come from a workdir someone else wrote: its paths are only read, so sampling
@@ -147,7 +147,7 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, tempera
   check_sampling_args(max_new_tokens, temperature, top_k, model_config.vocab_size)
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1.")
-  vocab = vocab_lib.Vocabulary(_existing_tokenizer(exp.data), model_config.vocab_size)
+  vocab = vocab_lib.Vocabulary(existing_tokenizer(exp.data), model_config.vocab_size)
   # Documents start with BOS as their first input, exactly as the training rows do.
   ids = [vocab.bos_id] + vocab.encode(prompt)
   prompt_BT = jnp.asarray(np.tile(np.asarray(ids, np.int32), (num_samples, 1)))

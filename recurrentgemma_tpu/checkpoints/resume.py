@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import train_step as train_step_lib
+from recurrentgemma_tpu.checkpoints import hf_bridge
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 
 # Config fields that may differ between a checkpoint and the run that resumes it: they change
@@ -138,7 +139,8 @@ def restore_or_init(exp: Any, fns: step_functions.StepFunctions, ckpt: ckpt_lib.
         f"{ckpt.quarantine_dir}; this workdir is not restarted from step 0. Recover a step by hand "
         "(docs/training.md), delete that directory to start over here, or use another --workdir.")
   if exp.init_from:
-    params = ckpt_lib.load_params(exp.init_from, abstract_params)
+    params = (hf_bridge.load_params(exp.init_from, exp.model, abstract_params)
+              if hf_bridge.is_hf(exp.init_from) else ckpt_lib.load_params(exp.init_from, abstract_params))
     opt_state = jax.jit(fns.tx.init, out_shardings=fns.state_shardings.opt_state)(params)
     state = train_step_lib.TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), fns.state_shardings.step), params=params,
