@@ -24,15 +24,6 @@ import numpy as np
 
 from recurrentgemma_tpu import workdir as workdir_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or a checkpoint directory inside it).")
-_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate after the prompt.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Softmax temperature; 0 = greedy (argmax).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample only among the k most likely tokens; 0 = all.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling RNG seed.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Independent continuations of the prompt.")
-
-
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, vocab_size: int) -> None:
   """Raises ValueError naming the bad argument."""
   if max_new_tokens < 1:
@@ -164,18 +155,27 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, tempera
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
-  texts = sample_text(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
-                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, seed=_SEED.value,
-                      num_samples=_NUM_SAMPLES.value)
+  f = flags.FLAGS
+  texts = sample_text(f.workdir, f.prompt, max_new_tokens=f.max_new_tokens,
+                      temperature=f.temperature, top_k=f.top_k, seed=f.seed,
+                      num_samples=f.num_samples)
   for i, text in enumerate(texts):
     if len(texts) > 1:
       print(f"--- sample {i}")
-    print(_PROMPT.value + text)
+    print(f.prompt + text)
 
 
 def run() -> None:
   """Console-script entry point (`rg-sample`)."""
   from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+  # Defined here, not at import, so other commands (export_hf) can import this module's functions.
+  flags.DEFINE_string("workdir", None, "Training workdir (or a checkpoint directory inside it).")
+  flags.DEFINE_string("prompt", "", "Text to continue.")
+  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate after the prompt.")
+  flags.DEFINE_float("temperature", 0.0, "Softmax temperature; 0 = greedy (argmax).")
+  flags.DEFINE_integer("top_k", 0, "Sample only among the k most likely tokens; 0 = all.")
+  flags.DEFINE_integer("seed", 0, "Sampling RNG seed.")
+  flags.DEFINE_integer("num_samples", 1, "Independent continuations of the prompt.")
   flags.mark_flags_as_required(["workdir"])
   cli.run(main, __doc__)
 

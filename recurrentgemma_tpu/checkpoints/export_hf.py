@@ -21,12 +21,6 @@ import numpy as np
 from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.checkpoints import hf_bridge
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to export from.")
-_OUTPUT = flags.DEFINE_string("output", None, "New or empty directory (local or gs://).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored tensor dtype.")
-
-
 def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "float32",
            max_shard_bytes: int = hf_bridge.SHARD_BYTES, log: Any = print) -> dict[str, Any]:
   """Exports step `step` (newest if None) of `workdir` to `output`; returns the manifest.
@@ -52,15 +46,22 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
 
 def main(argv: list[str]) -> None:
   del argv
-  manifest = export(_WORKDIR.value, _OUTPUT.value, step=_STEP.value, dtype=_DTYPE.value)
+  f = flags.FLAGS
+  manifest = export(f.workdir, f.output, step=f.step, dtype=f.dtype)
   check = manifest["logits_check"]
-  print(f"wrote {_OUTPUT.value} (step {manifest['source']['step']}, {manifest['dtype']}, "
+  print(f"wrote {f.output} (step {manifest['source']['step']}, {manifest['dtype']}, "
         f"{len(manifest['tensors'])} tensors); logits agree with transformers to "
         f"{check['relative_error']:.2g} relative on {check['sequences']} x "
         f"{check['tokens_per_sequence']} tokens")
 
 
 def run() -> None:
+  # Flags are defined here, not at import, so this module's functions can be imported next to
+  # other commands' flags (sample.py also defines --workdir).
+  flags.DEFINE_string("workdir", None, "Training workdir to export from.")
+  flags.DEFINE_string("output", None, "New or empty directory (local or gs://).")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored tensor dtype.")
   flags.mark_flags_as_required(["workdir", "output"])
   from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, __doc__)
