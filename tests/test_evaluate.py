@@ -157,3 +157,41 @@ def test_training_evaluates_downstream_every_n_steps(tmp_path):
   proc = _evaluate(f"--workdir={wd}", "--step=4", "--tasks=rg_stdlib_next_line", "--limit=4")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert results_lib.read_scores(str(wd))[4] == scores[4]
+
+
+_SWEEP = """
+import ml_collections
+from launch.sweep.axes import sweep
+
+def get_sweep(arg=""):
+  s = ml_collections.ConfigDict()
+  s.name = "t"
+  s.base = "configs/tiny.py"
+  s.overrides = {"model": {"num_layers": 3}, "train": {"eval_every": 0}}
+  s.choices = {"size": {"s": {"model": {"width": 64, "num_heads": 1}}}}
+  s.axes = sweep("size", ["s"])
+  s.tokens = {"rule": "config"}
+  s.budgets = ()
+  s.schedule = {"decay_with_steps": True, "warmup_fraction": 0.1}
+  s.lr = {"rule": "config"}
+  s.metric = "eval/loss"
+  s.retries = 1
+  return s
+"""
+
+
+def test_sweep_rows_carry_the_newest_downstream_scores(tmp_path, monkeypatch):
+  from launch.sweep import definition, report  # pylint: disable=g-import-not-at-top
+  from launch.sweep import state as state_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO)  # the sweep's base is a repo-relative config path
+  (tmp_path / "s.py").write_text(_SWEEP)
+  trial, = definition.expand(definition.load_sweep(str(tmp_path / "s.py")))
+  root = str(tmp_path / "root")
+  row = report.row(root, trial, retries=1, version="x")
+  assert row["downstream"] == {} and row["downstream_step"] is None
+  workdir = state_lib.trial_dir(root, trial.id)
+  results_lib.write(workdir, 10, {"rg_stdlib_next_line/acc": 0.25}, {}, tensorboard=False)
+  results_lib.write(workdir, 30, {"rg_stdlib_next_line/acc": 0.5}, {}, tensorboard=False)
+  row = report.row(root, trial, retries=1, version="x")
+  assert row["downstream"] == {"rg_stdlib_next_line/acc": 0.5} and row["downstream_step"] == 30
+  assert set(report.COLUMNS) >= set(row)
