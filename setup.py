@@ -70,6 +70,8 @@ setuptools.setup(
     packages=setuptools.find_packages(
         include=["recurrentgemma_tpu*", "sharding*", "pallas_kernels*", "launch*", "configs*"]
     ),
+    # The offline lm-eval tasks (YAML, their loader and jsonl data) are data, not a package.
+    package_data={"recurrentgemma_tpu.downstream": ["tasks/*.yaml", "tasks/*.py", "tasks/*.jsonl"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
@@ -77,6 +79,7 @@ setuptools.setup(
             "rg-train=recurrentgemma_tpu.train:run",
             "rg-compile=recurrentgemma_tpu.compile:run",
             "rg-sample=recurrentgemma_tpu.sample:run",
+            "rg-evaluate=recurrentgemma_tpu.evaluate:run",
             "rg-prepare-data=recurrentgemma_tpu.data.prepare:run",
             "rg-launch=launch.submit:run",
             "rg-launch-status=launch.status:run",

@@ -24,6 +24,7 @@ import ml_collections
 from launch.sweep import definition
 from launch.sweep import state as state_lib
 from launch.sweep import store
+from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu.downstream import results as downstream_lib
 
 COLUMNS = ("id", "family", "size", "params", "non_embedding_params", "tokens", "steps", "flops",
@@ -142,7 +143,7 @@ def evaluate_downstream(root: str, trials: Sequence[definition.Trial], retries: 
       continue
     cmd = [sys.executable, "-m", "recurrentgemma_tpu.evaluate", f"--workdir={workdir}",
            f"--tasks={tasks}", f"--limit={limit}"]
-    if subprocess.run(cmd, check=False).returncode != 0:
+    if subprocess.run(cmd, check=False).returncode != exit_codes.OK:
       failed.append(t.id)
   return failed
 
