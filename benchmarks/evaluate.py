@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
   subprocess.run([sys.executable, "-m", "recurrentgemma_tpu.checkpoints.export_hf",
                   f"--workdir={workdir}", f"--output={out}"], cwd=REPO, check=True,
                  capture_output=True)
-  task = registry.task_manager([TASK]).load_task_or_group([TASK])[TASK]
+  task = registry.task_manager([TASK]).load([TASK])["tasks"][TASK]
   task.build_all_requests(limit=_LIMIT.value, rank=0, world_size=1)
   requests = task.instances
   exp = loading.load_experiment(workdir)

@@ -114,8 +114,8 @@ def test_rolling_log_likelihoods_equal_the_hf_backend_with_one_bos(models):
 def test_greedy_generation_equals_transformers_generate(models):
   import torch  # pylint: disable=g-import-not-at-top
   ours, _, hf_model, tokenizer = models
-  docs = registry.task_manager(["rg_stdlib_complete"]).load_task_or_group(
-      ["rg_stdlib_complete"])["rg_stdlib_complete"].dataset["test"]
+  docs = registry.task_manager(["rg_stdlib_complete"]).load(
+      ["rg_stdlib_complete"])["tasks"]["rg_stdlib_complete"].dataset["test"]
   contexts = [ours.tok_encode(d["context"]) for d in list(docs)[:6]]
   # Token ids, not text: a random model emits byte-fallback pieces, whose text the two
   # detokenizers render differently (U+FFFD per byte or per sequence).

@@ -210,6 +210,10 @@ class Scorer:
     # fills its own shards from it.
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
+  def _replicated(self, *arrays: np.ndarray) -> list[jax.Array]:
+    replicated = NamedSharding(self.fns.mesh, PartitionSpec())
+    return [self._global(a, replicated) for a in arrays]
+
   # ------------------------------------------------------------------ packed rows
 
   def score(self, sequences: Sequence[Sequence[int]], num_scored: Sequence[int]
@@ -292,7 +296,8 @@ class Scorer:
         conts[n, :len(cont)] = cont
         owner[n] = j
       with self._in_mesh():
-        logp, greedy = self._shared_fn(self.params, ctx, lengths, conts, owner, max_length=T + K)
+        logp, greedy = self._shared_fn(self.params, *self._replicated(ctx, lengths, conts, owner),
+                                       max_length=T + K)
       logp, greedy = np.asarray(logp), np.asarray(greedy)
       for n, (j, c) in enumerate(rows):
         k = len(continuations[groups[j]][c])
@@ -323,7 +328,8 @@ class Scorer:
         ctx[j, T - len(contexts[i]):] = contexts[i]
         lengths[j] = len(contexts[i])
       with self._in_mesh():
-        tokens = np.asarray(self._greedy_fn(self.params, ctx, lengths, max_new_tokens=new))
+        tokens = np.asarray(self._greedy_fn(self.params, *self._replicated(ctx, lengths),
+                                            max_new_tokens=new))
       for j, i in enumerate(members):
         out[i] = tokens[j, :max_new_tokens].tolist()
     return out
