@@ -167,7 +167,7 @@ def get_sweep(arg=""):
   s = ml_collections.ConfigDict()
   s.name = "t"
   s.base = "configs/tiny.py"
-  s.overrides = {"model": {"num_layers": 3}, "train": {"eval_every": 0}}
+  s.overrides = {"model": {"num_layers": 3, "vocab_size": 1024}, "train": {"eval_every": 0}}
   s.choices = {"size": {"s": {"model": {"width": 64, "num_heads": 1}}}}
   s.axes = sweep("size", ["s"])
   s.tokens = {"rule": "config"}
@@ -195,3 +195,42 @@ def test_sweep_rows_carry_the_newest_downstream_scores(tmp_path, monkeypatch):
   row = report.row(root, trial, retries=1, version="x")
   assert row["downstream"] == {"rg_stdlib_next_line/acc": 0.5} and row["downstream_step"] == 30
   assert set(report.COLUMNS) >= set(row)
+
+
+@pytest.mark.slow
+def test_sweep_collect_evaluates_finished_trials_once(tmp_path, monkeypatch):
+  pytest.importorskip("lm_eval")
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from launch.sweep import definition, report  # pylint: disable=g-import-not-at-top
+  from launch.sweep import state as state_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("PYTHONPATH", subprocess_env(1)["PYTHONPATH"])
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+  (tmp_path / "s.py").write_text(_SWEEP)
+  sweep = definition.load_sweep(str(tmp_path / "s.py"))
+  trial, = definition.expand(sweep)
+  root = str(tmp_path / "root")
+  workdir = state_lib.trial_dir(root, trial.id)
+  config = experiment_lib.load_config(trial.spec, trial.overrides)
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  params = flax.core.meta.unbox(model_lib.init_params(cfg, jax.random.key(0)))
+  m = ckpt.CheckpointManager(os.path.join(workdir, "checkpoints"), ckpt.CheckpointOptions(1, 1, 0, False))
+  m.save(trial.info["steps"], params, {"step": np.int32(0)}, {})
+  m.close()
+  # Not finished yet: nothing is evaluated.
+  report.collect(root, sweep, [trial], downstream_tasks="rg_stdlib_next_line", downstream_limit=2)
+  assert results_lib.read_scores(workdir) == {}
+  n = state_lib.claim(root, trial.id)
+  state_lib.record_attempt(root, trial.id, n, "done")
+  report.collect(root, sweep, [trial], downstream_tasks="rg_stdlib_next_line", downstream_limit=2)
+  row, = report.read_results(root)
+  assert row["downstream_step"] == trial.info["steps"]
+  assert set(row["downstream"]) == {"rg_stdlib_next_line/acc", "rg_stdlib_next_line/acc_norm"}
+  written = os.path.getmtime(results_lib.path_for(workdir, trial.info["steps"]))
+  report.collect(root, sweep, [trial], downstream_tasks="rg_stdlib_next_line", downstream_limit=2)
+  assert os.path.getmtime(results_lib.path_for(workdir, trial.info["steps"])) == written  # once
