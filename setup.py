@@ -80,6 +80,7 @@ setuptools.setup(
             "rg-compile=recurrentgemma_tpu.compile:run",
             "rg-sample=recurrentgemma_tpu.sample:run",
             "rg-evaluate=recurrentgemma_tpu.evaluate:run",
+            "rg-export-hf=recurrentgemma_tpu.checkpoints.export_hf:run",
             "rg-prepare-data=recurrentgemma_tpu.data.prepare:run",
             "rg-launch=launch.submit:run",
             "rg-launch-status=launch.status:run",

@@ -459,6 +459,7 @@ def human(n: float) -> str:
 
 def experiment_rows(exp: Any, *, config_spec: str = "") -> list[tuple[str, str]]:
   """What runs: model family and size, parameters, tokens per step, steps, FLOPs."""
+  from recurrentgemma_tpu.checkpoints import hf_mapping  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.model import flops  # pylint: disable=g-import-not-at-top
   m = exp.model
   total, non_embedding = flops.param_counts(m)
@@ -474,6 +475,7 @@ def experiment_rows(exp: Any, *, config_spec: str = "") -> list[tuple[str, str]]
                  f"step x {exp.train.steps:,} steps = {human(exp.total_tokens)}"),
       ("compute", f"{human(per_token * exp.total_tokens)} model FLOPs "
                   f"({human(per_token)} per token)"),
+      ("hf export", hf_mapping.expressibility(m).short()),
   ]
   return rows
 

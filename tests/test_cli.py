@@ -104,6 +104,11 @@ COMMANDS = [
         (["--workdir=/no/such/dir"], ["/no/such/dir"]),
         (["--workdir=/tmp", "--temperature=hot"], ["--temperature"]),
     ]),
+    ("recurrentgemma_tpu.checkpoints.export_hf", ["workdir", "output", "step", "dtype"], [
+        (["--output=/tmp/x"], ["--workdir is required"]),
+        (["--workdir=/no/such/dir", "--output=/tmp/x"], ["/no/such/dir"]),
+        (["--workdir=/tmp", "--output=/tmp/x", "--dtype=float16"], ["--dtype"]),
+    ]),
     ("recurrentgemma_tpu.model.summary", ["config", "seq_len"], [
         ([], ["--config is required"]),
         (["--config=tiny", "--config.model.widht=3"], ['Did you mean "width"']),

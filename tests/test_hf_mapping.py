@@ -176,12 +176,14 @@ def _export(*args):
                         cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
 
 
-def _one_error_line(proc, *needles):
+def _one_error_line(proc, *needles, alone=True):
+  """Exit 2 and one `error:` line (the last; with `alone`, the only line on stderr) naming needles."""
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+  errors = [l for l in lines if l.startswith("error")]
+  assert errors == lines[-1:] and (len(lines) == 1 or not alone), proc.stderr[-2000:]
   for needle in needles:
-    assert needle in lines[0], lines[0]
+    assert needle in errors[0], errors[0]
 
 
 def test_export_refuses_a_workdir_without_checkpoint(tmp_path):
@@ -212,3 +214,58 @@ def test_init_from_an_hf_directory_of_another_architecture_fails_at_build(tmp_pa
   config = small_config(checkpoint__init_from=f"hf:{tmp_path / 'missing'}")
   with pytest.raises(FileNotFoundError, match="is not a directory"):
     experiment_lib.build(config, num_devices=1)
+
+
+# ------------------------------------------------------------------------------------ config time
+
+
+def test_summary_and_start_up_block_say_whether_a_run_exports():
+  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.model import summary  # pylint: disable=g-import-not-at-top
+  plain = _model(ladder.get_config("griffin,100m"))
+  text = summary.format_summary(plain, summary.summarize(plain, 2048))
+  assert "Hugging Face export: not expressible" in text
+  assert "lru_width = 1024: HF splits the RG-LRU gates into num_heads=6 blocks" in text
+  variant = _model(ladder.get_config("griffin,100m,hf"))
+  assert "Hugging Face export: exact" in summary.format_summary(variant, summary.summarize(variant, 2048))
+  for config, expected in ((small_config(), "no: transformers cannot express logits_soft_cap=0.0"),
+                           (small_config(model__logits_soft_cap=30.0,
+                                         model__embeddings_scale_by_sqrt_dim=True), "yes, exactly")):
+    rows = dict(cli.experiment_rows(experiment_lib.build(config, num_devices=1)))
+    assert rows["hf export"].startswith(expected), rows["hf export"]
+
+
+def test_model_fields_read_back_from_an_hf_config():
+  cfg = _model(recurrentgemma.get_config("2b"))
+  fields = hf_mapping.model_fields_from_hf(
+      hf_mapping.hf_config(cfg, pad_id=0, eos_id=1, bos_id=2, dtype="bfloat16"))
+  back = cfg.replace(**fields)
+  assert back == cfg.replace(head_dim=0, num_gate_blocks=0)
+  assert fields["block_pattern"] == "recurrent,recurrent,local_attention"
+  assert fields["attention_window"] == 2048 and fields["mlp_expansion"] == 3
+
+
+@pytest.mark.slow
+def test_train_refuses_init_from_an_hf_directory_of_another_architecture(tmp_path):
+  from test_train_common import train_command  # pylint: disable=g-import-not-at-top
+  (tmp_path / "llama").mkdir()
+  (tmp_path / "llama" / "config.json").write_text(json.dumps(
+      {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+  proc = subprocess.run(train_command(str(tmp_path / "wd"), f"--init_from=hf:{tmp_path / 'llama'}"),
+                        cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  # The trainer logs its compilation cache before building the experiment.
+  _one_error_line(proc, "model_type='llama'", "only transformers' RecurrentGemma", alone=False)
+  assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_the_bridge_and_the_training_modules_import_without_torch():
+  code = ("import sys\n"
+          "from recurrentgemma_tpu.checkpoints import export_hf, hf_bridge, hf_mapping, resume\n"
+          "from recurrentgemma_tpu import experiment, trainer\n"
+          "from recurrentgemma_tpu.model import summary\n"
+          "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(1),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"

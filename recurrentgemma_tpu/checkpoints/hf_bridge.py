@@ -55,13 +55,12 @@ def hf_dir(init_from: str) -> str:
 
 
 def _require_extra() -> None:
-  try:
-    import safetensors  # pylint: disable=g-import-not-at-top,unused-import
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-    import transformers  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
-    raise exit_codes.UserError(f"the Hugging Face bridge needs the hf extra ({e.name} is missing): "
-                               f"{_EXTRA_HINT}") from None
+  """Exit 2 with the install hint when the hf extra is missing (found, not imported: cheap)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  missing = [m for m in ("torch", "transformers", "safetensors") if importlib.util.find_spec(m) is None]
+  if missing:
+    raise exit_codes.UserError(f"the Hugging Face bridge needs the hf extra ({', '.join(missing)} "
+                               f"missing): {_EXTRA_HINT}")
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -82,6 +81,7 @@ def read_hf_config(directory: str) -> dict[str, Any]:
 
 def check_importable(init_from: str, cfg: ModelConfig) -> None:
   """Config-only check of `--init_from=hf:DIR` against the run's model (no tensor read, no torch)."""
+  _require_extra()
   try:
     hf_mapping.check_hf_config(read_hf_config(hf_dir(init_from)), cfg)
   except hf_mapping.NotExpressible as e:
@@ -291,12 +291,13 @@ def write_tokenizer(model_bytes: bytes, directory: str) -> str:
   probes = tokenizer_probes()
   expected = [([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(t) for t in probes]
   for cls in ("GemmaTokenizer", "TokenizersBackend"):
+    # No mask token: GemmaTokenizer would otherwise add one beyond the model's vocabulary.
     tokenizer_config.update(tokenizer_class=cls, add_bos_token=sp.bos_id() >= 0,
-                            add_eos_token=False)
+                            add_eos_token=False, mask_token=None)
     with open(config_path, "w") as f:
       json.dump(tokenizer_config, f, indent=2, sort_keys=True)
     loaded = AutoTokenizer.from_pretrained(directory)
-    if [loaded(t)["input_ids"] for t in probes] == expected:
+    if len(loaded) == sp.vocab_size() and [loaded(t)["input_ids"] for t in probes] == expected:
       return cls
   raise ExportRefused("the run's SentencePiece tokenizer could not be written as a transformers "
                       "tokenizer that encodes identically; nothing was written")

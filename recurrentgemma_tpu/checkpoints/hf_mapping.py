@@ -74,10 +74,17 @@ class Report:
             + [f"  {f.field} = {f.value!r}: {f.needs}" for f in self.findings])
 
   def one_line(self) -> str:
-    """What the summary and the start-up block print."""
+    """Every finding (or rewrite) on one line."""
     if self.exportable:
       return "yes" + (f" ({'; '.join(self.rewrites)})" if self.rewrites else "")
     return "no: " + "; ".join(str(f) for f in self.findings)
+
+  def short(self) -> str:
+    """The start-up block's line: yes/no and the fields that decide."""
+    if self.exportable:
+      return "yes, exactly (python -m recurrentgemma_tpu.checkpoints.export_hf)"
+    fields = ", ".join(f"{f.field}={f.value!r}" for f in self.findings)
+    return f"no: transformers cannot express {fields} (docs/model.md, Hugging Face bridge)"
 
 
 def _divisors_multiple_of(n: int, k: int) -> list[int]:
@@ -132,7 +139,7 @@ def expressibility(cfg: ModelConfig, dtype: str = "float32") -> Report:
                               "--dtype=float32 (or train with the scale on)"))
     else:
       rewrites.append("untied tables: embed_tokens = E / bf16(sqrt(width)), lm_head = E "
-                      "(HF always scales the input embeddings)")
+                      "(HF always scales the input embeddings; float32 exports only)")
   return Report(tuple(findings), tuple(rewrites))
 
 

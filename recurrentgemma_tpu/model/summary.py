@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from recurrentgemma_tpu.checkpoints import hf_mapping
 from recurrentgemma_tpu.model import flops as flops_lib
 from recurrentgemma_tpu.model.api import init_params
 from recurrentgemma_tpu.model.config import ModelConfig
@@ -71,6 +72,8 @@ def format_summary(config: ModelConfig, s: Summary) -> str:
       f"FLOPs per token at seq_len {s.seq_len}: forward {s.forward_flops_per_token:.4g}, "
       f"train (3x) {s.train_flops_per_token:.4g}  (6N would be {6 * s.total:.4g})",
   ]
+  # Whether a run of this model can be published to transformers (float32 export), and why not.
+  lines += hf_mapping.expressibility(config).lines()
   return "\n".join(lines)
 
 
