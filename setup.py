@@ -42,7 +42,8 @@ EXTRAS_REQUIRE = {
     "beam": ["apache-beam>=2.78,<3", "pyarrow>=14,<26"],
     # The Hugging Face bridge (`checkpoints.export_hf`, `--init_from=hf:DIR`). torch is CPU-only
     # here; on a machine whose pip would pick a CUDA build, install a CPU wheel of torch first.
-    "hf": ["torch>=2.9", "transformers>=5.23,<6", "safetensors>=0.8"],
+    # accelerate: lm-eval's own HF backend imports it (the evaluation parity test and benchmark).
+    "hf": ["torch>=2.9", "transformers>=5.23,<6", "safetensors>=0.8", "accelerate>=1.0"],
     # `python -m recurrentgemma_tpu.evaluate`: lm-eval-harness runs our JAX model (no torch).
     "eval": ["lm-eval>=0.4.13,<0.5"],
     # The reference `recurrentgemma` package itself pins numpy<2.4 and absl<2, so
@@ -71,6 +72,8 @@ setuptools.setup(
     packages=setuptools.find_packages(
         include=["recurrentgemma_tpu*", "sharding*", "pallas_kernels*", "launch*", "configs*"]
     ),
+    # The offline lm-eval tasks (YAML, their loader and jsonl data) are data, not a package.
+    package_data={"recurrentgemma_tpu.downstream": ["tasks/*.yaml", "tasks/*.py", "tasks/*.jsonl"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
@@ -78,6 +81,7 @@ setuptools.setup(
             "rg-train=recurrentgemma_tpu.train:run",
             "rg-compile=recurrentgemma_tpu.compile:run",
             "rg-sample=recurrentgemma_tpu.sample:run",
+            "rg-evaluate=recurrentgemma_tpu.evaluate:run",
             "rg-export-hf=recurrentgemma_tpu.checkpoints.export_hf:run",
             "rg-prepare-data=recurrentgemma_tpu.data.prepare:run",
             "rg-launch=launch.submit:run",

@@ -1,7 +1,7 @@
 """Every config field, declared and commented once; presets override a few.
 
 Each group is built by its own function so the concerns stay separate:
-`model`, `data`, `optimizer`, `train`, `checkpoint`, `mesh`.
+`model`, `data`, `optimizer`, `train`, `checkpoint`, `mesh`, `eval`.
 """
 
 import ml_collections
@@ -192,6 +192,30 @@ def mesh() -> ml_collections.ConfigDict:
   return c
 
 
+def eval_config() -> ml_collections.ConfigDict:
+  """Downstream evaluation with lm-eval-harness (recurrentgemma_tpu/downstream, docs/evaluation.md).
+
+  The same settings drive `python -m recurrentgemma_tpu.evaluate` (whose flags override them).
+  """
+  c = ml_collections.ConfigDict()
+  # Evaluate the downstream tasks every this many training steps (0: never during training; the
+  # evaluate command still works on any checkpoint). Needs the `eval` extra (lm-eval).
+  c.every = 0
+  # Comma-separated lm-eval task, group or tag names; "rg_stdlib" is the offline tasks shipped
+  # with the package (next-line choice, line completion, perplexity on held-out stdlib modules).
+  c.tasks = "rg_stdlib"
+  c.limit = 0  # documents per task (0: all); a quick signal during training
+  c.num_fewshot = -1  # few-shot examples per prompt; -1: each task's own default
+  c.batch_size = 8  # rows per forward pass (rounded up to a multiple of the mesh's batch shards)
+  c.max_length = 0  # tokens per packed row, and lm-eval's max_length; 0: data.seq_len
+  # Start every context with BOS, as the training rows do (lm-eval has no BOS rule for this model).
+  c.add_bos = True
+  # Run a context shared by several continuations (multiple choice) once and branch its recurrent
+  # state per continuation; False packs every request whole (same numbers, more work).
+  c.shared_context = True
+  return c
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = model()
@@ -200,4 +224,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = train()
   config.checkpoint = checkpoint()
   config.mesh = mesh()
+  config.eval = eval_config()
   return config

@@ -31,10 +31,11 @@ from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import strict
 from recurrentgemma_tpu.checkpoints import hf_bridge
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
+from recurrentgemma_tpu.downstream import config as eval_lib
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
-GROUPS = ("model", "data", "optimizer", "train", "checkpoint", "mesh")
+GROUPS = ("model", "data", "optimizer", "train", "checkpoint", "mesh", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Experiment:
   """Everything a run needs, typed and validated (build with `build`).
 
   Attributes:
-    model, optimizer, data, mesh, checkpoint, train: the typed groups.
+    model, optimizer, data, mesh, checkpoint, train, eval: the typed groups.
     init_from: `config.checkpoint.init_from` ("" = none), already checked to exist.
     num_devices: the device count the mesh was resolved for.
     mesh_shape: size of every axis in `sharding.mesh.MESH_AXES` for `num_devices`.
@@ -77,6 +78,7 @@ class Experiment:
   mesh: mesh_lib.MeshConfig
   checkpoint: ckpt_lib.CheckpointOptions
   train: TrainConfig
+  eval: eval_lib.EvalConfig
   init_from: str
   num_devices: int
   mesh_shape: dict[str, int]
@@ -175,6 +177,16 @@ def _check_batch(exp_parts: dict[str, Any], mesh_shape: Mapping[str, int]) -> No
       raise ValueError(f"config.{what}={batch} does not fit mesh {dict(mesh_shape)}: {e}") from e
 
 
+def _check_eval(eval_config: eval_lib.EvalConfig) -> None:
+  """Downstream evaluation during training: lm-eval installed and every task name known to it."""
+  eval_lib.require_lm_eval()
+  from recurrentgemma_tpu.downstream import registry  # pylint: disable=g-import-not-at-top
+  try:
+    registry.check_tasks(eval_config.task_names)
+  except ValueError as e:
+    raise ValueError(f"config.eval.tasks={eval_config.tasks!r}: {e}") from e
+
+
 def min_devices(config: ml_collections.ConfigDict) -> int:
   """The fewest devices `config.mesh` accepts (an axis of -1 gets 1): for single-host tools."""
   mesh = strict.typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
@@ -208,6 +220,7 @@ def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   parts["checkpoint"] = strict.typed(ckpt_lib.CheckpointOptions, config.checkpoint,
                                      "config.checkpoint", exclude=("init_from",))
   parts["mesh"] = strict.typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
+  parts["eval"] = strict.typed(eval_lib.EvalConfig, config.eval, "config.eval")
   _check_data_fields(config.data)
   parts["data"] = data_lib.data_config_from(config)
 
@@ -223,6 +236,8 @@ def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     hf_bridge.check_importable(init_from, parts["model"])
   elif init_from:
     ckpt_lib.resolve_params_path(init_from)  # a bad path fails now, not after data preparation
+  if parts["eval"].every:
+    _check_eval(parts["eval"])
   return Experiment(**parts, init_from=init_from, num_devices=num_devices,
                     mesh_shape=dict(mesh_shape), config=config)
 

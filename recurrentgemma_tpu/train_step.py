@@ -55,7 +55,7 @@ def init_state(rng: jax.Array, *, model_config: model_lib.ModelConfig,
 Placement = pallas_kernels.ScanPlacement | None
 
 
-def _token_losses(params: Any, batch: Batch, model_config: model_lib.ModelConfig,
+def token_losses(params: Any, batch: Batch, model_config: model_lib.ModelConfig,
                   scan_placement: Placement):
   """Per-token cross-entropy, log-normaliser and correctness, all [B, T] float32."""
   logits_BTV = model_lib.apply(params, model_config, batch["inputs"],
@@ -73,7 +73,7 @@ def _token_losses(params: Any, batch: Batch, model_config: model_lib.ModelConfig
 def _loss_sums(params: Any, batch: Batch, total_weight: jax.Array, model_config: model_lib.ModelConfig,
                z_loss: float, scan_placement: Placement):
   """The objective's share of this (micro-)batch, normalised by the whole batch's weight."""
-  ce_BT, log_z_BT, correct_BT = _token_losses(params, batch, model_config, scan_placement)
+  ce_BT, log_z_BT, correct_BT = token_losses(params, batch, model_config, scan_placement)
   w_BT = batch["loss_weights"].astype(jnp.float32)
   ce = jnp.sum(ce_BT * w_BT) / total_weight
   zl = jnp.sum(jnp.square(log_z_BT) * w_BT) / total_weight
@@ -199,7 +199,7 @@ def train_step(state: TrainState, batch: Batch, *, model_config: model_lib.Model
 def eval_step(params: Any, batch: Batch, *, model_config: model_lib.ModelConfig,
               scan_placement: Placement = None) -> Metrics:
   """Sums over one batch: `loss_sum`, `num_tokens`, `correct` (divide after summing batches)."""
-  ce_BT, _, correct_BT = _token_losses(params, batch, model_config, scan_placement)
+  ce_BT, _, correct_BT = token_losses(params, batch, model_config, scan_placement)
   w_BT = batch["loss_weights"].astype(jnp.float32)
   return {"loss_sum": jnp.sum(ce_BT * w_BT), "num_tokens": jnp.sum(w_BT),
           "correct": jnp.sum(correct_BT * w_BT)}

@@ -189,6 +189,10 @@ class Trainer:
     self.pipeline: data_lib.Pipeline | None = None  # built after the resume check (it may be slow)
     self.ckpt = ckpt_lib.CheckpointManager(workdir_lib.join(workdir, CHECKPOINT_DIR), exp.checkpoint)
     self.writer = metrics_lib.MetricsWriter(workdir, total_steps=exp.train.steps)
+    self.downstream = None  # config.eval: lm-eval tasks every N steps (lm-eval imported only then)
+    if exp.eval.every:
+      from recurrentgemma_tpu.downstream import evaluation  # pylint: disable=g-import-not-at-top
+      self.downstream = evaluation.DuringTraining(exp.eval, self.fns, exp.data, workdir)
 
   # ---------------------------------------------------------------- pieces
 
@@ -303,13 +307,17 @@ class Trainer:
       preempted = watch.reached(step)
       saving = preempted or self.ckpt.is_periodic_step(step) or step == exp.train.steps
       evaluating = exp.train.eval_every and step % exp.train.eval_every == 0 and step < exp.train.steps
-      if saving or evaluating:
+      downstream = self.downstream is not None and self.downstream.due(step) and not preempted
+      if saving or evaluating or downstream:
         logger.flush()  # never save or evaluate a state whose step went non-finite
         with logger.paused():
           if saving:
             self.save(state, step)
           if evaluating and not preempted:
             self.evaluate(state, step)
+          if downstream:
+            self.heartbeat.beat("evaluating", step)
+            self.downstream(state.params, step)
     logger.finish()
     with logger.paused():
       self.heartbeat.beat("saving", step)

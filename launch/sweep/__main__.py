@@ -8,7 +8,8 @@ run      claims and runs every unfinished trial (resumes interrupted ones, retri
          the definition's `retries`); several drivers may share one root. Exit 0 all done, 1 some
          failed, 42 stopped by a signal (rerun to continue).
 status   each trial's state, step and ETA.
-collect  ROOT/results.{csv,jsonl} and a TensorBoard HParams log under ROOT/hparams.
+collect  ROOT/results.{csv,jsonl} and a TensorBoard HParams log under ROOT/hparams;
+         --downstream=TASKS first evaluates finished trials on lm-eval tasks (needs the eval extra).
 fit      per family L(C) = E + A C^-alpha (and L(N, D) when both vary), bootstrap intervals, hold-out
          check; ROOT/fit.json. --predict=FLOPS prints and records the predicted loss at that budget.
 plot     PNG figures under ROOT/plots (needs the `sweep` extra: matplotlib).
@@ -46,6 +47,10 @@ _PREDICT = flags.DEFINE_float("predict", 0.0, "fit: predict the loss of each fam
                               "training FLOPs and record it under ROOT/predictions.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 300, "fit: bootstrap resamples.")
 _STARTS = flags.DEFINE_integer("starts", 32, "fit: optimizer starts per fit.")
+_DOWNSTREAM = flags.DEFINE_string(
+    "downstream", "", "collect: lm-eval tasks to evaluate each finished trial on first "
+    "(comma-separated; e.g. rg_stdlib); scores already in a trial's workdir are reused.")
+_DOWNSTREAM_LIMIT = flags.DEFINE_integer("downstream_limit", 0, "collect: documents per task (0: all).")
 
 
 def main(argv: list[str]) -> int:
@@ -112,7 +117,8 @@ def main(argv: list[str]) -> int:
     print(report.status_table(root, trials, int(sweep.get("retries", 2)), _TTL.value))
     return 0
   from launch.sweep import report  # pylint: disable=g-import-not-at-top
-  for path in report.collect(root, sweep, trials):
+  for path in report.collect(root, sweep, trials, downstream_tasks=_DOWNSTREAM.value,
+                             downstream_limit=_DOWNSTREAM_LIMIT.value):
     print(path)
   return 0
 

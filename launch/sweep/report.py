@@ -3,6 +3,9 @@
 `collect` writes one row per trial to ROOT/results.csv and ROOT/results.jsonl, and the sweep as a
 TensorBoard HParams experiment under ROOT/hparams (one run per finished trial, its hyper-parameters
 and final metrics). FLOPs are the project's FLOP model times the trial's tokens (not 6ND).
+Downstream scores (lm-eval tasks; `config.eval` during training, or `collect --downstream=TASKS`,
+which evaluates each finished trial's last checkpoint that lacks them) are the `downstream` column:
+`task/metric` -> value at the trial's newest evaluated step.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import io
 import math
 import os
 import subprocess
+import sys
 import time
 from typing import Any, Sequence
 
@@ -20,10 +24,12 @@ import ml_collections
 from launch.sweep import definition
 from launch.sweep import state as state_lib
 from launch.sweep import store
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu.downstream import results as downstream_lib
 
 COLUMNS = ("id", "family", "size", "params", "non_embedding_params", "tokens", "steps", "flops",
            "flops_per_token", "learning_rate", "final_eval_loss", "best_eval_loss", "status",
-           "target", "restarts", "wall_time_s", "cpu_time_s", "mfu", "config_hash", "code_version", "variables")
+           "target", "restarts", "wall_time_s", "cpu_time_s", "mfu", "config_hash", "code_version", "variables", "downstream_step", "downstream")
 
 
 def code_version() -> str:
@@ -85,6 +91,8 @@ def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[
   train = [r for r in records if r.get("split") == "train"]
   # The first logged interval includes compilation warm-up; MFU is the mean of the others.
   mfus = [r["mfu"] for r in train[1:] if "mfu" in r and math.isfinite(r["mfu"])]
+  downstream = downstream_lib.read_scores(state_lib.trial_dir(root, trial.id))
+  last = max(downstream, default=None)
   return {
       "id": trial.id,
       "family": trial.variables.get("family", ""),
@@ -107,6 +115,8 @@ def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[
       "config_hash": trial.config_hash,
       "code_version": version,
       "variables": dict(trial.variables),
+      "downstream_step": last,
+      "downstream": downstream[last] if last is not None else {},
   }
 
 
@@ -120,13 +130,40 @@ def read_results(root: str) -> list[dict[str, Any]]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def evaluate_downstream(root: str, trials: Sequence[definition.Trial], retries: int, tasks: str,
+                        limit: int = 0) -> list[str]:
+  """Runs `python -m recurrentgemma_tpu.evaluate --tasks=TASKS` on each finished trial whose newest
+  checkpoint has no downstream scores yet; returns the ids of trials it failed on."""
+  failed = []
+  for t in trials:
+    if state_lib.read_state(root, t.id, retries).state != state_lib.DONE:
+      continue
+    workdir = state_lib.trial_dir(root, t.id)
+    if t.info["steps"] in downstream_lib.read_scores(workdir):
+      continue
+    cmd = [sys.executable, "-m", "recurrentgemma_tpu.evaluate", f"--workdir={workdir}",
+           f"--tasks={tasks}", f"--limit={limit}"]
+    if subprocess.run(cmd, check=False).returncode != exit_codes.OK:
+      failed.append(t.id)
+  return failed
+
+
 def collect(root: str, sweep: ml_collections.ConfigDict,
-            trials: Sequence[definition.Trial]) -> list[str]:
-  """Writes results.csv, results.jsonl and the HParams log; returns the paths written."""
+            trials: Sequence[definition.Trial], downstream_tasks: str = "",
+            downstream_limit: int = 0) -> list[str]:
+  """Writes results.csv, results.jsonl and the HParams log; returns the paths written.
+
+  With `downstream_tasks`, finished trials are first evaluated on those lm-eval tasks (once).
+  """
   import json  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   version = code_version()
   retries = int(sweep.get("retries", 2))
+  if downstream_tasks:
+    failed = evaluate_downstream(root, trials, retries, downstream_tasks, downstream_limit)
+    if failed:
+      print(f"downstream evaluation failed for trials {failed}; their rows have no scores",
+            file=sys.stderr)
   rows = [row(root, t, retries, version) for t in trials]
   jsonl = store.join(root, "results.jsonl")
   epath.Path(jsonl).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
@@ -134,7 +171,8 @@ def collect(root: str, sweep: ml_collections.ConfigDict,
   writer = csv.DictWriter(buf, fieldnames=COLUMNS)
   writer.writeheader()
   for r in rows:
-    writer.writerow(r | {"variables": json.dumps(r["variables"], sort_keys=True)})
+    writer.writerow(r | {"variables": json.dumps(r["variables"], sort_keys=True),
+                         "downstream": json.dumps(r["downstream"], sort_keys=True)})
   csv_path = store.join(root, "results.csv")
   epath.Path(csv_path).write_text(buf.getvalue())
   hparams = write_hparams(store.join(root, "hparams"), rows, sweep.metric)

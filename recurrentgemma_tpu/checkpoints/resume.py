@@ -44,7 +44,7 @@ from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 # compared. Patterns use fnmatch syntax on dotted paths.
 COMPATIBLE = (
     "train.steps", "train.log_every", "train.eval_every", "train.peak_flops_per_device",
-    "checkpoint.*", "mesh.*",
+    "checkpoint.*", "mesh.*", "eval.*",
     "model.remat", "model.scan_impl",
     "optimizer.num_microbatches",
     "data.eval_batch_size", "data.num_eval_batches", "data.cache_dir", "data.sources.*.tfds_data_dir",
