@@ -16,6 +16,9 @@ from launch import commands
 from launch import gcloud
 from launch import spec as spec_lib
 from launch import state as state_lib
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import heartbeat
+from recurrentgemma_tpu import workdir as workdir_lib
 
 Log = Callable[[str], None]
 
@@ -49,12 +52,12 @@ def _preflight(spec: spec_lib.JobSpec, skip_fit_check: bool, log: Log) -> tuple[
     fit = preflight.fit_check(spec, fp, log=log)
   except (ValueError, FileNotFoundError) as e:
     _err(f"invalid job: {e}")
-    return commands.EXIT_USAGE, ""
+    return exit_codes.USER_ERROR, ""
   log(fit.report + ("\n(fit check cached)" if fit.cached else ""))
   if not fit.fits:
     _err(f"the plan does not fit {spec.target.accelerator_type} x {spec.num_slices}; see the report "
          "above (python -m recurrentgemma_tpu.compile --search finds plans that do)")
-    return 4, fp
+    return exit_codes.NO_FIT, fp
   return 0, fp
 
 
@@ -74,7 +77,7 @@ def describe_plan(spec: spec_lib.JobSpec, log: Log) -> None:
     log(commands.quote(commands.train_argv(spec, python=sys.executable if spec.backend == "local"
                                            else "python3")))
   if spec.backend == "local":
-    log(f"# logs: {state_lib.join(spec.workdir, 'logs', 'process_<i>.log')} (port chosen at start)")
+    log(f"# logs: {workdir_lib.join(spec.workdir, workdir_lib.LOGS_DIR, 'process_<i>.log')} (port chosen at start)")
     return
   log("# commands")
   wheel = bundle.ship(runner, spec.workdir)
@@ -113,18 +116,18 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
   if existing is not None and not existing.same_job(spec):
     _err(f"{spec.workdir} already holds a different job ({existing.config} "
          f"{list(existing.overrides)} on {existing.backend}); use a new workdir")
-    return commands.EXIT_USAGE
+    return exit_codes.USER_ERROR
   st = state_lib.load_state(spec.workdir) if existing is not None else state_lib.RunState()
   if existing is not None and st.phase == "done" and not dry_run:
     log(f"{spec.workdir}: the run is already complete")
-    return commands.EXIT_DONE
+    return exit_codes.OK
   rc, fp = _preflight(spec, skip_fit_check, log)
   if rc:
     return rc
   spec = dataclasses.replace(spec, fingerprint=fp)
   if dry_run:
     describe_plan(spec, log)
-    return commands.EXIT_DONE
+    return exit_codes.OK
   if existing is not None:
     log(f"resuming the job in {spec.workdir} (phase {st.phase}, attempt {st.attempt})")
   state_lib.save_spec(spec)
@@ -146,13 +149,13 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
     return gke.run(spec, runner, wheel, log=log)
   except gcloud.CommandError as e:
     _err(str(e))
-    return commands.EXIT_INTERNAL
+    return exit_codes.INTERNAL
   except KeyboardInterrupt:
     # Cloud jobs run on their own (the startup script / the JobSet controller); only the babysitting
     # stops. (The local backend handles Ctrl-C itself: it stops its processes.)
     log(f"babysitting interrupted; the job keeps running. Re-submit the same command to resume it, "
         f"python -m launch.stop --workdir={spec.workdir} to stop it.")
-    return commands.EXIT_PREEMPTED
+    return exit_codes.PREEMPTED
 
 
 # ------------------------------------------------------------------------------------ status, logs
@@ -168,7 +171,7 @@ def status(workdir: str, log: Log = print) -> int:
       + (f", resource {st.resource}" if st.resource else "") + (f": {st.message}" if st.message else ""))
   now = time.time()
   for i in range(spec.num_hosts):
-    hb = state_lib.read_heartbeat(workdir, i)
+    hb = heartbeat.read_record(workdir, i)
     if hb:
       log(f"  process {i}: step {hb.step}, {hb.phase}, heartbeat {now - hb.time:.0f}s ago"
           + (f", {hb.step_time:.3f}s/step" if hb.step_time else ""))
@@ -201,16 +204,16 @@ def logs(workdir: str, *, follow: bool = False, lines: int = 50, log: Log = prin
          poll_s: float = 2.0) -> int:
   """Tail of worker 0's log (followed with follow=True), then the first traceback of any worker."""
   spec = state_lib.load_spec(workdir)
-  text = state_lib.read_text(state_lib.log_path(workdir, 0)) or ""
+  text = workdir_lib.read_text_if_exists(state_lib.log_path(workdir, 0)) or ""
   log("\n".join(text.splitlines()[-lines:]))
   while follow and state_lib.load_state(workdir).phase not in state_lib.FINAL_PHASES:
     time.sleep(poll_s)
-    new = state_lib.read_text(state_lib.log_path(workdir, 0)) or ""
+    new = workdir_lib.read_text_if_exists(state_lib.log_path(workdir, 0)) or ""
     if len(new) > len(text):
       log(new[len(text):].rstrip("\n"))
     text = new
   for i in range(spec.num_hosts):
-    tb = first_traceback(state_lib.read_text(state_lib.log_path(workdir, i)) or "")
+    tb = first_traceback(workdir_lib.read_text_if_exists(state_lib.log_path(workdir, i)) or "")
     if tb:
       log(f"===== first traceback: process {i} ({state_lib.log_path(workdir, i)})")
       log(tb)
@@ -227,7 +230,7 @@ def stop(workdir: str, *, dry_run: bool = False, log: Log = print) -> int:
   st = state_lib.load_state(workdir)
   runner = gcloud.Runner(dry_run=dry_run, log=log)
   if dry_run:
-    log(f"# write {state_lib.join(workdir, 'launch', 'STOP')}")
+    log(f"# write {state_lib.path(workdir, 'STOP')}")
   else:
     state_lib.request_stop(workdir)
   if spec.backend == "local":

@@ -5,6 +5,7 @@ exit 2 usage error)."""
 import concurrent.futures
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -13,6 +14,8 @@ from launch import commands
 from launch import jobs
 from launch import spec as spec_lib
 from launch import state as state_lib
+from launch import supervisor
+from recurrentgemma_tpu import heartbeat
 
 GCLOUD = shutil.which("gcloud")
 
@@ -105,9 +108,9 @@ def test_distributed_reads_the_launcher_environment():
 
 
 def test_hang_rule():
-  hb = lambda t, phase="training", step_time=1.0, pid=7: state_lib.Heartbeat(5, t, phase, step_time, pid)
-  kw = dict(started=100.0, startup_timeout_s=60, hang_factor=10, min_hang_s=30)
-  v = lambda h, now, **o: state_lib.hang_verdict(h, now=now, **{**kw, **o})
+  hb = lambda t, phase="training", step_time=1.0, pid=7: heartbeat.Record(5, t, phase, step_time, pid)
+  budgets = spec_lib.Budgets(startup_timeout_s=60, hang_factor=10, min_hang_s=30)
+  v = lambda h, now, **o: supervisor.hang_verdict(h, now=now, started=100.0, budgets=budgets, **o)
   assert v(None, 150) is None  # starting, within the start-up deadline
   assert "no heartbeat" in v(None, 161)
   assert v(hb(50), 150) is None  # an earlier attempt's heartbeat counts as none
@@ -252,18 +255,26 @@ def test_host_hygiene_kills_only_this_runs_stale_processes_and_removes_the_lockf
   lock.write_text("")
   monkeypatch.setattr(local, "LIBTPU_LOCKFILE", str(lock))
   stale = subprocess.Popen(["sleep", "60"], start_new_session=True)
+  # A leftover that does not end on SIGTERM (wedged): SIGKILLed once the grace period is over.
+  wedged = subprocess.Popen(["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                             "signal.SIG_IGN); print(flush=True); time.sleep(60)"],
+                            start_new_session=True, stdout=subprocess.PIPE)
+  wedged.stdout.readline()  # its handler is in place
   bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
   try:
-    st = state_lib.RunState(pids=[stale.pid, bystander.pid])
+    st = state_lib.RunState(pids=[stale.pid, wedged.pid, bystander.pid])
     # The bystander's recorded start time differs: a reused pid, not ours.
     st.event("started", starts={str(stale.pid): local._start_time(stale.pid),
+                                str(wedged.pid): local._start_time(wedged.pid),
                                 str(bystander.pid): "0"})
     st.event("failed", detail="launcher died")
-    assert local.live_pids(st) == [stale.pid]
-    local.host_hygiene(st, log=lambda s: None)
-    assert stale.wait(timeout=10) == -9
+    assert local.live_pids(st) == [stale.pid, wedged.pid]
+    local.host_hygiene(st, log=lambda s: None, grace_s=1.0)
+    # SIGTERM first (a leftover trainer saves on it), SIGKILL only after the grace period.
+    assert stale.wait(timeout=10) == -signal.SIGTERM
+    assert wedged.wait(timeout=10) == -signal.SIGKILL
     assert bystander.poll() is None and not lock.exists()
   finally:
-    for p in (stale, bystander):
+    for p in (stale, wedged, bystander):
       p.kill()
       p.wait()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from launch import state as state_lib
+from recurrentgemma_tpu import heartbeat
 from test_train_common import REPO, SMALL, small_config, subprocess_env
 
 STEPS = 30
@@ -50,7 +51,7 @@ def _training_at(workdir, attempt, process, min_step):
   st = state_lib.load_state(str(workdir))
   if st.attempt != attempt or st.phase != "running" or len(st.pids) != 2:
     return None
-  hb = state_lib.read_heartbeat(str(workdir), process)
+  hb = heartbeat.read_record(str(workdir), process)
   if hb and hb.pid == st.pids[process] and hb.phase == "training" and hb.step >= min_step:
     return hb
   return None

@@ -18,6 +18,7 @@ from launch import commands
 from launch import gcloud
 from launch import spec as spec_lib
 from launch import state as state_lib
+from recurrentgemma_tpu import exit_codes
 
 
 def to_yaml(obj: dict[str, Any]) -> str:
@@ -66,21 +67,21 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
       runner.run(commands.kubectl_delete_jobset(st.resource))
       st.phase = "stopped"
       state_lib.save_state(wd, st)
-      return commands.EXIT_PREEMPTED
+      return exit_codes.PREEMPTED
     phase = jobset_phase(runner, st.resource)
     if phase == "Completed":
       st.phase = "done"
       state_lib.save_state(wd, st)
-      return commands.EXIT_DONE
+      return exit_codes.OK
     if phase in ("Failed", "NotFound"):
       st.phase, st.message = "failed", f"JobSet {st.resource} {phase}"
       state_lib.save_state(wd, st)
-      return commands.EXIT_INTERNAL
+      return exit_codes.INTERNAL
     if phase in ("Queued", "Suspended") and b.queue_timeout_s and clock() - since > b.queue_timeout_s:
       runner.run(commands.kubectl_delete_jobset(st.resource))
       st.phase, st.message = "failed", f"not admitted within {b.queue_timeout_s:.0f}s"
       state_lib.save_state(wd, st)
-      return commands.EXIT_INTERNAL
+      return exit_codes.INTERNAL
     if phase == "Running" and st.phase != "running":
       st.phase = "running"
       state_lib.save_state(wd, st)

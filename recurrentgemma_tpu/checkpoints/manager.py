@@ -35,6 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.checkpoints import integrity as integrity_lib
 
@@ -93,13 +94,22 @@ class CheckpointDamaged(Exception):
 class CheckpointMismatch(ValueError):
   """The checkpoint holds arrays of other shapes or dtypes than requested (a user error, not damage)."""
 
+  exit_code = exit_codes.USER_ERROR
+  traceback = False
+
 
 class StorageError(RuntimeError):
   """Reading a checkpoint kept failing for a reason that does not show damage (nothing was moved)."""
 
+  exit_code = exit_codes.INTERNAL
+  traceback = False  # the message names the step and the storage error
+
 
 class SaveFailed(RuntimeError):
   """An (asynchronous) checkpoint save failed; the steps committed before it are intact."""
+
+  exit_code = exit_codes.INTERNAL
+  traceback = False
 
 
 # Status codes (TensorStore / gRPC) and exception types that mean the files themselves are bad. Anything
