@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 BACKENDS = ("local", "tpu_vm", "gke")
 CAPACITIES = ("on-demand", "reserved", "spot", "best-effort")
@@ -104,6 +104,18 @@ def parse_target(text: str) -> Target:
   prefix, cores_per_chip, per_host, single_host_max = _GENERATIONS[gen][:4]
   hosts = 1 if chips <= single_host_max else chips // per_host
   return Target(gen, f"{prefix}-{chips * cores_per_chip}", topology, chips, hosts)
+
+
+def parse_targets(names: Sequence[str]) -> list[Target]:
+  """Candidate targets: generations in the order first named, each by ascending chips, no repeats.
+
+  Raises:
+    ValueError: a name that is not a TPU target (the message lists the accepted forms).
+  """
+  parsed = [parse_target(n) for n in names if n.strip()]
+  order = list(dict.fromkeys(t.generation for t in parsed))
+  unique = {t.topology_name: t for t in parsed}.values()
+  return sorted(unique, key=lambda t: (order.index(t.generation), t.chips))
 
 
 @dataclasses.dataclass(frozen=True)

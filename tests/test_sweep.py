@@ -13,9 +13,11 @@ import time
 import numpy as np
 import pytest
 
+from launch import spec as spec_lib
 from launch.sweep import axes
 from launch.sweep import definition
 from launch.sweep import fit
+from launch.sweep import report
 from launch.sweep import runner
 from launch.sweep import state as state_lib
 from launch.sweep import store
@@ -279,7 +281,7 @@ def test_stale_leases_expire(tmp_path):
   assert state_lib.claim(root, "t", ttl_s=300) == 3
 
 
-def test_runner_retries_failures_and_relaunches_after_exit_42(tmp_path):
+def test_runner_retries_failures_relaunches_after_exit_42_and_never_reruns_a_fatal_exit(tmp_path):
   root = str(tmp_path / "root")
   script = tmp_path / "flaky.py"
   # Attempt k of a trial exits with codes[k]; the last code 0 writes the final eval record.
@@ -296,7 +298,8 @@ def test_runner_retries_failures_and_relaunches_after_exit_42(tmp_path):
         f.write(json.dumps({"step": 5, "split": "eval", "loss": 1.0}) + "\\n")
     sys.exit(code)
   """))
-  cases = {"trial0000001": "42,0", "trial0000002": "1,0", "trial0000003": "1,1,1"}
+  cases = {"trial0000001": "42,0", "trial0000002": "1,0", "trial0000003": "1,1,1",
+           "trial0000004": "2,0", "trial0000005": "3,0"}
   trials = [definition.Trial(**{**vars(_trial(i)), "id": tid}) for i, tid in enumerate(cases, 1)]
   command = f"{sys.executable} {script} {{workdir}} CODES"
   states = {}
@@ -309,6 +312,14 @@ def test_runner_retries_failures_and_relaunches_after_exit_42(tmp_path):
   # retries=1: two failed attempts, then it is left failed and not run again.
   assert states["trial0000003"].state == "failed" and states["trial0000003"].failures == 2
   assert open(os.path.join(root, "trials", "trial0000003", "n")).read() == "2"
+  # A user error (2) and a NaN stop (3) reproduce bit for bit: run exactly once, reported as such.
+  for tid, why in (("trial0000004", "user error"), ("trial0000005", "non-finite")):
+    assert states[tid].state == "failed" and why in states[tid].reason, states[tid]
+    assert open(os.path.join(root, "trials", tid, "n")).read() == "1"
+  table = report.status_table(root, trials, retries=1)
+  assert "stopped on a non-finite loss" in table.splitlines()[5]
+  row = report.row(root, trials[4], retries=1, version="x")
+  assert row["status"] == "failed" and "exit 3 (stopped on a non-finite loss)" in row["error"]
 
 
 @pytest.mark.slow
@@ -351,10 +362,10 @@ def test_two_concurrent_drivers_never_run_a_trial_twice(tmp_path):
 
 def test_candidate_targets_go_by_generation_then_ascending_chips():
   names = ["v5p-16", "v5e-4", "v5p-8", "v5e:4x4", "v5p:2x2x1"]
-  assert [t.accelerator_type for t in targets.candidates(names)] == [
+  assert [t.accelerator_type for t in spec_lib.parse_targets(names)] == [
       "v5p-8", "v5p-16", "v5litepod-4", "v5litepod-16"]
   with pytest.raises(ValueError, match="not a v5p slice size"):
-    targets.candidates(["v5p-6"])
+    spec_lib.parse_targets(["v5p-6"])
 
 
 # A 2.7B-parameter, one-block Hawk (262k vocabulary): over the HBM of 4 v5e chips, well inside 4

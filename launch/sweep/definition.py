@@ -37,6 +37,8 @@ from typing import Any, Iterable, Mapping
 
 import ml_collections
 
+from launch import spec as spec_lib
+
 ID_LENGTH = 12
 TOKEN_RULES = ("config", "explicit", "params")
 LR_RULES = ("config", "power")
@@ -109,9 +111,8 @@ def check_sweep(s: ml_collections.ConfigDict, where: str = "sweep") -> None:
   if not list(s.axes):
     raise ValueError(f"{where}: axes is empty")
   if s.get("targets", None):
-    from launch.sweep import targets  # pylint: disable=g-import-not-at-top
     try:
-      targets.candidates(list(s.targets))
+      spec_lib.parse_targets(list(s.targets))
     except ValueError as e:
       raise ValueError(f"{where}: targets: {e}") from e
   for b in s.get("budgets", ()) or ():

@@ -27,6 +27,8 @@ import numpy as np
 from scipy import optimize
 from scipy import special
 
+from recurrentgemma_tpu import exit_codes
+
 HUBER_DELTA = 1e-3
 # The objective is scaled by this so that L-BFGS-B's absolute tolerances (ftol, gtol) are far below
 # the differences that matter; Besiroglu et al. traced Chinchilla's unconverged fit to exactly this.
@@ -416,8 +418,8 @@ def main(root: str, sweep: Any, *, predict: float = 0.0, n_bootstrap: int = 300,
   rows = report.read_results(root)
   fits = fit_sweep(rows, n_bootstrap=n_bootstrap, n_starts=n_starts)
   if not fits:
-    print("no finished trials with an eval loss; run `collect` after `run`")
-    return 1
+    raise exit_codes.UserError(f"{root}: no finished trials with an eval loss; run `collect` "
+                               "after `run`")
   print(format_report(fits))
   epath.Path(store.join(root, "fit.json")).write_text(json.dumps(_public(fits), indent=1, default=float))
   if predict:
@@ -430,4 +432,4 @@ def main(root: str, sweep: Any, *, predict: float = 0.0, n_bootstrap: int = 300,
     path = store.join(root, "predictions", f"{int(record['time'])}_{predict:.3g}.json")
     store.write_json(path, record)
     print(f"recorded {path}")
-  return 0
+  return exit_codes.OK
