@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -355,6 +356,74 @@ def test_two_concurrent_drivers_never_run_a_trial_twice(tmp_path):
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0 and "start " not in out.stdout
   assert len(ledger.read_text().split()) == 24
+
+
+_KILL_SWEEP = """
+import ml_collections
+from launch.sweep.axes import product, sweep
+
+def get_sweep(arg=""):
+  s = ml_collections.ConfigDict()
+  s.name = "kill"
+  s.base = "configs/tiny.py"
+  s.overrides = {overrides!r}
+  s.choices = {{"family": {{"hawk": {{"model": {{"block_pattern": "hawk"}}}}}}}}
+  s.axes = product(sweep("family", ["hawk"]))
+  s.tokens = {{"rule": "config"}}
+  s.lr = {{"rule": "config"}}
+  s.metric = "eval/loss"
+  s.retries = 1
+  return s
+"""
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_s_trial_saves_exits_42_and_the_rerun_redoes_no_step(tmp_path):
+  from recurrentgemma_tpu import heartbeat  # pylint: disable=g-import-not-at-top
+  from test_train_common import SMALL, subprocess_env  # pylint: disable=g-import-not-at-top
+  steps, root = 1500, tmp_path / "root"
+  flat = {**SMALL, "train.steps": steps, "checkpoint.save_every": 100000, "train.log_every": 50}
+  nested = {}
+  for key, value in flat.items():
+    *groups, leaf = key.split(".")
+    d = nested
+    for g in groups:
+      d = d.setdefault(g, {})
+    d[leaf] = value
+  definition_file = tmp_path / "kill.py"
+  definition_file.write_text(_KILL_SWEEP.format(overrides=nested))
+  cmd = [sys.executable, "-m", "launch.sweep", "run", f"--sweep={definition_file}", f"--root={root}"]
+  env = subprocess_env(num_devices=1)
+  driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+  def training():
+    trials = list((root / "trials").glob("*")) if (root / "trials").exists() else []
+    beat = heartbeat.read_record(str(trials[0]), 0) if trials else None
+    return (trials[0], beat) if beat and beat.phase == "training" and beat.step >= 5 else None
+
+  deadline = time.time() + 600
+  while not (found := training()):
+    assert driver.poll() is None and time.time() < deadline, "the trial never trained"
+    time.sleep(0.1)
+  workdir, beat = found
+  os.kill(driver.pid, signal.SIGKILL)
+  driver.wait()
+  deadline = time.time() + 300
+  while os.path.exists(f"/proc/{beat.pid}") and time.time() < deadline:
+    time.sleep(0.2)  # the launcher got SIGTERM from the kernel, passed it on; the trainer saves
+  saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert beat.step <= saved < steps
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert f"Stopped after saving step {saved}" in log, log[-3000:]
+  launcher_log = "".join(p.read_text() for p in (root / "logs").glob("*.log"))
+  assert "job stopped: exit codes [42]" in launcher_log, launcher_log[-3000:]
+
+  rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert f"resuming from step {saved} " in log.split("===== rg-launch attempt")[-1], log[-3000:]
+  assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == steps
 
 
 # ------------------------------------------------------------------------------------ targets
