@@ -18,7 +18,6 @@ import sys
 from absl import app
 from absl import flags
 
-from launch import commands
 from launch import spec as spec_lib
 from recurrentgemma_tpu import exit_codes
 

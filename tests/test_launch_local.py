@@ -3,7 +3,6 @@ configs/tiny.py (shrunk) with two jax.distributed processes (gloo). One process 
 later the other is SIGSTOPped; the launcher restarts the job each time (the second time through its
 heartbeat watchdog) and the final parameters equal those of an uninterrupted run."""
 
-import json
 import os
 import signal
 import subprocess

@@ -89,7 +89,7 @@ def _repo_cwd(monkeypatch):
   monkeypatch.chdir(REPO)  # sweep bases are repo-relative config paths
 
 
-def test_trial_ids_are_content_hashes_of_the_resolved_config(tmp_path):
+def test_trial_ids_are_experiment_fingerprints_built_once_at_expansion(tmp_path):
   trials = definition.expand(definition.load_sweep(_write_sweep(tmp_path)))
   assert [t.label for t in trials] == ["griffin/s", "griffin/m", "hawk/s", "hawk/m"]
   assert len({t.id for t in trials}) == 4
@@ -104,8 +104,15 @@ def test_trial_ids_are_content_hashes_of_the_resolved_config(tmp_path):
   # ... and any changed value is a different trial.
   other = definition.resolve(s, {"family": "griffin", "size": "m", "optimizer.b2": 0.99})
   assert other.id != trials[1].id
-  # The spec and overrides rebuild exactly the hashed config.
+  # The id is the fingerprint of the Experiment the trainer will build from the same config.
   from recurrentgemma_tpu import experiment  # pylint: disable=g-import-not-at-top
+  built = experiment.build(experiment.load_config(other.spec, other.overrides), num_devices=1)
+  assert other.config_hash == built.fingerprint() and other.id == built.fingerprint()[:12]
+  # experiment.build runs at expansion: a trial the trainer would refuse stops the sweep here,
+  # before anything is launched (the model group alone is valid; the train group is not).
+  with pytest.raises(ValueError, match=r"trial .*train.log_every=0 must be > 0"):
+    definition.resolve(s, {"family": "griffin", "size": "s", "train.log_every": 0})
+  # The spec and overrides rebuild exactly the hashed config.
   t = trials[2]
   config = experiment.load_config(t.spec, t.overrides)
   assert config.model.block_pattern == "hawk" and config.model.width == 64

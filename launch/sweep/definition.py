@@ -27,9 +27,7 @@ definition gives the same ids and a rerun finds its finished trials.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
-import json
 import math
 import os
 import string
@@ -174,6 +172,10 @@ def _flops_per_token(model_config: Any, seq_len: int) -> float:
 def _model_numbers(config: ml_collections.ConfigDict) -> dict[str, Any]:
   from recurrentgemma_tpu.model import ModelConfig  # pylint: disable=g-import-not-at-top
   model = ModelConfig.from_config(config.model)
+  return _numbers(model, config)
+
+
+def _numbers(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
   total, non_embedding = _param_counts(model)
   seq_len = int(config.data.seq_len)
   return {"params": total, "non_embedding_params": non_embedding, "seq_len": seq_len,
@@ -210,7 +212,7 @@ def resolve(s: ml_collections.ConfigDict, point: Mapping[str, Any]) -> Trial:
       overrides += flatten_overrides(options[str(value)])
   overrides += direct
   config = experiment_lib.load_config(spec, overrides)
-  info = _model_numbers(config)
+  info = _model_numbers(config)  # before build: the token rules need the parameter count
 
   derived: list[str] = []
   rule = s.tokens.rule
@@ -242,8 +244,17 @@ def resolve(s: ml_collections.ConfigDict, point: Mapping[str, Any]) -> Trial:
   experiment_lib.apply_overrides(config, derived)
   overrides += derived
 
-  resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-  digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+  # Every check the trainer makes, once, here: a bad trial stops the sweep before anything runs.
+  # The mesh is resolved for the fewest devices it accepts (its -1 axes take any count).
+  mesh = config.mesh
+  devices = int(mesh.num_slices) * math.prod(
+      int(mesh[a]) for a in ("data", "fsdp", "seq", "model") if int(mesh[a]) != -1)
+  try:
+    exp = experiment_lib.build(config, num_devices=devices)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"trial {dict(point)}: {e}") from e
+  digest = exp.fingerprint()
+  info = _numbers(exp.model, config)
   info |= {"steps": int(config.train.steps),
            "tokens": int(config.train.steps) * info["tokens_per_step"],
            "learning_rate": float(config.optimizer.learning_rate)}
@@ -276,9 +287,3 @@ def select(trials: Iterable[Trial], only: str) -> list[Trial]:
     raise ValueError(f"--only: no trial id starts with {unknown}; ids: {[t.id for t in trials]}")
   return chosen
 
-
-def isoflop_tokens(budget: float, flops_per_token: float) -> float:
-  """D such that FLOPs(N, D) = budget for a model of `flops_per_token`."""
-  if budget <= 0 or flops_per_token <= 0 or not math.isfinite(budget):
-    raise ValueError(f"budget={budget} and flops_per_token={flops_per_token} must be positive")
-  return budget / flops_per_token
