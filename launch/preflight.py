@@ -19,11 +19,6 @@ from typing import Callable
 
 from launch import spec as spec_lib
 
-# Devices jax shows per chip when compiling for a topology (v4: one per TensorCore; see
-# sharding/planner.py:topology_devices).
-_DEVICES_PER_CHIP = {"v4": 2}
-
-
 @dataclasses.dataclass(frozen=True)
 class FitCheck:
   fits: bool
@@ -41,7 +36,7 @@ def fit_cache_key(fingerprint: str, target: spec_lib.Target, num_slices: int) ->
 
 
 def num_devices(spec: spec_lib.JobSpec) -> int:
-  return spec.target.chips * spec.num_slices * _DEVICES_PER_CHIP.get(spec.target.generation, 1)
+  return spec.target.chips * spec.num_slices * spec.target.devices_per_chip
 
 
 def fingerprint(spec: spec_lib.JobSpec) -> str:
