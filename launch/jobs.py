@@ -1,26 +1,31 @@
-"""What the CLIs do (submit, status, logs, stop, gc), as importable functions."""
+"""What the CLIs do (submit, status, logs, stop, gc), as importable functions.
+
+Every backend module has one face, `run`, `stop`, `gc` and `describe` (launch/backends/); this module
+picks the backend once (`BACKENDS`) and never branches on it again.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import signal
 import sys
 import time
 from typing import Callable
 
-from launch import bundle
 from launch import commands
 from launch import gcloud
 from launch import spec as spec_lib
 from launch import state as state_lib
+from launch.backends import gke
+from launch.backends import local
+from launch.backends import tpu_vm
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import heartbeat
 from recurrentgemma_tpu import workdir as workdir_lib
 
 Log = Callable[[str], None]
+BACKENDS = {"local": local, "tpu_vm": tpu_vm, "gke": gke}
 
 
 def _err(msg: str) -> None:
@@ -39,16 +44,16 @@ def _preflight(spec: spec_lib.JobSpec, skip_fit_check: bool, log: Log) -> tuple[
   """(exit code or 0, fingerprint). Cloud jobs always validate; the fit check only for them."""
   from launch import preflight  # pylint: disable=g-import-not-at-top
   if spec.backend == "local" and skip_fit_check:
-    return 0, ""  # the trainer validates at start and exits 2 (not retried) on a bad config
+    return exit_codes.OK, ""  # the trainer validates at start and exits 2 (not retried) on a bad config
   try:
     if spec.backend == "local":
       from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
       config = experiment_lib.load_config(spec.config, spec.overrides)
       n = spec.num_processes * _local_devices_per_process()
-      return 0, experiment_lib.build(config, num_devices=n).fingerprint()
+      return exit_codes.OK, experiment_lib.build(config, num_devices=n).fingerprint()
     fp = preflight.fingerprint(spec)
     if skip_fit_check:
-      return 0, fp
+      return exit_codes.OK, fp
     fit = preflight.fit_check(spec, fp, log=log)
   except (ValueError, FileNotFoundError) as e:
     _err(f"invalid job: {e}")
@@ -58,7 +63,7 @@ def _preflight(spec: spec_lib.JobSpec, skip_fit_check: bool, log: Log) -> tuple[
     _err(f"the plan does not fit {spec.target.accelerator_type} x {spec.num_slices}; see the report "
          "above (python -m recurrentgemma_tpu.compile --search finds plans that do)")
     return exit_codes.NO_FIT, fp
-  return 0, fp
+  return exit_codes.OK, fp
 
 
 def describe_plan(spec: spec_lib.JobSpec, log: Log) -> None:
@@ -76,29 +81,9 @@ def describe_plan(spec: spec_lib.JobSpec, log: Log) -> None:
       log(f"{k}={v}")
     log(commands.quote(commands.train_argv(spec, python=sys.executable if spec.backend == "local"
                                            else "python3")))
-  if spec.backend == "local":
-    log(f"# logs: {workdir_lib.join(spec.workdir, workdir_lib.LOGS_DIR, 'process_<i>.log')} (port chosen at start)")
-    return
-  log("# commands")
-  wheel = bundle.ship(runner, spec.workdir)
-  if spec.backend == "tpu_vm":
-    runner.run(commands.qr_create(spec, 1, "startup.sh"))
-    name = commands.resource_name(spec, 1)
-    log(f"# then, every {spec.budgets.poll_s:.0f}s until the run ends:")
-    runner.run(commands.qr_describe(spec, name))
-    log("# at the end, on a queueing/running timeout, or after a preemption (then recreated as -2, ...):")
-    runner.run(commands.qr_delete(spec, name))
-    log("# on a host failure or hang, restart in place:")
-    for node in commands.node_names(spec, 1):
-      runner.run(commands.tpu_ssh(spec, node, commands.restart_in_place_command(spec.run_id)))
-    log("# startup.sh")
-    log(commands.startup_script(spec, wheel))
-  else:
-    from launch.backends import gke  # pylint: disable=g-import-not-at-top
-    runner.run(commands.gke_credentials(spec))
-    runner.run(commands.kubectl_apply("jobset.yaml"))
-    log("# jobset.yaml")
-    log(gke.to_yaml(commands.jobset(spec, 1, wheel)))
+  if spec.backend != "local":
+    log("# commands")
+  BACKENDS[spec.backend].describe(spec, runner, log)
 
 
 def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: bool = False,
@@ -118,7 +103,8 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
          f"{list(existing.overrides)} on {existing.backend}); use a new workdir")
     return exit_codes.USER_ERROR
   st = state_lib.load_state(spec.workdir) if existing is not None else state_lib.RunState()
-  if existing is not None and st.phase == "done" and not dry_run:
+  if (existing is not None and st.phase == "done" and existing.overrides == spec.overrides
+      and not dry_run):
     log(f"{spec.workdir}: the run is already complete")
     return exit_codes.OK
   rc, fp = _preflight(spec, skip_fit_check, log)
@@ -137,16 +123,7 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
     st.event("resubmitted")
     state_lib.save_state(spec.workdir, st)
   try:
-    if spec.backend == "local":
-      from launch.backends import local  # pylint: disable=g-import-not-at-top
-      return local.run(spec, log=log)
-    runner = gcloud.Runner(log=log)
-    wheel = bundle.ship(runner, spec.workdir)
-    if spec.backend == "tpu_vm":
-      from launch.backends import tpu_vm  # pylint: disable=g-import-not-at-top
-      return tpu_vm.run(spec, runner, wheel, log=log)
-    from launch.backends import gke  # pylint: disable=g-import-not-at-top
-    return gke.run(spec, runner, wheel, log=log)
+    return BACKENDS[spec.backend].run(spec, gcloud.Runner(log=log), log=log)
   except gcloud.CommandError as e:
     _err(str(e))
     return exit_codes.INTERNAL
@@ -180,7 +157,7 @@ def status(workdir: str, log: Log = print) -> int:
   for e in st.history[-5:]:
     log(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']} "
         f"{e.get('detail', e.get('resource', ''))}")
-  return 0
+  return exit_codes.OK
 
 
 _TRACEBACK = re.compile(r"^Traceback \(most recent call last\):", re.M)
@@ -218,7 +195,7 @@ def logs(workdir: str, *, follow: bool = False, lines: int = 50, log: Log = prin
       log(f"===== first traceback: process {i} ({state_lib.log_path(workdir, i)})")
       log(tb)
       break
-  return 0
+  return exit_codes.OK
 
 
 # ------------------------------------------------------------------------------------ stop, gc
@@ -233,22 +210,12 @@ def stop(workdir: str, *, dry_run: bool = False, log: Log = print) -> int:
     log(f"# write {state_lib.path(workdir, 'STOP')}")
   else:
     state_lib.request_stop(workdir)
-  if spec.backend == "local":
-    from launch.backends import local  # pylint: disable=g-import-not-at-top
-    for pid in local.live_pids(st):
-      log(f"SIGTERM to process group {pid}")
-      if not dry_run:
-        os.killpg(pid, signal.SIGTERM)
-  elif spec.backend == "tpu_vm" and st.resource:
-    from launch.backends import tpu_vm  # pylint: disable=g-import-not-at-top
-    tpu_vm.delete(runner, spec, st.resource)
-  elif spec.backend == "gke" and st.resource:
-    runner.run(commands.kubectl_delete_jobset(st.resource))
+  BACKENDS[spec.backend].stop(spec, st, runner, log)
   if not dry_run and st.phase not in state_lib.FINAL_PHASES:
     st.phase, st.message = "stopped", "launch.stop"
     st.event("stopped")
     state_lib.save_state(workdir, st)
-  return 0
+  return exit_codes.OK
 
 
 def gc(workdir: str, *, dry_run: bool = False, log: Log = print) -> int:
@@ -258,21 +225,6 @@ def gc(workdir: str, *, dry_run: bool = False, log: Log = print) -> int:
   keep = st.resource if st.phase not in state_lib.FINAL_PHASES else ""
   runner = gcloud.Runner(dry_run=dry_run, log=log)
   lister = gcloud.Runner(log=log)  # listing changes nothing, so it runs even in a dry run
-  deleted = []
-  if spec.backend == "tpu_vm":
-    from launch.backends import tpu_vm  # pylint: disable=g-import-not-at-top
-    res = lister.run(commands.qr_list(spec.zone, spec.project, spec.run_id))
-    for qr in json.loads(res.stdout or "[]"):
-      name = qr.get("name", "").rsplit("/", 1)[-1]
-      if name and name != keep:
-        tpu_vm.delete(runner, spec, name)
-        deleted.append(name)
-  elif spec.backend == "gke":
-    res = lister.run(commands.kubectl_list_jobsets())
-    for item in json.loads(res.stdout or "{}").get("items", []):
-      meta = item.get("metadata", {})
-      if meta.get("labels", {}).get(commands.LABEL) == spec.run_id and meta.get("name") != keep:
-        runner.run(commands.kubectl_delete_jobset(meta["name"]))
-        deleted.append(meta["name"])
+  deleted = BACKENDS[spec.backend].gc(spec, st, runner, lister, log)
   log(f"gc: deleted {deleted or 'nothing'}" + (f" (kept {keep}, the live attempt)" if keep else ""))
-  return 0
+  return exit_codes.OK

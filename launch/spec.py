@@ -202,6 +202,20 @@ class JobSpec:
     return cls(**d)
 
   def same_job(self, other: "JobSpec") -> bool:
-    """Whether a re-submit with `other` continues this job (same config, target and shape)."""
-    keys = ("config", "overrides", "workdir", "backend", "target", "num_slices", "num_processes")
-    return all(getattr(self, k) == getattr(other, k) for k in keys)
+    """Whether a re-submit with `other` continues this job: same config file, target and shape, and
+    overrides that differ only where the trainer resumes anyway (its COMPATIBLE fields, e.g.
+    extending train.steps; recurrentgemma_tpu/checkpoints/resume.py is the one rule)."""
+    keys = ("config", "workdir", "backend", "target", "num_slices", "num_processes")
+    if any(getattr(self, k) != getattr(other, k) for k in keys):
+      return False
+    if self.overrides == other.overrides:
+      return True
+    from recurrentgemma_tpu.checkpoints import resume  # pylint: disable=g-import-not-at-top
+    changed, one_sided = resume.compare(_override_dict(self.overrides),
+                                        _override_dict(other.overrides))
+    return not changed and not one_sided
+
+
+def _override_dict(overrides: Sequence[str]) -> dict[str, str]:
+  """("group.field=value", ...) -> {"group.field": "value"} (the last one wins, as when applied)."""
+  return dict(o.split("=", 1) for o in overrides)

@@ -67,28 +67,6 @@ def test_topologies_give_the_chip_tables_devices():
     assert len(devices) == 4 * per_chip
 
 
-@pytest.mark.parametrize("topology, message", [
-    ("v5p-100", "not a v5p slice size"),
-    ("v7x:2x2", "'v7x' is not one of"),
-    ("v5p:0x4x4", "zero dimension"),
-    ("tpu", "is not GEN:TOPOLOGY"),
-])
-def test_topology_errors(topology, message):
-  with pytest.raises(ValueError, match=message):
-    chips.parse_topology(topology)
-
-
-def test_one_grammar_for_compile_topologies_and_launch_targets():
-  # `compile --topology` and `launch.submit --target` parse the same strings the same way.
-  from launch import spec as spec_lib  # pylint: disable=g-import-not-at-top
-  for text, topology in [("v5p-8", "v5p:2x2x1"), ("v5p:2x2x1", "v5p:2x2x1"),
-                         ("v5litepod-16", "v5e:4x4"), ("v5litepod:4x4", "v5e:4x4"),
-                         ("v4-32", "v4:2x2x4")]:
-    chip, shape = chips.parse_topology(text)
-    assert f"{chip.name}:{'x'.join(map(str, shape))}" == topology
-    assert spec_lib.parse_target(text).topology_name == topology
-
-
 def test_multislice_mesh_puts_only_slice_on_dcn():
   _, devices, _ = planner.topology_devices("v5p:2x2x1", num_slices=2)
   mesh = mesh_lib.create_mesh(mesh_lib.MeshConfig(fsdp=-1, model=2, num_slices=2), devices)

@@ -4,6 +4,7 @@ exit 2 usage error)."""
 
 import concurrent.futures
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,35 +16,45 @@ from launch import jobs
 from launch import spec as spec_lib
 from launch import state as state_lib
 from launch import supervisor
+from sharding import chips as chips_lib
 from recurrentgemma_tpu import heartbeat
 
 GCLOUD = shutil.which("gcloud")
 
 
 @pytest.mark.parametrize("text, accel, topology, chips, hosts", [
-    ("v5p-256", "v5p-256", "4x4x8", 128, 32),
-    ("v5p-8", "v5p-8", "2x2x1", 4, 1),
-    ("v5p:4x4x8", "v5p-256", "4x4x8", 128, 32),
-    ("v5litepod-16", "v5litepod-16", "4x4", 16, 4),
-    ("v5litepod-8", "v5litepod-8", "2x4", 8, 1),
-    ("v6e-256", "v6e-256", "16x16", 256, 64),
-    ("v4-32", "v4-32", "2x2x4", 16, 4),
+    # v5p-N counts TensorCores (2 per chip); Cloud TPU's default topology for 128 chips is 4x4x8.
+    ("v5p-256", "v5p-256", "v5p:4x4x8", 128, 32),
+    ("v5p-8", "v5p-8", "v5p:2x2x1", 4, 1),
+    ("v5p:4x4x8", "v5p-256", "v5p:4x4x8", 128, 32),
+    ("v5p:2x2x1", "v5p-8", "v5p:2x2x1", 4, 1),
+    ("v5litepod-16", "v5litepod-16", "v5e:4x4", 16, 4),
+    ("v5litepod:4x4", "v5litepod-16", "v5e:4x4", 16, 4),
+    ("v5litepod-8", "v5litepod-8", "v5e:2x4", 8, 1),
+    ("v6e-256", "v6e-256", "v6e:16x16", 256, 64),
+    ("v4-32", "v4-32", "v4:2x2x4", 16, 4),
 ])
-def test_targets(text, accel, topology, chips, hosts):
+def test_one_target_grammar_for_launch_and_compile(text, accel, topology, chips, hosts):
+  # `launch.submit --target` and `compile --topology` parse the same strings the same way.
   t = spec_lib.parse_target(text)
-  assert (t.accelerator_type, t.topology, t.chips, t.hosts) == (accel, topology, chips, hosts)
+  assert (t.accelerator_type, t.topology_name, t.chips, t.hosts) == (accel, topology, chips, hosts)
+  chip, shape = chips_lib.parse_topology(text)
+  assert f"{chip.name}:{'x'.join(map(str, shape))}" == topology
 
 
-def test_v5p_256_is_128_chips_in_the_default_topology():
-  # v5p-N counts TensorCores (2 per chip); Cloud TPU's default topology for 128 chips is 4x4x8.
-  t = spec_lib.parse_target("v5p-256")
-  assert t.chips == 128 and t.topology_name == "v5p:4x4x8"
-
-
-@pytest.mark.parametrize("bad", ["v5p-100", "v7x-8", "tpu", "v5p:4x4x", "v5litepod-3"])
-def test_bad_targets_name_the_valid_forms(bad):
-  with pytest.raises(ValueError, match="target="):
-    spec_lib.parse_target(bad)
+@pytest.mark.parametrize("bad, message", [
+    ("v5p-100", "not a v5p slice size"),
+    ("v5litepod-3", "not a v5litepod slice size"),
+    ("v7x-8", "'v7x' is not one of"),
+    ("v7x:2x2", "'v7x' is not one of"),
+    ("tpu", "is not GEN:TOPOLOGY"),
+    ("v5p:4x4x", "is not GEN:TOPOLOGY"),
+    ("v5p:0x4x4", "zero dimension"),
+])
+def test_bad_targets_name_the_value_and_the_valid_forms(bad, message):
+  for parse in (spec_lib.parse_target, chips_lib.parse_topology):
+    with pytest.raises(ValueError, match=re.escape(f"target={bad!r}") + ".*" + message):
+      parse(bad)
 
 
 def _spec(**kw):

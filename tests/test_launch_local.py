@@ -151,3 +151,9 @@ def test_a_sigkilled_local_launcher_leaves_a_saved_trainer_and_the_rerun_redoes_
   log = (workdir / "logs" / "process_0.log").read_text()
   assert f"resuming from step {saved} " in log.split("===== rg-launch attempt")[-1], log[-3000:]
   assert _newest_checkpoint(workdir) == steps
+  # Extending the finished run is the same job for the launcher, as it is for the trainer.
+  longer = [a.replace(f"train.steps={steps}", f"train.steps={steps + 10}") for a in argv]
+  rerun = subprocess.run(longer, cwd=REPO, env=subprocess_env(num_devices=1), capture_output=True,
+                         text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  assert _newest_checkpoint(workdir) == steps + 10

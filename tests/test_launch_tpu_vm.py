@@ -77,7 +77,7 @@ def _run(spec):
   def sleep(s):
     now[0] += s
 
-  rc = tpu_vm.run(spec, gcloud.Runner(), "gs://b/wheel.whl", log=lines.append,
+  rc = tpu_vm.babysit(spec, gcloud.Runner(), "gs://b/wheel.whl", log=lines.append,
                   sleep=sleep, clock=lambda: now[0])
   return rc, state_lib.load_state(spec.workdir), now[0] - 1000.0
 
@@ -207,9 +207,15 @@ def test_gc_deletes_leaked_resources_of_the_run_but_not_the_live_one(cloud):
 
 def test_resubmitting_a_different_job_into_the_workdir_is_refused(cloud):
   spec = _spec(cloud)
-  changed = spec_lib.JobSpec(**{**spec.__dict__, "overrides": ("train.steps=6",)})
+  changed = spec_lib.JobSpec(**{**spec.__dict__, "overrides": ("model.width=128",)})
   assert jobs.submit(changed, skip_fit_check=True, log=lambda s: None) == exit_codes.USER_ERROR
   assert cloud.calls() == []
+  # The launcher and the trainer agree on what changes a job: the trainer resumes a run whose
+  # train.steps grew (its COMPATIBLE fields), so the launcher takes it as the same job.
+  extended = spec_lib.JobSpec(**{**spec.__dict__, "overrides": ("train.steps=80",)})
+  assert spec.same_job(extended) and not spec.same_job(changed)
+  added = spec_lib.JobSpec(**{**spec.__dict__, "overrides": spec.overrides + ("data.seed=3",)})
+  assert not spec.same_job(added)
 
 
 def test_startup_deadline_counts_from_active_not_from_queueing(cloud):

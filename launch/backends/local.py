@@ -1,4 +1,4 @@
-"""The local backend: N processes on this machine, joined by jax.distributed (gloo on CPU), each with
+"""The local backend (one face with the others: run, stop, gc, describe): N processes on this machine, joined by jax.distributed (gloo on CPU), each with
 the environment a pod host gets. It babysits them like a pod: a process that dies or hangs restarts
 the whole job (the trainer resumes from its newest checkpoint); launch/supervisor.py decides what an
 exit means and whether the budgets allow another attempt.
@@ -117,7 +117,28 @@ class _Terminated(Exception):
   pass
 
 
-def run(spec: spec_lib.JobSpec, *, python: str = sys.executable, poll_s: float = 0.5,
+def describe(spec: spec_lib.JobSpec, runner, log: Callable[[str], None]) -> None:  # pylint: disable=unused-argument
+  """What --dry_run prints beyond each host's command: where the logs go."""
+  log(f"# logs: {state_lib.log_path(spec.workdir, 0).replace('process_0', 'process_<i>')} "
+      "(port chosen at start)")
+
+
+def stop(spec: spec_lib.JobSpec, st: state_lib.RunState, runner, log: Callable[[str], None]) -> None:
+  """SIGTERM to the run's live processes (they save and exit 42); `runner.dry_run` only prints."""
+  del spec
+  for pid in live_pids(st):
+    log(f"SIGTERM to process group {pid}")
+    if not runner.dry_run:
+      os.killpg(pid, signal.SIGTERM)
+
+
+def gc(spec: spec_lib.JobSpec, st: state_lib.RunState, runner, lister,  # pylint: disable=unused-argument
+       log: Callable[[str], None]) -> list[str]:  # pylint: disable=unused-argument
+  """Nothing to collect: processes die with their launcher (their leftovers are stopped by `run`)."""
+  return []
+
+
+def run(spec: spec_lib.JobSpec, runner=None, *, python: str = sys.executable, poll_s: float = 0.5,
         log: Callable[[str], None] = print) -> int:
   """Runs the job to the end; returns the launcher's exit code (exit_codes: OK done, PREEMPTED
   stopped or preempted out of budget, the trainer's fatal code, INTERNAL failed out of budget)."""

@@ -1,4 +1,4 @@
-"""The TPU VM backend: queued resources (one slice: --node-id; several: --node-count/--node-prefix)
+"""The TPU VM backend (run, stop, gc, describe, like every backend): queued resources (one slice: --node-id; several: --node-count/--node-prefix)
 whose startup script runs the job, and a babysitter that follows them from this machine.
 
 The job runs without the babysitter: the startup script installs the wheel and runs the trainer on
@@ -17,6 +17,7 @@ import tempfile
 import time
 from typing import Callable
 
+from launch import bundle
 from launch import commands
 from launch import gcloud
 from launch import spec as spec_lib
@@ -76,9 +77,52 @@ def _host_exits(spec: spec_lib.JobSpec, since: float) -> dict[int, int]:
   return out
 
 
-def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
-        log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.time) -> int:
+def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, *, log: Callable[[str], None] = print) -> int:
+  """Ships the code, then creates and babysits the job's queued resource until the run ends."""
+  return babysit(spec, runner, bundle.ship(runner, spec.workdir), log=log)
+
+
+def describe(spec: spec_lib.JobSpec, runner: gcloud.Runner, log: Callable[[str], None]) -> None:
+  """Prints (through a dry-run runner) every command and the startup script `run` would use."""
+  wheel = bundle.ship(runner, spec.workdir)
+  runner.run(commands.qr_create(spec, 1, "startup.sh"))
+  name = commands.resource_name(spec, 1)
+  log(f"# then, every {spec.budgets.poll_s:.0f}s until the run ends:")
+  runner.run(commands.qr_describe(spec, name))
+  log("# at the end, on a queueing/running timeout, or after a preemption (then recreated as -2, ...):")
+  runner.run(commands.qr_delete(spec, name))
+  log("# on a host failure or hang, restart in place:")
+  for node in commands.node_names(spec, 1):
+    runner.run(commands.tpu_ssh(spec, node, commands.restart_in_place_command(spec.run_id)))
+  log("# startup.sh")
+  log(commands.startup_script(spec, wheel))
+
+
+def stop(spec: spec_lib.JobSpec, st: state_lib.RunState, runner: gcloud.Runner,
+         log: Callable[[str], None]) -> None:
+  """Deletes the run's queued resource (the trainer gets SIGTERM as the VMs shut down)."""
+  if st.resource:
+    log(f"deleting queued resource {st.resource}")
+    delete(runner, spec, st.resource)
+
+
+def gc(spec: spec_lib.JobSpec, st: state_lib.RunState, runner: gcloud.Runner,
+       lister: gcloud.Runner, log: Callable[[str], None]) -> list[str]:  # pylint: disable=unused-argument
+  """Deletes the run's queued resources (by label) other than the live attempt's; their names."""
+  keep = st.resource if st.phase not in state_lib.FINAL_PHASES else ""
+  res = lister.run(commands.qr_list(spec.zone, spec.project, spec.run_id))
+  deleted = []
+  for qr in json.loads(res.stdout or "[]"):
+    name = qr.get("name", "").rsplit("/", 1)[-1]
+    if name and name != keep:
+      delete(runner, spec, name)
+      deleted.append(name)
+  return deleted
+
+
+def babysit(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
+            log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
+            clock: Callable[[], float] = time.time) -> int:
   """Creates and babysits the job's queued resource until the run ends; returns the exit code."""
   wd, b = spec.workdir, spec.budgets
   st = state_lib.load_state(wd)
@@ -184,18 +228,3 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
       log(f"{name}: unexpected state {state}; waiting")
     sleep(b.poll_s)
 
-
-def stop(spec: spec_lib.JobSpec, runner: gcloud.Runner, log: Callable[[str], None] = print) -> None:
-  """Deletes the run's queued resource (the trainer gets SIGTERM as the VMs shut down)."""
-  st = state_lib.load_state(spec.workdir)
-  if st.resource:
-    log(f"deleting queued resource {st.resource}")
-    delete(runner, spec, st.resource)
-
-
-def garbage(runner: gcloud.Runner, zone: str, project: str) -> list[dict]:
-  """This project's queued resources (label rg-launch) with their state."""
-  res = runner.run(commands.qr_list(zone, project))
-  if runner.dry_run:
-    return []
-  return json.loads(res.stdout or "[]")
