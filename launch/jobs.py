@@ -56,7 +56,7 @@ def _preflight(spec: spec_lib.JobSpec, skip_fit_check: bool, log: Log) -> tuple[
       return exit_codes.OK, fp
     fit = preflight.fit_check(spec, fp, log=log)
   except (ValueError, FileNotFoundError) as e:
-    _err(f"invalid job: {e}")
+    _err(f"invalid job: {exit_codes.message(e)}")
     return exit_codes.USER_ERROR, ""
   log(fit.report + ("\n(fit check cached)" if fit.cached else ""))
   if not fit.fits:

@@ -45,6 +45,15 @@ class UserError(ValueError):
   traceback = False
 
 
+def message(error: BaseException) -> str:
+  """The error's message in one line; for a message that quotes a traceback (ml_collections wraps a
+  config file's own error in one), the traceback's last line, which names what was wrong."""
+  text = str(error)
+  if "Traceback (most recent call last)" in text:
+    text = [line for line in text.splitlines() if line.strip()][-1]
+  return " ".join(text.split())
+
+
 def for_exception(error: BaseException) -> int:
   """The exit code for an exception that ended the job: its class's `exit_code`, else INTERNAL."""
   return getattr(error, "exit_code", INTERNAL)

@@ -365,6 +365,55 @@ def test_two_concurrent_drivers_never_run_a_trial_twice(tmp_path):
   assert len(ledger.read_text().split()) == 24
 
 
+def test_commands_on_a_fresh_root_and_without_the_sweep_extra_end_in_one_error_line(tmp_path):
+  sweep_file = _write_sweep(tmp_path)
+  root = tmp_path / "fresh"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+  def sweep_cmd(command, extra_env=None):
+    return subprocess.run([sys.executable, "-m", "launch.sweep", command, f"--sweep={sweep_file}",
+                           f"--root={root}"], cwd=REPO, env={**env, **(extra_env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+  # collect on a root no driver has touched: the tables, every trial pending.
+  out = sweep_cmd("collect")
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(l) for l in (root / "results.jsonl").read_text().splitlines()]
+  assert [r["status"] for r in rows] == ["pending"] * 4
+  # fit before there is anything to fit; plot without matplotlib (blocked here): one line, exit 2.
+  (root / "results.jsonl").unlink()
+  out = sweep_cmd("fit")
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+      f"error: {root}/results.jsonl does not exist; run `python -m launch.sweep collect` first"]
+  blocked = tmp_path / "no_extra" / "matplotlib"
+  blocked.mkdir(parents=True)
+  (blocked / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
+  out = sweep_cmd("plot", {"PYTHONPATH": f"{blocked.parent}{os.pathsep}{REPO}"})
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines() == [
+      "error: plot needs matplotlib, from the sweep extra: pip install -e '.[sweep]'"]
+
+
+def test_a_bad_preset_argument_is_one_error_line_naming_it(tmp_path):
+  argv = [sys.executable, "-m", "launch.submit", "--backend=local", "--dry_run",
+          "--config=configs/ladder.py:griffin,5b", f"--workdir={tmp_path}"]
+  out = subprocess.run(argv, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "error: invalid job: ValueError: size='5b' must be one of ('100m', '200m', '400m', '1b', "
+      "'3b', '7b', '14b')"]
+  sweep_file = tmp_path / "bad.py"
+  sweep_file.write_text(_write_sweep(tmp_path) and open(_write_sweep(tmp_path)).read().replace(
+      's.base = "configs/tiny.py"', 's.base = "configs/ladder.py:griffin,5b"'))
+  out = subprocess.run([sys.executable, "-m", "launch.sweep", "status", f"--sweep={sweep_file}",
+                        f"--root={tmp_path / 'root'}"], cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+  assert "size='5b' must be one of" in out.stderr and "Traceback" not in out.stderr
+
+
 _KILL_SWEEP = """
 import ml_collections
 from launch.sweep.axes import product, sweep

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping
 import ml_collections
 
 from launch import spec as spec_lib
+from recurrentgemma_tpu import exit_codes
 
 ID_LENGTH = 12
 TOKEN_RULES = ("config", "explicit", "params")
@@ -211,7 +212,10 @@ def resolve(s: ml_collections.ConfigDict, point: Mapping[str, Any]) -> Trial:
         raise ValueError(f"{name}={value!r} has no entry in choices.{name} ({sorted(options)})")
       overrides += flatten_overrides(options[str(value)])
   overrides += direct
-  config = experiment_lib.load_config(spec, overrides)
+  try:
+    config = experiment_lib.load_config(spec, overrides)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"trial {dict(point)}: {exit_codes.message(e)}") from e
   info = _model_numbers(config)  # before build: the token rules need the parameter count
 
   derived: list[str] = []
@@ -252,7 +256,7 @@ def resolve(s: ml_collections.ConfigDict, point: Mapping[str, Any]) -> Trial:
   try:
     exp = experiment_lib.build(config, num_devices=devices)
   except (ValueError, FileNotFoundError) as e:
-    raise ValueError(f"trial {dict(point)}: {e}") from e
+    raise ValueError(f"trial {dict(point)}: {exit_codes.message(e)}") from e
   digest = exp.fingerprint()
   info = _numbers(exp.model, config)
   info |= {"steps": int(config.train.steps),
