@@ -120,6 +120,26 @@ def test_trial_ids_are_experiment_fingerprints_built_once_at_expansion(tmp_path)
   assert t.config_hash.startswith(t.id)
 
 
+def test_the_definition_is_a_typed_record_that_refuses_unknown_and_bad_fields(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  good = definition.load_sweep(_write_sweep(tmp_path))
+  assert isinstance(good, definition.Sweep) and good.retries == 1 and good.tokens.rule == "config"
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    good.retries = 5  # pylint: disable=attribute-defined-outside-init
+  base = dict(name="x", base="configs/tiny.py", axes=[{"a": 1}], tokens={"rule": "config"},
+              metric="eval/loss")
+  for change, message in [({"retires": 3}, r"unknown field\(s\) \['retires'\]"),
+                          ({"tokens": {"rule": "params", "per_parm": 2}}, "tokens: unknown.*per_parm"),
+                          ({"tokens": {"rule": "chinchilla"}}, "tokens.rule='chinchilla' must be"),
+                          ({"retries": -1}, "retries=-1 must be"),
+                          ({"targets": ("v5p-7",)}, "targets: target='v5p-7'"),
+                          ({"axes": []}, "axes is empty")]:
+    with pytest.raises(ValueError, match=message):
+      definition.to_sweep(ml_collections.ConfigDict({**base, **change}))
+  with pytest.raises(ValueError, match="returned None"):
+    definition.to_sweep(None)
+
+
 def test_token_rules_lr_rule_and_isoflop_budgets_set_steps(tmp_path):
   from recurrentgemma_tpu.model import flops  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.model import ModelConfig  # pylint: disable=g-import-not-at-top

@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
       raise exit_codes.UserError(str(e)) from e
     opts = runner.Options(backend=_BACKEND.value, parallel=_PARALLEL.value,
-                          retries=int(sweep.get("retries", 2)), max_restarts=_MAX_RESTARTS.value,
+                          retries=sweep.retries, max_restarts=_MAX_RESTARTS.value,
                           ttl_s=_TTL.value, trial_command=_TRIAL_COMMAND.value,
                           target=_TARGET.value, targets=tuple(candidates),
                           launch_flags=tuple(shlex.split(_LAUNCH_FLAGS.value)))
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
     return runner.run_sweep(root, trials, opts)
   if command == "status":
     from launch.sweep import report  # pylint: disable=g-import-not-at-top
-    print(report.status_table(root, trials, int(sweep.get("retries", 2)), _TTL.value))
+    print(report.status_table(root, trials, sweep.retries, _TTL.value))
     return exit_codes.OK
   from launch.sweep import report  # pylint: disable=g-import-not-at-top
   for path in report.collect(root, sweep, trials):

@@ -17,7 +17,6 @@ import subprocess
 import time
 from typing import Any, Sequence
 
-import ml_collections
 
 from launch.sweep import definition
 from launch.sweep import state as state_lib
@@ -125,12 +124,12 @@ def read_results(root: str) -> list[dict[str, Any]]:
   return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def collect(root: str, sweep: ml_collections.ConfigDict, trials: Sequence[definition.Trial],
+def collect(root: str, sweep: definition.Sweep, trials: Sequence[definition.Trial],
             log=print) -> list[str]:
   """Writes results.csv, results.jsonl and (with tensorboard) the HParams log; returns the paths."""
   import json  # pylint: disable=g-import-not-at-top
   version = code_version()
-  retries = int(sweep.get("retries", 2))
+  retries = sweep.retries
   rows = [row(root, t, retries, version) for t in trials]
   workdir_lib.makedirs(root)
   jsonl = store.join(root, "results.jsonl")

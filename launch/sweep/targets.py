@@ -100,5 +100,5 @@ def default_names(sweep: Any, flag_value: str) -> list[str]:
   """--targets (comma-separated) if given, else the definition's `targets`, else []."""
   if flag_value:
     return [n.strip() for n in flag_value.split(",") if n.strip()]
-  return list(sweep.get("targets", ()) or ())
+  return list(sweep.targets)
 
