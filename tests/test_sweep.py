@@ -453,23 +453,52 @@ def get_sweep(arg=""):
 """
 
 
-@pytest.mark.slow
-def test_a_sigkilled_driver_s_trial_saves_exits_42_and_the_rerun_redoes_no_step(tmp_path):
-  from recurrentgemma_tpu import heartbeat  # pylint: disable=g-import-not-at-top
+def _one_trial_sweep(tmp_path, **overrides):
+  """A one-trial sweep of configs/tiny.py shrunk (SMALL) with `overrides`; its `run` argv and env."""
   from test_train_common import SMALL, subprocess_env  # pylint: disable=g-import-not-at-top
-  steps, root = 1500, tmp_path / "root"
-  flat = {**SMALL, "train.steps": steps, "checkpoint.save_every": 100000, "train.log_every": 50}
   nested = {}
-  for key, value in flat.items():
+  for key, value in {**SMALL, **overrides}.items():
     *groups, leaf = key.split(".")
     d = nested
     for g in groups:
       d = d.setdefault(g, {})
     d[leaf] = value
-  definition_file = tmp_path / "kill.py"
+  definition_file = tmp_path / "one.py"
   definition_file.write_text(_KILL_SWEEP.format(overrides=nested))
-  cmd = [sys.executable, "-m", "launch.sweep", "run", f"--sweep={definition_file}", f"--root={root}"]
-  env = subprocess_env(num_devices=1)
+  cmd = [sys.executable, "-m", "launch.sweep", "run", f"--sweep={definition_file}",
+         f"--root={tmp_path / 'root'}"]
+  return cmd, subprocess_env(num_devices=1)
+
+
+@pytest.mark.slow
+def test_a_nan_trial_runs_exactly_once_and_status_and_collect_say_so(tmp_path):
+  # A learning rate that makes the loss non-finite: the trainer exits 3, which reproduces bit for
+  # bit, so neither the launcher nor the sweep runs it again.
+  cmd, env = _one_trial_sweep(tmp_path, **{"train.steps": 20, "optimizer.learning_rate": 1e30})
+  root = tmp_path / "root"
+  for _ in range(2):  # a second driver finds the trial failed and runs nothing
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # exit_codes.INTERNAL
+  (workdir,) = (root / "trials").glob("*")
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert log.count("===== rg-launch attempt") == 1 and "stopped (non-finite)" in log, log[-3000:]
+  assert sorted(os.listdir(root / "state" / workdir.name)) == [
+      "attempt.1.json", "claim.1.json", "heartbeat.1.json", "trial.json"]
+  status = subprocess.run([*cmd[:3], "status", *cmd[4:]], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert "failed" in status.stdout and "exit 3 (stopped on a non-finite loss)" in status.stdout
+  subprocess.run([*cmd[:3], "collect", *cmd[4:]], cwd=REPO, env=env, check=True, timeout=300,
+                 capture_output=True)
+  (row,) = [json.loads(l) for l in (root / "results.jsonl").read_text().splitlines()]
+  assert row["status"] == "failed" and "exit 3 (stopped on a non-finite loss)" in row["error"]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_s_trial_saves_exits_42_and_the_rerun_redoes_no_step(tmp_path):
+  from recurrentgemma_tpu import heartbeat  # pylint: disable=g-import-not-at-top
+  steps, root = 1500, tmp_path / "root"
+  cmd, env = _one_trial_sweep(tmp_path, **{"train.steps": steps, "checkpoint.save_every": 100000,
+                                           "train.log_every": 50})
   driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
