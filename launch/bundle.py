@@ -50,7 +50,5 @@ def ship(runner: gcloud.Runner, workdir: str) -> str:
     wheels = glob.glob(os.path.join(tmp, "recurrentgemma_tpu-*.whl"))
     if len(wheels) != 1:
       raise gcloud.CommandError(f"expected one wheel in {tmp}, found {wheels}")
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    epath.Path(wheels[0]).copy(epath.Path(dest), overwrite=True)
+    workdir_lib.copy(wheels[0], dest)
   return dest

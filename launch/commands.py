@@ -129,10 +129,6 @@ def tpu_ssh(spec: spec_lib.JobSpec, node: str, command: str, worker: str = "all"
           + _where(spec) + [f"--command={command}", "--quiet"])
 
 
-def storage_cp(src: str, dst: str) -> list[str]:
-  return ["gcloud", "storage", "cp", src, dst]
-
-
 def restart_in_place_command(run_id: str) -> str:
   """Re-runs the startup script on a worker (it kills this run's old processes first)."""
   return f"sudo nohup bash /var/lib/rg-launch/{run_id}/startup.sh >/dev/null 2>&1 &"

@@ -151,6 +151,15 @@ def open_append(path: str) -> IO[str]:
   return open(path, "a", buffering=1)
 
 
+def copy(src: str, dst: str) -> None:
+  """Copies a file to `dst` (local or remote), creating `dst`'s directory."""
+  makedirs(parent(dst))
+  if not is_remote(src) and not is_remote(dst):
+    shutil.copyfile(src, dst)
+    return
+  _epath(src).copy(_epath(dst), overwrite=True)
+
+
 def move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
   """Moves a file or directory tree; on a store, copies every object then deletes the source."""
   if not is_remote(src) and not is_remote(dst):

@@ -169,7 +169,6 @@ def _all_gcloud_commands(tmp_path):
   cmds.append(commands.qr_list("us-east5-a", "p"))
   cmds.append(commands.qr_list("us-east5-a", "p", _spec().run_id))
   cmds.append(commands.gke_credentials(_spec(backend="gke", cluster="c", image="python:3.11")))
-  cmds.append(commands.storage_cp(str(script), "gs://b/runs/x/launch/code/w.whl"))
   return cmds
 
 
