@@ -18,6 +18,7 @@ import sys
 from typing import Callable
 
 from launch import spec as spec_lib
+from recurrentgemma_tpu import exit_codes
 
 @dataclasses.dataclass(frozen=True)
 class FitCheck:
@@ -68,9 +69,10 @@ def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[st
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
   report = (proc.stdout + proc.stderr).strip()
-  if proc.returncode not in (0, 1):
-    raise ValueError(f"fit check could not run (exit {proc.returncode}):\n{report[-4000:]}")
-  result = FitCheck(proc.returncode == 0, report)
+  if proc.returncode not in (exit_codes.OK, exit_codes.NO_FIT):
+    raise ValueError(f"fit check could not run ({exit_codes.describe(proc.returncode)}):\n"
+                     f"{report[-4000:]}")
+  result = FitCheck(proc.returncode == exit_codes.OK, report)
   os.makedirs(cache_dir(), exist_ok=True)
   with open(path, "w") as f:
     json.dump({"fits": result.fits, "report": report, "topology": spec.target.topology_name,

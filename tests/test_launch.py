@@ -17,6 +17,7 @@ from launch import spec as spec_lib
 from launch import state as state_lib
 from launch import supervisor
 from sharding import chips as chips_lib
+from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import heartbeat
 
 GCLOUD = shutil.which("gcloud")
@@ -206,7 +207,8 @@ def test_fit_check_runs_the_compile_cli_once_per_fingerprint_target_and_slices(t
 
   def fake_run(argv, **kw):
     calls.append(argv)
-    return subprocess.CompletedProcess(argv, 1, "total 120.00 GiB per chip: does not fit", "")
+    return subprocess.CompletedProcess(argv, exit_codes.NO_FIT,
+                                       "total 120.00 GiB per chip: does not fit", "")
 
   monkeypatch.setattr(preflight.subprocess, "run", fake_run)
   quiet = lambda s: None
@@ -218,10 +220,11 @@ def test_fit_check_runs_the_compile_cli_once_per_fingerprint_target_and_slices(t
   preflight.fit_check(_spec(num_slices=2), "f" * 64, log=quiet)
   preflight.fit_check(_spec(), "e" * 64, log=quiet)
   assert len(calls) == 3
-  monkeypatch.setattr(preflight.subprocess, "run",
-                      lambda argv, **kw: subprocess.CompletedProcess(argv, 2, "", "bad topology"))
-  with pytest.raises(ValueError, match="could not run"):
-    preflight.fit_check(_spec(target=spec_lib.parse_target("v5p-32")), "f" * 64, log=quiet)
+  for code in (exit_codes.USER_ERROR, exit_codes.INTERNAL):  # a bad request, a crash: no verdict
+    monkeypatch.setattr(preflight.subprocess, "run",
+                        lambda argv, code=code, **kw: subprocess.CompletedProcess(argv, code, "", "x"))
+    with pytest.raises(ValueError, match="could not run"):
+      preflight.fit_check(_spec(target=spec_lib.parse_target("v5p-32")), "f" * 64, log=quiet)
 
 
 def test_a_plan_that_does_not_fit_stops_before_anything_is_created(tmp_path, monkeypatch):
