@@ -119,6 +119,29 @@ def test_distributed_reads_the_launcher_environment():
     distributed.initialize_kwargs(env={**env, "JAX_PROCESS_ID": "2"})
 
 
+def test_supervisor_classifies_every_kind_of_end_and_charges_two_budgets():
+  kind = lambda codes: (lambda o: o and (o.kind, o.code))(supervisor.classify(codes))
+  assert kind([None, None]) is None and kind([0, None]) is None  # nothing decided yet
+  assert kind([0, 0]) == ("done", exit_codes.OK)
+  assert kind([exit_codes.PREEMPTED, None]) == ("preempted", exit_codes.PREEMPTED)
+  # A real failure outweighs a preemption, and a fatal exit outweighs both (whatever the order).
+  assert kind([exit_codes.PREEMPTED, exit_codes.INTERNAL]) == ("failed", exit_codes.INTERNAL)
+  assert kind([-9, exit_codes.NON_FINITE]) == ("fatal", exit_codes.NON_FINITE)
+  for fatal in (exit_codes.USER_ERROR, exit_codes.NON_FINITE, exit_codes.NO_FIT):
+    assert kind([None, fatal]) == ("fatal", fatal)
+  assert "killed by signal 9" in supervisor.classify([-9]).detail
+  ledger = state_lib.RunState()
+  budgets = spec_lib.Budgets(max_preemptions=1, max_failures=0)
+  preempted, failed = supervisor.classify([exit_codes.PREEMPTED]), supervisor.classify([1])
+  assert supervisor.charge(ledger, preempted, budgets) is None  # within the preemption budget
+  assert "preempted 2 times" in supervisor.charge(ledger, preempted, budgets)
+  assert "failed 1 times" in supervisor.charge(ledger, failed, budgets)  # a separate budget
+  assert (ledger.preemptions, ledger.failures) == (2, 1)
+  fatal = supervisor.classify([exit_codes.USER_ERROR])
+  assert "retrying cannot help" in supervisor.charge(state_lib.RunState(), fatal,
+                                                     spec_lib.Budgets(max_failures=100))
+
+
 def test_hang_rule():
   hb = lambda t, phase="training", step_time=1.0, pid=7: heartbeat.Record(5, t, phase, step_time, pid)
   budgets = spec_lib.Budgets(startup_timeout_s=60, hang_factor=10, min_hang_s=30)
