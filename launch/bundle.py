@@ -16,12 +16,13 @@ import tempfile
 
 from launch import gcloud
 from launch import state as state_lib
+from recurrentgemma_tpu import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def code_dir(workdir: str) -> str:
-  return state_lib.join(workdir, "launch", "code")
+  return state_lib.path(workdir, "code")
 
 
 def wheel_name() -> str:
@@ -29,7 +30,7 @@ def wheel_name() -> str:
 
 
 def wheel_url(workdir: str) -> str:
-  return state_lib.join(code_dir(workdir), wheel_name())
+  return workdir_lib.join(code_dir(workdir), wheel_name())
 
 
 def build_argv(out_dir: str) -> list[str]:
@@ -49,7 +50,5 @@ def ship(runner: gcloud.Runner, workdir: str) -> str:
     wheels = glob.glob(os.path.join(tmp, "recurrentgemma_tpu-*.whl"))
     if len(wheels) != 1:
       raise gcloud.CommandError(f"expected one wheel in {tmp}, found {wheels}")
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    epath.Path(wheels[0]).copy(epath.Path(dest), overwrite=True)
+    workdir_lib.copy(wheels[0], dest)
   return dest

@@ -8,6 +8,7 @@ import shlex
 from typing import Any
 
 from launch import spec as spec_lib
+from recurrentgemma_tpu import exit_codes
 
 TRAIN_MODULE = "recurrentgemma_tpu.train"
 COORDINATOR_PORT = 8476  # jax.distributed's default port on process 0
@@ -16,9 +17,6 @@ LABEL = "rg-launch"  # every cloud resource carries rg-launch=<run_id>; `gc` fin
 # jax.distributed timeouts handed to every host (read by recurrentgemma_tpu/distributed.py).
 INITIALIZATION_TIMEOUT_S = 1800
 HEARTBEAT_TIMEOUT_S = 600
-# Exit codes of `python -m recurrentgemma_tpu.train` (docs/training.md).
-EXIT_DONE, EXIT_INTERNAL, EXIT_USAGE, EXIT_NAN, EXIT_PREEMPTED = 0, 1, 2, 3, 42
-FATAL_EXITS = (EXIT_USAGE, EXIT_NAN)  # retrying cannot help
 
 
 def train_argv(spec: spec_lib.JobSpec, python: str = "python3") -> list[str]:
@@ -129,10 +127,6 @@ def tpu_ssh(spec: spec_lib.JobSpec, node: str, command: str, worker: str = "all"
   """Runs `command` on the workers of one slice (interactive runs, restarts in place)."""
   return (["gcloud", "alpha", "compute", "tpus", "tpu-vm", "ssh", node, f"--worker={worker}"]
           + _where(spec) + [f"--command={command}", "--quiet"])
-
-
-def storage_cp(src: str, dst: str) -> list[str]:
-  return ["gcloud", "storage", "cp", src, dst]
 
 
 def restart_in_place_command(run_id: str) -> str:
@@ -305,7 +299,7 @@ exit $RC
           "podFailurePolicy": {"rules": [
               {"action": "FailJob", "onExitCodes": {
                   "containerName": "train", "operator": "NotIn",
-                  "values": [EXIT_PREEMPTED] + list(range(128, 256))}},
+                  "values": [exit_codes.PREEMPTED] + list(range(128, 256))}},
               {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
                                                         "status": "True"}]},
           ]},

@@ -1,23 +1,31 @@
-"""What the CLIs do (submit, status, logs, stop, gc), as importable functions."""
+"""What the CLIs do (submit, status, logs, stop, gc), as importable functions.
+
+Every backend module has one face, `run`, `stop`, `gc` and `describe` (launch/backends/); this module
+picks the backend once (`BACKENDS`) and never branches on it again.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import signal
 import sys
 import time
 from typing import Callable
 
-from launch import bundle
 from launch import commands
 from launch import gcloud
 from launch import spec as spec_lib
 from launch import state as state_lib
+from launch.backends import gke
+from launch.backends import local
+from launch.backends import tpu_vm
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import heartbeat
+from recurrentgemma_tpu import workdir as workdir_lib
 
 Log = Callable[[str], None]
+BACKENDS = {"local": local, "tpu_vm": tpu_vm, "gke": gke}
 
 
 def _err(msg: str) -> None:
@@ -36,27 +44,27 @@ def _preflight(spec: spec_lib.JobSpec, skip_fit_check: bool, log: Log) -> tuple[
   """(exit code or 0, fingerprint). Cloud jobs always validate; the fit check only for them."""
   from launch import preflight  # pylint: disable=g-import-not-at-top
   if spec.backend == "local" and skip_fit_check:
-    return 0, ""  # the trainer validates at start and exits 2 (not retried) on a bad config
+    return exit_codes.OK, ""  # the trainer validates at start and exits 2 (not retried) on a bad config
   try:
     if spec.backend == "local":
       from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
       config = experiment_lib.load_config(spec.config, spec.overrides)
       n = spec.num_processes * _local_devices_per_process()
-      return 0, experiment_lib.build(config, num_devices=n).fingerprint()
+      return exit_codes.OK, experiment_lib.build(config, num_devices=n).fingerprint()
     fp = preflight.fingerprint(spec)
     preflight.store_check(spec)  # a missing or mismatched data store: refused before any pod
     if skip_fit_check:
-      return 0, fp
+      return exit_codes.OK, fp
     fit = preflight.fit_check(spec, fp, log=log)
   except (ValueError, FileNotFoundError) as e:
-    _err(f"invalid job: {e}")
-    return commands.EXIT_USAGE, ""
+    _err(f"invalid job: {exit_codes.message(e)}")
+    return exit_codes.USER_ERROR, ""
   log(fit.report + ("\n(fit check cached)" if fit.cached else ""))
   if not fit.fits:
     _err(f"the plan does not fit {spec.target.accelerator_type} x {spec.num_slices}; see the report "
          "above (python -m recurrentgemma_tpu.compile --search finds plans that do)")
-    return 4, fp
-  return 0, fp
+    return exit_codes.NO_FIT, fp
+  return exit_codes.OK, fp
 
 
 def describe_plan(spec: spec_lib.JobSpec, log: Log) -> None:
@@ -74,29 +82,9 @@ def describe_plan(spec: spec_lib.JobSpec, log: Log) -> None:
       log(f"{k}={v}")
     log(commands.quote(commands.train_argv(spec, python=sys.executable if spec.backend == "local"
                                            else "python3")))
-  if spec.backend == "local":
-    log(f"# logs: {state_lib.join(spec.workdir, 'logs', 'process_<i>.log')} (port chosen at start)")
-    return
-  log("# commands")
-  wheel = bundle.ship(runner, spec.workdir)
-  if spec.backend == "tpu_vm":
-    runner.run(commands.qr_create(spec, 1, "startup.sh"))
-    name = commands.resource_name(spec, 1)
-    log(f"# then, every {spec.budgets.poll_s:.0f}s until the run ends:")
-    runner.run(commands.qr_describe(spec, name))
-    log("# at the end, on a queueing/running timeout, or after a preemption (then recreated as -2, ...):")
-    runner.run(commands.qr_delete(spec, name))
-    log("# on a host failure or hang, restart in place:")
-    for node in commands.node_names(spec, 1):
-      runner.run(commands.tpu_ssh(spec, node, commands.restart_in_place_command(spec.run_id)))
-    log("# startup.sh")
-    log(commands.startup_script(spec, wheel))
-  else:
-    from launch.backends import gke  # pylint: disable=g-import-not-at-top
-    runner.run(commands.gke_credentials(spec))
-    runner.run(commands.kubectl_apply("jobset.yaml"))
-    log("# jobset.yaml")
-    log(gke.to_yaml(commands.jobset(spec, 1, wheel)))
+  if spec.backend != "local":
+    log("# commands")
+  BACKENDS[spec.backend].describe(spec, runner, log)
 
 
 def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: bool = False,
@@ -114,18 +102,19 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
   if existing is not None and not existing.same_job(spec):
     _err(f"{spec.workdir} already holds a different job ({existing.config} "
          f"{list(existing.overrides)} on {existing.backend}); use a new workdir")
-    return commands.EXIT_USAGE
+    return exit_codes.USER_ERROR
   st = state_lib.load_state(spec.workdir) if existing is not None else state_lib.RunState()
-  if existing is not None and st.phase == "done" and not dry_run:
+  if (existing is not None and st.phase == "done" and existing.overrides == spec.overrides
+      and not dry_run):
     log(f"{spec.workdir}: the run is already complete")
-    return commands.EXIT_DONE
+    return exit_codes.OK
   rc, fp = _preflight(spec, skip_fit_check, log)
   if rc:
     return rc
   spec = dataclasses.replace(spec, fingerprint=fp)
   if dry_run:
     describe_plan(spec, log)
-    return commands.EXIT_DONE
+    return exit_codes.OK
   if existing is not None:
     log(f"resuming the job in {spec.workdir} (phase {st.phase}, attempt {st.attempt})")
   state_lib.save_spec(spec)
@@ -135,25 +124,16 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
     st.event("resubmitted")
     state_lib.save_state(spec.workdir, st)
   try:
-    if spec.backend == "local":
-      from launch.backends import local  # pylint: disable=g-import-not-at-top
-      return local.run(spec, log=log)
-    runner = gcloud.Runner(log=log)
-    wheel = bundle.ship(runner, spec.workdir)
-    if spec.backend == "tpu_vm":
-      from launch.backends import tpu_vm  # pylint: disable=g-import-not-at-top
-      return tpu_vm.run(spec, runner, wheel, log=log)
-    from launch.backends import gke  # pylint: disable=g-import-not-at-top
-    return gke.run(spec, runner, wheel, log=log)
+    return BACKENDS[spec.backend].run(spec, gcloud.Runner(log=log), log=log)
   except gcloud.CommandError as e:
     _err(str(e))
-    return commands.EXIT_INTERNAL
+    return exit_codes.INTERNAL
   except KeyboardInterrupt:
     # Cloud jobs run on their own (the startup script / the JobSet controller); only the babysitting
     # stops. (The local backend handles Ctrl-C itself: it stops its processes.)
     log(f"babysitting interrupted; the job keeps running. Re-submit the same command to resume it, "
         f"python -m launch.stop --workdir={spec.workdir} to stop it.")
-    return commands.EXIT_PREEMPTED
+    return exit_codes.PREEMPTED
 
 
 # ------------------------------------------------------------------------------------ status, logs
@@ -169,7 +149,7 @@ def status(workdir: str, log: Log = print) -> int:
       + (f", resource {st.resource}" if st.resource else "") + (f": {st.message}" if st.message else ""))
   now = time.time()
   for i in range(spec.num_hosts):
-    hb = state_lib.read_heartbeat(workdir, i)
+    hb = heartbeat.read_record(workdir, i)
     if hb:
       log(f"  process {i}: step {hb.step}, {hb.phase}, heartbeat {now - hb.time:.0f}s ago"
           + (f", {hb.step_time:.3f}s/step" if hb.step_time else ""))
@@ -178,7 +158,7 @@ def status(workdir: str, log: Log = print) -> int:
   for e in st.history[-5:]:
     log(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']} "
         f"{e.get('detail', e.get('resource', ''))}")
-  return 0
+  return exit_codes.OK
 
 
 _TRACEBACK = re.compile(r"^Traceback \(most recent call last\):", re.M)
@@ -202,21 +182,21 @@ def logs(workdir: str, *, follow: bool = False, lines: int = 50, log: Log = prin
          poll_s: float = 2.0) -> int:
   """Tail of worker 0's log (followed with follow=True), then the first traceback of any worker."""
   spec = state_lib.load_spec(workdir)
-  text = state_lib.read_text(state_lib.log_path(workdir, 0)) or ""
+  text = workdir_lib.read_text_if_exists(state_lib.log_path(workdir, 0)) or ""
   log("\n".join(text.splitlines()[-lines:]))
   while follow and state_lib.load_state(workdir).phase not in state_lib.FINAL_PHASES:
     time.sleep(poll_s)
-    new = state_lib.read_text(state_lib.log_path(workdir, 0)) or ""
+    new = workdir_lib.read_text_if_exists(state_lib.log_path(workdir, 0)) or ""
     if len(new) > len(text):
       log(new[len(text):].rstrip("\n"))
     text = new
   for i in range(spec.num_hosts):
-    tb = first_traceback(state_lib.read_text(state_lib.log_path(workdir, i)) or "")
+    tb = first_traceback(workdir_lib.read_text_if_exists(state_lib.log_path(workdir, i)) or "")
     if tb:
       log(f"===== first traceback: process {i} ({state_lib.log_path(workdir, i)})")
       log(tb)
       break
-  return 0
+  return exit_codes.OK
 
 
 # ------------------------------------------------------------------------------------ stop, gc
@@ -228,25 +208,15 @@ def stop(workdir: str, *, dry_run: bool = False, log: Log = print) -> int:
   st = state_lib.load_state(workdir)
   runner = gcloud.Runner(dry_run=dry_run, log=log)
   if dry_run:
-    log(f"# write {state_lib.join(workdir, 'launch', 'STOP')}")
+    log(f"# write {state_lib.path(workdir, 'STOP')}")
   else:
     state_lib.request_stop(workdir)
-  if spec.backend == "local":
-    from launch.backends import local  # pylint: disable=g-import-not-at-top
-    for pid in local.live_pids(st):
-      log(f"SIGTERM to process group {pid}")
-      if not dry_run:
-        os.killpg(pid, signal.SIGTERM)
-  elif spec.backend == "tpu_vm" and st.resource:
-    from launch.backends import tpu_vm  # pylint: disable=g-import-not-at-top
-    tpu_vm.delete(runner, spec, st.resource)
-  elif spec.backend == "gke" and st.resource:
-    runner.run(commands.kubectl_delete_jobset(st.resource))
+  BACKENDS[spec.backend].stop(spec, st, runner, log)
   if not dry_run and st.phase not in state_lib.FINAL_PHASES:
     st.phase, st.message = "stopped", "launch.stop"
     st.event("stopped")
     state_lib.save_state(workdir, st)
-  return 0
+  return exit_codes.OK
 
 
 def gc(workdir: str, *, dry_run: bool = False, log: Log = print) -> int:
@@ -256,21 +226,6 @@ def gc(workdir: str, *, dry_run: bool = False, log: Log = print) -> int:
   keep = st.resource if st.phase not in state_lib.FINAL_PHASES else ""
   runner = gcloud.Runner(dry_run=dry_run, log=log)
   lister = gcloud.Runner(log=log)  # listing changes nothing, so it runs even in a dry run
-  deleted = []
-  if spec.backend == "tpu_vm":
-    from launch.backends import tpu_vm  # pylint: disable=g-import-not-at-top
-    res = lister.run(commands.qr_list(spec.zone, spec.project, spec.run_id))
-    for qr in json.loads(res.stdout or "[]"):
-      name = qr.get("name", "").rsplit("/", 1)[-1]
-      if name and name != keep:
-        tpu_vm.delete(runner, spec, name)
-        deleted.append(name)
-  elif spec.backend == "gke":
-    res = lister.run(commands.kubectl_list_jobsets())
-    for item in json.loads(res.stdout or "{}").get("items", []):
-      meta = item.get("metadata", {})
-      if meta.get("labels", {}).get(commands.LABEL) == spec.run_id and meta.get("name") != keep:
-        runner.run(commands.kubectl_delete_jobset(meta["name"]))
-        deleted.append(meta["name"])
+  deleted = BACKENDS[spec.backend].gc(spec, st, runner, lister, log)
   log(f"gc: deleted {deleted or 'nothing'}" + (f" (kept {keep}, the live attempt)" if keep else ""))
-  return 0
+  return exit_codes.OK

@@ -18,11 +18,7 @@ import sys
 from typing import Callable
 
 from launch import spec as spec_lib
-
-# Devices jax shows per chip when compiling for a topology (v4: one per TensorCore; see
-# sharding/planner.py:topology_devices).
-_DEVICES_PER_CHIP = {"v4": 2}
-
+from recurrentgemma_tpu import exit_codes
 
 @dataclasses.dataclass(frozen=True)
 class FitCheck:
@@ -41,7 +37,7 @@ def fit_cache_key(fingerprint: str, target: spec_lib.Target, num_slices: int) ->
 
 
 def num_devices(spec: spec_lib.JobSpec) -> int:
-  return spec.target.chips * spec.num_slices * _DEVICES_PER_CHIP.get(spec.target.generation, 1)
+  return spec.target.chips * spec.num_slices * spec.target.devices_per_chip
 
 
 def fingerprint(spec: spec_lib.JobSpec) -> str:
@@ -105,9 +101,10 @@ def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[st
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
   report = (proc.stdout + proc.stderr).strip()
-  if proc.returncode not in (0, 1):
-    raise ValueError(f"fit check could not run (exit {proc.returncode}):\n{report[-4000:]}")
-  result = FitCheck(proc.returncode == 0, report)
+  if proc.returncode not in (exit_codes.OK, exit_codes.NO_FIT):
+    raise ValueError(f"fit check could not run ({exit_codes.describe(proc.returncode)}):\n"
+                     f"{report[-4000:]}")
+  result = FitCheck(proc.returncode == exit_codes.OK, report)
   os.makedirs(cache_dir(), exist_ok=True)
   with open(path, "w") as f:
     json.dump({"fits": result.fits, "report": report, "topology": spec.target.topology_name,

@@ -11,25 +11,21 @@ import hashlib
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
+
+from sharding import chips as chips_lib
 
 BACKENDS = ("local", "tpu_vm", "gke")
 CAPACITIES = ("on-demand", "reserved", "spot", "best-effort")
 
-# Generation -> (accelerator-type prefix, TensorCores per chip in the accelerator-type number, chips per
-# host of a multi-host slice, largest single-host slice in chips, TPU VM runtime, GKE accelerator label).
-_GENERATIONS = {
-    "v4": ("v4", 2, 4, 4, "tpu-ubuntu2204-base", "tpu-v4-podslice"),
-    "v5e": ("v5litepod", 1, 4, 8, "v2-alpha-tpuv5-lite", "tpu-v5-lite-podslice"),
-    "v5p": ("v5p", 2, 4, 4, "v2-alpha-tpuv5", "tpu-v5p-slice"),
-    "v6e": ("v6e", 1, 4, 8, "v2-alpha-tpuv6e", "tpu-v6e-slice"),
+# The provider's names per chip generation (sharding/chips.py owns the slice grammar and figures):
+# (TPU VM runtime version, GKE accelerator label).
+_PROVIDER = {
+    "v4": ("tpu-ubuntu2204-base", "tpu-v4-podslice"),
+    "v5e": ("v2-alpha-tpuv5-lite", "tpu-v5-lite-podslice"),
+    "v5p": ("v2-alpha-tpuv5", "tpu-v5p-slice"),
+    "v6e": ("v2-alpha-tpuv6e", "tpu-v6e-slice"),
 }
-_PREFIX_TO_GEN = {"v4": "v4", "v5litepod": "v5e", "v5e": "v5e", "v5p": "v5p", "v6e": "v6e"}
-# The topology Cloud TPU gives an accelerator type by default, by chip count (3D tori for v4/v5p).
-_DEFAULT_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-               256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-_DEFAULT_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-               256: "16x16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,49 +57,38 @@ class Target:
 
   @property
   def runtime_version(self) -> str:
-    return _GENERATIONS[self.generation][4]
+    return _PROVIDER[self.generation][0]
 
   @property
   def gke_accelerator(self) -> str:
-    return _GENERATIONS[self.generation][5]
+    return _PROVIDER[self.generation][1]
+
+  @property
+  def devices_per_chip(self) -> int:
+    """jax devices per chip in a topology compile (v4: one per TensorCore)."""
+    return chips_lib.SLICING[self.generation].devices_per_chip
 
 
 def parse_target(text: str) -> Target:
-  """A Target from "v5p-256" (Cloud TPU accelerator type) or "v5p:4x4x8" (generation:topology).
+  """A Target from any form sharding/chips.py accepts: "v5p-256" or "v5p:4x4x8".
 
   Raises:
     ValueError: naming the accepted forms.
   """
-  text = text.strip()
-  forms = "GEN-N (v5p-256, v5litepod-16, v6e-8, v4-32) or GEN:TOPOLOGY (v5p:4x4x8, v5e:4x4)"
-  m = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
-  if m:
-    gen = _PREFIX_TO_GEN.get(m.group(1))
-    if gen is None:
-      raise ValueError(f"target={text!r}: unknown TPU type {m.group(1)!r}; use {forms}")
-    prefix, cores_per_chip, _, _, _, _ = _GENERATIONS[gen]
-    number = int(m.group(2))
-    chips = number // cores_per_chip
-    table = _DEFAULT_3D if gen in ("v4", "v5p") else _DEFAULT_2D
-    if number % cores_per_chip or chips not in table:
-      raise ValueError(f"target={text!r}: {number} is not a {prefix} slice size; valid: "
-                       f"{[c * cores_per_chip for c in sorted(table)]}")
-    topology = table[chips]
-  else:
-    m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+){1,2})", text)
-    gen = _PREFIX_TO_GEN.get(m.group(1)) if m else None
-    if gen is None:
-      raise ValueError(f"target={text!r} is not {forms}")
-    topology = m.group(2)
-    chips = 1
-    for d in topology.split("x"):
-      chips *= int(d)
-    prefix, cores_per_chip = _GENERATIONS[gen][:2]
-    if chips < 1:
-      raise ValueError(f"target={text!r} has a zero dimension")
-  prefix, cores_per_chip, per_host, single_host_max = _GENERATIONS[gen][:4]
-  hosts = 1 if chips <= single_host_max else chips // per_host
-  return Target(gen, f"{prefix}-{chips * cores_per_chip}", topology, chips, hosts)
+  t = chips_lib.parse_target(text)
+  return Target(t.chip.name, t.accelerator_type, t.topology, t.chips, t.hosts)
+
+
+def parse_targets(names: Sequence[str]) -> list[Target]:
+  """Candidate targets: generations in the order first named, each by ascending chips, no repeats.
+
+  Raises:
+    ValueError: a name that is not a TPU target (the message lists the accepted forms).
+  """
+  parsed = [parse_target(n) for n in names if n.strip()]
+  order = list(dict.fromkeys(t.generation for t in parsed))
+  unique = {t.topology_name: t for t in parsed}.values()
+  return sorted(unique, key=lambda t: (order.index(t.generation), t.chips))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +202,20 @@ class JobSpec:
     return cls(**d)
 
   def same_job(self, other: "JobSpec") -> bool:
-    """Whether a re-submit with `other` continues this job (same config, target and shape)."""
-    keys = ("config", "overrides", "workdir", "backend", "target", "num_slices", "num_processes")
-    return all(getattr(self, k) == getattr(other, k) for k in keys)
+    """Whether a re-submit with `other` continues this job: same config file, target and shape, and
+    overrides that differ only where the trainer resumes anyway (its COMPATIBLE fields, e.g.
+    extending train.steps; recurrentgemma_tpu/checkpoints/resume.py is the one rule)."""
+    keys = ("config", "workdir", "backend", "target", "num_slices", "num_processes")
+    if any(getattr(self, k) != getattr(other, k) for k in keys):
+      return False
+    if self.overrides == other.overrides:
+      return True
+    from recurrentgemma_tpu.checkpoints import resume  # pylint: disable=g-import-not-at-top
+    changed, one_sided = resume.compare(_override_dict(self.overrides),
+                                        _override_dict(other.overrides))
+    return not changed and not one_sided
+
+
+def _override_dict(overrides: Sequence[str]) -> dict[str, str]:
+  """("group.field=value", ...) -> {"group.field": "value"} (the last one wins, as when applied)."""
+  return dict(o.split("=", 1) for o in overrides)

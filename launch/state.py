@@ -1,11 +1,14 @@
-"""Files of a run, on local disk or gs:// alike (etils.epath):
+"""What the launcher records about a run, under <workdir>/launch/ (local disk or gs:// alike, through
+the trainer's own file layer, recurrentgemma_tpu/workdir.py):
 
   <workdir>/launch/spec.json        the JobSpec (a re-submit must match it, and then resumes)
-  <workdir>/launch/state.json       phase, attempt, retry counts, current resource, pids, history
+  <workdir>/launch/state.json       phase, attempt, preemption and failure counts, resource, pids,
+                                    history
   <workdir>/launch/STOP             written by `launch.stop`: no more restarts
   <workdir>/launch/exit/process_<i>.json   {"rc", "time"} written by each pod host when it exits
-  <workdir>/heartbeat/process_<i>.json     written by the trainer (step, time, phase, step_time, pid)
-  <workdir>/logs/process_<i>.log           each host's stdout and stderr
+
+The trainer's own files (heartbeat/, logs/, metrics.jsonl) are read through heartbeat.py and
+workdir.py.
 """
 
 from __future__ import annotations
@@ -16,57 +19,21 @@ import os
 import time
 from typing import Any
 
+from launch import spec as spec_lib
+from recurrentgemma_tpu import workdir as workdir_lib
+
 PHASES = ("submitted", "queued", "running", "restarting", "done", "failed", "stopped")
 FINAL_PHASES = ("done", "failed", "stopped")
 
 
-def _path(p: str):
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  return epath.Path(p)
-
-
-def join(workdir: str, *parts: str) -> str:
-  return "/".join([workdir.rstrip("/"), *parts])
-
-
-def read_text(path: str) -> str | None:
-  p = _path(path)
-  try:
-    return p.read_text()
-  except FileNotFoundError:
-    return None
-  except Exception as e:  # pylint: disable=broad-except
-    if type(e).__name__ == "NotFoundError":  # tf.io.gfile's, for gs://
-      return None
-    raise
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes atomically where the filesystem allows (tmp + rename locally; GCS objects are atomic)."""
-  p = _path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  if path.startswith("gs://"):
-    p.write_text(text)
-    return
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def exists(path: str) -> bool:
-  return _path(path).exists()
-
-
-def remove(path: str) -> None:
-  p = _path(path)
-  if p.exists():
-    p.unlink()
+def path(workdir: str, *parts: str) -> str:
+  """<workdir>/launch/<parts>."""
+  return workdir_lib.join(workdir, workdir_lib.LAUNCH_DIR, *parts)
 
 
 @dataclasses.dataclass
 class RunState:
-  """What the launcher knows about a run (state.json)."""
+  """What the launcher knows about a run (state.json); also the supervisor's ledger."""
 
   phase: str = "submitted"
   attempt: int = 0
@@ -82,103 +49,48 @@ class RunState:
     self.history.append({"time": round(time.time(), 3), "event": what, **info})
 
 
-def spec_path(workdir: str) -> str:
-  return join(workdir, "launch", "spec.json")
-
-
-def load_spec(workdir: str):
-  from launch import spec as spec_lib  # pylint: disable=g-import-not-at-top
-  text = read_text(spec_path(workdir))
+def load_spec(workdir: str) -> spec_lib.JobSpec:
+  text = workdir_lib.read_text_if_exists(path(workdir, "spec.json"))
   if text is None:
-    raise FileNotFoundError(f"no launched job in {workdir} ({spec_path(workdir)} is missing)")
+    raise FileNotFoundError(f"no launched job in {workdir} ({path(workdir, 'spec.json')} is missing)")
   return spec_lib.JobSpec.from_json(text)
 
 
-def save_spec(spec) -> None:
-  write_text(spec_path(spec.workdir), spec.to_json())
+def save_spec(spec: spec_lib.JobSpec) -> None:
+  workdir_lib.write_text(path(spec.workdir, "spec.json"), spec.to_json(),
+                         tmp_suffix=f".tmp{os.getpid()}")
 
 
 def load_state(workdir: str) -> RunState:
-  text = read_text(join(workdir, "launch", "state.json"))
+  text = workdir_lib.read_text_if_exists(path(workdir, "state.json"))
   return RunState(**json.loads(text)) if text else RunState()
 
 
 def save_state(workdir: str, state: RunState) -> None:
-  write_text(join(workdir, "launch", "state.json"), json.dumps(dataclasses.asdict(state), indent=1))
+  workdir_lib.write_text(path(workdir, "state.json"), json.dumps(dataclasses.asdict(state), indent=1),
+                         tmp_suffix=f".tmp{os.getpid()}")
 
 
 def stop_requested(workdir: str) -> bool:
-  return exists(join(workdir, "launch", "STOP"))
+  return workdir_lib.exists(path(workdir, "STOP"))
 
 
 def request_stop(workdir: str, reason: str = "launch.stop") -> None:
-  write_text(join(workdir, "launch", "STOP"), json.dumps({"time": time.time(), "reason": reason}))
+  workdir_lib.write_text(path(workdir, "STOP"), json.dumps({"time": time.time(), "reason": reason}))
 
 
 def clear_stop(workdir: str) -> None:
-  remove(join(workdir, "launch", "STOP"))
+  workdir_lib.remove(path(workdir, "STOP"))
 
 
 def log_path(workdir: str, process_id: int) -> str:
-  return join(workdir, "logs", f"process_{process_id}.log")
-
-
-# ------------------------------------------------------------------------------------ heartbeats
-
-
-@dataclasses.dataclass(frozen=True)
-class Heartbeat:
-  step: int
-  time: float
-  phase: str
-  step_time: float | None
-  pid: int
-
-
-def read_heartbeat(workdir: str, process_id: int) -> Heartbeat | None:
-  """The trainer's heartbeat of one process, or None if there is none (yet) or it is unreadable."""
-  text = read_text(join(workdir, "heartbeat", f"process_{process_id}.json"))
-  if not text:
-    return None
-  try:
-    d = json.loads(text)
-    return Heartbeat(int(d["step"]), float(d["time"]), str(d["phase"]),
-                     None if d.get("step_time") is None else float(d["step_time"]), int(d["pid"]))
-  except (ValueError, KeyError, TypeError):
-    return None  # a torn or foreign file counts as no heartbeat
+  return workdir_lib.join(workdir, workdir_lib.LOGS_DIR, f"process_{process_id}.log")
 
 
 def read_exit(workdir: str, process_id: int) -> dict[str, Any] | None:
   """A pod host's exit record ({"rc", "time"}), written by the startup script."""
-  text = read_text(join(workdir, "launch", "exit", f"process_{process_id}.json"))
+  text = workdir_lib.read_text_if_exists(path(workdir, "exit", f"process_{process_id}.json"))
   try:
     return json.loads(text) if text else None
   except ValueError:
     return None
-
-
-def hang_verdict(hb: Heartbeat | None, *, now: float, started: float, startup_timeout_s: float,
-                 hang_factor: float, min_hang_s: float, pid: int | None = None) -> str | None:
-  """Why a process counts as hung, or None while it looks alive.
-
-  No heartbeat yet (or only one from an earlier attempt) means "starting": allowed until
-  `startup_timeout_s` after the attempt started. While starting or compiling, the same deadline holds.
-  Once training, no new heartbeat for max(min_hang_s, hang_factor x step_time) means hung; while
-  evaluating or saving (no step boundaries inside), at least `startup_timeout_s`.
-  """
-  fresh = hb is not None and hb.time >= started - 1 and (pid is None or hb.pid == pid)
-  if not fresh or hb.phase in ("starting", "compiling"):
-    if startup_timeout_s and now - started > startup_timeout_s:
-      what = "no heartbeat" if not fresh else f"still {hb.phase}"
-      return f"{what} {now - started:.0f}s after start (startup timeout {startup_timeout_s:.0f}s)"
-    return None
-  if hb.phase == "done":
-    return None
-  limit = max(min_hang_s, hang_factor * (hb.step_time or 0.0))
-  if hb.phase in ("evaluating", "saving"):
-    # One long operation with no step boundary inside: allowed as long as a start-up.
-    limit = max(limit, startup_timeout_s)
-  if now - hb.time > limit:
-    return (f"no heartbeat for {now - hb.time:.0f}s at step {hb.step} (phase {hb.phase}; limit "
-            f"{limit:.0f}s = max({min_hang_s:.0f}, {hang_factor:g} x step time {hb.step_time}))")
-  return None

@@ -18,10 +18,8 @@ import sys
 from absl import app
 from absl import flags
 
-from launch import commands
 from launch import spec as spec_lib
-
-EXIT_NO_FIT = 4
+from recurrentgemma_tpu import exit_codes
 
 _CONFIG = flags.DEFINE_string("config", None, "Experiment config file, configs/NAME.py[:ARG].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
@@ -77,10 +75,6 @@ def _split(argv: list[str]) -> list[str]:
   return rest
 
 
-def _parse(argv: list[str]) -> list[str]:
-  return flags.FLAGS(_split(argv))
-
-
 def spec_from_flags() -> spec_lib.JobSpec:
   target = spec_lib.parse_target(_TARGET.value) if _TARGET.value else None
   budgets = spec_lib.Budgets(
@@ -104,7 +98,7 @@ def main(argv: list[str]) -> int:
     spec = spec_from_flags()
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
-    return commands.EXIT_USAGE
+    return exit_codes.USER_ERROR
   return jobs.submit(spec, dry_run=_DRY_RUN.value, skip_fit_check=_SKIP_FIT.value)
 
 

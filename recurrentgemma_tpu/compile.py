@@ -10,7 +10,7 @@ training run makes), builds exactly what the training loop runs (`step_functions
 model, optimizer, Pallas kernels, shardings, donated state) for its TPU devices, compiles it with the
 TPU compiler through libtpu, prints per-chip memory against the chip's HBM and the compiled FLOPs
 against 6 x params x tokens (and the model FLOPs of `model/flops.py`), and exits 0 only when it fits
-(1 when it does not, 2 on a bad request).
+(4, exit_codes.NO_FIT, when it does not; 2 on a bad request).
 `--search` tries mesh factorisations x remat policies x micro-batch counts, compiles them in order of
 estimated step time, and prints the fitting plans ranked (exit 0 when at least one fits).
 """
@@ -27,6 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from recurrentgemma_tpu import cli
+from recurrentgemma_tpu import exit_codes
 from sharding import planner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/NAME.py[:ARG] or "
@@ -220,21 +221,21 @@ def main(argv: Sequence[str]) -> int:
           max_seq=_SEARCH_MAX_SEQ.value, max_compiles=_SEARCH_COMPILES.value, want=_SEARCH_WANT.value,
           max_hbm_fraction=_MAX_HBM.value)
       print(planner.format_search(results))
-      return 0 if any(r.status == "fits" for r in results) else 1
+      return exit_codes.OK if any(r.status == "fits" for r in results) else exit_codes.NO_FIT
     report = compile_experiment(exp, _TOPOLOGY.value, max_hbm_fraction=_MAX_HBM.value,
                                 print_arrays=_ARRAYS.value, dump_hlo=_DUMP_HLO.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(planner.format_report(report))
-  return 0 if report.fits else 1
+  return exit_codes.OK if report.fits else exit_codes.NO_FIT
 
 
 def run() -> None:
   """Console-script entry point (`rg-compile`)."""
   flags.mark_flags_as_required(["config", "topology"])
-  cli.run(main, __doc__, codes="exit codes: 0 fits, 1 does not fit (or an internal error, with its "
-                               "traceback), 2 bad request (one line).")
+  cli.run(main, __doc__, codes="exit codes: 0 fits, 4 does not fit, 2 bad request (one line), 1 an "
+                               "internal error (with its traceback).")
 
 
 if __name__ == "__main__":

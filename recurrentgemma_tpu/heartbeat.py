@@ -15,6 +15,7 @@ seconds right after entering a phase, so a test can kill the process inside it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -31,12 +32,40 @@ def path(workdir: str, process_index: int) -> str:
   return workdir_lib.join(workdir, workdir_lib.HEARTBEAT_DIR, f"process_{process_index}.json")
 
 
-def read(workdir: str, process_index: int = 0) -> dict | None:
-  """The last heartbeat of a process, or None if it has written none."""
-  p = path(workdir, process_index)
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One heartbeat, as a reader sees it."""
+
+  step: int
+  time: float
+  phase: str
+  step_time: float | None
+  pid: int
+
+
+def parse(text: str | None) -> Record | None:
+  """A heartbeat file's text as a Record; None for no text or a torn or foreign file."""
+  if not text:
+    return None
   try:
-    return json.loads(workdir_lib.read_text(p))
-  except (FileNotFoundError, json.JSONDecodeError):
+    d = json.loads(text)
+    return Record(int(d["step"]), float(d["time"]), str(d["phase"]),
+                  None if d.get("step_time") is None else float(d["step_time"]), int(d["pid"]))
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+def read(workdir: str, process_index: int = 0) -> dict | None:
+  """The last heartbeat of a process as written (a dict), or None if it has written none."""
+  record = read_record(workdir, process_index)
+  return dataclasses.asdict(record) if record else None
+
+
+def read_record(workdir: str, process_index: int = 0) -> Record | None:
+  """The last heartbeat of a process, or None if it has written none (or it is unreadable)."""
+  try:
+    return parse(workdir_lib.read_text(path(workdir, process_index)))
+  except FileNotFoundError:
     return None
   except Exception:  # pylint: disable=broad-except
     # A bucket's own not-found and transient errors: no readable beat is the same as none.

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import workdir as workdir_lib
 
 METRICS_FILE = workdir_lib.METRICS_FILE
@@ -53,6 +54,9 @@ class LaggedMetrics:
 
 class NonFiniteError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient norm; the last good checkpoint is kept."""
+
+  exit_code = exit_codes.NON_FINITE
+  traceback = False
 
 
 def first_nonfinite(records: Iterable[tuple[int, Mapping[str, float]]],

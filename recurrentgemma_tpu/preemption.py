@@ -10,6 +10,11 @@
 `Preempted` derives from BaseException, like KeyboardInterrupt, so a broad `except Exception` on the
 way (e.g. a storage retry) can neither swallow it nor mistake it for a failure.
 
+A launcher that starts the trainer (launch/'s local backend, a sweep driver) sets
+`PARENT_PID_ENV` to its own pid: `install()` then asks the kernel for a SIGTERM when that parent
+dies, even by SIGKILL, so an orphaned trainer takes the same path (saves at the next step boundary,
+exits 42) instead of training on unwatched or being lost with its unsaved steps.
+
 Several processes: `jax.distributed.initialize` starts JAX's preemption service, whose native handler
 takes over SIGTERM on every host; inside the loop `reached` then asks
 `multihost_utils.reached_preemption_sync_point(step)`, which makes all hosts save the same step.
@@ -19,17 +24,26 @@ Outside the loop such a job is stopped by the launcher's kill after its grace pe
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
 import threading
-from typing import Iterator
+import time
+from typing import Iterator, Mapping
 
-EXIT_CODE = 42  # exit_codes.PREEMPTED (not imported: this module loads before anything heavy)
+from recurrentgemma_tpu import exit_codes
+
+PARENT_PID_ENV = "RECURRENTGEMMA_TPU_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PARENT_POLL_S = 1.0  # where prctl is missing (not Linux): how often the parent pid is checked
 
 
 class Preempted(BaseException):
   """SIGTERM arrived outside the training loop (nothing was saved), or the loop saved and stopped."""
+
+  exit_code = exit_codes.PREEMPTED
+  traceback = False
 
 
 class _State:
@@ -46,6 +60,31 @@ def install() -> None:
     return
   signal.signal(signal.SIGTERM, _on_sigterm)
   _State.installed = True
+  follow_parent()
+
+
+def set_parent_death_signal(sig: int) -> bool:
+  """Asks the kernel to send `sig` to this process when its parent dies; False where it cannot."""
+  try:
+    return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig)) == 0
+  except (OSError, AttributeError):
+    return False
+
+
+def follow_parent(env: Mapping[str, str] | None = None) -> None:
+  """SIGTERM to this process once the launcher named in PARENT_PID_ENV is gone (no-op without it)."""
+  env = os.environ if env is None else env
+  parent = int(env.get(PARENT_PID_ENV) or 0)
+  if not parent:
+    return
+  if not set_parent_death_signal(signal.SIGTERM):
+    def poll() -> None:
+      while os.getppid() == parent:
+        time.sleep(_PARENT_POLL_S)
+      os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=poll, name="follow-parent", daemon=True).start()
+  elif os.getppid() != parent:  # it died before the kernel was asked
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def catch() -> None:
@@ -63,7 +102,7 @@ def _on_sigterm(signum, frame) -> None:  # pylint: disable=unused-argument
     return
   if not _State.catching:
     print("SIGTERM received during start-up: exiting without saving.", file=sys.stderr, flush=True)
-    os._exit(EXIT_CODE)  # pylint: disable=protected-access
+    os._exit(exit_codes.PREEMPTED)  # pylint: disable=protected-access
   _State.raised = True
   raise Preempted("SIGTERM received outside the training loop; nothing was saved.")
 

@@ -7,14 +7,17 @@ absolute, and get atomic writes from the store itself (one object write replaces
 Orbax (checkpoints/) and `tf.summary` (tensorboard/) take gs:// paths on their own.
 
 Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps),
-config.json, metrics.jsonl, tensorboard/, heartbeat/process_<i>.json, logs/process_<i>.log.
+config.json, metrics.jsonl, tensorboard/, heartbeat/process_<i>.json, logs/process_<i>.log, and
+launch/ when a launcher runs the job. launch/ reads and writes workdirs only through this module
+(and heartbeat.py), so the two never disagree on a path or on what makes a run complete.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from typing import IO
+from typing import IO, Any
 
 from recurrentgemma_tpu import exit_codes
 
@@ -24,6 +27,31 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 HEARTBEAT_DIR = "heartbeat"
 LOGS_DIR = "logs"
+LAUNCH_DIR = "launch"  # the launcher's own records (launch/state.py): spec, state, STOP, exits
+
+
+def records(metrics_text: str | None) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl text, in file order (a torn last line, no newline, is dropped)."""
+  out = []
+  for line in (metrics_text or "").split("\n")[:-1]:
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass  # a line torn by a hard kill in the middle of the file
+  return out
+
+
+def is_complete(metrics_text: str | None, steps: int) -> bool:
+  """The one "run complete" rule, on the text of metrics.jsonl: the final evaluation at `steps`
+  (train.steps) is recorded. The trainer writes it only after the last step is checkpointed."""
+  return any(r.get("split") == "eval" and int(r.get("step", -1)) >= steps
+             for r in records(metrics_text))
+
+
+def run_complete(workdir: str, steps: int) -> bool:
+  """`is_complete` for a workdir (local or remote)."""
+  path = join(workdir, METRICS_FILE)
+  return exists(path) and is_complete(read_text(path), steps)
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:
@@ -84,11 +112,30 @@ def read_text(path: str) -> str:
     return f.read()
 
 
+def read_text_if_exists(path: str) -> str | None:
+  """The file's text, or None if it does not exist."""
+  try:
+    return read_text(path) if exists(path) else None
+  except FileNotFoundError:
+    return None  # removed between the two calls
+
+
+def remove(path: str) -> None:
+  """Deletes a file if it exists."""
+  if is_remote(path):
+    p = _epath(path)
+    if p.exists():
+      p.unlink()
+  elif os.path.exists(path):
+    os.remove(path)
+
+
 def write_text(path: str, text: str, *, tmp_suffix: str = ".tmp") -> None:
   """Replaces the file at `path` atomically: local tmp file + rename, or one object write."""
   if is_remote(path):
     _epath(path).write_text(text)
     return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + tmp_suffix
   with open(tmp, "w") as f:
     f.write(text)
@@ -102,6 +149,15 @@ def open_append(path: str) -> IO[str]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     return tf.io.gfile.GFile(path, "a")
   return open(path, "a", buffering=1)
+
+
+def copy(src: str, dst: str) -> None:
+  """Copies a file to `dst` (local or remote), creating `dst`'s directory."""
+  makedirs(parent(dst))
+  if not is_remote(src) and not is_remote(dst):
+    shutil.copyfile(src, dst)
+    return
+  _epath(src).copy(_epath(dst), overwrite=True)
 
 
 def move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

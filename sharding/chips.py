@@ -50,27 +50,128 @@ CHIPS: dict[str, Chip] = {
     "v6e": Chip("v6e", "TPU v6 lite", 32 * GiB, 1.64e12, 918e12, 9e10, 4, 6.25e9),
 }
 
-# Accepted spellings of the generation in a topology string, e.g. "v5litepod:16x16".
+# Accepted spellings of the generation, in topologies and in Cloud TPU accelerator types.
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6lite": "v6e", "v5": "v5p"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Slicing:
+  """How Cloud TPU names and hosts slices of one generation.
+
+  Attributes:
+    accelerator_prefix: the accelerator-type prefix ("v5p" in "v5p-256", "v5litepod" for v5e).
+    cores_per_chip: TensorCores per chip, the unit of the number in an accelerator type.
+    devices_per_chip: jax devices per chip in a topology compile (v4: one per TensorCore).
+    chips_per_host: chips per TPU VM host of a multi-host slice.
+    single_host_max: the largest slice (chips) that is one host.
+    default_topologies: chip count -> the topology Cloud TPU gives that accelerator type.
+  """
+
+  accelerator_prefix: str
+  cores_per_chip: int
+  devices_per_chip: int
+  chips_per_host: int
+  single_host_max: int
+  default_topologies: dict[int, str]
+
+
+_TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+             256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_TORUS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+             256: "16x16"}
+SLICING: dict[str, Slicing] = {
+    "v4": Slicing("v4", 2, 2, 4, 4, _TORUS_3D),
+    "v5e": Slicing("v5litepod", 1, 1, 4, 8, _TORUS_2D),
+    "v5p": Slicing("v5p", 2, 1, 4, 4, _TORUS_3D),
+    "v6e": Slicing("v6e", 1, 1, 4, 8, _TORUS_2D),
+}
+
+FORMS = "GEN:TOPOLOGY (v5p:4x4x8, v5e:16x16) or a Cloud TPU type GEN-N (v5p-256, v5litepod-16, v4-32)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One TPU slice, however it was written ("v5p-8" or "v5p:2x2x1").
+
+  Attributes:
+    chip: the chip table entry.
+    shape: the chip grid.
+    accelerator_type: the Cloud TPU name, e.g. "v5p-256".
+    hosts: TPU VM hosts of the slice.
+  """
+
+  chip: Chip
+  shape: tuple[int, ...]
+  accelerator_type: str
+  hosts: int
+
+  @property
+  def chips(self) -> int:
+    n = 1
+    for d in self.shape:
+      n *= d
+    return n
+
+  @property
+  def topology(self) -> str:
+    return "x".join(map(str, self.shape))
+
+  @property
+  def topology_name(self) -> str:
+    """The name libtpu's topology compile takes, e.g. "v5p:4x4x8"."""
+    return f"{self.chip.name}:{self.topology}"
+
+
+def _generation(spelled: str, text: str) -> str:
+  gen = _ALIASES.get(spelled, spelled)
+  if gen not in CHIPS:
+    raise ValueError(f"target={text!r}: chip generation {spelled!r} is not one of {sorted(CHIPS)} "
+                     f"(or {sorted(_ALIASES)}); use {FORMS}")
+  return gen
+
+
+def parse_target(text: str) -> Target:
+  """The one grammar of TPU slices, used by `compile --topology` and `launch.submit --target`.
+
+  Raises:
+    ValueError: naming the value and the accepted forms.
+  """
+  text = text.strip()
+  m = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
+  if m:
+    gen = _generation(m.group(1), text)
+    slicing = SLICING[gen]
+    number = int(m.group(2))
+    chips = number // slicing.cores_per_chip
+    if number % slicing.cores_per_chip or chips not in slicing.default_topologies:
+      raise ValueError(f"target={text!r}: {number} is not a {slicing.accelerator_prefix} slice size; "
+                       f"valid: {[c * slicing.cores_per_chip for c in sorted(slicing.default_topologies)]}")
+    shape = tuple(int(d) for d in slicing.default_topologies[chips].split("x"))
+  else:
+    m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+){1,2})", text)
+    if not m:
+      raise ValueError(f"target={text!r} is not {FORMS}")
+    gen = _generation(m.group(1), text)
+    slicing = SLICING[gen]
+    shape = tuple(int(d) for d in m.group(2).split("x"))
+    if any(d < 1 for d in shape):
+      raise ValueError(f"target={text!r} has a zero dimension")
+  chips = 1
+  for d in shape:
+    chips *= d
+  hosts = 1 if chips <= slicing.single_host_max else chips // slicing.chips_per_host
+  return Target(CHIPS[gen], shape, f"{slicing.accelerator_prefix}-{chips * slicing.cores_per_chip}",
+                hosts)
+
+
 def parse_topology(topology: str) -> tuple[Chip, tuple[int, ...]]:
-  """Splits "v5p:4x4x8" into the chip and the chip-grid shape.
+  """The chip and chip-grid shape of a slice, in any form `parse_target` accepts.
 
   Raises:
     ValueError: unknown generation or malformed shape, naming the valid forms.
   """
-  m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+){1,2})", topology.strip())
-  if not m:
-    raise ValueError(f"topology={topology!r} is not of the form GEN:AxB or GEN:AxBxC (e.g. v5p:4x4x8, "
-                     f"v5e:16x16); GEN is one of {sorted(CHIPS)}")
-  gen = _ALIASES.get(m.group(1), m.group(1))
-  if gen not in CHIPS:
-    raise ValueError(f"topology={topology!r}: chip generation {m.group(1)!r} is not one of {sorted(CHIPS)}")
-  shape = tuple(int(s) for s in m.group(2).split("x"))
-  if any(s < 1 for s in shape):
-    raise ValueError(f"topology={topology!r} has a zero dimension")
-  return CHIPS[gen], shape
+  target = parse_target(topology)
+  return target.chip, target.shape
 
 
 def chip_for_device_kind(device_kind: str) -> Chip:

@@ -42,7 +42,8 @@ def topology_devices(topology: str, num_slices: int = 1) -> tuple[chips_lib.Chip
     (chip, devices, devices_per_chip). v4 topologies expose one device per TensorCore (2 per chip);
     the others one per chip.
   """
-  chip, shape = chips_lib.parse_topology(topology)
+  target = chips_lib.parse_target(topology)
+  chip, shape, topology = target.chip, target.shape, target.topology_name
   if num_slices < 1:
     raise ValueError(f"num_slices={num_slices} must be >= 1")
   # Compiling for a topology never touches a TPU, so several planner processes (a search, a test run,

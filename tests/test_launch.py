@@ -4,7 +4,9 @@ exit 2 usage error)."""
 
 import concurrent.futures
 import os
+import re
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -13,34 +15,47 @@ from launch import commands
 from launch import jobs
 from launch import spec as spec_lib
 from launch import state as state_lib
+from launch import supervisor
+from sharding import chips as chips_lib
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import heartbeat
 
 GCLOUD = shutil.which("gcloud")
 
 
 @pytest.mark.parametrize("text, accel, topology, chips, hosts", [
-    ("v5p-256", "v5p-256", "4x4x8", 128, 32),
-    ("v5p-8", "v5p-8", "2x2x1", 4, 1),
-    ("v5p:4x4x8", "v5p-256", "4x4x8", 128, 32),
-    ("v5litepod-16", "v5litepod-16", "4x4", 16, 4),
-    ("v5litepod-8", "v5litepod-8", "2x4", 8, 1),
-    ("v6e-256", "v6e-256", "16x16", 256, 64),
-    ("v4-32", "v4-32", "2x2x4", 16, 4),
+    # v5p-N counts TensorCores (2 per chip); Cloud TPU's default topology for 128 chips is 4x4x8.
+    ("v5p-256", "v5p-256", "v5p:4x4x8", 128, 32),
+    ("v5p-8", "v5p-8", "v5p:2x2x1", 4, 1),
+    ("v5p:4x4x8", "v5p-256", "v5p:4x4x8", 128, 32),
+    ("v5p:2x2x1", "v5p-8", "v5p:2x2x1", 4, 1),
+    ("v5litepod-16", "v5litepod-16", "v5e:4x4", 16, 4),
+    ("v5litepod:4x4", "v5litepod-16", "v5e:4x4", 16, 4),
+    ("v5litepod-8", "v5litepod-8", "v5e:2x4", 8, 1),
+    ("v6e-256", "v6e-256", "v6e:16x16", 256, 64),
+    ("v4-32", "v4-32", "v4:2x2x4", 16, 4),
 ])
-def test_targets(text, accel, topology, chips, hosts):
+def test_one_target_grammar_for_launch_and_compile(text, accel, topology, chips, hosts):
+  # `launch.submit --target` and `compile --topology` parse the same strings the same way.
   t = spec_lib.parse_target(text)
-  assert (t.accelerator_type, t.topology, t.chips, t.hosts) == (accel, topology, chips, hosts)
+  assert (t.accelerator_type, t.topology_name, t.chips, t.hosts) == (accel, topology, chips, hosts)
+  chip, shape = chips_lib.parse_topology(text)
+  assert f"{chip.name}:{'x'.join(map(str, shape))}" == topology
 
 
-def test_v5p_256_is_128_chips_in_the_default_topology():
-  # v5p-N counts TensorCores (2 per chip); Cloud TPU's default topology for 128 chips is 4x4x8.
-  t = spec_lib.parse_target("v5p-256")
-  assert t.chips == 128 and t.topology_name == "v5p:4x4x8"
-
-
-@pytest.mark.parametrize("bad", ["v5p-100", "v7x-8", "tpu", "v5p:4x4x", "v5litepod-3"])
-def test_bad_targets_name_the_valid_forms(bad):
-  with pytest.raises(ValueError, match="target="):
-    spec_lib.parse_target(bad)
+@pytest.mark.parametrize("bad, message", [
+    ("v5p-100", "not a v5p slice size"),
+    ("v5litepod-3", "not a v5litepod slice size"),
+    ("v7x-8", "'v7x' is not one of"),
+    ("v7x:2x2", "'v7x' is not one of"),
+    ("tpu", "is not GEN:TOPOLOGY"),
+    ("v5p:4x4x", "is not GEN:TOPOLOGY"),
+    ("v5p:0x4x4", "zero dimension"),
+])
+def test_bad_targets_name_the_value_and_the_valid_forms(bad, message):
+  for parse in (spec_lib.parse_target, chips_lib.parse_topology):
+    with pytest.raises(ValueError, match=re.escape(f"target={bad!r}") + ".*" + message):
+      parse(bad)
 
 
 def _spec(**kw):
@@ -104,10 +119,33 @@ def test_distributed_reads_the_launcher_environment():
     distributed.initialize_kwargs(env={**env, "JAX_PROCESS_ID": "2"})
 
 
+def test_supervisor_classifies_every_kind_of_end_and_charges_two_budgets():
+  kind = lambda codes: (lambda o: o and (o.kind, o.code))(supervisor.classify(codes))
+  assert kind([None, None]) is None and kind([0, None]) is None  # nothing decided yet
+  assert kind([0, 0]) == ("done", exit_codes.OK)
+  assert kind([exit_codes.PREEMPTED, None]) == ("preempted", exit_codes.PREEMPTED)
+  # A real failure outweighs a preemption, and a fatal exit outweighs both (whatever the order).
+  assert kind([exit_codes.PREEMPTED, exit_codes.INTERNAL]) == ("failed", exit_codes.INTERNAL)
+  assert kind([-9, exit_codes.NON_FINITE]) == ("fatal", exit_codes.NON_FINITE)
+  for fatal in (exit_codes.USER_ERROR, exit_codes.NON_FINITE, exit_codes.NO_FIT):
+    assert kind([None, fatal]) == ("fatal", fatal)
+  assert "killed by signal 9" in supervisor.classify([-9]).detail
+  ledger = state_lib.RunState()
+  budgets = spec_lib.Budgets(max_preemptions=1, max_failures=0)
+  preempted, failed = supervisor.classify([exit_codes.PREEMPTED]), supervisor.classify([1])
+  assert supervisor.charge(ledger, preempted, budgets) is None  # within the preemption budget
+  assert "preempted 2 times" in supervisor.charge(ledger, preempted, budgets)
+  assert "failed 1 times" in supervisor.charge(ledger, failed, budgets)  # a separate budget
+  assert (ledger.preemptions, ledger.failures) == (2, 1)
+  fatal = supervisor.classify([exit_codes.USER_ERROR])
+  assert "retrying cannot help" in supervisor.charge(state_lib.RunState(), fatal,
+                                                     spec_lib.Budgets(max_failures=100))
+
+
 def test_hang_rule():
-  hb = lambda t, phase="training", step_time=1.0, pid=7: state_lib.Heartbeat(5, t, phase, step_time, pid)
-  kw = dict(started=100.0, startup_timeout_s=60, hang_factor=10, min_hang_s=30)
-  v = lambda h, now, **o: state_lib.hang_verdict(h, now=now, **{**kw, **o})
+  hb = lambda t, phase="training", step_time=1.0, pid=7: heartbeat.Record(5, t, phase, step_time, pid)
+  budgets = spec_lib.Budgets(startup_timeout_s=60, hang_factor=10, min_hang_s=30)
+  v = lambda h, now, **o: supervisor.hang_verdict(h, now=now, started=100.0, budgets=budgets, **o)
   assert v(None, 150) is None  # starting, within the start-up deadline
   assert "no heartbeat" in v(None, 161)
   assert v(hb(50), 150) is None  # an earlier attempt's heartbeat counts as none
@@ -155,7 +193,6 @@ def _all_gcloud_commands(tmp_path):
   cmds.append(commands.qr_list("us-east5-a", "p"))
   cmds.append(commands.qr_list("us-east5-a", "p", _spec().run_id))
   cmds.append(commands.gke_credentials(_spec(backend="gke", cluster="c", image="python:3.11")))
-  cmds.append(commands.storage_cp(str(script), "gs://b/runs/x/launch/code/w.whl"))
   return cmds
 
 
@@ -193,7 +230,8 @@ def test_fit_check_runs_the_compile_cli_once_per_fingerprint_target_and_slices(t
 
   def fake_run(argv, **kw):
     calls.append(argv)
-    return subprocess.CompletedProcess(argv, 1, "total 120.00 GiB per chip: does not fit", "")
+    return subprocess.CompletedProcess(argv, exit_codes.NO_FIT,
+                                       "total 120.00 GiB per chip: does not fit", "")
 
   monkeypatch.setattr(preflight.subprocess, "run", fake_run)
   quiet = lambda s: None
@@ -205,10 +243,11 @@ def test_fit_check_runs_the_compile_cli_once_per_fingerprint_target_and_slices(t
   preflight.fit_check(_spec(num_slices=2), "f" * 64, log=quiet)
   preflight.fit_check(_spec(), "e" * 64, log=quiet)
   assert len(calls) == 3
-  monkeypatch.setattr(preflight.subprocess, "run",
-                      lambda argv, **kw: subprocess.CompletedProcess(argv, 2, "", "bad topology"))
-  with pytest.raises(ValueError, match="could not run"):
-    preflight.fit_check(_spec(target=spec_lib.parse_target("v5p-32")), "f" * 64, log=quiet)
+  for code in (exit_codes.USER_ERROR, exit_codes.INTERNAL):  # a bad request, a crash: no verdict
+    monkeypatch.setattr(preflight.subprocess, "run",
+                        lambda argv, code=code, **kw: subprocess.CompletedProcess(argv, code, "", "x"))
+    with pytest.raises(ValueError, match="could not run"):
+      preflight.fit_check(_spec(target=spec_lib.parse_target("v5p-32")), "f" * 64, log=quiet)
 
 
 def test_a_plan_that_does_not_fit_stops_before_anything_is_created(tmp_path, monkeypatch):
@@ -252,18 +291,26 @@ def test_host_hygiene_kills_only_this_runs_stale_processes_and_removes_the_lockf
   lock.write_text("")
   monkeypatch.setattr(local, "LIBTPU_LOCKFILE", str(lock))
   stale = subprocess.Popen(["sleep", "60"], start_new_session=True)
+  # A leftover that does not end on SIGTERM (wedged): SIGKILLed once the grace period is over.
+  wedged = subprocess.Popen(["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                             "signal.SIG_IGN); print(flush=True); time.sleep(60)"],
+                            start_new_session=True, stdout=subprocess.PIPE)
+  wedged.stdout.readline()  # its handler is in place
   bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
   try:
-    st = state_lib.RunState(pids=[stale.pid, bystander.pid])
+    st = state_lib.RunState(pids=[stale.pid, wedged.pid, bystander.pid])
     # The bystander's recorded start time differs: a reused pid, not ours.
     st.event("started", starts={str(stale.pid): local._start_time(stale.pid),
+                                str(wedged.pid): local._start_time(wedged.pid),
                                 str(bystander.pid): "0"})
     st.event("failed", detail="launcher died")
-    assert local.live_pids(st) == [stale.pid]
-    local.host_hygiene(st, log=lambda s: None)
-    assert stale.wait(timeout=10) == -9
+    assert local.live_pids(st) == [stale.pid, wedged.pid]
+    local.host_hygiene(st, log=lambda s: None, grace_s=1.0)
+    # SIGTERM first (a leftover trainer saves on it), SIGKILL only after the grace period.
+    assert stale.wait(timeout=10) == -signal.SIGTERM
+    assert wedged.wait(timeout=10) == -signal.SIGKILL
     assert bystander.poll() is None and not lock.exists()
   finally:
-    for p in (stale, bystander):
+    for p in (stale, wedged, bystander):
       p.kill()
       p.wait()

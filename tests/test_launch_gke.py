@@ -18,6 +18,7 @@ import yaml
 from launch import commands
 from launch import spec as spec_lib
 from launch.backends import gke
+from recurrentgemma_tpu import exit_codes
 
 SCHEMA = os.path.join(os.path.dirname(__file__), "data", "jobset", "jobset_v1alpha2.schema.json")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -102,7 +103,7 @@ def test_restart_policy_by_exit_code():
   assert len(codes) <= 255 and len(set(codes)) == len(codes) and codes == sorted(codes)
   assert fail["onExitCodes"]["containerName"] == job["template"]["spec"]["containers"][0]["name"]
   # 42 (preempted, saved) and deaths by signal restart; 1, 2, 3 fail the JobSet at once.
-  assert commands.EXIT_PREEMPTED in codes and 137 in codes and 143 in codes
+  assert exit_codes.PREEMPTED in codes and 137 in codes and 143 in codes
   assert not {0, 1, 2, 3} & set(codes)
   assert ignore["action"] == "Ignore"  # node disruption (preemption) does not count as a failure
   fp = js["spec"]["failurePolicy"]

@@ -3,7 +3,6 @@ configs/tiny.py (shrunk) with two jax.distributed processes (gloo). One process 
 later the other is SIGSTOPped; the launcher restarts the job each time (the second time through its
 heartbeat watchdog) and the final parameters equal those of an uninterrupted run."""
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from launch import state as state_lib
+from recurrentgemma_tpu import heartbeat
 from test_train_common import REPO, SMALL, small_config, subprocess_env
 
 STEPS = 30
@@ -50,7 +50,7 @@ def _training_at(workdir, attempt, process, min_step):
   st = state_lib.load_state(str(workdir))
   if st.attempt != attempt or st.phase != "running" or len(st.pids) != 2:
     return None
-  hb = state_lib.read_heartbeat(str(workdir), process)
+  hb = heartbeat.read_record(str(workdir), process)
   if hb and hb.pid == st.pids[process] and hb.phase == "training" and hb.step >= min_step:
     return hb
   return None
@@ -108,3 +108,52 @@ def test_killed_and_hung_processes_restart_and_reproduce_the_uninterrupted_run(t
   proc = _submit(reference)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0 and "already complete" in out, out[-2000:]
+
+
+def _gone(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+  except OSError:
+    return True
+
+
+def _newest_checkpoint(workdir):
+  return max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+
+
+@pytest.mark.slow
+def test_a_sigkilled_local_launcher_leaves_a_saved_trainer_and_the_rerun_redoes_no_step(tmp_path):
+  # Long enough to be killed mid-training; only the SIGTERM path ever saves before the end.
+  steps, workdir = 1500, tmp_path / "run"
+  overrides = {**SMALL, "train.steps": steps, "checkpoint.save_every": 100000, "train.log_every": 50}
+  argv = ([sys.executable, "-m", "launch.submit", "--backend=local", "--num_processes=1",
+           "--config=configs/tiny.py", f"--workdir={workdir}", "--skip_fit_check"]
+          + [f"--config.{k}={v}" for k, v in overrides.items()])
+  launcher = subprocess.Popen(argv, cwd=REPO, env=subprocess_env(num_devices=1),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  hb = _wait(lambda: (lambda b: b if b and b.phase == "training" and b.step >= 5 else None)(
+      heartbeat.read_record(str(workdir), 0)), launcher, "training")
+  os.kill(launcher.pid, signal.SIGKILL)
+  launcher.wait()
+  deadline = time.time() + 300
+  while not _gone(hb.pid):  # the orphan got SIGTERM from the kernel and saves
+    assert time.time() < deadline, "the orphaned trainer did not stop"
+    time.sleep(0.2)
+  saved = _newest_checkpoint(workdir)
+  assert hb.step <= saved < steps
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert f"Stopped after saving step {saved}" in log, log[-3000:]
+
+  rerun = subprocess.run(argv, cwd=REPO, env=subprocess_env(num_devices=1), capture_output=True,
+                         text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert f"resuming from step {saved} " in log.split("===== rg-launch attempt")[-1], log[-3000:]
+  assert _newest_checkpoint(workdir) == steps
+  # Extending the finished run is the same job for the launcher, as it is for the trainer.
+  longer = [a.replace(f"train.steps={steps}", f"train.steps={steps + 10}") for a in argv]
+  rerun = subprocess.run(longer, cwd=REPO, env=subprocess_env(num_devices=1), capture_output=True,
+                         text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  assert _newest_checkpoint(workdir) == steps + 10

@@ -15,6 +15,8 @@ from launch import jobs
 from launch import spec as spec_lib
 from launch import state as state_lib
 from launch.backends import tpu_vm
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,7 +77,7 @@ def _run(spec):
   def sleep(s):
     now[0] += s
 
-  rc = tpu_vm.run(spec, gcloud.Runner(), "gs://b/wheel.whl", log=lines.append,
+  rc = tpu_vm.babysit(spec, gcloud.Runner(), "gs://b/wheel.whl", log=lines.append,
                   sleep=sleep, clock=lambda: now[0])
   return rc, state_lib.load_state(spec.workdir), now[0] - 1000.0
 
@@ -104,7 +106,7 @@ def test_queue_deadline_deletes_the_waiting_resource_and_fails(cloud):
   name = commands.resource_name(spec, 1)
   cloud.scenario(**{name: ["ACCEPTED", "WAITING_FOR_RESOURCES"]})
   rc, st, elapsed = _run(spec)
-  assert rc == commands.EXIT_INTERNAL and st.phase == "failed"
+  assert rc == exit_codes.INTERNAL and st.phase == "failed"
   assert "queueing deadline" in st.message
   assert 35 < elapsed <= 50  # noticed at the first poll after the deadline (polls every 10 s)
   assert cloud.verbs()[-1] == ("delete", name) and cloud.live() == []
@@ -116,7 +118,7 @@ def test_run_deadline_deletes_the_active_resource(cloud):
   name = commands.resource_name(spec, 1)
   cloud.scenario(**{name: ["ACCEPTED", "ACTIVE"]})
   rc, st, _ = _run(spec)
-  assert rc == commands.EXIT_INTERNAL and "running longer than the deadline" in st.message
+  assert rc == exit_codes.INTERNAL and "running longer than the deadline" in st.message
   assert cloud.live() == []
 
 
@@ -138,7 +140,7 @@ def test_preemption_budget_is_separate_and_bounded(cloud):
   spec = _spec(cloud, max_preemptions=2, max_failures=0)
   cloud.scenario(**{commands.resource_name(spec, a): ["SUSPENDED"] for a in (1, 2, 3)})
   rc, st, _ = _run(spec)
-  assert rc == commands.EXIT_PREEMPTED and st.phase == "failed"
+  assert rc == exit_codes.PREEMPTED and st.phase == "failed"
   assert st.preemptions == 3 and st.failures == 0  # max_failures=0 did not stop preemption retries
   assert [v for v, _ in cloud.verbs()].count("create") == 3
   assert cloud.live() == []
@@ -150,7 +152,7 @@ def test_host_failure_restarts_in_place_then_the_failure_budget_ends_the_run(clo
   crash = {"state": "ACTIVE", "exit": {"3": 1}}
   cloud.scenario(**{name: ["ACTIVE", crash, "ACTIVE", crash]})
   rc, st, _ = _run(spec)
-  assert rc == commands.EXIT_INTERNAL and st.failures == 2 and st.preemptions == 0
+  assert rc == exit_codes.INTERNAL and st.failures == 2 and st.preemptions == 0
   ssh = [c for c in cloud.calls() if c[3] == "tpu-vm"]
   # One restart (budget 1), on every worker of both slices.
   assert [c[5] for c in ssh] == [f"{name}-0", f"{name}-1"]
@@ -183,7 +185,7 @@ def test_stop_file_deletes_and_returns_42(cloud):
   cloud.scenario(**{commands.resource_name(spec, 1): ["WAITING_FOR_RESOURCES"]})
   state_lib.request_stop(spec.workdir)
   rc, st, _ = _run(spec)
-  assert rc == commands.EXIT_PREEMPTED and st.phase == "stopped" and cloud.live() == []
+  assert rc == exit_codes.PREEMPTED and st.phase == "stopped" and cloud.live() == []
 
 
 def test_gc_deletes_leaked_resources_of_the_run_but_not_the_live_one(cloud):
@@ -205,9 +207,15 @@ def test_gc_deletes_leaked_resources_of_the_run_but_not_the_live_one(cloud):
 
 def test_resubmitting_a_different_job_into_the_workdir_is_refused(cloud):
   spec = _spec(cloud)
-  changed = spec_lib.JobSpec(**{**spec.__dict__, "overrides": ("train.steps=6",)})
-  assert jobs.submit(changed, skip_fit_check=True, log=lambda s: None) == commands.EXIT_USAGE
+  changed = spec_lib.JobSpec(**{**spec.__dict__, "overrides": ("model.width=128",)})
+  assert jobs.submit(changed, skip_fit_check=True, log=lambda s: None) == exit_codes.USER_ERROR
   assert cloud.calls() == []
+  # The launcher and the trainer agree on what changes a job: the trainer resumes a run whose
+  # train.steps grew (its COMPATIBLE fields), so the launcher takes it as the same job.
+  extended = spec_lib.JobSpec(**{**spec.__dict__, "overrides": ("train.steps=80",)})
+  assert spec.same_job(extended) and not spec.same_job(changed)
+  added = spec_lib.JobSpec(**{**spec.__dict__, "overrides": spec.overrides + ("data.seed=3",)})
+  assert not spec.same_job(added)
 
 
 def test_startup_deadline_counts_from_active_not_from_queueing(cloud):
@@ -223,10 +231,10 @@ def test_a_host_without_heartbeat_past_the_startup_deadline_is_hung(cloud):
   spec = _spec(cloud, startup_timeout_s=30, max_failures=0)
   cloud.scenario(**{commands.resource_name(spec, 1): ["ACTIVE"]})
   # Process 0 beats (far in the future: always fresh); process 1 never does.
-  state_lib.write_text(os.path.join(spec.workdir, "heartbeat", "process_0.json"), json.dumps(
+  workdir_lib.write_text(os.path.join(spec.workdir, "heartbeat", "process_0.json"), json.dumps(
       {"step": 3, "time": 4102444800, "phase": "training", "step_time": 1.0, "pid": 1}))
   rc, st, elapsed = _run(spec)
-  assert rc == commands.EXIT_INTERNAL and "process 1 hung: no heartbeat" in st.message
+  assert rc == exit_codes.INTERNAL and "process 1 hung: no heartbeat" in st.message
   assert 30 < elapsed <= 40
   assert cloud.live() == []
 
@@ -248,7 +256,7 @@ def test_resumed_babysitting_sees_exits_written_while_it_was_away(cloud):
   state_lib.save_state(spec.workdir, state_lib.RunState(phase="running", attempt=1, resource=name,
                                                        attempt_started=10.0))
   for i in range(spec.num_hosts):
-    state_lib.write_text(os.path.join(spec.workdir, "launch", "exit", f"process_{i}.json"),
+    workdir_lib.write_text(os.path.join(spec.workdir, "launch", "exit", f"process_{i}.json"),
                          json.dumps({"rc": 0, "time": 20.0}))
   rc, st, _ = _run(spec)
   assert rc == 0 and st.phase == "done" and st.attempt == 1

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,9 +14,11 @@ import time
 import numpy as np
 import pytest
 
+from launch import spec as spec_lib
 from launch.sweep import axes
 from launch.sweep import definition
 from launch.sweep import fit
+from launch.sweep import report
 from launch.sweep import runner
 from launch.sweep import state as state_lib
 from launch.sweep import store
@@ -86,7 +89,7 @@ def _repo_cwd(monkeypatch):
   monkeypatch.chdir(REPO)  # sweep bases are repo-relative config paths
 
 
-def test_trial_ids_are_content_hashes_of_the_resolved_config(tmp_path):
+def test_trial_ids_are_experiment_fingerprints_built_once_at_expansion(tmp_path):
   trials = definition.expand(definition.load_sweep(_write_sweep(tmp_path)))
   assert [t.label for t in trials] == ["griffin/s", "griffin/m", "hawk/s", "hawk/m"]
   assert len({t.id for t in trials}) == 4
@@ -101,13 +104,40 @@ def test_trial_ids_are_content_hashes_of_the_resolved_config(tmp_path):
   # ... and any changed value is a different trial.
   other = definition.resolve(s, {"family": "griffin", "size": "m", "optimizer.b2": 0.99})
   assert other.id != trials[1].id
-  # The spec and overrides rebuild exactly the hashed config.
+  # The id is the fingerprint of the Experiment the trainer will build from the same config.
   from recurrentgemma_tpu import experiment  # pylint: disable=g-import-not-at-top
+  built = experiment.build(experiment.load_config(other.spec, other.overrides), num_devices=1)
+  assert other.config_hash == built.fingerprint() and other.id == built.fingerprint()[:12]
+  # experiment.build runs at expansion: a trial the trainer would refuse stops the sweep here,
+  # before anything is launched (the model group alone is valid; the train group is not).
+  with pytest.raises(ValueError, match=r"trial .*train.log_every=0 must be > 0"):
+    definition.resolve(s, {"family": "griffin", "size": "s", "train.log_every": 0})
+  # The spec and overrides rebuild exactly the hashed config.
   t = trials[2]
   config = experiment.load_config(t.spec, t.overrides)
   assert config.model.block_pattern == "hawk" and config.model.width == 64
   assert config.model.num_layers == 3
   assert t.config_hash.startswith(t.id)
+
+
+def test_the_definition_is_a_typed_record_that_refuses_unknown_and_bad_fields(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  good = definition.load_sweep(_write_sweep(tmp_path))
+  assert isinstance(good, definition.Sweep) and good.retries == 1 and good.tokens.rule == "config"
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    good.retries = 5  # pylint: disable=attribute-defined-outside-init
+  base = dict(name="x", base="configs/tiny.py", axes=[{"a": 1}], tokens={"rule": "config"},
+              metric="eval/loss")
+  for change, message in [({"retires": 3}, r"unknown field\(s\) \['retires'\]"),
+                          ({"tokens": {"rule": "params", "per_parm": 2}}, "tokens: unknown.*per_parm"),
+                          ({"tokens": {"rule": "chinchilla"}}, "tokens.rule='chinchilla' must be"),
+                          ({"retries": -1}, "retries=-1 must be"),
+                          ({"targets": ("v5p-7",)}, "targets: target='v5p-7'"),
+                          ({"axes": []}, "axes is empty")]:
+    with pytest.raises(ValueError, match=message):
+      definition.to_sweep(ml_collections.ConfigDict({**base, **change}))
+  with pytest.raises(ValueError, match="returned None"):
+    definition.to_sweep(None)
 
 
 def test_token_rules_lr_rule_and_isoflop_budgets_set_steps(tmp_path):
@@ -279,7 +309,7 @@ def test_stale_leases_expire(tmp_path):
   assert state_lib.claim(root, "t", ttl_s=300) == 3
 
 
-def test_runner_retries_failures_and_relaunches_after_exit_42(tmp_path):
+def test_runner_retries_failures_relaunches_after_exit_42_and_never_reruns_a_fatal_exit(tmp_path):
   root = str(tmp_path / "root")
   script = tmp_path / "flaky.py"
   # Attempt k of a trial exits with codes[k]; the last code 0 writes the final eval record.
@@ -296,7 +326,8 @@ def test_runner_retries_failures_and_relaunches_after_exit_42(tmp_path):
         f.write(json.dumps({"step": 5, "split": "eval", "loss": 1.0}) + "\\n")
     sys.exit(code)
   """))
-  cases = {"trial0000001": "42,0", "trial0000002": "1,0", "trial0000003": "1,1,1"}
+  cases = {"trial0000001": "42,0", "trial0000002": "1,0", "trial0000003": "1,1,1",
+           "trial0000004": "2,0", "trial0000005": "3,0"}
   trials = [definition.Trial(**{**vars(_trial(i)), "id": tid}) for i, tid in enumerate(cases, 1)]
   command = f"{sys.executable} {script} {{workdir}} CODES"
   states = {}
@@ -309,6 +340,14 @@ def test_runner_retries_failures_and_relaunches_after_exit_42(tmp_path):
   # retries=1: two failed attempts, then it is left failed and not run again.
   assert states["trial0000003"].state == "failed" and states["trial0000003"].failures == 2
   assert open(os.path.join(root, "trials", "trial0000003", "n")).read() == "2"
+  # A user error (2) and a NaN stop (3) reproduce bit for bit: run exactly once, reported as such.
+  for tid, why in (("trial0000004", "user error"), ("trial0000005", "non-finite")):
+    assert states[tid].state == "failed" and why in states[tid].reason, states[tid]
+    assert open(os.path.join(root, "trials", tid, "n")).read() == "1"
+  table = report.status_table(root, trials, retries=1)
+  assert "stopped on a non-finite loss" in table.splitlines()[5]
+  row = report.row(root, trials[4], retries=1, version="x")
+  assert row["status"] == "failed" and "exit 3 (stopped on a non-finite loss)" in row["error"]
 
 
 @pytest.mark.slow
@@ -346,15 +385,161 @@ def test_two_concurrent_drivers_never_run_a_trial_twice(tmp_path):
   assert len(ledger.read_text().split()) == 24
 
 
+def test_commands_on_a_fresh_root_and_without_the_sweep_extra_end_in_one_error_line(tmp_path):
+  sweep_file = _write_sweep(tmp_path)
+  root = tmp_path / "fresh"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+  def sweep_cmd(command, extra_env=None):
+    return subprocess.run([sys.executable, "-m", "launch.sweep", command, f"--sweep={sweep_file}",
+                           f"--root={root}"], cwd=REPO, env={**env, **(extra_env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+  # collect on a root no driver has touched: the tables, every trial pending.
+  out = sweep_cmd("collect")
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [json.loads(l) for l in (root / "results.jsonl").read_text().splitlines()]
+  assert [r["status"] for r in rows] == ["pending"] * 4
+  # fit before there is anything to fit; plot without matplotlib (blocked here): one line, exit 2.
+  (root / "results.jsonl").unlink()
+  out = sweep_cmd("fit")
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+      f"error: {root}/results.jsonl does not exist; run `python -m launch.sweep collect` first"]
+  blocked = tmp_path / "no_extra" / "matplotlib"
+  blocked.mkdir(parents=True)
+  (blocked / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
+  out = sweep_cmd("plot", {"PYTHONPATH": f"{blocked.parent}{os.pathsep}{REPO}"})
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines() == [
+      "error: plot needs matplotlib, from the sweep extra: pip install -e '.[sweep]'"]
+
+
+def test_a_bad_preset_argument_is_one_error_line_naming_it(tmp_path):
+  argv = [sys.executable, "-m", "launch.submit", "--backend=local", "--dry_run",
+          "--config=configs/ladder.py:griffin,5b", f"--workdir={tmp_path}"]
+  out = subprocess.run(argv, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "error: invalid job: ValueError: size='5b' must be one of ('100m', '200m', '400m', '1b', "
+      "'3b', '7b', '14b')"]
+  sweep_file = tmp_path / "bad.py"
+  sweep_file.write_text(_write_sweep(tmp_path) and open(_write_sweep(tmp_path)).read().replace(
+      's.base = "configs/tiny.py"', 's.base = "configs/ladder.py:griffin,5b"'))
+  out = subprocess.run([sys.executable, "-m", "launch.sweep", "status", f"--sweep={sweep_file}",
+                        f"--root={tmp_path / 'root'}"], cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
+  assert "size='5b' must be one of" in out.stderr and "Traceback" not in out.stderr
+
+
+_KILL_SWEEP = """
+import ml_collections
+from launch.sweep.axes import product, sweep
+
+def get_sweep(arg=""):
+  s = ml_collections.ConfigDict()
+  s.name = "kill"
+  s.base = "configs/tiny.py"
+  s.overrides = {overrides!r}
+  s.choices = {{"family": {{"hawk": {{"model": {{"block_pattern": "hawk"}}}}}}}}
+  s.axes = product(sweep("family", ["hawk"]))
+  s.tokens = {{"rule": "config"}}
+  s.lr = {{"rule": "config"}}
+  s.metric = "eval/loss"
+  s.retries = 1
+  return s
+"""
+
+
+def _one_trial_sweep(tmp_path, **overrides):
+  """A one-trial sweep of configs/tiny.py shrunk (SMALL) with `overrides`; its `run` argv and env."""
+  from test_train_common import SMALL, subprocess_env  # pylint: disable=g-import-not-at-top
+  nested = {}
+  for key, value in {**SMALL, **overrides}.items():
+    *groups, leaf = key.split(".")
+    d = nested
+    for g in groups:
+      d = d.setdefault(g, {})
+    d[leaf] = value
+  definition_file = tmp_path / "one.py"
+  definition_file.write_text(_KILL_SWEEP.format(overrides=nested))
+  cmd = [sys.executable, "-m", "launch.sweep", "run", f"--sweep={definition_file}",
+         f"--root={tmp_path / 'root'}"]
+  return cmd, subprocess_env(num_devices=1)
+
+
+@pytest.mark.slow
+def test_a_nan_trial_runs_exactly_once_and_status_and_collect_say_so(tmp_path):
+  # A learning rate that makes the loss non-finite: the trainer exits 3, which reproduces bit for
+  # bit, so neither the launcher nor the sweep runs it again.
+  cmd, env = _one_trial_sweep(tmp_path, **{"train.steps": 20, "optimizer.learning_rate": 1e30})
+  root = tmp_path / "root"
+  for _ in range(2):  # a second driver finds the trial failed and runs nothing
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # exit_codes.INTERNAL
+  (workdir,) = (root / "trials").glob("*")
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert log.count("===== rg-launch attempt") == 1 and "stopped (non-finite)" in log, log[-3000:]
+  assert sorted(os.listdir(root / "state" / workdir.name)) == [
+      "attempt.1.json", "claim.1.json", "heartbeat.1.json", "trial.json"]
+  status = subprocess.run([*cmd[:3], "status", *cmd[4:]], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert "failed" in status.stdout and "exit 3 (stopped on a non-finite loss)" in status.stdout
+  subprocess.run([*cmd[:3], "collect", *cmd[4:]], cwd=REPO, env=env, check=True, timeout=300,
+                 capture_output=True)
+  (row,) = [json.loads(l) for l in (root / "results.jsonl").read_text().splitlines()]
+  assert row["status"] == "failed" and "exit 3 (stopped on a non-finite loss)" in row["error"]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_s_trial_saves_exits_42_and_the_rerun_redoes_no_step(tmp_path):
+  from recurrentgemma_tpu import heartbeat  # pylint: disable=g-import-not-at-top
+  steps, root = 1500, tmp_path / "root"
+  cmd, env = _one_trial_sweep(tmp_path, **{"train.steps": steps, "checkpoint.save_every": 100000,
+                                           "train.log_every": 50})
+  driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+  def training():
+    trials = list((root / "trials").glob("*")) if (root / "trials").exists() else []
+    beat = heartbeat.read_record(str(trials[0]), 0) if trials else None
+    return (trials[0], beat) if beat and beat.phase == "training" and beat.step >= 5 else None
+
+  deadline = time.time() + 600
+  while not (found := training()):
+    assert driver.poll() is None and time.time() < deadline, "the trial never trained"
+    time.sleep(0.1)
+  workdir, beat = found
+  os.kill(driver.pid, signal.SIGKILL)
+  driver.wait()
+  deadline = time.time() + 300
+  while os.path.exists(f"/proc/{beat.pid}") and time.time() < deadline:
+    time.sleep(0.2)  # the launcher got SIGTERM from the kernel, passed it on; the trainer saves
+  saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert beat.step <= saved < steps
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert f"Stopped after saving step {saved}" in log, log[-3000:]
+  launcher_log = "".join(p.read_text() for p in (root / "logs").glob("*.log"))
+  assert "job stopped: exit codes [42]" in launcher_log, launcher_log[-3000:]
+
+  rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert f"resuming from step {saved} " in log.split("===== rg-launch attempt")[-1], log[-3000:]
+  assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == steps
+
+
 # ------------------------------------------------------------------------------------ targets
 
 
 def test_candidate_targets_go_by_generation_then_ascending_chips():
   names = ["v5p-16", "v5e-4", "v5p-8", "v5e:4x4", "v5p:2x2x1"]
-  assert [t.accelerator_type for t in targets.candidates(names)] == [
+  assert [t.accelerator_type for t in spec_lib.parse_targets(names)] == [
       "v5p-8", "v5p-16", "v5litepod-4", "v5litepod-16"]
   with pytest.raises(ValueError, match="not a v5p slice size"):
-    targets.candidates(["v5p-6"])
+    spec_lib.parse_targets(["v5p-6"])
 
 
 # A 2.7B-parameter, one-block Hawk (262k vocabulary): over the HBM of 4 v5e chips, well inside 4

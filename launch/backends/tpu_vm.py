@@ -1,4 +1,4 @@
-"""The TPU VM backend: queued resources (one slice: --node-id; several: --node-count/--node-prefix)
+"""The TPU VM backend (run, stop, gc, describe, like every backend): queued resources (one slice: --node-id; several: --node-count/--node-prefix)
 whose startup script runs the job, and a babysitter that follows them from this machine.
 
 The job runs without the babysitter: the startup script installs the wheel and runs the trainer on
@@ -17,10 +17,15 @@ import tempfile
 import time
 from typing import Callable
 
+from launch import bundle
 from launch import commands
 from launch import gcloud
 from launch import spec as spec_lib
 from launch import state as state_lib
+from launch import supervisor
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import heartbeat
+from recurrentgemma_tpu import workdir as workdir_lib
 
 WAITING = ("ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "CREATING")
 ACTIVE = "ACTIVE"
@@ -72,9 +77,52 @@ def _host_exits(spec: spec_lib.JobSpec, since: float) -> dict[int, int]:
   return out
 
 
-def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
-        log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.time) -> int:
+def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, *, log: Callable[[str], None] = print) -> int:
+  """Ships the code, then creates and babysits the job's queued resource until the run ends."""
+  return babysit(spec, runner, bundle.ship(runner, spec.workdir), log=log)
+
+
+def describe(spec: spec_lib.JobSpec, runner: gcloud.Runner, log: Callable[[str], None]) -> None:
+  """Prints (through a dry-run runner) every command and the startup script `run` would use."""
+  wheel = bundle.ship(runner, spec.workdir)
+  runner.run(commands.qr_create(spec, 1, "startup.sh"))
+  name = commands.resource_name(spec, 1)
+  log(f"# then, every {spec.budgets.poll_s:.0f}s until the run ends:")
+  runner.run(commands.qr_describe(spec, name))
+  log("# at the end, on a queueing/running timeout, or after a preemption (then recreated as -2, ...):")
+  runner.run(commands.qr_delete(spec, name))
+  log("# on a host failure or hang, restart in place:")
+  for node in commands.node_names(spec, 1):
+    runner.run(commands.tpu_ssh(spec, node, commands.restart_in_place_command(spec.run_id)))
+  log("# startup.sh")
+  log(commands.startup_script(spec, wheel))
+
+
+def stop(spec: spec_lib.JobSpec, st: state_lib.RunState, runner: gcloud.Runner,
+         log: Callable[[str], None]) -> None:
+  """Deletes the run's queued resource (the trainer gets SIGTERM as the VMs shut down)."""
+  if st.resource:
+    log(f"deleting queued resource {st.resource}")
+    delete(runner, spec, st.resource)
+
+
+def gc(spec: spec_lib.JobSpec, st: state_lib.RunState, runner: gcloud.Runner,
+       lister: gcloud.Runner, log: Callable[[str], None]) -> list[str]:  # pylint: disable=unused-argument
+  """Deletes the run's queued resources (by label) other than the live attempt's; their names."""
+  keep = st.resource if st.phase not in state_lib.FINAL_PHASES else ""
+  res = lister.run(commands.qr_list(spec.zone, spec.project, spec.run_id))
+  deleted = []
+  for qr in json.loads(res.stdout or "[]"):
+    name = qr.get("name", "").rsplit("/", 1)[-1]
+    if name and name != keep:
+      delete(runner, spec, name)
+      deleted.append(name)
+  return deleted
+
+
+def babysit(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
+            log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
+            clock: Callable[[], float] = time.time) -> int:
   """Creates and babysits the job's queued resource until the run ends; returns the exit code."""
   wd, b = spec.workdir, spec.budgets
   st = state_lib.load_state(wd)
@@ -107,72 +155,54 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
     log(f"attempt {st.attempt}: queued resource {name} ({spec.num_slices} x "
         f"{spec.target.accelerator_type}, {spec.capacity})")
 
-  def count(kind: str, why: str) -> int | None:
-    """Counts a preemption or failure; returns an exit code when over budget."""
-    if kind == "preempted":
-      st.preemptions += 1
-      if st.preemptions > b.max_preemptions:
-        return finish("failed", f"{why}; preempted {st.preemptions} times, budget "
-                      f"{b.max_preemptions}", commands.EXIT_PREEMPTED)
-    else:
-      st.failures += 1
-      if st.failures > b.max_failures:
-        return finish("failed", f"{why}; failed {st.failures} times, budget {b.max_failures}",
-                      commands.EXIT_INTERNAL)
-    st.event(kind, detail=why)
-    log(f"{kind}: {why} (preemptions {st.preemptions}/{b.max_preemptions}, failures "
-        f"{st.failures}/{b.max_failures})")
+  def charge(outcome: supervisor.Outcome) -> int | None:
+    """Charges a preemption or failure; the exit code when the job gives up."""
+    give_up = supervisor.charge(st, outcome, b)
+    if give_up:
+      return finish("failed", give_up, outcome.code)
+    st.event(outcome.kind, detail=outcome.detail)
+    log(f"{outcome.kind}: {outcome.detail} (preemptions {st.preemptions}/{b.max_preemptions}, "
+        f"failures {st.failures}/{b.max_failures})")
     return None
 
   if not name:
     new_attempt()
   while True:
     if state_lib.stop_requested(wd):
-      return finish("stopped", "stop requested", commands.EXIT_PREEMPTED)
+      return finish("stopped", "stop requested", exit_codes.PREEMPTED)
     state = qr_state(runner, spec, name)
     now = clock()
     if state in WAITING:
       if b.queue_timeout_s and now - queued_since > b.queue_timeout_s:
         return finish("failed", f"{name} still {state} after the queueing deadline "
-                      f"({b.queue_timeout_s:.0f}s)", commands.EXIT_INTERNAL)
+                      f"({b.queue_timeout_s:.0f}s)", exit_codes.INTERNAL)
     elif state == ACTIVE:
       if st.phase != "running":
         st.phase, running_since, alive_since = "running", now, now
         st.event("active", resource=name)
         state_lib.save_state(wd, st)
-        log(f"{name} is ACTIVE; the hosts run the job (logs: {state_lib.join(wd, 'logs')})")
+        log(f"{name} is ACTIVE; the hosts run the job (logs: {workdir_lib.join(wd, workdir_lib.LOGS_DIR)})")
       exits = _host_exits(spec, attempt_since)
-      if len(exits) == spec.num_hosts and all(rc == 0 for rc in exits.values()):
-        return finish("done", "every host exited 0", commands.EXIT_DONE)
-      fatal = [(i, rc) for i, rc in exits.items() if rc in commands.FATAL_EXITS]
-      if fatal:
-        i, rc = fatal[0]
-        return finish("failed", f"process {i} exited {rc}", rc)
-      bad = [(i, rc) for i, rc in exits.items() if rc != 0]
-      why = None
-      if bad:
-        i, rc = bad[0]
-        kind = "preempted" if rc == commands.EXIT_PREEMPTED else "failed"
-        why = f"process {i} exited {rc}"
-      elif b.run_timeout_s and now - running_since > b.run_timeout_s:
+      outcome = supervisor.classify([exits.get(i) for i in range(spec.num_hosts)])
+      if outcome is not None and outcome.kind in (supervisor.DONE, supervisor.FATAL):
+        return finish("done" if outcome.kind == supervisor.DONE else "failed", outcome.detail,
+                      outcome.code)
+      if outcome is None and b.run_timeout_s and now - running_since > b.run_timeout_s:
         return finish("failed", f"running longer than the deadline ({b.run_timeout_s:.0f}s)",
-                      commands.EXIT_INTERNAL)
-      else:
-        beats = [state_lib.read_heartbeat(wd, i) for i in range(spec.num_hosts)]
+                      exit_codes.INTERNAL)
+      if outcome is None:
+        beats = [heartbeat.read_record(wd, i) for i in range(spec.num_hosts)]
         if not any(beats):
           # No host has written any heartbeat: a trainer that cannot write them to this workdir
           # would otherwise be restarted forever. Hang detection starts with the first heartbeat.
           beats = []
         for i, beat in enumerate(beats):
-          verdict = state_lib.hang_verdict(
-              beat, now=now, started=alive_since,
-              startup_timeout_s=b.startup_timeout_s, hang_factor=b.hang_factor,
-              min_hang_s=b.min_hang_s)
+          verdict = supervisor.hang_verdict(beat, now=now, started=alive_since, budgets=b)
           if verdict:
-            kind, why = "failed", f"process {i} hung: {verdict}"
+            outcome = supervisor.failed(f"process {i} hung: {verdict}")
             break
-      if why:
-        rc = count(kind, why)
+      if outcome is not None:
+        rc = charge(outcome)
         if rc is not None:
           return rc
         # Restart in place: every worker re-runs the startup script (kills the old trainer first).
@@ -184,7 +214,7 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
         state_lib.save_state(wd, st)
         st.phase = "running"
     elif state in LOST or state == GONE:
-      rc = count("preempted", f"{name} is {state}")
+      rc = charge(supervisor.preempted(f"{name} is {state}"))
       if rc is not None:
         return rc
       if state != GONE:
@@ -198,18 +228,3 @@ def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
       log(f"{name}: unexpected state {state}; waiting")
     sleep(b.poll_s)
 
-
-def stop(spec: spec_lib.JobSpec, runner: gcloud.Runner, log: Callable[[str], None] = print) -> None:
-  """Deletes the run's queued resource (the trainer gets SIGTERM as the VMs shut down)."""
-  st = state_lib.load_state(spec.workdir)
-  if st.resource:
-    log(f"deleting queued resource {st.resource}")
-    delete(runner, spec, st.resource)
-
-
-def garbage(runner: gcloud.Runner, zone: str, project: str) -> list[dict]:
-  """This project's queued resources (label rg-launch) with their state."""
-  res = runner.run(commands.qr_list(zone, project))
-  if runner.dry_run:
-    return []
-  return json.loads(res.stdout or "[]")

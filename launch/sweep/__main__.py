@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 
 from absl import app
 from absl import flags
+
+from recurrentgemma_tpu import exit_codes
 
 COMMANDS = ("run", "status", "collect", "fit", "plot")
 
@@ -68,13 +69,17 @@ def main(argv: list[str]) -> int:
   try:
     sweep = definition.load_sweep(_SWEEP.value)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise exit_codes.UserError(str(e)) from e
   if command == "plot":
+    try:
+      import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise exit_codes.UserError("plot needs matplotlib, from the sweep extra: "
+                                 "pip install -e '.[sweep]'") from e
     from launch.sweep import plot  # pylint: disable=g-import-not-at-top
     for path in plot.plot_all(root, sweep):
       print(path)
-    return 0
+    return exit_codes.OK
   if command == "fit":
     from launch.sweep import fit  # pylint: disable=g-import-not-at-top
     return fit.main(root, sweep, predict=_PREDICT.value, n_bootstrap=_BOOTSTRAP.value,
@@ -82,23 +87,21 @@ def main(argv: list[str]) -> int:
   try:
     trials = definition.select(definition.expand(sweep), _ONLY.value)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raise exit_codes.UserError(str(e)) from e
   if command == "run":
     from launch.sweep import runner  # pylint: disable=g-import-not-at-top
+    from launch import spec as spec_lib  # pylint: disable=g-import-not-at-top
     from launch.sweep import targets  # pylint: disable=g-import-not-at-top
     candidates = targets.default_names(sweep, _TARGETS.value) if _BACKEND.value != "local" else []
     if candidates and _TARGET.value:
-      print("error: give --target (one target for every trial) or candidate targets "
-            "(--targets / the definition's `targets`), not both", file=sys.stderr)
-      return 2
+      raise exit_codes.UserError("give --target (one target for every trial) or candidate targets "
+                                 "(--targets / the definition's `targets`), not both")
     try:
-      targets.candidates(candidates)
+      spec_lib.parse_targets(candidates)
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+      raise exit_codes.UserError(str(e)) from e
     opts = runner.Options(backend=_BACKEND.value, parallel=_PARALLEL.value,
-                          retries=int(sweep.get("retries", 2)), max_restarts=_MAX_RESTARTS.value,
+                          retries=sweep.retries, max_restarts=_MAX_RESTARTS.value,
                           ttl_s=_TTL.value, trial_command=_TRIAL_COMMAND.value,
                           target=_TARGET.value, targets=tuple(candidates),
                           launch_flags=tuple(shlex.split(_LAUNCH_FLAGS.value)))
@@ -114,13 +117,13 @@ def main(argv: list[str]) -> int:
     return runner.run_sweep(root, trials, opts)
   if command == "status":
     from launch.sweep import report  # pylint: disable=g-import-not-at-top
-    print(report.status_table(root, trials, int(sweep.get("retries", 2)), _TTL.value))
-    return 0
+    print(report.status_table(root, trials, sweep.retries, _TTL.value))
+    return exit_codes.OK
   from launch.sweep import report  # pylint: disable=g-import-not-at-top
   for path in report.collect(root, sweep, trials, downstream_tasks=_DOWNSTREAM.value,
                              downstream_limit=_DOWNSTREAM_LIMIT.value):
     print(path)
-  return 0
+  return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -20,22 +20,26 @@ A definition is a ConfigDict:
     metric     the eval metric the fits use ("eval/loss")
     retries    failed attempts re-run before a trial is left "failed"
 
-A trial is one resolved config: its id is a content hash of that config's JSON, so the same
-definition gives the same ids and a rerun finds its finished trials.
+`load_sweep` turns the ConfigDict into a `Sweep`, a typed, frozen, validated record (unknown
+fields and bad values are refused there, naming the field), and nothing else reads the ConfigDict.
+A trial is one resolved config, built once into the trainer's `Experiment` at expansion (a trial
+the trainer would refuse fails before anything is launched); its id is that Experiment's
+fingerprint, so the same definition gives the same ids and a rerun finds its finished trials.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
-import json
 import math
 import os
 import string
 from typing import Any, Iterable, Mapping
 
 import ml_collections
+
+from launch import spec as spec_lib
+from recurrentgemma_tpu import exit_codes
 
 ID_LENGTH = 12
 TOKEN_RULES = ("config", "explicit", "params")
@@ -80,8 +84,112 @@ class Trial:
 # ------------------------------------------------------------------------------------ loading
 
 
-def load_sweep(path: str) -> ml_collections.ConfigDict:
-  """Runs `get_sweep()` of a sweep file; `path` may end in ":ARG" (passed to get_sweep)."""
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+  """How many tokens each trial trains on (see the module docstring)."""
+
+  rule: str = "config"
+  per_param: float = 0.0
+  params: str = "total"  # "total" | "non_embedding"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  decay_with_steps: bool = False
+  warmup_fraction: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LearningRate:
+  rule: str = "config"
+  base: float = 0.0
+  ref_params: float = 1.0
+  exponent: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """A validated sweep definition (the fields of the module docstring)."""
+
+  name: str
+  base: str
+  axes: tuple[dict[str, Any], ...]
+  tokens: Tokens
+  metric: str
+  choices: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  overrides: Any = None
+  budgets: tuple[float, ...] = ()
+  schedule: Schedule | None = None
+  lr: LearningRate | None = None
+  targets: tuple[str, ...] = ()
+  retries: int = 2
+
+
+_REQUIRED = ("name", "base", "axes", "tokens", "metric")
+
+
+def _record(cls, value: Any, where: str):
+  """A typed sub-record from a dict / ConfigDict, refusing unknown fields by name."""
+  d = dict(value.items()) if hasattr(value, "items") else None
+  if d is None:
+    raise ValueError(f"{where} must be a dict of {[f.name for f in dataclasses.fields(cls)]}, "
+                     f"got {value!r}")
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+  try:
+    return cls(**d)
+  except TypeError as e:
+    raise ValueError(f"{where}: {e}") from e
+
+
+def to_sweep(s: Any, where: str = "sweep") -> Sweep:
+  """The one conversion of a `get_sweep()` ConfigDict into a `Sweep`; fails early, naming the field."""
+  if s is None or not hasattr(s, "items"):
+    raise ValueError(f"{where}: get_sweep() returned {s!r}, not a ConfigDict")
+  d = dict(s.items())
+  for field in _REQUIRED:
+    if field not in d:
+      raise ValueError(f"{where}: the definition has no `{field}`")
+  known = {f.name for f in dataclasses.fields(Sweep)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+  tokens = _record(Tokens, d["tokens"], f"{where}: tokens")
+  if tokens.rule not in TOKEN_RULES:
+    raise ValueError(f"{where}: tokens.rule={tokens.rule!r} must be one of {TOKEN_RULES}")
+  if tokens.rule == "params" and tokens.params not in ("total", "non_embedding"):
+    raise ValueError(f"{where}: tokens.params must be 'total' or 'non_embedding'")
+  lr = _record(LearningRate, d["lr"], f"{where}: lr") if d.get("lr") is not None else None
+  if lr is not None and lr.rule not in LR_RULES:
+    raise ValueError(f"{where}: lr.rule={lr.rule!r} must be one of {LR_RULES}")
+  schedule = (_record(Schedule, d["schedule"], f"{where}: schedule")
+              if d.get("schedule") is not None else None)
+  axes = tuple(dict(p) for p in d["axes"])
+  if not axes:
+    raise ValueError(f"{where}: axes is empty")
+  targets = tuple(d.get("targets") or ())
+  if targets:
+    try:
+      spec_lib.parse_targets(list(targets))
+    except ValueError as e:
+      raise ValueError(f"{where}: targets: {e}") from e
+  budgets = tuple(d.get("budgets") or ())
+  for b in budgets:
+    if not isinstance(b, (int, float)) or not b > 0:
+      raise ValueError(f"{where}: budgets must be positive FLOP counts, got {b!r}")
+  retries = d.get("retries", 2)
+  if not isinstance(retries, int) or retries < 0:
+    raise ValueError(f"{where}: retries={retries!r} must be an integer >= 0")
+  return Sweep(name=str(d["name"]), base=str(d["base"]), axes=axes, tokens=tokens,
+               metric=str(d["metric"]), choices=d.get("choices") or {},
+               overrides=d.get("overrides"), budgets=tuple(float(b) for b in budgets),
+               schedule=schedule, lr=lr, targets=targets, retries=retries)
+
+
+def load_sweep(path: str) -> Sweep:
+  """Runs `get_sweep()` of a sweep file (`path` may end in ":ARG", passed to get_sweep)."""
   file, _, arg = path.partition(":")
   if not os.path.exists(file):
     raise ValueError(f"--sweep={path!r}: no such file (sweeps live in configs/sweeps/)")
@@ -90,33 +198,7 @@ def load_sweep(path: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{file} has no get_sweep()")
-  sweep = module.get_sweep(arg) if arg else module.get_sweep()
-  check_sweep(sweep, where=file)
-  return sweep
-
-
-def check_sweep(s: ml_collections.ConfigDict, where: str = "sweep") -> None:
-  """Fails early, naming the field, on a malformed definition."""
-  for field in ("name", "base", "axes", "tokens", "metric"):
-    if field not in s:
-      raise ValueError(f"{where}: the definition has no `{field}`")
-  if s.tokens.rule not in TOKEN_RULES:
-    raise ValueError(f"{where}: tokens.rule={s.tokens.rule!r} must be one of {TOKEN_RULES}")
-  if s.tokens.rule == "params" and s.tokens.get("params", "total") not in ("total", "non_embedding"):
-    raise ValueError(f"{where}: tokens.params must be 'total' or 'non_embedding'")
-  if "lr" in s and s.lr.rule not in LR_RULES:
-    raise ValueError(f"{where}: lr.rule={s.lr.rule!r} must be one of {LR_RULES}")
-  if not list(s.axes):
-    raise ValueError(f"{where}: axes is empty")
-  if s.get("targets", None):
-    from launch.sweep import targets  # pylint: disable=g-import-not-at-top
-    try:
-      targets.candidates(list(s.targets))
-    except ValueError as e:
-      raise ValueError(f"{where}: targets: {e}") from e
-  for b in s.get("budgets", ()) or ():
-    if not b > 0:
-      raise ValueError(f"{where}: budgets must be positive FLOP counts, got {b!r}")
+  return to_sweep(module.get_sweep(arg) if arg else module.get_sweep(), where=file)
 
 
 # ------------------------------------------------------------------------------------ overrides
@@ -173,6 +255,10 @@ def _flops_per_token(model_config: Any, seq_len: int) -> float:
 def _model_numbers(config: ml_collections.ConfigDict) -> dict[str, Any]:
   from recurrentgemma_tpu.model import ModelConfig  # pylint: disable=g-import-not-at-top
   model = ModelConfig.from_config(config.model)
+  return _numbers(model, config)
+
+
+def _numbers(model: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
   total, non_embedding = _param_counts(model)
   seq_len = int(config.data.seq_len)
   return {"params": total, "non_embedding_params": non_embedding, "seq_len": seq_len,
@@ -180,15 +266,15 @@ def _model_numbers(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "flops_per_token": _flops_per_token(model, seq_len)}
 
 
-def _points(s: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+def _points(s: Sweep) -> list[dict[str, Any]]:
   points = [dict(p) for p in s.axes]
-  budgets = list(s.get("budgets", ()) or ())
+  budgets = list(s.budgets)
   if budgets:
     points = [p | {"budget": float(b)} for b in budgets for p in points]
   return points
 
 
-def resolve(s: ml_collections.ConfigDict, point: Mapping[str, Any]) -> Trial:
+def resolve(s: Sweep, point: Mapping[str, Any]) -> Trial:
   """One point of a definition -> its Trial (config loaded and resolved, numbers derived)."""
   from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
 
@@ -199,8 +285,8 @@ def resolve(s: ml_collections.ConfigDict, point: Mapping[str, Any]) -> Trial:
   if missing:
     raise ValueError(f"point {dict(point)} lacks {missing}, which base={s.base!r} needs")
   spec = s.base.format(**variables)
-  overrides = flatten_overrides(s.get("overrides", None))
-  choices = s.get("choices", None) or {}
+  overrides = flatten_overrides(s.overrides)
+  choices = s.choices
   for name, value in sorted(variables.items()):
     if name in choices:
       options = choices[name]
@@ -208,8 +294,11 @@ def resolve(s: ml_collections.ConfigDict, point: Mapping[str, Any]) -> Trial:
         raise ValueError(f"{name}={value!r} has no entry in choices.{name} ({sorted(options)})")
       overrides += flatten_overrides(options[str(value)])
   overrides += direct
-  config = experiment_lib.load_config(spec, overrides)
-  info = _model_numbers(config)
+  try:
+    config = experiment_lib.load_config(spec, overrides)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"trial {dict(point)}: {exit_codes.message(e)}") from e
+  info = _model_numbers(config)  # before build: the token rules need the parameter count
 
   derived: list[str] = []
   rule = s.tokens.rule
@@ -220,29 +309,38 @@ def resolve(s: ml_collections.ConfigDict, point: Mapping[str, Any]) -> Trial:
       raise ValueError(f"tokens.rule='explicit' but point {dict(point)} sets no `tokens`")
     tokens = float(variables["tokens"])
   elif rule == "params":
-    n = info["params"] if s.tokens.get("params", "total") == "total" else info["non_embedding_params"]
+    n = info["params"] if s.tokens.params == "total" else info["non_embedding_params"]
     tokens = float(s.tokens.per_param) * n
   else:
     tokens = None
   if tokens is not None and "train.steps" not in point:
     steps = max(1, int(round(tokens / info["tokens_per_step"])))
     derived.append(f"train.steps={steps}")
-  schedule = s.get("schedule", None)
+  schedule = s.schedule
   steps = int(config.train.steps) if not derived else int(derived[0].split("=")[1])
-  if schedule is not None and schedule.get("decay_with_steps", False):
+  if schedule is not None and schedule.decay_with_steps:
     if "optimizer.decay_steps" not in point:
       derived.append(f"optimizer.decay_steps={steps}")
     if "optimizer.warmup_steps" not in point:
       derived.append(f"optimizer.warmup_steps={max(1, int(round(schedule.warmup_fraction * steps)))}")
-  lr = s.get("lr", None)
+  lr = s.lr
   if lr is not None and lr.rule == "power" and "optimizer.learning_rate" not in point:
     value = float(lr.base) * (info["params"] / float(lr.ref_params)) ** float(lr.exponent)
     derived.append(format_override("optimizer.learning_rate", float(f"{value:.4g}")))
   experiment_lib.apply_overrides(config, derived)
   overrides += derived
 
-  resolved = json.loads(config.to_json_best_effort(sort_keys=True))
-  digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()
+  # Every check the trainer makes, once, here: a bad trial stops the sweep before anything runs.
+  # The mesh is resolved for the fewest devices it accepts (its -1 axes take any count).
+  mesh = config.mesh
+  devices = int(mesh.num_slices) * math.prod(
+      int(mesh[a]) for a in ("data", "fsdp", "seq", "model") if int(mesh[a]) != -1)
+  try:
+    exp = experiment_lib.build(config, num_devices=devices)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"trial {dict(point)}: {exit_codes.message(e)}") from e
+  digest = exp.fingerprint()
+  info = _numbers(exp.model, config)
   info |= {"steps": int(config.train.steps),
            "tokens": int(config.train.steps) * info["tokens_per_step"],
            "learning_rate": float(config.optimizer.learning_rate)}
@@ -251,7 +349,7 @@ def resolve(s: ml_collections.ConfigDict, point: Mapping[str, Any]) -> Trial:
                info=info, config_hash=digest)
 
 
-def expand(s: ml_collections.ConfigDict) -> list[Trial]:
+def expand(s: Sweep) -> list[Trial]:
   """Every trial of a definition, in definition order; duplicate configs are kept once."""
   trials, seen = [], set()
   for point in _points(s):
@@ -275,9 +373,3 @@ def select(trials: Iterable[Trial], only: str) -> list[Trial]:
     raise ValueError(f"--only: no trial id starts with {unknown}; ids: {[t.id for t in trials]}")
   return chosen
 
-
-def isoflop_tokens(budget: float, flops_per_token: float) -> float:
-  """D such that FLOPs(N, D) = budget for a model of `flops_per_token`."""
-  if budget <= 0 or flops_per_token <= 0 or not math.isfinite(budget):
-    raise ValueError(f"budget={budget} and flops_per_token={flops_per_token} must be positive")
-  return budget / flops_per_token

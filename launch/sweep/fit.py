@@ -27,6 +27,9 @@ import numpy as np
 from scipy import optimize
 from scipy import special
 
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import workdir as workdir_lib
+
 HUBER_DELTA = 1e-3
 # The objective is scaled by this so that L-BFGS-B's absolute tolerances (ftol, gtol) are far below
 # the differences that matter; Besiroglu et al. traced Chinchilla's unconverged fit to exactly this.
@@ -410,16 +413,15 @@ def format_report(fits: dict[str, Any]) -> str:
 def main(root: str, sweep: Any, *, predict: float = 0.0, n_bootstrap: int = 300,
          n_starts: int = 32) -> int:
   """`python -m launch.sweep fit`: fits, prints, writes ROOT/fit.json (and a prediction record)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
   from launch.sweep import report  # pylint: disable=g-import-not-at-top
   from launch.sweep import store  # pylint: disable=g-import-not-at-top
   rows = report.read_results(root)
   fits = fit_sweep(rows, n_bootstrap=n_bootstrap, n_starts=n_starts)
   if not fits:
-    print("no finished trials with an eval loss; run `collect` after `run`")
-    return 1
+    raise exit_codes.UserError(f"{root}: no finished trials with an eval loss; run `collect` "
+                               "after `run`")
   print(format_report(fits))
-  epath.Path(store.join(root, "fit.json")).write_text(json.dumps(_public(fits), indent=1, default=float))
+  workdir_lib.write_text(store.join(root, "fit.json"), json.dumps(_public(fits), indent=1, default=float))
   if predict:
     record = {"time": time.time(), "sweep": sweep.name, "flops": predict,
               "code_version": report.code_version(),
@@ -430,4 +432,4 @@ def main(root: str, sweep: Any, *, predict: float = 0.0, n_bootstrap: int = 300,
     path = store.join(root, "predictions", f"{int(record['time'])}_{predict:.3g}.json")
     store.write_json(path, record)
     print(f"recorded {path}")
-  return 0
+  return exit_codes.OK

@@ -1,8 +1,10 @@
 """`status` and `collect`: what each trial is doing, and the results table of a sweep.
 
-`collect` writes one row per trial to ROOT/results.csv and ROOT/results.jsonl, and the sweep as a
-TensorBoard HParams experiment under ROOT/hparams (one run per finished trial, its hyper-parameters
-and final metrics). FLOPs are the project's FLOP model times the trial's tokens (not 6ND).
+`collect` writes one row per trial to ROOT/results.csv and ROOT/results.jsonl (base install), and,
+with the `sweep` extra (tensorboard), the sweep as a TensorBoard HParams experiment under
+ROOT/hparams (one run per finished trial, its hyper-parameters and final metrics). FLOPs are the
+project's FLOP model times the trial's tokens (not 6ND). A failed trial's row and status line say
+why it failed (e.g. "exit 3 (stopped on a non-finite loss)").
 Downstream scores (lm-eval tasks; `config.eval` during training, or `collect --downstream=TASKS`,
 which evaluates each finished trial's last checkpoint that lacks them) are the `downstream` column:
 `task/metric` -> value at the trial's newest evaluated step.
@@ -19,17 +21,18 @@ import sys
 import time
 from typing import Any, Sequence
 
-import ml_collections
 
 from launch.sweep import definition
 from launch.sweep import state as state_lib
 from launch.sweep import store
 from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.downstream import results as downstream_lib
 
 COLUMNS = ("id", "family", "size", "params", "non_embedding_params", "tokens", "steps", "flops",
-           "flops_per_token", "learning_rate", "final_eval_loss", "best_eval_loss", "status",
-           "target", "restarts", "wall_time_s", "cpu_time_s", "mfu", "config_hash", "code_version", "variables", "downstream_step", "downstream")
+           "flops_per_token", "learning_rate", "final_eval_loss", "best_eval_loss", "status", "error",
+           "target", "restarts", "wall_time_s", "cpu_time_s", "mfu", "config_hash", "code_version", "variables",
+           "downstream_step", "downstream")
 
 
 def code_version() -> str:
@@ -72,7 +75,7 @@ def status_table(root: str, trials: Sequence[definition.Trial], retries: int,
     target = _target(root, t.id)
     lines.append(f"{t.id:<12} {t.label:<20} {s.state:<8} {progress:>11} "
                  f"{eta:>8} {s.failures:>4} {s.restarts:>4}  {s.owner if s.live_lease else ''}"
-                 f"{'  on ' + target if target else ''}")
+                 f"{'  on ' + target if target else ''}{'  ' + s.reason if s.reason else ''}")
   lines.append(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
   return "\n".join(lines)
 
@@ -107,6 +110,7 @@ def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[
       "final_eval_loss": evals[-1]["loss"] if evals else None,
       "best_eval_loss": min(r["loss"] for r in evals) if evals else None,
       "status": s.state,
+      "error": s.reason,
       "target": _target(root, trial.id),
       "restarts": s.restarts,
       "wall_time_s": round(s.wall_time, 1),
@@ -123,11 +127,11 @@ def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[
 def read_results(root: str) -> list[dict[str, Any]]:
   """The rows `collect` wrote (ROOT/results.jsonl)."""
   import json  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  path = epath.Path(store.join(root, "results.jsonl"))
-  if not path.exists():
-    raise FileNotFoundError(f"{path} does not exist; run `python -m launch.sweep collect` first")
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  path = store.join(root, "results.jsonl")
+  text = workdir_lib.read_text_if_exists(path)
+  if text is None:
+    raise exit_codes.UserError(f"{path} does not exist; run `python -m launch.sweep collect` first")
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def evaluate_downstream(root: str, trials: Sequence[definition.Trial], retries: int, tasks: str,
@@ -148,25 +152,24 @@ def evaluate_downstream(root: str, trials: Sequence[definition.Trial], retries: 
   return failed
 
 
-def collect(root: str, sweep: ml_collections.ConfigDict,
-            trials: Sequence[definition.Trial], downstream_tasks: str = "",
-            downstream_limit: int = 0) -> list[str]:
-  """Writes results.csv, results.jsonl and the HParams log; returns the paths written.
+def collect(root: str, sweep: definition.Sweep, trials: Sequence[definition.Trial],
+            downstream_tasks: str = "", downstream_limit: int = 0, log=print) -> list[str]:
+  """Writes results.csv, results.jsonl and (with tensorboard) the HParams log; returns the paths.
 
   With `downstream_tasks`, finished trials are first evaluated on those lm-eval tasks (once).
   """
   import json  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
   version = code_version()
-  retries = int(sweep.get("retries", 2))
+  retries = sweep.retries
   if downstream_tasks:
     failed = evaluate_downstream(root, trials, retries, downstream_tasks, downstream_limit)
     if failed:
       print(f"downstream evaluation failed for trials {failed}; their rows have no scores",
             file=sys.stderr)
   rows = [row(root, t, retries, version) for t in trials]
+  workdir_lib.makedirs(root)
   jsonl = store.join(root, "results.jsonl")
-  epath.Path(jsonl).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+  workdir_lib.write_text(jsonl, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=COLUMNS)
   writer.writeheader()
@@ -174,7 +177,12 @@ def collect(root: str, sweep: ml_collections.ConfigDict,
     writer.writerow(r | {"variables": json.dumps(r["variables"], sort_keys=True),
                          "downstream": json.dumps(r["downstream"], sort_keys=True)})
   csv_path = store.join(root, "results.csv")
-  epath.Path(csv_path).write_text(buf.getvalue())
+  workdir_lib.write_text(csv_path, buf.getvalue())
+  try:
+    import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    log("(no HParams log: it needs the sweep extra, pip install -e '.[sweep]')")
+    return [csv_path, jsonl]
   hparams = write_hparams(store.join(root, "hparams"), rows, sweep.metric)
   return [csv_path, jsonl, hparams]
 

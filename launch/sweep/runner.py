@@ -1,16 +1,19 @@
 """`run`: claims trials one by one and runs each through the launcher until the sweep is finished.
 
 Each trial runs as `python -m launch.submit --backend=B --num_processes=1 --config=SPEC
---workdir=ROOT/trials/ID --skip_fit_check --config.K=V ...` (exit 0 done, 42 stopped/preempted:
-relaunched, which resumes from the trial's checkpoint; anything else a failed attempt). A driver
-only runs trials it holds a lease on (state.py), so several drivers can share one root. A driver
-killed mid-trial takes its trial down with it (the trial gets SIGTERM, saves and exits 42); the
-next driver resumes it.
+--workdir=ROOT/trials/ID --skip_fit_check --max_preemptions=0 --max_failures=0 --config.K=V ...`:
+one attempt per launch, because the restart decisions are made here, once, by launch/supervisor.py
+with the sweep's budgets (`max_restarts` preemptions per lease, the definition's `retries`
+failures per trial). An exit the supervisor calls fatal (2 user error, 3 NaN, 4 no fit) is recorded
+as such and never retried; a preempted one (42) is relaunched and resumes from the trial's
+checkpoint. A driver only runs trials it holds a lease on (state.py), so several drivers can share
+one root. A driver killed mid-trial, even by SIGKILL, takes its trial down with it: the kernel sends
+the trial's launcher SIGTERM, which passes it on, and the trainer saves and exits 42; the next
+driver resumes after that save.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import importlib.util
 import os
@@ -21,12 +24,15 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from launch import spec as spec_lib
+from launch import supervisor
 from launch.sweep import definition
 from launch.sweep import state as state_lib
 from launch.sweep import store
 from launch.sweep import targets as targets_lib
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import preemption
 
-EXIT_PREEMPTED = 42
 HEARTBEAT_EVERY_S = 15.0
 POLL_S = 2.0
 
@@ -44,6 +50,11 @@ class Options:
   launch_flags: tuple[str, ...] = ()  # more launch.submit flags (--zone, --project, --poll, ...)
   quiet: bool = False
 
+  @property
+  def budgets(self) -> spec_lib.Budgets:
+    """The supervisor's budgets for one trial: preemptions per lease, failures per trial."""
+    return spec_lib.Budgets(max_preemptions=self.max_restarts, max_failures=self.retries)
+
 
 def trial_argv(trial: definition.Trial, root: str, opts: Options, target: str = "") -> list[str]:
   """The command that runs one trial (`target`: its planned TPU target, else opts.target)."""
@@ -53,8 +64,10 @@ def trial_argv(trial: definition.Trial, root: str, opts: Options, target: str = 
     return shlex.split(text)
   overrides = [f"--config.{o}" for o in trial.overrides]
   if importlib.util.find_spec("launch.submit") is not None:
+    # One attempt per launch: the restart decisions are this driver's (Options.budgets).
     argv = [sys.executable, "-m", "launch.submit", f"--backend={opts.backend}",
-            f"--config={trial.spec}", f"--workdir={workdir}", "--skip_fit_check"]
+            f"--config={trial.spec}", f"--workdir={workdir}", "--skip_fit_check",
+            "--max_preemptions=0", "--max_failures=0"]
     if opts.backend == "local":
       argv.append("--num_processes=1")
     if target or opts.target:
@@ -66,10 +79,7 @@ def trial_argv(trial: definition.Trial, root: str, opts: Options, target: str = 
 
 def _die_with_parent() -> None:
   """In the child: get SIGTERM when the driver dies (even by SIGKILL), so no trial is orphaned."""
-  try:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-  except OSError:
-    pass
+  preemption.set_parent_death_signal(signal.SIGTERM)
 
 
 def _log_path(root: str, trial_id: str, lease: int) -> str:
@@ -116,8 +126,10 @@ class Driver:
     with open(log, "a") as f:
       f.write(f"$ {shlex.join(argv)}\n")
       f.flush()
+      # A trainer run directly (trial_command) follows this driver itself (preemption.py).
+      env = {**os.environ, preemption.PARENT_PID_ENV: str(os.getpid())}
       proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                              start_new_session=True, preexec_fn=_die_with_parent)
+                              start_new_session=True, preexec_fn=_die_with_parent, env=env)
     new_gen = state_lib.renew(self.root, trial.id, lease, gen, child_pid=proc.pid)
     self.running[trial.id] = _Running(trial, lease, proc, time.time(), restarts, time.time(), log,
                                       gen=new_gen)
@@ -135,23 +147,32 @@ class Driver:
     if self.stopping:
       state_lib.record_attempt(root, trial.id, r.lease, "interrupted", **fields)
       return
-    workdir = state_lib.trial_dir(root, trial.id)
-    if rc == 0 and (self.opts.trial_command or state_lib.completed(workdir, trial.info["steps"])):
-      state_lib.record_attempt(root, trial.id, r.lease, "done", **fields)
+    outcome = supervisor.classify([rc])
+    if outcome.kind == supervisor.DONE and not (
+        self.opts.trial_command or state_lib.completed(state_lib.trial_dir(root, trial.id),
+                                                       trial.info["steps"])):
+      outcome = supervisor.failed("exit 0 but no final evaluation at train.steps in metrics.jsonl")
+    if outcome.kind == supervisor.DONE:
+      state_lib.record_attempt(root, trial.id, r.lease, state_lib.DONE, **fields)
       self.print(f"done  {trial.id} {trial.label} in {fields['end'] - r.start:.0f}s")
       return
-    if rc == EXIT_PREEMPTED and r.restarts < self.opts.max_restarts:
-      self.print(f"restart {trial.id} (exit 42: stopped, resuming)")
+    prior = state_lib.read_state(root, trial.id, self.opts.retries, self.opts.ttl_s)
+    ledger = state_lib.Ledger(preemptions=r.restarts, failures=prior.failures)
+    give_up = supervisor.charge(ledger, outcome, self.opts.budgets)
+    if outcome.kind == supervisor.PREEMPTED and not give_up:
+      self.print(f"restart {trial.id} ({outcome.detail}: resuming)")
       start, cpu = r.start, r.cpu_s
       self._launch(trial, r.lease, r.gen, r.restarts + 1)
       self.running[trial.id].start = start
       self.running[trial.id].cpu_s = cpu
       return
-    outcome = "interrupted" if rc == EXIT_PREEMPTED else "failed"
-    if rc == 0:
-      fields["error"] = "exit 0 but no final evaluation at train.steps in metrics.jsonl"
-    state_lib.record_attempt(root, trial.id, r.lease, outcome, **fields)
-    self.print(f"{outcome} {trial.id} {trial.label}: exit {rc}, log {r.log}")
+    # preempted over the lease's budget: interrupted (the next lease resumes); failed: retried by
+    # a later claim while the failure budget lasts; fatal: never again.
+    kind = {supervisor.PREEMPTED: "interrupted", supervisor.FAILED: "failed",
+            supervisor.FATAL: state_lib.FATAL}[outcome.kind]
+    fields["error"] = give_up or outcome.detail
+    state_lib.record_attempt(root, trial.id, r.lease, kind, **fields)
+    self.print(f"{kind} {trial.id} {trial.label}: {fields['error']}, log {r.log}")
 
   def _argv(self, trial: definition.Trial) -> list[str]:
     return trial_argv(trial, self.root, self.opts,
@@ -302,7 +323,7 @@ def run_sweep(root: str, trials: Sequence[definition.Trial], opts: Options) -> i
     for s, h in previous.items():
       signal.signal(s, h)
   if driver.stopping:
-    return EXIT_PREEMPTED
+    return exit_codes.PREEMPTED
   if any(s.state == state_lib.FAILED for s in states.values()):
-    return 1
-  return 0
+    return exit_codes.INTERNAL
+  return exit_codes.OK

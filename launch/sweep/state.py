@@ -4,7 +4,8 @@
     ROOT/state/ID/trial.json        the resolved trial (spec, overrides, variables, derived numbers)
     ROOT/state/ID/claim.N.json      lease N on the trial, created atomically (only one driver wins N)
     ROOT/state/ID/heartbeat.N.json  the holder's heartbeat for lease N ({"time", "released", ...})
-    ROOT/state/ID/attempt.N.json    how lease N ended: done | failed | interrupted (+ rc, times)
+    ROOT/state/ID/attempt.N.json    how lease N ended: done | failed | fatal | interrupted (+ rc,
+                                    times, error)
     ROOT/state/ID/done.json         written once when the trial completed
     ROOT/state/ID/target.json       pod backends: the TPU target chosen for it (targets.py)
     ROOT/predictions.jsonl-like     predictions/*.json (fit --predict)
@@ -30,12 +31,22 @@ import time
 from typing import Any
 
 from launch.sweep import store
+from recurrentgemma_tpu import heartbeat as heartbeat_lib
+from recurrentgemma_tpu import workdir as workdir_lib
 
 DEFAULT_TTL_S = 300.0
 _CLAIM = re.compile(r"^claim\.(\d+)\.json$")
-METRICS_FILE = "metrics.jsonl"
 
 PENDING, RUNNING, DONE, FAILED, RETRY = "pending", "running", "done", "failed", "retry"
+FATAL = "fatal"  # an attempt's outcome: the supervisor's fatal exit (2, 3, 4); never retried
+
+
+@dataclasses.dataclass
+class Ledger:
+  """The supervisor's counts for one trial (launch/supervisor.py charges them)."""
+
+  preemptions: int = 0
+  failures: int = 0
 
 
 def trial_dir(root: str, trial_id: str) -> str:
@@ -79,6 +90,7 @@ class TrialState:
   wall_time: float  # seconds over all finished attempts
   owner: str  # "host:pid" of the newest lease
   attempts: list[dict[str, Any]]
+  reason: str = ""  # why a failed trial failed (its last attempt's error)
 
 
 def leases(root: str, trial_id: str) -> list[int]:
@@ -118,6 +130,7 @@ def read_state(root: str, trial_id: str, retries: int, ttl_s: float = DEFAULT_TT
     if a is not None:
       attempts.append(a)
   failures = sum(a.get("outcome") == "failed" for a in attempts)
+  fatal = any(a.get("outcome") == FATAL for a in attempts)
   restarts = sum(int(a.get("restarts", 0)) + (a.get("outcome") == "interrupted") for a in attempts)
   wall = sum(float(a.get("end", 0)) - float(a.get("start", 0)) for a in attempts)
   n = ns[-1] if ns else 0
@@ -141,13 +154,17 @@ def read_state(root: str, trial_id: str, retries: int, ttl_s: float = DEFAULT_TT
     s = DONE
   elif live:
     s = RUNNING
-  elif failures > retries or _fits_nowhere(root, trial_id):
+  elif failures > retries or fatal or _fits_nowhere(root, trial_id):
     s = FAILED
   elif attempts:
     s = RETRY
   else:
     s = PENDING
-  return TrialState(s, n, live, failures, restarts, wall, owner, attempts)
+  reason = ""
+  if s == FAILED:
+    ended = [a for a in attempts if a.get("outcome") in ("failed", FATAL)]
+    reason = (ended[-1].get("error") or f"exit {ended[-1].get('rc')}") if ended else "fits no target"
+  return TrialState(s, n, live, failures, restarts, wall, owner, attempts, reason)
 
 
 def _fits_nowhere(root: str, trial_id: str) -> bool:
@@ -230,31 +247,22 @@ def write_trial(root: str, trial: Any) -> None:
 
 
 def read_records(workdir: str) -> list[dict[str, Any]]:
-  """The trainer's metrics.jsonl records (complete lines only)."""
-  text = store.read_text(store.join(workdir, METRICS_FILE))
-  if text is None:
-    return []
-  out = []
-  for line in text.splitlines(keepends=True):
-    if line.endswith("\n"):
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        pass
-  return out
+  """The trainer's metrics.jsonl records (complete lines only), read through the store."""
+  return workdir_lib.records(store.read_text(store.join(workdir, workdir_lib.METRICS_FILE)))
 
 
 def completed(workdir: str, steps: int) -> bool:
-  """The trainer finished: its final evaluation at train.steps is in metrics.jsonl."""
-  return any(r.get("split") == "eval" and int(r.get("step", -1)) >= steps
-             for r in read_records(workdir))
+  """The trainer's "run complete" rule (workdir.is_complete) on the trial's metrics.jsonl."""
+  return workdir_lib.is_complete(store.read_text(store.join(workdir, workdir_lib.METRICS_FILE)),
+                                 steps)
 
 
 def progress(workdir: str) -> tuple[int, float | None]:
   """(step, seconds per step or None) of a running trial, from its heartbeat or its metrics."""
-  beat = store.read_json(store.join(workdir, "heartbeat", "process_0.json"))
-  if beat and beat.get("step") is not None:
-    return int(beat["step"]), beat.get("step_time")
+  beat = heartbeat_lib.parse(store.read_text(store.join(workdir, workdir_lib.HEARTBEAT_DIR,
+                                                    "process_0.json")))
+  if beat is not None:
+    return beat.step, beat.step_time
   train = [r for r in read_records(workdir) if r.get("split") == "train"]
   if not train:
     return 0, None

@@ -25,18 +25,6 @@ TARGET_FILE = "target.json"
 Check = Callable[[definition.Trial, spec_lib.Target], tuple[bool, bool, str]]
 
 
-def candidates(names: Sequence[str]) -> list[spec_lib.Target]:
-  """Parsed targets: generations in the order first named, each by ascending chips, no repeats.
-
-  Raises:
-    ValueError: a name that is not a TPU target (the message lists the accepted forms).
-  """
-  parsed = [spec_lib.parse_target(n) for n in names if n.strip()]
-  order = list(dict.fromkeys(t.generation for t in parsed))
-  unique = {t.topology_name: t for t in parsed}.values()
-  return sorted(unique, key=lambda t: (order.index(t.generation), t.chips))
-
-
 def _reason(report: str) -> str:
   """The line of a compile report that says why (not) it fits."""
   lines = [l.strip() for l in report.splitlines() if l.strip()]
@@ -87,7 +75,7 @@ def read(root: str, trial_id: str) -> dict[str, Any] | None:
 def plan(root: str, trials: Sequence[definition.Trial], names: Sequence[str],
          check: Check | None = None, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
   """Chooses (or re-reads) every trial's target before anything is submitted; trial id -> choice."""
-  cands = candidates(names)
+  cands = spec_lib.parse_targets(names)
   if not cands:
     raise ValueError("no candidate targets: set `targets` in the definition or pass --targets")
   check = check or (lambda trial, target: fit_check(trial, target, log=log))
@@ -112,5 +100,5 @@ def default_names(sweep: Any, flag_value: str) -> list[str]:
   """--targets (comma-separated) if given, else the definition's `targets`, else []."""
   if flag_value:
     return [n.strip() for n in flag_value.split(",") if n.strip()]
-  return list(sweep.get("targets", ()) or ())
+  return list(sweep.targets)
 

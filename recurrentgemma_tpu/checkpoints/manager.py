@@ -38,6 +38,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.checkpoints import integrity as integrity_lib
 
@@ -122,13 +123,22 @@ class CheckpointMismatch(ValueError):
     super().__init__(message)
     self.params_fit = params_fit
 
+  exit_code = exit_codes.USER_ERROR
+  traceback = False
+
 
 class StorageError(RuntimeError):
   """No checkpoint step could be read (storage down, or every step damaged); nothing was moved."""
 
+  exit_code = exit_codes.INTERNAL
+  traceback = False  # the message names the step and the storage error
+
 
 class SaveFailed(RuntimeError):
   """An (asynchronous) checkpoint save failed; the steps committed before it are intact."""
+
+  exit_code = exit_codes.INTERNAL
+  traceback = False
 
 
 class CheckpointManager:
