@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import re
+import sys
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -323,6 +325,8 @@ class CheckpointManager:
       except Exception as e:  # pylint: disable=broad-except
         error, persistent = e, _signature(e) == previous
       ok = error is None
+      if not ok:
+        _drop_leftovers_of_failed_reads()
       all_ok, stop, all_persistent = _all_processes(
           ok, ok or persistent or attempt == self.read_attempts, ok or persistent)
       if all_ok:
@@ -446,6 +450,28 @@ def _signature(error: BaseException) -> str:
   (the chunk TensorStore reports first varies between reads of one damaged file)."""
   name, text = _chosen(error)
   return name + ": " + re.sub(r"\d+", "#", re.sub(r'"[^"]*"', '""', text))
+
+
+def _drop_leftovers_of_failed_reads() -> None:
+  """Keeps a failed read to its one line. When one chunk of an Orbax restore fails, TensorStore still
+  completes the others: their callbacks find Orbax's event loop closed, and the abandoned coroutines
+  raise when collected. Python prints each as an "Exception ignored" traceback (pages of TensorStore
+  specs) though nothing happened beyond the failure already reported. This drops exactly those two
+  kinds and hands every other unraisable exception to the hook that was there before."""
+  if getattr(sys.unraisablehook, "_drops_failed_read_leftovers", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable: Any) -> None:
+    exc, obj = unraisable.exc_value, unraisable.object
+    closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+    orbax_coroutine = (inspect.iscoroutine(obj)
+                       and f"{os.sep}orbax{os.sep}" in obj.cr_code.co_filename)
+    if not (closed_loop or orbax_coroutine):
+      previous(unraisable)
+
+  hook._drops_failed_read_leftovers = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def _all_processes(*flags: bool) -> tuple[bool, ...]:
