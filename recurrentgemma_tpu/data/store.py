@@ -32,6 +32,7 @@ import os
 import shlex
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 
@@ -210,6 +211,7 @@ def prepare_shard(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary, key:
   task = tasks.register_task(source, key, vocab, errors)
   dtype = row_dtype(*_dtypes(cfg, vocab), cfg.seq_len)
   stats: dict = {"shard": shard, "num_shards": source.num_shards}
+  start = time.time()
   for split in corpus.SPLITS:
     has_split = not (source.kind == "tfds" and split == corpus.VALIDATION and not source.eval_split)
     examples = (tasks.packed_examples(task, source, split, cfg, vocab, errors, shard)
@@ -218,6 +220,9 @@ def prepare_shard(cfg: DataConfig, source: SourceConfig, vocab: Vocabulary, key:
                                dtype)
   _write_text(join(directory, stats_name(shard, source.num_shards)),
               json.dumps(stats, indent=1, sort_keys=True))
+  logging.info("prepared %s shard %d/%d: %s rows in %.1fs", directory, shard + 1,
+               source.num_shards, {split: stats[split]["rows"] for split in corpus.SPLITS},
+               time.time() - start)
   return stats
 
 
