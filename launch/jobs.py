@@ -14,7 +14,9 @@ import time
 from typing import Callable
 
 from launch import commands
+from launch import cost as cost_lib
 from launch import gcloud
+from launch import progress as progress_lib
 from launch import spec as spec_lib
 from launch import state as state_lib
 from launch.backends import gke
@@ -40,31 +42,50 @@ def _local_devices_per_process() -> int:
   return int(m.group(1)) if m else 1
 
 
-def _preflight(spec: spec_lib.JobSpec, skip_fit_check: bool, log: Log) -> tuple[int, str]:
-  """(exit code or 0, fingerprint). Cloud jobs always validate; the fit check only for them."""
+def _preflight(spec: spec_lib.JobSpec, skip_fit_check: bool,
+               log: Log) -> tuple[int, str, float | None]:
+  """(exit code or 0, fingerprint, predicted step seconds or None). Cloud jobs always validate; the
+  fit check (which predicts the step time) only for them."""
   from launch import preflight  # pylint: disable=g-import-not-at-top
   if spec.backend == "local" and skip_fit_check:
-    return exit_codes.OK, ""  # the trainer validates at start and exits 2 (not retried) on a bad config
+    return exit_codes.OK, "", None  # the trainer validates at start and exits 2 (not retried)
   try:
     if spec.backend == "local":
       from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
       config = experiment_lib.load_config(spec.config, spec.overrides)
       n = spec.num_processes * _local_devices_per_process()
-      return exit_codes.OK, experiment_lib.build(config, num_devices=n).fingerprint()
+      return exit_codes.OK, experiment_lib.build(config, num_devices=n).fingerprint(), None
     fp = preflight.fingerprint(spec)
     preflight.store_check(spec)  # a missing or mismatched data store: refused before any pod
     if skip_fit_check:
-      return exit_codes.OK, fp
-    fit = preflight.fit_check(spec, fp, log=log)
+      return exit_codes.OK, fp, None
+    fit = preflight.fit_check(spec, fp, log=log)  # streams the compile's lines as they come
   except (ValueError, FileNotFoundError) as e:
     _err(f"invalid job: {exit_codes.message(e)}")
-    return exit_codes.USER_ERROR, ""
-  log(fit.report + ("\n(fit check cached)" if fit.cached else ""))
+    return exit_codes.USER_ERROR, "", None
+  if fit.cached:
+    log(fit.report + "\n(fit check cached)")
   if not fit.fits:
     _err(f"the plan does not fit {spec.target.accelerator_type} x {spec.num_slices}; see the report "
          "above (python -m recurrentgemma_tpu.compile --search finds plans that do)")
-    return exit_codes.NO_FIT, fp
-  return exit_codes.OK, fp
+    return exit_codes.NO_FIT, fp, fit.step_s
+  return exit_codes.OK, fp, fit.step_s
+
+
+def _train_steps(spec: spec_lib.JobSpec) -> int | None:
+  from launch import preflight  # pylint: disable=g-import-not-at-top
+  try:
+    return preflight.train_steps(spec)
+  except (ValueError, FileNotFoundError, AttributeError):
+    return None  # local without a fit check: the trainer reports the config's error itself
+
+
+def plan_summary(spec: spec_lib.JobSpec, steps: int | None, step_s: float | None,
+                 prices: cost_lib.PriceTable | None) -> str:
+  """The short plan a submit opens with: slices, chips, hosts, step time, steps, duration, cost."""
+  rows = cost_lib.plan_rows(spec, steps, step_s, prices)
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(["# plan"] + [f"{k + ':':<{width + 1}} {v}" for k, v in rows])
 
 
 def describe_plan(spec: spec_lib.JobSpec, log: Log) -> None:
@@ -88,8 +109,16 @@ def describe_plan(spec: spec_lib.JobSpec, log: Log) -> None:
 
 
 def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: bool = False,
+           prices: cost_lib.PriceTable | None = None, progress_every_s: float = 30.0,
            log: Log = print) -> int:
-  """Validates, checks the fit, and runs (or resumes) the job to its end; returns the exit code."""
+  """Validates, checks the fit, prints the plan and its cost, and runs (or resumes) the job to its
+  end; returns the exit code."""
+  if prices is not None and spec.target is not None:
+    try:  # before any compile: a table without the target's chip is an error, never a zero
+      prices.price(spec.target.generation, spec.capacity)
+    except ValueError as e:
+      _err(str(e))
+      return exit_codes.USER_ERROR
   try:
     existing = state_lib.load_spec(spec.workdir)
   except FileNotFoundError:
@@ -108,10 +137,12 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
       and not dry_run):
     log(f"{spec.workdir}: the run is already complete")
     return exit_codes.OK
-  rc, fp = _preflight(spec, skip_fit_check, log)
+  rc, fp, step_s = _preflight(spec, skip_fit_check, log)
   if rc:
     return rc
   spec = dataclasses.replace(spec, fingerprint=fp)
+  steps = _train_steps(spec)
+  log(plan_summary(spec, steps, step_s, prices))
   if dry_run:
     describe_plan(spec, log)
     return exit_codes.OK
@@ -124,7 +155,8 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
     st.event("resubmitted")
     state_lib.save_state(spec.workdir, st)
   try:
-    return BACKENDS[spec.backend].run(spec, gcloud.Runner(log=log), log=log)
+    reporter = progress_lib.Reporter(spec.workdir, steps, progress_every_s, log)
+    return BACKENDS[spec.backend].run(spec, gcloud.Runner(log=log), log=log, progress=reporter)
   except gcloud.CommandError as e:
     _err(str(e))
     return exit_codes.INTERNAL

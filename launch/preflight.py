@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from typing import Callable
 
 from launch import spec as spec_lib
@@ -25,6 +26,7 @@ class FitCheck:
   fits: bool
   report: str
   cached: bool = False
+  step_s: float | None = None  # the planner's predicted seconds per step (sharding/planner.py)
 
 
 def cache_dir() -> str:
@@ -50,6 +52,12 @@ def fingerprint(spec: spec_lib.JobSpec) -> str:
   overrides = list(spec.overrides) + [f"mesh.num_slices={spec.num_slices}"]
   config = experiment_lib.load_config(spec.config, overrides)
   return experiment_lib.build(config, num_devices=num_devices(spec)).fingerprint()
+
+
+def train_steps(spec: spec_lib.JobSpec) -> int:
+  """The run's `config.train.steps` (with the overrides), for the cost estimate."""
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  return int(experiment_lib.load_config(spec.config, list(spec.overrides)).train.steps)
 
 
 def store_check(spec: spec_lib.JobSpec) -> list[str]:
@@ -84,29 +92,64 @@ def check_stores(trials, *, prepare_local: bool) -> int:
   return len(seen)
 
 
+def run_compile(argv: list[str], env: dict[str, str], timeout_s: float,
+                log: Callable[[str], None]) -> tuple[int, str]:
+  """Runs the compile CLI, passing each line of its output to `log` as it is printed.
+
+  Returns (exit code, its whole output). The child runs unbuffered (PYTHONUNBUFFERED): through a pipe
+  Python would otherwise hold its progress lines (`still compiling (1m30s)`) until it exits.
+  """
+  proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**env, "PYTHONUNBUFFERED": "1"}, stdin=subprocess.DEVNULL)
+  timer = threading.Timer(timeout_s, proc.kill)
+  timer.start()
+  lines = []
+  try:
+    for line in proc.stdout:
+      line = line.rstrip("\n")
+      lines.append(line)
+      log(f"  | {line}")
+    rc = proc.wait()
+  finally:
+    timer.cancel()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  return rc, "\n".join(lines)
+
+
 def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[str], None] = print,
               timeout_s: float = 3 * 3600) -> FitCheck:
-  """Ahead-of-time compile for the target; cached by fingerprint + topology + slices."""
+  """Ahead-of-time compile for the target, its output streamed to `log`; cached by fingerprint +
+  topology + slices, with the planner's predicted step time (`step_s`)."""
   key = fit_cache_key(fingerprint_hex, spec.target, spec.num_slices)
   path = os.path.join(cache_dir(), f"{key}.json")
   if os.path.exists(path):
     with open(path) as f:
       d = json.load(f)
-    return FitCheck(d["fits"], d["report"], cached=True)
+    if "step_s" in d:  # verdicts cached before the step time was kept are checked again
+      return FitCheck(d["fits"], d["report"], cached=True, step_s=d["step_s"])
+  os.makedirs(cache_dir(), exist_ok=True)
+  summary_path = os.path.join(cache_dir(), f"{key}.report.{os.getpid()}.json")
   argv = ([sys.executable, "-m", "recurrentgemma_tpu.compile", f"--config={spec.config}",
-           f"--topology={spec.target.topology_name}", f"--num_slices={spec.num_slices}"]
-          + [f"--config.{o}" for o in spec.overrides])
+           f"--topology={spec.target.topology_name}", f"--num_slices={spec.num_slices}",
+           f"--report_json={summary_path}"] + [f"--config.{o}" for o in spec.overrides])
   log(f"fit check: compiling for {spec.target.topology_name} x {spec.num_slices} slice(s) "
       f"({spec.target.accelerator_type}) on this host...")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
-  report = (proc.stdout + proc.stderr).strip()
-  if proc.returncode not in (exit_codes.OK, exit_codes.NO_FIT):
-    raise ValueError(f"fit check could not run ({exit_codes.describe(proc.returncode)}):\n"
-                     f"{report[-4000:]}")
-  result = FitCheck(proc.returncode == exit_codes.OK, report)
-  os.makedirs(cache_dir(), exist_ok=True)
-  with open(path, "w") as f:
+  rc, report = run_compile(argv, env, timeout_s, log)
+  report = report.strip()
+  if rc not in (exit_codes.OK, exit_codes.NO_FIT):
+    raise ValueError(f"fit check could not run ({exit_codes.describe(rc)}):\n{report[-4000:]}")
+  try:
+    with open(summary_path) as f:
+      step_s = json.load(f).get("step_s")
+    os.remove(summary_path)
+  except (OSError, ValueError):
+    step_s = None
+  result = FitCheck(rc == exit_codes.OK, report, step_s=step_s)
+  with open(path + f".tmp{os.getpid()}", "w") as f:
     json.dump({"fits": result.fits, "report": report, "topology": spec.target.topology_name,
-               "num_slices": spec.num_slices, "fingerprint": fingerprint_hex}, f)
+               "num_slices": spec.num_slices, "fingerprint": fingerprint_hex, "step_s": step_s}, f)
+  os.replace(path + f".tmp{os.getpid()}", path)
   return result

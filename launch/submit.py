@@ -3,7 +3,7 @@ r"""Submit (or resume) a training job.
   python -m launch.submit --config=configs/X.py --workdir=DIR_OR_GS_URL --target=v5p-256 \
       [--num_slices=N] [--backend=local|tpu_vm|gke] [--capacity=on-demand|reserved|spot|best-effort] \
       [--num_processes=N (local)] [--zone=..] [--project=..] [--dry_run] [--skip_fit_check] \
-      [--config.K=V ...]
+      [--prices=FILE] [--config.K=V ...]
 
 Re-submitting the same workdir resumes the job (the trainer continues from its newest checkpoint);
 a different job in the same workdir is refused. Exit codes: 0 run complete, 42 stopped or preempted
@@ -39,6 +39,11 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Change nothing; print every comm
                              "manifest and each host's environment.")
 _SKIP_FIT = flags.DEFINE_bool("skip_fit_check", False, "Skip the ahead-of-time fit check (tpu_vm/"
                               "gke still validate the config; local then validates nothing itself).")
+_PRICES = flags.DEFINE_string("prices", None, "Price table (YAML or JSON) for the cost estimate: "
+                              "price per chip-hour by chip generation and capacity kind "
+                              "(configs/prices/example.yaml; docs/launch.md, \"Cost\").")
+_PROGRESS = flags.DEFINE_float("progress_every", 30, "local: seconds between progress lines (step, "
+                               "loss, ETA, restarts) while the job compiles or trains.")
 _MAX_PREEMPTIONS = flags.DEFINE_integer("max_preemptions", 100, "Restarts after preemptions (exit 42, "
                                         "lost VMs).")
 _MAX_FAILURES = flags.DEFINE_integer("max_failures", 3, "Restarts after failures (other exits, hangs).")
@@ -93,13 +98,16 @@ def spec_from_flags() -> spec_lib.JobSpec:
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from launch import cost  # pylint: disable=g-import-not-at-top
   from launch import jobs  # pylint: disable=g-import-not-at-top
   try:
     spec = spec_from_flags()
+    prices = cost.load(_PRICES.value) if _PRICES.value else None
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return exit_codes.USER_ERROR
-  return jobs.submit(spec, dry_run=_DRY_RUN.value, skip_fit_check=_SKIP_FIT.value)
+  return jobs.submit(spec, dry_run=_DRY_RUN.value, skip_fit_check=_SKIP_FIT.value, prices=prices,
+                     progress_every_s=_PROGRESS.value)
 
 
 def run() -> None:

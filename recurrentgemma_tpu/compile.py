@@ -16,6 +16,7 @@ estimated step time, and prints the fitting plans ranked (exit 0 when at least o
 """
 
 import glob
+import json
 import os
 import sys
 import time
@@ -49,6 +50,9 @@ _MAX_HBM = flags.DEFINE_float("max_hbm_fraction", 0.95, "Fits when total per-chi
 _ARRAYS = flags.DEFINE_bool("arrays", False, "Print every state array's logical axes, sharding and "
                             "per-device bytes.")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the compiled HLO text to this path.")
+_REPORT_JSON = flags.DEFINE_string(
+    "report_json", None, "Also write the verdict as JSON to this path: fits, per-chip bytes and the "
+    "step-time model's predicted seconds per step (what launch.submit's cost estimate uses).")
 _SEARCH = flags.DEFINE_bool("search", False, "Search mesh x remat x micro-batches for fitting plans.")
 _SEARCH_REMATS = flags.DEFINE_list("search_remat", ["block", "dots", "none"], "Remat policies to try.")
 _SEARCH_MICRO = flags.DEFINE_list("search_microbatches", ["1", "2", "4", "8", "16"], "Micro-batch counts.")
@@ -228,6 +232,9 @@ def main(argv: Sequence[str]) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(planner.format_report(report))
+  if _REPORT_JSON.value:
+    with open(_REPORT_JSON.value, "w") as f:
+      json.dump(planner.report_summary(report), f)
   return exit_codes.OK if report.fits else exit_codes.NO_FIT
 
 

@@ -366,6 +366,14 @@ def format_report(r: CompileReport) -> str:
   return "\n".join(lines)
 
 
+def report_summary(r: CompileReport) -> dict[str, Any]:
+  """The verdict as plain numbers (the compile CLI's --report_json): fit, memory, predicted step."""
+  return {"topology": r.topology, "num_slices": r.num_slices, "fits": r.fits,
+          "total_bytes": r.total_bytes, "hbm_bytes": r.hbm_bytes,
+          "step_s": r.step.step_s if r.step is not None else None,
+          "mfu": r.mfu if r.step is not None else None}
+
+
 @dataclasses.dataclass
 class SearchResult:
   plan: Plan

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from launch import bundle
 from launch import commands
+from launch import progress as progress_lib
 from launch import gcloud
 from launch import spec as spec_lib
 from launch import state as state_lib
@@ -48,9 +49,11 @@ def jobset_phase(runner: gcloud.Runner, name: str) -> str:
   return "Running" if status.get("replicatedJobsStatus") else "Queued"
 
 
-def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, *, log: Callable[[str], None] = print) -> int:
+def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, *, log: Callable[[str], None] = print,
+        progress: progress_lib.Reporter | None = None) -> int:
   """Ships the code, applies the JobSet and watches it until the run ends."""
-  return babysit(spec, runner, bundle.ship(runner, spec.workdir), log=log)
+  return babysit(spec, runner, bundle.ship(runner, spec.workdir), log=log,
+                 progress=progress)
 
 
 def describe(spec: spec_lib.JobSpec, runner: gcloud.Runner, log: Callable[[str], None]) -> None:
@@ -86,7 +89,8 @@ def gc(spec: spec_lib.JobSpec, st: state_lib.RunState, runner: gcloud.Runner,
 
 def babysit(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
             log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
-            clock: Callable[[], float] = time.time) -> int:
+            clock: Callable[[], float] = time.time,
+            progress: progress_lib.Reporter | None = None) -> int:
   """Applies the attempt's JobSet (unless one is live) and watches it; returns the exit code."""
   wd, b = spec.workdir, spec.budgets
   st = state_lib.load_state(wd)
@@ -107,6 +111,8 @@ def babysit(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
       state_lib.save_state(wd, st)
       return exit_codes.PREEMPTED
     phase = jobset_phase(runner, st.resource)
+    if phase == "Running" and progress is not None:
+      progress.poll(st.attempt - 1)
     if phase == "Completed":
       st.phase = "done"
       state_lib.save_state(wd, st)

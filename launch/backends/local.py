@@ -20,6 +20,7 @@ import time
 from typing import Callable
 
 from launch import commands
+from launch import progress as progress_lib
 from launch import spec as spec_lib
 from launch import state as state_lib
 from launch import supervisor
@@ -139,9 +140,10 @@ def gc(spec: spec_lib.JobSpec, st: state_lib.RunState, runner, lister,  # pylint
 
 
 def run(spec: spec_lib.JobSpec, runner=None, *, python: str = sys.executable, poll_s: float = 0.5,
-        log: Callable[[str], None] = print) -> int:
+        log: Callable[[str], None] = print, progress: progress_lib.Reporter | None = None) -> int:
   """Runs the job to the end; returns the launcher's exit code (exit_codes: OK done, PREEMPTED
-  stopped or preempted out of budget, the trainer's fatal code, INTERNAL failed out of budget)."""
+  stopped or preempted out of budget, the trainer's fatal code, INTERNAL failed out of budget).
+  `progress` prints a line (step, loss, ETA, restarts) at its interval while the job runs."""
   wd, b = spec.workdir, spec.budgets
   st = state_lib.load_state(wd)
   host_hygiene(st, log)
@@ -179,7 +181,9 @@ def run(spec: spec_lib.JobSpec, runner=None, *, python: str = sys.executable, po
       state_lib.save_state(wd, st)
       log(f"attempt {st.attempt}: {spec.num_processes} process(es) {st.pids}, logs in "
           f"{workdir_lib.join(wd, workdir_lib.LOGS_DIR)}")
-      outcome = _watch(spec, procs, started, poll_s)
+      restarts = st.attempt - 1
+      outcome = _watch(spec, procs, started, poll_s,
+                       (lambda: progress.poll(restarts)) if progress else lambda: None)
       for f in logs:
         f.close()
       st.pids = []
@@ -215,11 +219,12 @@ def run(spec: spec_lib.JobSpec, runner=None, *, python: str = sys.executable, po
 
 
 def _watch(spec: spec_lib.JobSpec, procs: list[subprocess.Popen], started: float,
-           poll_s: float) -> supervisor.Outcome:
-  """Waits for the attempt to end and returns how it ended."""
+           poll_s: float, report: Callable[[], object]) -> supervisor.Outcome:
+  """Waits for the attempt to end (reporting progress at each look) and returns how it ended."""
   b, wd = spec.budgets, spec.workdir
   while True:
     time.sleep(poll_s)
+    report()
     outcome = supervisor.classify([p.poll() for p in procs])
     if outcome is not None:
       # One process down: the others are stuck in collectives; stop them all now.

@@ -19,6 +19,7 @@ from typing import Callable
 
 from launch import bundle
 from launch import commands
+from launch import progress as progress_lib
 from launch import gcloud
 from launch import spec as spec_lib
 from launch import state as state_lib
@@ -77,9 +78,11 @@ def _host_exits(spec: spec_lib.JobSpec, since: float) -> dict[int, int]:
   return out
 
 
-def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, *, log: Callable[[str], None] = print) -> int:
+def run(spec: spec_lib.JobSpec, runner: gcloud.Runner, *, log: Callable[[str], None] = print,
+        progress: progress_lib.Reporter | None = None) -> int:
   """Ships the code, then creates and babysits the job's queued resource until the run ends."""
-  return babysit(spec, runner, bundle.ship(runner, spec.workdir), log=log)
+  return babysit(spec, runner, bundle.ship(runner, spec.workdir), log=log,
+                 progress=progress)
 
 
 def describe(spec: spec_lib.JobSpec, runner: gcloud.Runner, log: Callable[[str], None]) -> None:
@@ -122,7 +125,8 @@ def gc(spec: spec_lib.JobSpec, st: state_lib.RunState, runner: gcloud.Runner,
 
 def babysit(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
             log: Callable[[str], None] = print, sleep: Callable[[float], None] = time.sleep,
-            clock: Callable[[], float] = time.time) -> int:
+            clock: Callable[[], float] = time.time,
+            progress: progress_lib.Reporter | None = None) -> int:
   """Creates and babysits the job's queued resource until the run ends; returns the exit code."""
   wd, b = spec.workdir, spec.budgets
   st = state_lib.load_state(wd)
@@ -191,6 +195,8 @@ def babysit(spec: spec_lib.JobSpec, runner: gcloud.Runner, wheel_url: str, *,
         return finish("failed", f"running longer than the deadline ({b.run_timeout_s:.0f}s)",
                       exit_codes.INTERNAL)
       if outcome is None:
+        if progress is not None:
+          progress.poll(st.preemptions + st.failures)
         beats = [heartbeat.read_record(wd, i) for i in range(spec.num_hosts)]
         if not any(beats):
           # No host has written any heartbeat: a trainer that cannot write them to this workdir
