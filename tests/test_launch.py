@@ -228,33 +228,55 @@ def test_fit_check_runs_the_compile_cli_once_per_fingerprint_target_and_slices(t
   monkeypatch.setenv("RG_LAUNCH_CACHE", str(tmp_path / "cache"))
   calls = []
 
-  def fake_run(argv, **kw):
+  def fake_compile(argv, env, timeout_s, log):
     calls.append(argv)
-    return subprocess.CompletedProcess(argv, exit_codes.NO_FIT,
-                                       "total 120.00 GiB per chip: does not fit", "")
+    return exit_codes.NO_FIT, "total 120.00 GiB per chip: does not fit"
 
-  monkeypatch.setattr(preflight.subprocess, "run", fake_run)
+  monkeypatch.setattr(preflight, "run_compile", fake_compile)
   quiet = lambda s: None
   first = preflight.fit_check(_spec(), "f" * 64, log=quiet)
   assert not first.fits and not first.cached and "does not fit" in first.report
-  assert calls[0][1:] == ["-m", "recurrentgemma_tpu.compile", "--config=configs/tiny.py",
-                          "--topology=v5p:2x2x2", "--num_slices=1", "--config.train.steps=5"]
+  assert calls[0][1:4] == ["-m", "recurrentgemma_tpu.compile", "--config=configs/tiny.py"]
+  assert calls[0][4:6] == ["--topology=v5p:2x2x2", "--num_slices=1"]
+  assert calls[0][6].startswith("--report_json=") and calls[0][7:] == ["--config.train.steps=5"]
   assert preflight.fit_check(_spec(), "f" * 64, log=quiet).cached and len(calls) == 1
   preflight.fit_check(_spec(num_slices=2), "f" * 64, log=quiet)
   preflight.fit_check(_spec(), "e" * 64, log=quiet)
   assert len(calls) == 3
   for code in (exit_codes.USER_ERROR, exit_codes.INTERNAL):  # a bad request, a crash: no verdict
-    monkeypatch.setattr(preflight.subprocess, "run",
-                        lambda argv, code=code, **kw: subprocess.CompletedProcess(argv, code, "", "x"))
+    monkeypatch.setattr(preflight, "run_compile", lambda argv, env, t, log, code=code: (code, "x"))
     with pytest.raises(ValueError, match="could not run"):
       preflight.fit_check(_spec(target=spec_lib.parse_target("v5p-32")), "f" * 64, log=quiet)
+
+
+def test_the_fit_check_streams_each_line_as_the_compile_prints_it(tmp_path):
+  """Each line reaches the log while the child still runs (it waits for a file the log writes)."""
+  from launch import preflight
+  import sys
+  flag = tmp_path / "seen"
+  child = ("import os, sys, time\n"
+           "print('first line')\n"  # no flush: PYTHONUNBUFFERED must make it leave at once
+           f"deadline = time.time() + 60\n"
+           f"while not os.path.exists({str(flag)!r}) and time.time() < deadline:\n"
+           "  time.sleep(0.05)\n"
+           f"print('second line' if os.path.exists({str(flag)!r}) else 'buffered')\n")
+  seen = []
+
+  def log(line):
+    seen.append(line)
+    if "first line" in line:
+      flag.write_text("")  # only possible if the first line arrived before the child exited
+
+  rc, out = preflight.run_compile([sys.executable, "-c", child], dict(os.environ), 120, log)
+  assert rc == 0 and seen == ["  | first line", "  | second line"], seen
+  assert out == "first line\nsecond line"
 
 
 def test_a_plan_that_does_not_fit_stops_before_anything_is_created(tmp_path, monkeypatch):
   from launch import preflight
   monkeypatch.setattr(preflight, "fingerprint", lambda spec: "f" * 64)
   monkeypatch.setattr(preflight, "fit_check",
-                      lambda spec, fp, log: preflight.FitCheck(False, "120 GiB per chip"))
+                      lambda spec, fp, log: preflight.FitCheck(False, "120 GiB per chip", cached=True))
   out = []
   spec = _spec(workdir=str(tmp_path / "run"), allow_local_workdir=True)
   assert jobs.submit(spec, log=out.append) == 4

@@ -1,0 +1,210 @@
+"""Cost before submit (launch/cost.py) and a submit that talks (plan summary, progress lines)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from launch import cost
+from launch import jobs
+from launch import preflight
+from launch import progress
+from launch import spec as spec_lib
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import heartbeat
+from sharding import planner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "configs", "prices", "example.yaml")
+
+
+def _table(tmp_path, prices, name="prices.yaml", **fields):
+  import yaml
+  data = {"currency": "EUR", "date": "2026-11-30", "source": "a test", "prices": prices, **fields}
+  path = tmp_path / name
+  path.write_text(json.dumps(data) if name.endswith(".json") else yaml.safe_dump(data))
+  return str(path)
+
+
+def _spec(tmp_path, **kw):
+  base = dict(config="configs/tiny.py", overrides=("train.steps=123457", "data.global_batch_size=64", "data.eval_batch_size=64"),
+              workdir=str(tmp_path / "run"), backend="tpu_vm",
+              target=spec_lib.parse_target("v5p-32"), num_slices=2, capacity="spot",
+              zone="us-east5-a", project="p", allow_local_workdir=True)
+  base.update(kw)
+  return spec_lib.JobSpec(**base)
+
+
+def _rows(text: str) -> dict[str, str]:
+  """The `# plan` block's `key: value` rows."""
+  block = text.split("# plan\n", 1)[1].split("\n#", 1)[0]
+  return dict(re.match(r"([a-z -]+):\s+(.*)", l).groups() for l in block.splitlines())
+
+
+def _number(text: str) -> float:
+  return float(re.match(r"([\d,]+\.?\d*)", text).group(1).replace(",", ""))
+
+
+# ------------------------------------------------------------------------------------ price table
+
+
+def test_the_example_table_names_its_date_and_source_and_says_it_is_illustrative():
+  table = cost.load(EXAMPLE)
+  assert table.date and table.source and table.currency
+  text = open(EXAMPLE).read().lower()
+  assert "illustrative" in text
+  assert table.price("v5p", "on-demand") > table.price("v5p", "spot") > 0
+
+
+@pytest.mark.parametrize("prices, fields, match", [
+    ({"v5p": {"spot": 0}}, {}, r"prices.v5p.spot=0 must be a positive number"),
+    ({"v5p": {"spot": "cheap"}}, {}, r"prices.v5p.spot='cheap' must be a positive number"),
+    ({"v9": {"spot": 1.0}}, {}, r"prices.v9 is not a chip generation \(known: v4, v5e, v5p, v6e\)"),
+    ({"v5p": {"preemptible": 1.0}}, {}, r"prices.v5p.preemptible is not a capacity kind"),
+    ({"v5p": {"spot": 1.0}}, {"source": ""}, r"source is empty"),
+    ({"v5p": {"spot": 1.0}}, {"currencyy": "USD"}, r"unknown field\(s\) currencyy"),
+])
+def test_a_bad_table_is_refused_by_field(tmp_path, prices, fields, match):
+  with pytest.raises(ValueError, match=match):
+    cost.load(_table(tmp_path, prices, **fields))
+
+
+def test_json_tables_and_unreadable_files(tmp_path):
+  assert cost.load(_table(tmp_path, {"v6e": {"reserved": 1.5}}, "p.json")).price("v6e", "reserved") == 1.5
+  with pytest.raises(ValueError, match="cannot read the price table"):
+    cost.load(str(tmp_path / "missing.yaml"))
+
+
+def test_a_missing_price_names_the_chip_capacity_and_what_the_table_has(tmp_path):
+  table = cost.load(_table(tmp_path, {"v5p": {"on-demand": 4.0}}))
+  with pytest.raises(ValueError, match=r"no price for v5p spot \(it has: v5p on-demand\)"):
+    table.price("v5p", "spot")
+
+
+# ------------------------------------------------------------------------------------ dry run
+
+
+def _seed_fit_cache(tmp_path, monkeypatch, spec, step_s):
+  """The fit check's cached verdict for this job, as the compile CLI would leave it."""
+  monkeypatch.setenv("RG_LAUNCH_CACHE", str(tmp_path / "cache"))
+  fp = preflight.fingerprint(spec)
+  os.makedirs(preflight.cache_dir(), exist_ok=True)
+  key = preflight.fit_cache_key(fp, spec.target, spec.num_slices)
+  with open(os.path.join(preflight.cache_dir(), f"{key}.json"), "w") as f:
+    json.dump({"fits": True, "report": "FITS: yes", "step_s": step_s}, f)
+
+
+def test_dry_run_figures_are_chips_times_predicted_step_times_steps_times_price(tmp_path,
+                                                                              monkeypatch):
+  spec = _spec(tmp_path)
+  # A step time as the planner's model makes it: max(compute, HBM) + ICI + DCN.
+  step = planner.StepTime(compute_s=0.81, memory_s=1.13, ici_s=0.27, dcn_s=0.04,
+                          collective_bytes=0.0, exact=True)
+  _seed_fit_cache(tmp_path, monkeypatch, spec, step.step_s)
+  table = cost.load(_table(tmp_path, {"v5p": {"spot": 2.37, "on-demand": 5.0}}))
+  out = []
+  monkeypatch.setenv("PATH", str(tmp_path))  # nothing may run: no gcloud, no pip
+  assert jobs.submit(spec, dry_run=True, prices=table, log=out.append) == exit_codes.OK
+  text = "\n".join(out)
+  # Computed here, independently of launch/cost.py: v5p-32 is 16 chips; two slices.
+  chips, steps, price = 16 * 2, 123457, 2.37
+  chip_hours = chips * (1.13 + 0.27 + 0.04) * steps / 3600
+  rows = _rows(text)
+  assert rows["slices"].startswith("2 x v5p-32 (v5p:2x2x4)")
+  assert rows["chips"].startswith("32 ") and rows["hosts"].startswith("8 ")
+  assert rows["steps"] == str(steps)
+  assert _number(rows["step time"]) == pytest.approx(1.44, rel=1e-3)
+  assert _number(rows["chip-hours"].split("= ")[-1]) == pytest.approx(chip_hours, rel=1e-3)
+  assert _number(rows["cost"]) == pytest.approx(chip_hours * price, abs=0.006)
+  assert "EUR" in rows["cost"] and "2026-11-30" in rows["cost"] and "a test" in rows["cost"]
+  # The summary opens the plan, before the per-host detail.
+  assert text.index("# plan") < text.index("# each host's environment and command")
+  assert not (tmp_path / "run").exists()
+
+
+def test_without_a_fit_check_the_cost_says_why_it_is_unknown(tmp_path, monkeypatch):
+  monkeypatch.setattr(preflight, "store_check", lambda spec: [])
+  table = cost.load(_table(tmp_path, {"v5p": {"spot": 2.0}}))
+  out = []
+  assert jobs.submit(_spec(tmp_path), dry_run=True, skip_fit_check=True, prices=table,
+                     log=out.append) == exit_codes.OK
+  rows = _rows("\n".join(out))
+  assert rows["step time"] == "not predicted: no fit check (--skip_fit_check)"
+  assert rows["cost"] == "not estimated: no fit check (--skip_fit_check)"
+
+
+def test_a_price_table_without_the_targets_chip_is_one_error_line_and_exit_2(tmp_path):
+  table = _table(tmp_path, {"v5p": {"on-demand": 4.0}, "v5e": {"spot": 1.0}})
+  env = {**os.environ, "PYTHONPATH": ROOT, "RG_LAUNCH_CACHE": str(tmp_path / "cache")}
+  res = subprocess.run(
+      [sys.executable, "-m", "launch.submit", "--config=configs/tiny.py", "--target=v5p-8",
+       "--capacity=spot", f"--workdir={tmp_path / 'run'}", "--allow_local_workdir",
+       "--zone=us-east5-a", "--project=p",
+       f"--prices={table}", "--dry_run"], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert res.returncode == exit_codes.USER_ERROR, res.stderr
+  errors = [l for l in res.stderr.splitlines() if l.strip()]
+  assert len(errors) == 1 and errors[0].startswith("error: the price table"), res.stderr
+  assert "no price for v5p spot" in errors[0] and "v5p on-demand" in errors[0]
+  assert "fit check" not in res.stdout  # refused before any compile
+  assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def test_progress_lines_come_at_least_every_interval_and_quote_the_newest_heartbeat(tmp_path):
+  """A job that compiles for 6 minutes (one heartbeat) then trains (a heartbeat every 5 s), looked at
+  every 0.5 s on a simulated clock: one line per 30 s, each with the heartbeat and loss of its time."""
+  wd = str(tmp_path)
+  now = [1000.0]
+  beats = [(1000.0 + 2, 0, "compiling", None)] + [
+      (1000.0 + 360 + 5 * k, 10 * k, "training", 0.5) for k in range(60)]
+  losses = {10 * k: 5.0 - 0.01 * k for k in range(60)}
+
+  def reader(workdir):
+    current = [b for b in beats if b[0] <= now[0]]
+    if not current:
+      return progress.Snapshot(0, "", None, None, None)
+    t, step, phase, step_time = current[-1]
+    return progress.Snapshot(step, phase, step_time, losses.get(step) if step else None, t)
+
+  lines = []
+  reporter = progress.Reporter(wd, 600, 30.0, lines.append, clock=lambda: now[0], reader=reader)
+  polls = 0
+  while now[0] < 1000.0 + 360 + 5 * 60:
+    reporter.poll(restarts=1)
+    now[0] += 0.5
+    polls += 1
+  total = 360 + 5 * 60
+  assert len(lines) == -(-total // 30)  # a line at the first look, then one per 30 s, no more
+  for i, text in enumerate(lines):
+    t = 1000.0 + 30 * i
+    current = [b for b in beats if b[0] <= t]
+    if not current:
+      assert text.startswith("progress: step 0/600 (no heartbeat yet)")
+      continue
+    _, step, phase, _ = current[-1]
+    assert text.startswith(f"progress: step {step}/600 ({phase})"), text
+    assert text.endswith("ago") and "restarts 1" in text
+    if step:
+      assert f"loss {losses[step]:.4g}" in text and f"ETA {progress._clock((600 - step) * 0.5)}" in text
+
+
+def test_progress_reads_the_first_process_heartbeat_and_metrics(tmp_path):
+  wd = str(tmp_path)
+  assert progress.read(wd) == progress.Snapshot(0, "", None, None, None)
+  (tmp_path / "metrics.jsonl").write_text(
+      json.dumps({"step": 10, "split": "train", "loss": 4.25, "step_time": 0.2}) + "\n"
+      + json.dumps({"step": 10, "split": "eval", "loss": 9.0}) + "\n")
+  assert progress.read(wd) == progress.Snapshot(10, "", 0.2, 4.25, None)
+  hb = heartbeat.Heartbeat(wd, 0)
+  hb.beat("training", 12, 0.25)
+  snap = progress.read(wd)
+  assert (snap.step, snap.phase, snap.step_time, snap.loss) == (12, "training", 0.25, 4.25)
+  assert progress.line(snap, 20, 2, snap.beat_time + 3) == (
+      "progress: step 12/20 (training), loss 4.25, 0.25 s/step, ETA 0m02s, restarts 2, "
+      "heartbeat 3s ago")
