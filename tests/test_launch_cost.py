@@ -208,3 +208,58 @@ def test_progress_reads_the_first_process_heartbeat_and_metrics(tmp_path):
   assert progress.line(snap, 20, 2, snap.beat_time + 3) == (
       "progress: step 12/20 (training), loss 4.25, 0.25 s/step, ETA 0m02s, restarts 2, "
       "heartbeat 3s ago")
+
+
+# ------------------------------------------------------------------------------------ sweeps
+
+
+def test_sweep_dry_run_prints_each_trials_cost_and_the_total(tmp_path, monkeypatch):
+  from launch.sweep import definition
+  from launch.sweep import dryrun
+  from launch.sweep import targets as targets_lib
+  trials = definition.expand(definition.load_sweep("configs/sweeps/cpu_ladder.py"))[:3]
+  # The planner's predicted step per trial; v5p-8 (4 chips) fits only the first trial.
+  steps_s = {t.id: planner.StepTime(1e-3 * (i + 1), 2e-3 * (i + 1), 1e-4, 0.0, 0.0, True).step_s
+             for i, t in enumerate(trials)}
+  seen = []
+
+  def fake_check(trial, target, log, num_slices):
+    seen.append((trial.id, target.accelerator_type, num_slices))
+    fits = target.chips == 8 or trial.id == trials[0].id
+    return preflight.FitCheck(fits, "total 9 GiB" if fits else "total 120 GiB", step_s=steps_s[trial.id])
+
+  monkeypatch.setattr(targets_lib, "check_trial", fake_check)
+  table = cost.load(_table(tmp_path, {"v5p": {"spot": 3.5}}))
+  out = []
+  rc = dryrun.dry_run(trials, backend="tpu_vm", target="", candidates=["v5p-16", "v5p-8"],
+                      launch_flags=["--capacity=spot", "--num_slices=2"], prices=table,
+                      log=out.append)
+  assert rc == exit_codes.OK
+  text = "\n".join(out)
+  total_hours = 0.0
+  for i, t in enumerate(trials):
+    chips = (4 if i == 0 else 8) * 2  # the smallest fitting candidate, two slices each
+    hours = chips * (2e-3 * (i + 1) + 1e-4) * t.info["steps"] / 3600
+    total_hours += hours
+    line = next(l for l in out if l.startswith(f"trial {t.id}"))
+    assert f"2 x {'v5p-8' if i == 0 else 'v5p-16'}," in line
+    assert _number(line.split(" = ")[1]) == pytest.approx(hours, rel=1e-3)
+    assert _number(line.split(" = ")[2]) == pytest.approx(hours * 3.5, abs=0.006)
+  total = out[-1]
+  assert total.startswith("total: ")
+  assert _number(total[len("total: "):]) == pytest.approx(total_hours, rel=1e-3)
+  assert _number(total.split(", ")[1]) == pytest.approx(total_hours * 3.5, abs=0.006)
+  assert all(n == 2 for _, _, n in seen) and not (tmp_path / "root").exists()
+
+
+def test_sweep_dry_run_refuses_a_table_without_a_candidates_chip_before_compiling(tmp_path,
+                                                                                  monkeypatch):
+  from launch.sweep import definition
+  from launch.sweep import dryrun
+  from launch.sweep import targets as targets_lib
+  monkeypatch.setattr(targets_lib, "check_trial", lambda *a: pytest.fail("compiled"))
+  trials = definition.expand(definition.load_sweep("configs/sweeps/cpu_ladder.py"))[:1]
+  table = cost.load(_table(tmp_path, {"v5p": {"spot": 3.5}}))
+  with pytest.raises(exit_codes.UserError, match="no price for v6e spot"):
+    dryrun.dry_run(trials, backend="gke", target="", candidates=["v5p-8", "v6e-8"],
+                   launch_flags=["--capacity=spot"], prices=table, log=lambda s: None)

@@ -6,7 +6,8 @@ r"""Scaling sweeps: run, watch, collect, fit and plot.
 
 run      claims and runs every unfinished trial (resumes interrupted ones, retries failed ones within
          the definition's `retries`); several drivers may share one root. Exit 0 all done, 1 some
-         failed, 42 stopped by a signal (rerun to continue).
+         failed, 42 stopped by a signal (rerun to continue). --dry_run [--prices=FILE] prints each
+         trial's target, chip-hours and cost and the totals, and runs nothing.
 status   each trial's state, step and ETA.
 collect  ROOT/results.{csv,jsonl} and a TensorBoard HParams log under ROOT/hparams;
          --downstream=TASKS first evaluates finished trials on lm-eval tasks (needs the eval extra).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 
 from absl import app
 from absl import flags
@@ -51,6 +53,10 @@ _STARTS = flags.DEFINE_integer("starts", 32, "fit: optimizer starts per fit.")
 _DOWNSTREAM = flags.DEFINE_string(
     "downstream", "", "collect: lm-eval tasks to evaluate each finished trial on first "
     "(comma-separated; e.g. rg_stdlib); scores already in a trial's workdir are reused.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "run: print each trial's target, chip-hours and cost "
+                             "(with --prices) and the totals; submit and write nothing.")
+_PRICES = flags.DEFINE_string("prices", None, "run --dry_run, fit: price table (YAML or JSON) for "
+                              "the cost (configs/prices/example.yaml; docs/launch.md, \"Cost\").")
 _DOWNSTREAM_LIMIT = flags.DEFINE_integer("downstream_limit", 0, "collect: documents per task (0: all).")
 
 
@@ -106,6 +112,16 @@ def main(argv: list[str]) -> int:
                           target=_TARGET.value, targets=tuple(candidates),
                           launch_flags=tuple(shlex.split(_LAUNCH_FLAGS.value)))
     print(f"sweep {sweep.name}: {len(trials)} trials under {root}", flush=True)
+    if _DRY_RUN.value:
+      from launch import cost  # pylint: disable=g-import-not-at-top
+      from launch.sweep import dryrun  # pylint: disable=g-import-not-at-top
+      try:
+        prices = cost.load(_PRICES.value) if _PRICES.value else None
+      except ValueError as e:
+        raise exit_codes.UserError(str(e)) from e
+      return dryrun.dry_run(trials, backend=_BACKEND.value, target=_TARGET.value,
+                            candidates=candidates, launch_flags=opts.launch_flags, prices=prices,
+                            log=lambda s: print(s, flush=True))
     from launch import preflight  # pylint: disable=g-import-not-at-top
     from recurrentgemma_tpu import exit_codes  # pylint: disable=g-import-not-at-top
     try:  # each distinct data store once, for all trials

@@ -35,18 +35,24 @@ def _reason(report: str) -> str:
   return lines[-1][-300:] if lines else ""
 
 
-def fit_check(trial: definition.Trial, target: spec_lib.Target,
-              log: Callable[[str], None] = print) -> tuple[bool, bool, str]:
-  """launch.preflight's cached AOT fit check of one trial on one target (one slice)."""
+def check_trial(trial: definition.Trial, target: spec_lib.Target, log: Callable[[str], None] = print,
+                num_slices: int = 1) -> Any:
+  """launch.preflight's cached AOT fit check (a FitCheck, with the predicted step time) of one trial
+  on `num_slices` slices of one target; ValueError / FileNotFoundError when invalid for it."""
   from launch import preflight  # pylint: disable=g-import-not-at-top
   # Only config, overrides and target matter to the preflight; "local" skips the cloud fields.
   spec = spec_lib.JobSpec(config=trial.spec, overrides=tuple(trial.overrides), workdir="plan",
-                          backend="local", target=target)
+                          backend="local", target=target, num_slices=num_slices)
+  return preflight.fit_check(spec, preflight.fingerprint(spec), log=log)
+
+
+def fit_check(trial: definition.Trial, target: spec_lib.Target,
+              log: Callable[[str], None] = print) -> tuple[bool, bool, str]:
+  """launch.preflight's cached AOT fit check of one trial on one target (one slice)."""
   try:
-    fingerprint = preflight.fingerprint(spec)
+    result = check_trial(trial, target, log)
   except (ValueError, FileNotFoundError) as e:
     return False, False, f"invalid for {target.accelerator_type}: {e}"
-  result = preflight.fit_check(spec, fingerprint, log=log)
   return result.fits, result.cached, _reason(result.report)
 
 
