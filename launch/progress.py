@@ -37,7 +37,8 @@ def read(workdir: str, *, with_loss: bool = True) -> Snapshot:
   last = train[-1] if train else {}
   loss = last.get("loss")
   if beat is not None:
-    return Snapshot(beat.step, beat.phase, beat.step_time,
+    # Heartbeats come every few seconds, a metrics record every log_every steps: the newer step wins.
+    return Snapshot(max(beat.step, int(last.get("step", 0))), beat.phase, beat.step_time,
                     None if loss is None else float(loss), beat.time)
   return Snapshot(int(last.get("step", 0)), "", last.get("step_time"),
                   None if loss is None else float(loss), None)

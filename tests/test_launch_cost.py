@@ -263,3 +263,43 @@ def test_sweep_dry_run_refuses_a_table_without_a_candidates_chip_before_compilin
   with pytest.raises(exit_codes.UserError, match="no price for v6e spot"):
     dryrun.dry_run(trials, backend="gke", target="", candidates=["v5p-8", "v6e-8"],
                    launch_flags=["--capacity=spot"], prices=table, log=lambda s: None)
+
+
+@pytest.mark.slow  # one real trainer start (~1 min on 2 busy cores)
+def test_a_local_submit_prints_progress_while_it_compiles_and_trains(tmp_path):
+  """Progress lines from the first process's heartbeat and metrics, while the heartbeat says
+  compiling (held for 6 s by the phase-delay hook) and while it trains."""
+  from test_train_common import REPO, SMALL, subprocess_env
+  steps, workdir = 120, tmp_path / "run"
+  overrides = {**SMALL, "train.steps": steps, "train.log_every": 10, "checkpoint.save_every": 1000}
+  argv = ([sys.executable, "-m", "launch.submit", "--backend=local", "--num_processes=1",
+           "--config=configs/tiny.py", f"--workdir={workdir}", "--skip_fit_check",
+           "--progress_every=1"] + [f"--config.{k}={v}" for k, v in overrides.items()])
+  env = {**subprocess_env(num_devices=1), "RECURRENTGEMMA_TPU_PHASE_DELAY": "compiling=6"}
+  res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  lines = [l for l in res.stdout.splitlines() if l.startswith("progress: ")]
+  parsed = [re.match(r"progress: step (\d+)/(\d+) \(([a-z ]+)\)", l) for l in lines]
+  assert all(parsed), lines
+  assert all(int(m.group(2)) == steps for m in parsed)
+  # 6 s in "compiling" at one line a second: several lines say so (>= 3 leaves room for a busy host).
+  assert sum(m.group(3) == "compiling" for m in parsed) >= 3, lines
+  step_seq = [int(m.group(1)) for m in parsed]
+  assert step_seq == sorted(step_seq) and step_seq[-1] <= steps
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = {int(r["step"]): r["loss"] for r in records if r.get("split") == "train"}
+  with_loss = [(int(m.group(1)), re.search(r", loss ([^,]+),", l)) for m, l in zip(parsed, lines)]
+  quoted = [(s, x.group(1)) for s, x in with_loss if x]
+  assert quoted, lines  # training was long enough to show a loss
+  for step, loss in quoted:  # the loss of a training record at or before the heartbeat's step
+    assert loss in {f"{v:.4g}" for s, v in train.items() if s <= step}, (step, loss, train)
+  assert all("restarts 0" in l for l in lines)
+
+
+def test_progress_takes_the_newer_step_of_heartbeat_and_metrics(tmp_path):
+  wd = str(tmp_path)
+  heartbeat.Heartbeat(wd, 0).beat("training", 1, 0.3)
+  (tmp_path / "metrics.jsonl").write_text(
+      json.dumps({"step": 10, "split": "train", "loss": 6.5, "step_time": 0.2}) + "\n")
+  snap = progress.read(wd)
+  assert (snap.step, snap.loss, snap.step_time) == (10, 6.5, 0.3)
