@@ -123,7 +123,6 @@ def main(argv: list[str]) -> int:
                             candidates=candidates, launch_flags=opts.launch_flags, prices=prices,
                             log=lambda s: print(s, flush=True))
     from launch import preflight  # pylint: disable=g-import-not-at-top
-    from recurrentgemma_tpu import exit_codes  # pylint: disable=g-import-not-at-top
     try:  # each distinct data store once, for all trials
       preflight.check_stores(trials, prepare_local=(_BACKEND.value == "local"
                                                     and not _TRIAL_COMMAND.value))

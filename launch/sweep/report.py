@@ -22,6 +22,7 @@ import time
 from typing import Any, Sequence
 
 
+from launch import progress as progress_lib
 from launch.sweep import definition
 from launch.sweep import state as state_lib
 from launch.sweep import store
@@ -52,9 +53,9 @@ def code_version() -> str:
 
 
 def _eta(trial: definition.Trial, step: int, step_time: float | None) -> str:
-  if not step_time:
+  seconds = progress_lib.eta_s(step, trial.info["steps"], step_time)
+  if seconds is None:
     return "-"
-  seconds = max(trial.info["steps"] - step, 0) * step_time
   return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f}d"
 
 

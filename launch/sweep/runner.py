@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from launch import progress as progress_lib
 from launch import spec as spec_lib
 from launch import supervisor
 from launch.sweep import definition
@@ -292,7 +293,8 @@ class Driver:
     for r in self.running.values():
       step, step_time = state_lib.progress(state_lib.trial_dir(self.root, r.trial.id))
       steps = r.trial.info["steps"]
-      eta = f" eta {(steps - step) * step_time:.0f}s" if step_time else ""
+      seconds = progress_lib.eta_s(step, steps, step_time)
+      eta = f" eta {seconds:.0f}s" if seconds is not None else ""
       parts.append(f"{r.trial.label} {step}/{steps}{eta}")
     others = counts[state_lib.RUNNING] - len(self.running)
     line = (f"[{bar}] {counts[state_lib.DONE]}/{total} done, {len(self.running)} running here"
