@@ -196,3 +196,48 @@ def plan_rows(spec: spec_lib.JobSpec, steps: int | None, step_s: float | None,
                          f"{c.price:g} {c.currency} ({t.generation} {spec.capacity}; "
                          f"{prices.describe()})"))
   return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeCost:
+  """A training budget in FLOPs on a target at an assumed MFU, and its price (for `fit`)."""
+
+  flops: float
+  target: spec_lib.Target
+  num_slices: int
+  mfu: float
+  price: float | None = None
+  currency: str = ""
+
+  @property
+  def chip_hours(self) -> float:
+    chip = chips_lib.CHIPS[self.target.generation]
+    return self.flops / (chip.peak_bf16_flops * self.mfu) / 3600.0
+
+  @property
+  def duration_s(self) -> float:
+    return self.chip_hours * 3600.0 / (self.target.chips * self.num_slices)
+
+  @property
+  def cost(self) -> float | None:
+    return None if self.price is None else self.chip_hours * self.price
+
+
+def compute_cost(flops: float, target: spec_lib.Target, num_slices: int, capacity: str, mfu: float,
+                 prices: PriceTable) -> ComputeCost:
+  """`flops` of training at `mfu` of the target chip's bf16 peak; ValueError on a bad MFU or a
+  table without the target."""
+  if not 0 < mfu <= 1:
+    raise ValueError(f"--mfu={mfu} must be in (0, 1]: the fraction of the chip's bf16 peak the run "
+                     "achieves (the fit check's report gives the planner's MFU for a config)")
+  return ComputeCost(flops, target, num_slices, mfu, prices.price(target.generation, capacity),
+                     prices.currency)
+
+
+def format_compute(c: ComputeCost) -> str:
+  """`1.2e+21 FLOPs / (459 TFLOP/s x MFU 40%) = 1,815 chip-hours x 4 USD = 7,262.00 USD; 14h 11m on
+  2 x v5p-128`."""
+  chip = chips_lib.CHIPS[c.target.generation]
+  return (f"{c.flops:.3g} FLOPs / ({chip.peak_bf16_flops / 1e12:g} TFLOP/s x MFU {c.mfu:.0%}) = "
+          f"{c.chip_hours:,.4g} chip-hours x {c.price:g} {c.currency} = {money(c.cost, c.currency)}; "
+          f"{duration(c.duration_s)} on {c.num_slices} x {c.target.accelerator_type}")

@@ -303,3 +303,30 @@ def test_progress_takes_the_newer_step_of_heartbeat_and_metrics(tmp_path):
       json.dumps({"step": 10, "split": "train", "loss": 6.5, "step_time": 0.2}) + "\n")
   snap = progress.read(wd)
   assert (snap.step, snap.loss, snap.step_time) == (10, 6.5, 0.3)
+
+
+def test_fit_finds_the_budget_that_reaches_a_target_loss_and_prices_it():
+  import numpy as np
+  from launch.sweep import fit
+  e, a, alpha = 1.8, 60.0, 0.12
+  c = np.geomspace(1e17, 1e22, 10)
+  rows = [{"status": "done", "family": "g", "flops": float(ci), "final_eval_loss": float(e + a * ci**-alpha),
+           "params": 1e6 * (i + 1), "tokens": 2e7 * (i + 1), "flops_per_token": 6e6 * (i + 1),
+           "variables": {}} for i, ci in enumerate(c)]
+  entry = fit.fit_sweep(rows, n_bootstrap=2, n_starts=4)["g"]
+  target = 2.4
+  want = (a / (target - e)) ** (1 / alpha)  # the law's own inverse
+  got = fit.flops_for_loss(entry, target)
+  assert got == pytest.approx(want, rel=0.02)
+  assert fit.flops_for_loss(entry, e - 0.1) is None  # below the irreducible loss: never reached
+  table = cost.load(EXAMPLE)
+  t = spec_lib.parse_target("v5p-256")
+  priced = cost.compute_cost(got, t, 2, "spot", 0.4, table)
+  hours = got / (459e12 * 0.4) / 3600  # v5p's bf16 peak per chip
+  assert priced.chip_hours == pytest.approx(hours, rel=1e-9)
+  assert priced.cost == pytest.approx(hours * table.price("v5p", "spot"), rel=1e-9)
+  assert priced.duration_s == pytest.approx(hours * 3600 / 256, rel=1e-9)
+  with pytest.raises(ValueError, match="no price for v5p best-effort"):
+    cost.compute_cost(got, t, 1, "best-effort", 0.4, table)
+  with pytest.raises(ValueError, match=r"--mfu=1.5 must be in \(0, 1\]"):
+    cost.compute_cost(got, t, 1, "spot", 1.5, table)

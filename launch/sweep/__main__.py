@@ -12,7 +12,9 @@ status   each trial's state, step and ETA.
 collect  ROOT/results.{csv,jsonl} and a TensorBoard HParams log under ROOT/hparams;
          --downstream=TASKS first evaluates finished trials on lm-eval tasks (needs the eval extra).
 fit      per family L(C) = E + A C^-alpha (and L(N, D) when both vary), bootstrap intervals, hold-out
-         check; ROOT/fit.json. --predict=FLOPS prints and records the predicted loss at that budget.
+         check; ROOT/fit.json. --predict=FLOPS prints and records the predicted loss at that budget;
+         --target_loss=L the budget that reaches L; with --prices=FILE --target=T --mfu=X
+         [--capacity=K --num_slices=S] the cost of each budget.
 plot     PNG figures under ROOT/plots (needs the `sweep` extra: matplotlib).
 """
 
@@ -57,7 +59,33 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "run: print each trial's target, 
                              "(with --prices) and the totals; submit and write nothing.")
 _PRICES = flags.DEFINE_string("prices", None, "run --dry_run, fit: price table (YAML or JSON) for "
                               "the cost (configs/prices/example.yaml; docs/launch.md, \"Cost\").")
+_TARGET_LOSS = flags.DEFINE_float("target_loss", 0.0, "fit: print each family's compute budget to "
+                                  "reach this loss (and its cost with --prices).")
+_MFU = flags.DEFINE_float("mfu", 0.0, "fit --prices: the fraction of the chip's bf16 peak the run "
+                          "would achieve (e.g. the planner's MFU from the fit check's report).")
+_CAPACITY = flags.DEFINE_string("capacity", "on-demand", "fit --prices: capacity kind priced.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "fit --prices: slices of --target.")
 _DOWNSTREAM_LIMIT = flags.DEFINE_integer("downstream_limit", 0, "collect: documents per task (0: all).")
+
+
+def _fit_pricing():
+  """fit with --prices: FLOPs -> the cost line (launch/cost.py); the table and target checked first."""
+  if not _PRICES.value:
+    return None
+  from launch import cost  # pylint: disable=g-import-not-at-top
+  from launch import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  if not _TARGET.value or not _MFU.value:
+    raise exit_codes.UserError("fit --prices needs --target (the slice to price, e.g. v5p-256) and "
+                               "--mfu (the fraction of peak the run would achieve, e.g. 0.4)")
+  try:
+    prices, target = cost.load(_PRICES.value), spec_lib.parse_target(_TARGET.value)
+    if _CAPACITY.value not in spec_lib.CAPACITIES:
+      raise ValueError(f"--capacity={_CAPACITY.value!r} must be one of {', '.join(spec_lib.CAPACITIES)}")
+    cost.compute_cost(1.0, target, _NUM_SLICES.value, _CAPACITY.value, _MFU.value, prices)
+  except ValueError as e:
+    raise exit_codes.UserError(str(e)) from e
+  return lambda flops: cost.format_compute(cost.compute_cost(
+      flops, target, _NUM_SLICES.value, _CAPACITY.value, _MFU.value, prices))
 
 
 def main(argv: list[str]) -> int:
@@ -89,7 +117,7 @@ def main(argv: list[str]) -> int:
   if command == "fit":
     from launch.sweep import fit  # pylint: disable=g-import-not-at-top
     return fit.main(root, sweep, predict=_PREDICT.value, n_bootstrap=_BOOTSTRAP.value,
-                    n_starts=_STARTS.value)
+                    n_starts=_STARTS.value, target_loss=_TARGET_LOSS.value, pricing=_fit_pricing())
   try:
     trials = definition.select(definition.expand(sweep), _ONLY.value)
   except ValueError as e:

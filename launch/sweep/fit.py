@@ -378,6 +378,22 @@ def predict_family(entry: dict[str, Any], flops: float) -> dict[str, Any]:
   return {"form": name, "flops": flops, "predicted_loss": pred, "interval_95": [float(lo[0]), float(hi[0])]}
 
 
+def flops_for_loss(entry: dict[str, Any], loss: float, lo: float = 1e6, hi: float = 1e35) -> float | None:
+  """The compute budget (FLOPs) at which a family's preferred L(C) fit predicts `loss`; None when
+  the fit never reaches it (at or below its irreducible loss, or beyond 1e35 FLOPs)."""
+  fit_ = entry[preferred_form(entry)]["_fit"]
+  at = lambda c: float(predict(fit_, np.array([math.log(c)]))[0])
+  if at(hi) > loss:
+    return None
+  if at(lo) <= loss:
+    return lo
+  a, b = math.log(lo), math.log(hi)
+  for _ in range(200):  # bisection in log C: the fitted forms decrease with C
+    m = 0.5 * (a + b)
+    a, b = (m, b) if at(math.exp(m)) > loss else (a, m)
+  return math.exp(b)
+
+
 def format_report(fits: dict[str, Any]) -> str:
   lines = []
   for fam, entry in fits.items():
@@ -411,8 +427,12 @@ def format_report(fits: dict[str, Any]) -> str:
 
 
 def main(root: str, sweep: Any, *, predict: float = 0.0, n_bootstrap: int = 300,
-         n_starts: int = 32) -> int:
-  """`python -m launch.sweep fit`: fits, prints, writes ROOT/fit.json (and a prediction record)."""
+         n_starts: int = 32, target_loss: float = 0.0,
+         pricing: Callable[[float], str] | None = None) -> int:
+  """`python -m launch.sweep fit`: fits, prints, writes ROOT/fit.json (and a prediction record).
+
+  `target_loss`: also prints each family's compute budget to reach that loss; `pricing(flops)`
+  (launch/cost.py through the command) the cost of each budget printed."""
   from launch.sweep import report  # pylint: disable=g-import-not-at-top
   from launch.sweep import store  # pylint: disable=g-import-not-at-top
   rows = report.read_results(root)
@@ -432,4 +452,15 @@ def main(root: str, sweep: Any, *, predict: float = 0.0, n_bootstrap: int = 300,
     path = store.join(root, "predictions", f"{int(record['time'])}_{predict:.3g}.json")
     store.write_json(path, record)
     print(f"recorded {path}")
+    if pricing is not None:
+      print(f"cost at C={predict:.3g}: {pricing(predict)}")
+  if target_loss:
+    for fam, entry in fits.items():
+      c = flops_for_loss(entry, target_loss)
+      if c is None:
+        print(f"target loss {target_loss:g} {fam}: not reached by the {preferred_form(entry)} fit "
+              "(at or below its irreducible loss)")
+        continue
+      print(f"target loss {target_loss:g} {fam}: C={c:.4g} FLOPs ({preferred_form(entry)} fit)"
+            + (f"; cost {pricing(c)}" if pricing is not None else ""))
   return exit_codes.OK
