@@ -330,3 +330,28 @@ def test_fit_finds_the_budget_that_reaches_a_target_loss_and_prices_it():
     cost.compute_cost(got, t, 1, "best-effort", 0.4, table)
   with pytest.raises(ValueError, match=r"--mfu=1.5 must be in \(0, 1\]"):
     cost.compute_cost(got, t, 1, "spot", 1.5, table)
+
+
+@pytest.mark.slow  # one real ahead-of-time compile for v5p:2x2x1 (~50 s on 2 busy cores)
+def test_a_real_dry_run_streams_the_fit_check_and_prices_the_planners_step_time(tmp_path):
+  from test_train_common import REPO, subprocess_env
+  table = _table(tmp_path, {"v5p": {"on-demand": 4.4}})
+  cache = tmp_path / "cache"
+  env = {**subprocess_env(num_devices=1), "RG_LAUNCH_CACHE": str(cache)}
+  argv = [sys.executable, "-m", "launch.submit", "--config=configs/tiny.py", "--target=v5p-8",
+          f"--workdir={tmp_path / 'run'}", "--allow_local_workdir", "--zone=z", "--project=p",
+          f"--prices={table}", "--dry_run", "--config.train.steps=98765"]
+  res = subprocess.run(argv, cwd=REPO, env={**env, "PATH": os.path.dirname(sys.executable)},
+                       capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  out = res.stdout
+  # The compile's own lines came through the stream, before the plan.
+  assert "  | compiling for v5p:2x2x1 x 1 slice(s) with the TPU compiler ..." in out
+  assert out.index("  | FITS: yes") < out.index("# plan")
+  (verdict,) = [json.loads(p.read_text()) for p in cache.iterdir() if p.suffix == ".json"]
+  step_s = verdict["step_s"]  # what the planner's step-time model said for the compiled program
+  assert step_s > 0 and f"estimated step time {step_s * 1e3:.1f} ms" in out
+  rows = _rows(out)
+  chip_hours = 4 * step_s * 98765 / 3600  # v5p-8: 4 chips, one slice
+  assert _number(rows["chip-hours"].split("= ")[-1]) == pytest.approx(chip_hours, rel=1e-3)
+  assert _number(rows["cost"]) == pytest.approx(chip_hours * 4.4, abs=0.006)
