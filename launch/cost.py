@@ -151,13 +151,18 @@ def duration(seconds: float) -> str:
   return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
 
 
+def hours(h: float) -> str:
+  """Chip-hours for people: `24,211`, `12.50`, `0.0003314`."""
+  return f"{h:,.0f}" if h >= 100 else f"{h:,.2f}" if h >= 1 else f"{h:.4g}"
+
+
 def money(amount: float, currency: str) -> str:
   return f"{amount:,.2f} {currency}"
 
 
 def formula(c: RunCost) -> str:
   """`256 chips x 4.760 s x 1000 steps = 338.5 chip-hours x 4.20 USD = 1,421.56 USD`."""
-  text = (f"{c.chips} chips x {c.step_s:.4g} s x {c.steps} steps = {c.chip_hours:,.4g} chip-hours")
+  text = f"{c.chips} chips x {c.step_s:.4g} s x {c.steps} steps = {hours(c.chip_hours)} chip-hours"
   if c.price is not None:
     text += f" x {c.price:g} {c.currency} = {money(c.cost, c.currency)}"
   return text
@@ -192,7 +197,7 @@ def plan_rows(spec: spec_lib.JobSpec, steps: int | None, step_s: float | None,
   if prices is None:
     rows.append(("cost", "pass --prices=FILE (docs/launch.md, \"Cost\")"))
   else:
-    rows.append(("cost", f"{money(c.cost, c.currency)} = {c.chip_hours:,.4g} chip-hours x "
+    rows.append(("cost", f"{money(c.cost, c.currency)} = {hours(c.chip_hours)} chip-hours x "
                          f"{c.price:g} {c.currency} ({t.generation} {spec.capacity}; "
                          f"{prices.describe()})"))
   return rows
@@ -239,5 +244,5 @@ def format_compute(c: ComputeCost) -> str:
   2 x v5p-128`."""
   chip = chips_lib.CHIPS[c.target.generation]
   return (f"{c.flops:.3g} FLOPs / ({chip.peak_bf16_flops / 1e12:g} TFLOP/s x MFU {c.mfu:.0%}) = "
-          f"{c.chip_hours:,.4g} chip-hours x {c.price:g} {c.currency} = {money(c.cost, c.currency)}; "
+          f"{hours(c.chip_hours)} chip-hours x {c.price:g} {c.currency} = {money(c.cost, c.currency)}; "
           f"{duration(c.duration_s)} on {c.num_slices} x {c.target.accelerator_type}")

@@ -45,7 +45,7 @@ def _rows(text: str) -> dict[str, str]:
 
 
 def _number(text: str) -> float:
-  return float(re.match(r"([\d,]+\.?\d*)", text).group(1).replace(",", ""))
+  return float(re.match(r"([\d,]+\.?\d*(e[-+]\d+)?)", text).group(1).replace(",", ""))
 
 
 # ------------------------------------------------------------------------------------ price table

@@ -80,7 +80,7 @@ def dry_run(trials: Sequence[definition.Trial], *, backend: str, target: str,
   log(f"# dry run: {len(trials)} trials, {capacity} capacity; nothing is submitted or written")
   for r in rows:
     log(r)
-  total = f"total: {chip_hours:,.4g} chip-hours"
+  total = f"total: {cost_lib.hours(chip_hours)} chip-hours"
   if prices is not None:
     total += f", {cost_lib.money(money, prices.currency)} ({prices.describe()})"
   else:
