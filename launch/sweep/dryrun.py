@@ -56,7 +56,7 @@ def dry_run(trials: Sequence[definition.Trial], *, backend: str, target: str,
     except (ValueError, FileNotFoundError) as e:
       return False, False, f"invalid for {t.accelerator_type}: {e}"
     results[(trial.id, t.accelerator_type)] = fit
-    return fit.fits, fit.cached, targets_lib._reason(fit.report)  # pylint: disable=protected-access
+    return fit.fits, fit.cached, targets_lib.reason(fit.report)
 
   chip_hours, money, unfit, unknown = 0.0, 0.0, 0, 0
   rows = []

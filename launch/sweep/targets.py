@@ -25,7 +25,7 @@ TARGET_FILE = "target.json"
 Check = Callable[[definition.Trial, spec_lib.Target], tuple[bool, bool, str]]
 
 
-def _reason(report: str) -> str:
+def reason(report: str) -> str:
   """The line of a compile report that says why (not) it fits."""
   lines = [l.strip() for l in report.splitlines() if l.strip()]
   for key in ("RESOURCE_EXHAUSTED", "error:", "total "):
@@ -53,7 +53,7 @@ def fit_check(trial: definition.Trial, target: spec_lib.Target,
     result = check_trial(trial, target, log)
   except (ValueError, FileNotFoundError) as e:
     return False, False, f"invalid for {target.accelerator_type}: {e}"
-  return result.fits, result.cached, _reason(result.report)
+  return result.fits, result.cached, reason(result.report)
 
 
 def choose(trial: definition.Trial, cands: Sequence[spec_lib.Target],
