@@ -53,7 +53,8 @@ def fingerprint(spec: spec_lib.JobSpec) -> str:
 
 
 def store_check(spec: spec_lib.JobSpec) -> list[str]:
-  """Checks the job's prepared data stores (config.data.store) before any pod exists; jax-free.
+  """Checks the job's prepared data stores (config.data.store) before any pod exists (the check
+  itself, data.store.check, imports no jax).
 
   Raises:
     ValueError (data.StoreError): a store is missing or was prepared for other settings; the
