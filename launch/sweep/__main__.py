@@ -107,13 +107,11 @@ def main(argv: list[str]) -> int:
                           launch_flags=tuple(shlex.split(_LAUNCH_FLAGS.value)))
     print(f"sweep {sweep.name}: {len(trials)} trials under {root}", flush=True)
     from launch import preflight  # pylint: disable=g-import-not-at-top
-    from recurrentgemma_tpu import exit_codes  # pylint: disable=g-import-not-at-top
     try:  # each distinct data store once, for all trials
       preflight.check_stores(trials, prepare_local=(_BACKEND.value == "local"
                                                     and not _TRIAL_COMMAND.value))
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return exit_codes.USER_ERROR
+      raise exit_codes.UserError(str(e)) from e
     return runner.run_sweep(root, trials, opts)
   if command == "status":
     from launch.sweep import report  # pylint: disable=g-import-not-at-top
