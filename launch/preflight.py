@@ -61,7 +61,8 @@ def train_steps(spec: spec_lib.JobSpec) -> int:
 
 
 def store_check(spec: spec_lib.JobSpec) -> list[str]:
-  """Checks the job's prepared data stores (config.data.store) before any pod exists; jax-free.
+  """Checks the job's prepared data stores (config.data.store) before any pod exists (the check
+  itself, data.store.check, imports no jax).
 
   Raises:
     ValueError (data.StoreError): a store is missing or was prepared for other settings; the

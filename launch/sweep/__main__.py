@@ -155,8 +155,7 @@ def main(argv: list[str]) -> int:
       preflight.check_stores(trials, prepare_local=(_BACKEND.value == "local"
                                                     and not _TRIAL_COMMAND.value))
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return exit_codes.USER_ERROR
+      raise exit_codes.UserError(str(e)) from e
     return runner.run_sweep(root, trials, opts)
   if command == "status":
     from launch.sweep import report  # pylint: disable=g-import-not-at-top

@@ -48,6 +48,8 @@ COMPATIBLE = (
     "model.remat", "model.scan_impl",
     "optimizer.num_microbatches",
     "data.eval_batch_size", "data.num_eval_batches", "data.cache_dir", "data.sources.*.tfds_data_dir",
+    # Where the (content-keyed, checked) store lives and how it is read; not what it holds.
+    "data.store", "data.prefetch_steps", "data.read_threads",
 )
 
 
