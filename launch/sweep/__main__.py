@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 
 from absl import app
 from absl import flags
