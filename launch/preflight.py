@@ -140,7 +140,10 @@ def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[st
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   rc, report = run_compile(argv, env, timeout_s, log)
   report = report.strip()
-  if rc not in (exit_codes.OK, exit_codes.NO_FIT):
+  # The TPU compiler itself may refuse a program too big for HBM (RESOURCE_EXHAUSTED, the CLI's
+  # internal-error exit): that is a verdict, "does not fit", and is cached like one.
+  out_of_memory = rc == exit_codes.INTERNAL and "RESOURCE_EXHAUSTED" in report
+  if rc not in (exit_codes.OK, exit_codes.NO_FIT) and not out_of_memory:
     raise ValueError(f"fit check could not run ({exit_codes.describe(rc)}):\n{report[-4000:]}")
   try:
     with open(summary_path) as f:

@@ -249,6 +249,20 @@ def test_fit_check_runs_the_compile_cli_once_per_fingerprint_target_and_slices(t
       preflight.fit_check(_spec(target=spec_lib.parse_target("v5p-32")), "f" * 64, log=quiet)
 
 
+def test_a_compiler_out_of_memory_is_a_cached_does_not_fit(tmp_path, monkeypatch):
+  from launch import preflight
+  monkeypatch.setenv("RG_LAUNCH_CACHE", str(tmp_path / "cache"))
+  calls = []
+  oom = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+         "memory required for HLO temporaries (19.13G) exceeds available HBM (15.75G).")
+  monkeypatch.setattr(preflight, "run_compile",
+                      lambda argv, env, t, log: (calls.append(argv), (exit_codes.INTERNAL, oom))[1])
+  first = preflight.fit_check(_spec(), "f" * 64, log=lambda s: None)
+  assert not first.fits and not first.cached and "RESOURCE_EXHAUSTED" in first.report
+  again = preflight.fit_check(_spec(), "f" * 64, log=lambda s: None)
+  assert not again.fits and again.cached and len(calls) == 1
+
+
 def test_the_fit_check_streams_each_line_as_the_compile_prints_it(tmp_path):
   """Each line reaches the log while the child still runs (it waits for a file the log writes)."""
   from launch import preflight
