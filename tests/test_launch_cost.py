@@ -355,3 +355,31 @@ def test_a_real_dry_run_streams_the_fit_check_and_prices_the_planners_step_time(
   chip_hours = 4 * step_s * 98765 / 3600  # v5p-8: 4 chips, one slice
   assert _number(rows["chip-hours"].split("= ")[-1]) == pytest.approx(chip_hours, rel=1e-3)
   assert _number(rows["cost"]) == pytest.approx(chip_hours * 4.4, abs=0.006)
+
+
+def test_sweep_fit_prints_the_budget_and_cost_to_reach_a_target_loss(tmp_path):
+  """Through the command: results from a known law, --target_loss with a price table."""
+  e, a, alpha = 1.8, 60.0, 0.12
+  root = tmp_path / "root"
+  root.mkdir()
+  with open(root / "results.jsonl", "w") as f:
+    for i, c in enumerate([10 ** (17 + 0.5 * k) for k in range(10)]):
+      f.write(json.dumps({"status": "done", "family": "g", "flops": c,
+                          "final_eval_loss": e + a * c**-alpha, "params": 1e6 * (i + 1),
+                          "tokens": 2e7 * (i + 1), "flops_per_token": 6e6 * (i + 1),
+                          "variables": {}}) + "\n")
+  table = _table(tmp_path, {"v5p": {"spot": 2.5}})
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  res = subprocess.run(
+      [sys.executable, "-m", "launch.sweep", "fit", "--sweep=configs/sweeps/cpu_ladder.py",
+       f"--root={root}", "--bootstrap=2", "--starts=4", "--target_loss=2.4", f"--prices={table}",
+       "--target=v5p-256", "--mfu=0.4", "--capacity=spot", "--num_slices=2"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  (line,) = [l for l in res.stdout.splitlines() if l.startswith("target loss 2.4 g: ")]
+  flops = float(re.search(r"C=(\S+) FLOPs", line).group(1))
+  assert flops == pytest.approx((a / (2.4 - e)) ** (1 / alpha), rel=0.02)
+  hours = flops / (459e12 * 0.4) / 3600
+  assert _number(line.split(") = ")[1]) == pytest.approx(hours, rel=1e-3)
+  assert _number(line.split(" = ")[-1]) == pytest.approx(hours * 2.5, abs=0.006)
+  assert "on 2 x v5p-256" in line
