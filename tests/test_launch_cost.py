@@ -333,6 +333,7 @@ def test_fit_finds_the_budget_that_reaches_a_target_loss_and_prices_it():
 
 
 @pytest.mark.slow  # one real ahead-of-time compile for v5p:2x2x1 (~50 s on 2 busy cores)
+@pytest.mark.tpu_compile
 def test_a_real_dry_run_streams_the_fit_check_and_prices_the_planners_step_time(tmp_path):
   from test_train_common import REPO, subprocess_env
   table = _table(tmp_path, {"v5p": {"on-demand": 4.4}})
