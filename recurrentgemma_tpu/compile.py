@@ -199,8 +199,7 @@ def _topology_devices(topology: str, num_slices: int) -> list[Any]:
 
 
 def main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   if _CONFIG.value is None or _TOPOLOGY.value is None:
     raise app.UsageError("--config and --topology are required")
   config = cli.load_config_flag(_CONFIG)

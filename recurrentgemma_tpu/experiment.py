@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import hashlib
 import math
+import os
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -27,6 +28,7 @@ from ml_collections.config_flags import config_flags
 from recurrentgemma_tpu import data as data_lib
 from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu import optimizer as optimizer_lib
+from recurrentgemma_tpu import presets
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import strict
 from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
@@ -134,14 +136,29 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   """Loads `configs/NAME.py[:ARG]` (ARG goes to `get_config(ARG)`), locks it, applies overrides.
 
   The same as `--config=SPEC --config.K=V ...` on the command line; a preset's name (`tiny`,
-  `ladder:griffin,1b`) names the installed `configs/` file (`cli.resolve_config_spec`).
+  `ladder:griffin,1b`, `griffin_1b`) names the installed `configs/` file (`presets.resolve`).
+
+  Raises:
+    FileNotFoundError: SPEC names no file and no preset.
+    ValueError: the file has no get_config(), it returns no ConfigDict, or an override is bad.
   """
-  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
-  spec = cli.resolve_config_spec(spec)
-  config = config_flags.ConfigFileFlagParser(name="config", lock_config=True).parse(spec)
+  path = presets.resolve(spec)
+  if not os.path.isfile(path.partition(":")[0]):
+    raise FileNotFoundError(f"config {spec!r}: no such config file or preset (give a path, or a "
+                            f"preset: {', '.join(presets.names())})")
+  try:
+    config = config_flags.ConfigFileFlagParser(name="config", lock_config=True).parse(path)
+  except ValueError as e:  # ml_collections wraps get_config's own error in a traceback's text
+    cause = e.__context__ if isinstance(e.__context__, ValueError) else e
+    raise ValueError(f"config {spec!r}: {' '.join(str(cause).split())}") from cause
+  except AttributeError as e:  # "module ... has no attribute 'get_config'", among others
+    problem = presets.problem(path)
+    if problem:
+      raise ValueError(problem) from e
+    raise
   if not isinstance(config, ml_collections.ConfigDict):
-    # The parser defers a missing file's error to first use; raise it now.
-    getattr(config, "model")
+    raise ValueError(presets.problem(path) or f"config {spec!r}: get_config() returned "
+                     f"{type(config).__name__}, not a ConfigDict")
   apply_overrides(config, overrides)
   return config
 

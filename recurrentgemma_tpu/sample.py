@@ -15,7 +15,6 @@ import json
 import os
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -162,8 +161,7 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, tempera
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
+  del argv  # cli.run refuses positional arguments
   texts = sample_text(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, seed=_SEED.value,
                       num_samples=_NUM_SAMPLES.value)

@@ -10,7 +10,6 @@ report use).
 import dataclasses
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -75,8 +74,7 @@ def format_summary(config: ModelConfig, s: Summary) -> str:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   # Imported here: experiment imports the data and training modules, which this module must not
   # need when imported as a library.
   from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
