@@ -36,6 +36,8 @@ from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
 GROUPS = ("model", "data", "optimizer", "train", "checkpoint", "mesh")
+# A schedule that follows the run (optimizer.decay_steps=0) warms up over at most this part of it.
+MAX_WARMUP_FRACTION = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +193,24 @@ def _check_batch(exp_parts: dict[str, Any], mesh_shape: Mapping[str, int]) -> No
       raise ValueError(f"config.{what}={batch} does not fit mesh {dict(mesh_shape)}: {e}") from e
 
 
+def _schedule_length(optimizer: Mapping[str, Any], steps: int) -> dict[str, Any]:
+  """`config.optimizer` with a schedule that follows the run (`decay_steps=0`) resolved for `steps`.
+
+  Following the run, the cosine's length is `train.steps` and the warm-up at most a tenth of it
+  (the presets' recipe, configs/recipe.py), so `--config.train.steps=N` moves the whole schedule
+  with the run. A `decay_steps` set to a number is kept as set, on purpose. The Experiment records
+  the resolved values: resuming a run whose length (hence schedule) changed names them as changes.
+  """
+  group = dict(optimizer.items())
+  if group.get("decay_steps") != 0:
+    return group
+  group["decay_steps"] = steps
+  warmup = group.get("warmup_steps")
+  if isinstance(warmup, int) and not isinstance(warmup, bool):
+    group["warmup_steps"] = min(warmup, int(MAX_WARMUP_FRACTION * steps))
+  return group
+
+
 def min_devices(config: ml_collections.ConfigDict) -> int:
   """The fewest devices `config.mesh` accepts (an axis of -1 gets 1): for single-host tools."""
   mesh = strict.typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
@@ -217,9 +237,10 @@ def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise ValueError(f"config has no {missing} group(s); build configs on configs/base.get_config().")
   parts: dict[str, Any] = {}
   parts["model"] = strict.typed(model_lib.ModelConfig, config.model, "config.model")
-  parts["optimizer"] = strict.typed(optimizer_lib.OptimizerConfig, config.optimizer,
-                                    "config.optimizer")
   parts["train"] = strict.typed(TrainConfig, config.train, "config.train")
+  parts["optimizer"] = strict.typed(optimizer_lib.OptimizerConfig,
+                                    _schedule_length(config.optimizer, parts["train"].steps),
+                                    "config.optimizer")
   # Retention against the save interval is checked by CheckpointOptions itself.
   parts["checkpoint"] = strict.typed(ckpt_lib.CheckpointOptions, config.checkpoint,
                                      "config.checkpoint", exclude=("init_from",))
