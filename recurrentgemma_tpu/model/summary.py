@@ -1,6 +1,6 @@
 """Parameter and FLOP accounting for an experiment, and its CLI.
 
-  python -m recurrentgemma_tpu.model.summary --config=configs/recurrentgemma_2b.py [--seq_len=N]
+  python -m recurrentgemma_tpu.model.summary --config=recurrentgemma_2b [--seq_len=N]
 
 Parameter counts come from `jax.eval_shape` of the real initialiser (exact, allocation-free); FLOPs
 per token from the one FLOP model, `model/flops.py` (the one the training MFU and the compile
