@@ -48,6 +48,7 @@ def test_greedy_matches_recomputing_the_whole_sequence(model):
   np.testing.assert_array_equal(got, seq[:, t0:])
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: the slow tier (.ci/run)
 def test_top_k_sampling_stays_in_the_top_k_and_is_seeded(model):
   _, mc, params = model
   prompt = jnp.tile(_prompt(1), (64, 1))

@@ -156,6 +156,7 @@ def _reference_losses(mc, params, batch):
   return np.sum((log_z - target) * w), np.sum(log_z**2 * w), np.sum(correct * w), w.sum()
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: the slow tier (.ci/run)
 def test_loss_z_loss_and_eval_sums_match_float64():
   mc = shrunk("griffin")
   params = model_lib.init_params(mc, jax.random.key(3))
