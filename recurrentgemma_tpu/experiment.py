@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import sys
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -148,6 +149,10 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   if not os.path.isfile(path.partition(":")[0]):
     raise FileNotFoundError(f"config {spec!r}: no such config file or preset (give a path, or a "
                             f"preset: {', '.join(presets.names())})")
+  # ml_collections loads the file as module `config_config` with `SourceFileLoader.load_module`, which
+  # re-executes it inside an earlier load's module: a file without get_config would silently get the
+  # previous file's. Each load starts from a fresh module.
+  sys.modules.pop("config_config", None)
   try:
     config = config_flags.ConfigFileFlagParser(name="config", lock_config=True).parse(path)
   except ValueError as e:  # ml_collections wraps get_config's own error in a traceback's text

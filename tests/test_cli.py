@@ -195,6 +195,8 @@ def test_presets_resolve_from_any_directory(tmp_path, monkeypatch):
 
 
 def test_config_files_that_are_not_configs_say_so():
+  # A config loaded earlier in the process must not lend its get_config() to the next file.
+  experiment_lib.load_config("tiny")
   for name, expected in (("config_without_get_config.py", "defines no get_config()"),
                          ("config_returning_none.py", "returned NoneType, not a ConfigDict")):
     with pytest.raises(ValueError, match=re.escape(expected)):
