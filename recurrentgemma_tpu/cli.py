@@ -469,6 +469,9 @@ def experiment_rows(exp: Any, *, config_spec: str = "") -> list[tuple[str, str]]
                  f"step x {exp.train.steps:,} steps = {human(exp.total_tokens)}"),
       ("compute", f"{human(per_token * exp.total_tokens)} model FLOPs "
                   f"({human(per_token)} per token)"),
+      ("schedule", f"learning rate {exp.optimizer.learning_rate:.3g}, warm-up "
+                   f"{exp.optimizer.warmup_steps:,} steps, cosine to x{exp.optimizer.final_lr_ratio:g} "
+                   f"at step {exp.optimizer.decay_steps:,}"),
   ]
   return rows
 
