@@ -203,8 +203,9 @@ def _schedule_length(optimizer: Mapping[str, Any], steps: int) -> dict[str, Any]
 
   Following the run, the cosine's length is `train.steps` and the warm-up at most a tenth of it
   (the presets' recipe, configs/recipe.py), so `--config.train.steps=N` moves the whole schedule
-  with the run. A `decay_steps` set to a number is kept as set, on purpose. The Experiment records
-  the resolved values: resuming a run whose length (hence schedule) changed names them as changes.
+  with the run. A `decay_steps` set to a number is kept as set, on purpose. `config.json` keeps the
+  0, so extending a finished run (a larger `train.steps`, which resuming allows) stretches its
+  schedule to the new length; set `decay_steps` to the old length to keep the old schedule instead.
   """
   group = dict(optimizer.items())
   if group.get("decay_steps") != 0:
