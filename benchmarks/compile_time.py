@@ -1,6 +1,6 @@
 r"""Where the CPU time of an ahead-of-time TPU compile goes.
 
-    python benchmarks/compile_time.py --config=configs/griffin_14b.py --topology=v5p:4x4x8 \
+    python benchmarks/compile_time.py --config=griffin_14b --topology=v5p:4x4x8 \
         [--config.data.global_batch_size=512] [--passes=25] [--dump_dir=/tmp/rg_dump] [--backend=20]
 
 Builds the real train step exactly as `python -m recurrentgemma_tpu.compile` does, then times, in CPU
@@ -30,8 +30,10 @@ from ml_collections import config_flags
 
 # Run as a script: the repository root (configs/, recurrentgemma_tpu/) must be importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: a file or a preset's name.",
+                                          lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x8", "TPU topology.")
 _PASSES = flags.DEFINE_integer("passes", 0, "Print the N most expensive HLO passes (0: no pass timing).")
 _DUMP_DIR = flags.DEFINE_string("dump_dir", "/tmp/rg_compile_time_dump", "Where the pass metadata goes.")
@@ -233,4 +235,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  # Preset names (`--config=griffin_14b`) resolve as in every command of the project.
+  app.run(lambda argv: sys.exit(main(argv)), argv=cli.rewrite_config_args(sys.argv))

@@ -22,8 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import ladder  # pylint: disable=wrong-import-position
-from recurrentgemma_tpu import model as model_lib  # pylint: disable=wrong-import-position
-from recurrentgemma_tpu import optimizer as optimizer_lib  # pylint: disable=wrong-import-position
+from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=wrong-import-position
 from recurrentgemma_tpu import step_functions  # pylint: disable=wrong-import-position
 from recurrentgemma_tpu.model import flops as flops_lib  # pylint: disable=wrong-import-position
 
@@ -54,8 +53,8 @@ def main() -> None:
   config.model.scan_impl = args.scan_impl
   if args.remat is not None:
     config.model.remat = args.remat
-  model_config = model_lib.ModelConfig.from_config(config.model)
-  opt_config = optimizer_lib.OptimizerConfig.from_config(config.optimizer)
+  exp = experiment_lib.build(config, num_devices=1)
+  model_config, opt_config = exp.model, exp.optimizer
   device = jax.devices()[0]
   mesh = jax.sharding.Mesh(np.array([device]).reshape(1, 1, 1, 1, 1),
                            ("slice", "data", "fsdp", "seq", "model"))

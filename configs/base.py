@@ -114,7 +114,10 @@ def optimizer() -> ml_collections.ConfigDict:
   c.warmup_steps = 1000
   # Length of the whole schedule (warmup included); cosine decays to
   # `learning_rate * final_lr_ratio` at this step and stays there after it.
-  c.decay_steps = 100_000
+  # 0: follow the run: the length is `train.steps` and the warmup at most a tenth of it, so
+  # --config.train.steps=N moves the whole schedule with the run (also when a finished run is
+  # extended). A number: kept as set.
+  c.decay_steps = 0
   c.final_lr_ratio = 0.1
   # AdamW moments. b2=0.95 is the usual large-LM choice (the papers give none).
   c.b1 = 0.9

@@ -6,7 +6,8 @@
 `get_config("FAMILY,SIZE")` returns the full experiment of one ladder point: the architecture of
 Table 2, sequence length 2048, the paper's Chinchilla-style token budget for the size turned into
 `train.steps`, and batch, learning rate, weight decay and schedule from `configs/recipe.py`. The
-files `configs/{griffin,hawk,mqa}_{100m,...,14b}.py` are aliases of these points.
+points also go by name, `--config=griffin_1b` (or `configs/griffin_1b.py`) for every family and size,
+resolved by `recurrentgemma_tpu/presets.py` without files of their own.
 
 Settings the paper does not give follow the reference code, except the RG-LRU gate blocks: the
 paper's 16 "for all experiments" (the reference ties them to heads, which cannot express 14B: D_RNN

@@ -70,5 +70,5 @@ def apply(config: ml_collections.ConfigDict, *, num_params: float, tokens: float
   o.learning_rate = learning_rate(num_params)
   o.weight_decay = WEIGHT_DECAY
   o.warmup_steps = warmup
-  o.decay_steps = steps  # cosine over the whole run
+  o.decay_steps = 0  # cosine over the whole run: follows train.steps, also when overridden
   o.final_lr_ratio = FINAL_LR_RATIO

@@ -1,8 +1,8 @@
 """RecurrentGemma (RecurrentGemma report, Table 1) as training recipes: `--config=configs/recurrentgemma.py:2b`.
 
 Both sizes are pretrained on 2T tokens of sequences of 8192 tokens; batch, learning rate, weight
-decay and schedule come from `configs/recipe.py` like the ladder's. `recurrentgemma_2b.py` and
-`recurrentgemma_9b.py` are aliases.
+decay and schedule come from `configs/recipe.py` like the ladder's. Its points also go by
+name, `--config=recurrentgemma_2b` and `recurrentgemma_9b` (`recurrentgemma_tpu/presets.py`).
 """
 
 import ml_collections

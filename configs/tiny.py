@@ -29,7 +29,6 @@ def get_config():
 
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 50
-  config.optimizer.decay_steps = 600
   config.optimizer.weight_decay = 0.01
 
   config.train.steps = 600  # 1.2M tokens; ~4 minutes on an idle 2-core CPU

@@ -54,7 +54,7 @@ MIN_CHUNK = 128
 class BlockSizes:
   """Channels per program (a power of two), time steps per chunk and per loop iteration, launch.
 
-  The defaults are the chunked plan measured on an H200 (docs/benchmarks.md). The single-pass
+  The defaults are the chunked plan measured on an H200 (docs/benchmarks.md, "Linear-scan kernels"). The single-pass
   candidate, e.g. BlockSizes(channels=32, chunk=65536, unroll=16, num_warps=1, prefetch=True), is
   what benchmarks/scan_gpu_sweep.py times against it; it becomes the default only once measured.
 

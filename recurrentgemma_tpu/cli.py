@@ -16,7 +16,8 @@ Each entry point (`python -m recurrentgemma_tpu.train`, `.compile`, `.sample`, `
   errors of every library still appear. `--verbosity=1` keeps everything; RECURRENTGEMMA_TPU_RAW_LOGS=1
   only leaves stderr unfiltered.
 * `--config=NAME[:ARG]` also names a preset of the installed `configs` package (`--config=tiny`,
-  `--config=configs:ladder:griffin,1b`), and `--config=configs/NAME.py` still works from any directory.
+  `--config=ladder:griffin,1b`, `--config=griffin_1b`), and `--config=configs/NAME.py` works from any
+  directory (`recurrentgemma_tpu/presets.py` resolves the names).
 
 This module imports nothing heavy (no jax, no TensorFlow): help and flag errors are instant.
 """
@@ -24,15 +25,15 @@ This module imports nothing heavy (no jax, no TensorFlow): help and flag errors 
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 import traceback
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import presets
 
 EXIT_CODES_HELP = "exit codes: 0 success, 1 internal error (traceback printed), 2 user error (one line)."
 TRAIN_EXIT_CODES_HELP = (
@@ -61,59 +62,24 @@ NOISE_PATTERNS = (
     r"^E\d{4} .*slow_operation_alarm\.cc",
     r"^\*{20,}\s*$",
     r"Very slow compile\? If you want to file a bug",
+    # ml_collections' warning for a get_config() that returned None: the error line says it.
+    r"^WARNING: Logging before flag parsing goes to stderr\.$",
+    r"config_flags\.py:\d+\] .*get_config\(\) returned None",
 )
 
 
 # ------------------------------------------------------------------------------------ presets
 
 
-def preset_dir() -> str | None:
-  """Directory of the installed `configs` package (presets), found without importing it."""
-  spec = importlib.util.find_spec("configs")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  return list(spec.submodule_search_locations)[0]
-
-
-def presets() -> list[str]:
-  """Names of the preset config files (`configs/NAME.py`), `base` excluded."""
-  directory = preset_dir()
-  if directory is None:
-    return []
-  return sorted(f[:-3] for f in os.listdir(directory)
-                if f.endswith(".py") and not f.startswith("_") and f != "base.py")
-
-
-def resolve_config_spec(spec: str) -> str:
-  """A config spec as a file path: `PATH[:ARG]` if PATH exists, else an installed preset.
-
-  `tiny`, `tiny.py`, `configs/tiny.py`, `configs:tiny` and `recurrentgemma_tpu:tiny` all name the
-  installed `configs/tiny.py` when no such file exists relative to the working directory; `:ARG`
-  (passed to `get_config(ARG)`) is kept. Anything else is returned unchanged.
-  """
-  for prefix in ("configs:", "recurrentgemma_tpu:"):
-    if spec.startswith(prefix):
-      spec = spec[len(prefix):]
-  path, sep, arg = spec.partition(":")
-  if os.path.isfile(path):
-    return spec
-  m = re.fullmatch(r"(?:configs/)?(\w+)(?:\.py)?", path)
-  directory = preset_dir()
-  if m is None or directory is None:
-    return spec
-  candidate = os.path.join(directory, m.group(1) + ".py")
-  return candidate + sep + arg if os.path.isfile(candidate) else spec
-
-
 def rewrite_config_args(argv: Sequence[str], names: Iterable[str] = ("config",)) -> list[str]:
-  """argv with each `--NAME=SPEC` (NAME a config-file flag) resolved by `resolve_config_spec`."""
+  """argv with each `--NAME=SPEC` (NAME a config-file flag) resolved by `presets.resolve`."""
   out = list(argv)
   for name in names:
     for i, a in enumerate(out):
       if a.startswith(f"--{name}="):
-        out[i] = f"--{name}=" + resolve_config_spec(a.split("=", 1)[1])
+        out[i] = f"--{name}=" + presets.resolve(a.split("=", 1)[1])
       elif a == f"--{name}" and i + 1 < len(out):
-        out[i + 1] = resolve_config_spec(out[i + 1])
+        out[i + 1] = presets.resolve(out[i + 1])
   return out
 
 
@@ -235,13 +201,16 @@ def quiet_python_logging(keep_all: bool = False) -> None:
 # ------------------------------------------------------------------------------------ help and errors
 
 
-def fail(message: str, hint: str = "", code: int = exit_codes.USER_ERROR) -> None:
-  """Prints `error: MESSAGE (HINT)` as one line on stderr and exits with `code`."""
+def fail(message: str, hint: str = "", code: int = exit_codes.USER_ERROR,
+         label: str = "error") -> NoReturn:
+  """Prints `LABEL: MESSAGE (HINT)` as one line on stderr and exits with `code`."""
   text = " ".join(str(message).split())
   if hint:
     text += f" ({hint})"
   sys.stdout.flush()
-  print(f"error: {text}", file=sys.stderr, flush=True)
+  print(f"{label}: {text}", file=sys.stderr, flush=True)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.flush()
   sys.exit(code)
 
 
@@ -293,9 +262,15 @@ def parse_flags(argv: Sequence[str], doc: str, config_flags_names: Iterable[str]
     return flags.FLAGS(split(list(argv)) if split else list(argv))
   except flags.Error as e:
     message = one_line(e)
-    required = re.search(r"Flag (--\w+) must have a value other than None", message)
+    required = re.search(r"Flag --(\w+) must have a value other than None", message)
+    if "Error whilst parsing config file" in message:
+      fail(config_error(e, argv))  # get_config raised: its own message, not ml_collections' traceback
     if required:
-      message = f"{required.group(1)} is required"
+      given = [a.partition("=")[2] for a in argv if a.startswith(f"--{required.group(1)}=")]
+      problem = presets.problem(given[-1]) if given else None
+      if problem:  # a config file whose get_config() returned None
+        fail(problem)
+      message = f"--{required.group(1)} is required"
     elif "config" in message and "Did you mean" not in message:
       message += "; config fields are set with --config.GROUP.KEY=VALUE"
     fail(message, "see --help")
@@ -304,7 +279,6 @@ def parse_flags(argv: Sequence[str], doc: str, config_flags_names: Iterable[str]
     if verbosity(argv) >= 1:
       traceback.print_exc()
     fail(config_error(e, argv))
-  raise AssertionError("unreachable")
 
 
 def config_error(error: BaseException, argv: Sequence[str], name: str = "config") -> str:
@@ -315,6 +289,9 @@ def config_error(error: BaseException, argv: Sequence[str], name: str = "config"
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
   cause = next((c for c in chain if "Did you mean" in one_line(c)), chain[-1])
   message = one_line(cause)
+  problem = None if "Did you mean" in message else presets.problem(spec)
+  if problem:  # no get_config(), or it returned None: ml_collections' message names neither
+    return f"--{name}={spec}: {problem}"
   if "Did you mean" in message or (isinstance(cause, (KeyError, AttributeError))
                                    and os.path.exists(spec.partition(":")[0])):
     # A misspelled `--config.GROUP.KEY`: ml_collections says `'stepz'\nDid you mean "steps"...`.
@@ -325,7 +302,9 @@ def config_error(error: BaseException, argv: Sequence[str], name: str = "config"
             "and documented in configs/base.py)").replace(". (", " (").replace(".  ", ". ")
   if not os.path.exists(spec.partition(":")[0]):
     return (f"--{name}={spec}: no such config file or preset (give a path, or a preset: "
-            f"{', '.join(presets())})")
+            f"{', '.join(presets.names())})")
+  if isinstance(cause, ValueError):  # get_config(ARG) refused its argument, naming what is valid
+    return f"--{name}={spec}: {message}"
   return (f"--{name}={spec} could not be loaded: {type(cause).__name__}: {message} (the file must "
           "define get_config() returning a ConfigDict)")
 
@@ -352,12 +331,16 @@ def run(main: Callable[[list[str]], int | None], doc: str | None, *,
         codes: str = EXIT_CODES_HELP, positional: bool = False) -> None:
   """Runs `main(argv) -> exit code` as a command: quiet start-up, help, flag and user errors.
 
+  Whatever ends `main` ends the process with one line naming it and the exit code of
+  `exit_codes.for_exception` (`error:` 2, `stopped (non-finite):` 3, `preempted:` 42,
+  `internal error:` 1 after its traceback).
+
   Args:
     main: absl-style main; its return value (None = 0) is the exit code.
     doc: the command module's docstring (description, example).
     user_errors: exceptions reported as one line with exit 2 (exit_codes.UserError and
-      app.UsageError always are); anything else is an internal error with its traceback, exit 1.
-    config_flags_names: config-file flags whose presets are resolved (see `resolve_config_spec`).
+      app.UsageError always are); anything else takes its code from `exit_codes.for_exception`.
+    config_flags_names: config-file flags whose presets are resolved (see `presets.resolve`).
     split: optional argv preprocessing before absl parses it (e.g. to peel off overrides).
     codes: the exit codes line of --help.
     positional: `main` takes positional arguments (else any is an error).
@@ -382,10 +365,22 @@ def run(main: Callable[[list[str]], int | None], doc: str | None, *,
       explicit = isinstance(e, (exit_codes.UserError, app.UsageError))
       fail(one_line(e) or type(e).__name__,
            "" if verbose or explicit else "--verbosity=1 shows the traceback")
+    except SystemExit:
+      raise
+    except BaseException as e:  # pylint: disable=broad-except
+      code = exit_codes.for_exception(e)
+      if verbose or exit_codes.wants_traceback(e):
+        traceback.print_exc()
+      # One line that names what happened; the launcher and the user read this.
+      fail(one_line(e) or type(e).__name__, code=code, label=_LABELS[code])
     sys.exit(code or 0)
 
   app.run(wrapped,
           flags_parser=lambda argv: parse_flags(argv, doc or "", config_flags_names, split, codes))
+
+
+_LABELS = {exit_codes.USER_ERROR: "error", exit_codes.NON_FINITE: "stopped (non-finite)",
+           exit_codes.PREEMPTED: "preempted", exit_codes.INTERNAL: "internal error"}
 
 
 # ------------------------------------------------------------------------------------ progress
@@ -476,6 +471,9 @@ def experiment_rows(exp: Any, *, config_spec: str = "") -> list[tuple[str, str]]
       ("compute", f"{human(per_token * exp.total_tokens)} model FLOPs "
                   f"({human(per_token)} per token)"),
       ("hf export", hf_mapping.expressibility(m).short()),
+      ("schedule", f"learning rate {exp.optimizer.learning_rate:.3g}, warm-up "
+                   f"{exp.optimizer.warmup_steps:,} steps, cosine to x{exp.optimizer.final_lr_ratio:g} "
+                   f"at step {exp.optimizer.decay_steps:,}"),
   ]
   return rows
 

@@ -1,6 +1,6 @@
 r"""Ahead-of-time compile and fit check of the real train step for a TPU topology, on a CPU host.
 
-    python -m recurrentgemma_tpu.compile --config=configs/griffin_14b.py --topology=v5p:4x4x8 \
+    python -m recurrentgemma_tpu.compile --config=griffin_14b --topology=v5p:4x4x8 \
         [--num_slices=N] [--mesh=DATA,FSDP,SEQ,MODEL] [--strategy=griffin] [--remat=block] \
         [--batch=512] [--seq_len=2048] [--microbatches=4] [--scan_impl=pallas_tpu] [--arrays] \
         [--search] [--config.KEY=VALUE ...]
@@ -204,8 +204,7 @@ def _topology_devices(topology: str, num_slices: int) -> list[Any]:
 
 
 def main(argv: Sequence[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   if _CONFIG.value is None or _TOPOLOGY.value is None:
     raise app.UsageError("--config and --topology are required")
   config = cli.load_config_flag(_CONFIG)

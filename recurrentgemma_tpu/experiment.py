@@ -18,6 +18,8 @@ import ast
 import dataclasses
 import hashlib
 import math
+import os
+import sys
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -27,6 +29,7 @@ from ml_collections.config_flags import config_flags
 from recurrentgemma_tpu import data as data_lib
 from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu import optimizer as optimizer_lib
+from recurrentgemma_tpu import presets
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import strict
 from recurrentgemma_tpu.checkpoints import hf_bridge
@@ -36,6 +39,8 @@ from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
 GROUPS = ("model", "data", "optimizer", "train", "checkpoint", "mesh", "eval")
+# A schedule that follows the run (optimizer.decay_steps=0) warms up over at most this part of it.
+MAX_WARMUP_FRACTION = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +142,33 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   """Loads `configs/NAME.py[:ARG]` (ARG goes to `get_config(ARG)`), locks it, applies overrides.
 
   The same as `--config=SPEC --config.K=V ...` on the command line; a preset's name (`tiny`,
-  `ladder:griffin,1b`) names the installed `configs/` file (`cli.resolve_config_spec`).
+  `ladder:griffin,1b`, `griffin_1b`) names the installed `configs/` file (`presets.resolve`).
+
+  Raises:
+    FileNotFoundError: SPEC names no file and no preset.
+    ValueError: the file has no get_config(), it returns no ConfigDict, or an override is bad.
   """
-  from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
-  spec = cli.resolve_config_spec(spec)
-  config = config_flags.ConfigFileFlagParser(name="config", lock_config=True).parse(spec)
+  path = presets.resolve(spec)
+  if not os.path.isfile(path.partition(":")[0]):
+    raise FileNotFoundError(f"config {spec!r}: no such config file or preset (give a path, or a "
+                            f"preset: {', '.join(presets.names())})")
+  # ml_collections loads the file as module `config_config` with `SourceFileLoader.load_module`, which
+  # re-executes it inside an earlier load's module: a file without get_config would silently get the
+  # previous file's. Each load starts from a fresh module.
+  sys.modules.pop("config_config", None)
+  try:
+    config = config_flags.ConfigFileFlagParser(name="config", lock_config=True).parse(path)
+  except ValueError as e:  # ml_collections wraps get_config's own error in a traceback's text
+    cause = e.__context__ if isinstance(e.__context__, ValueError) else e
+    raise ValueError(f"config {spec!r}: {' '.join(str(cause).split())}") from cause
+  except AttributeError as e:  # "module ... has no attribute 'get_config'", among others
+    problem = presets.problem(path)
+    if problem:
+      raise ValueError(problem) from e
+    raise
   if not isinstance(config, ml_collections.ConfigDict):
-    # The parser defers a missing file's error to first use; raise it now.
-    getattr(config, "model")
+    raise ValueError(presets.problem(path) or f"config {spec!r}: get_config() returned "
+                     f"{type(config).__name__}, not a ConfigDict")
   apply_overrides(config, overrides)
   return config
 
@@ -187,6 +211,25 @@ def _check_eval(eval_config: eval_lib.EvalConfig) -> None:
     raise ValueError(f"config.eval.tasks={eval_config.tasks!r}: {e}") from e
 
 
+def _schedule_length(optimizer: Mapping[str, Any], steps: int) -> dict[str, Any]:
+  """`config.optimizer` with a schedule that follows the run (`decay_steps=0`) resolved for `steps`.
+
+  Following the run, the cosine's length is `train.steps` and the warm-up at most a tenth of it
+  (the presets' recipe, configs/recipe.py), so `--config.train.steps=N` moves the whole schedule
+  with the run. A `decay_steps` set to a number is kept as set, on purpose. `config.json` keeps the
+  0, so extending a finished run (a larger `train.steps`, which resuming allows) stretches its
+  schedule to the new length; set `decay_steps` to the old length to keep the old schedule instead.
+  """
+  group = dict(optimizer.items())
+  if group.get("decay_steps") != 0:
+    return group
+  group["decay_steps"] = steps
+  warmup = group.get("warmup_steps")
+  if isinstance(warmup, int) and not isinstance(warmup, bool):
+    group["warmup_steps"] = min(warmup, int(MAX_WARMUP_FRACTION * steps))
+  return group
+
+
 def min_devices(config: ml_collections.ConfigDict) -> int:
   """The fewest devices `config.mesh` accepts (an axis of -1 gets 1): for single-host tools."""
   mesh = strict.typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
@@ -213,9 +256,10 @@ def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     raise ValueError(f"config has no {missing} group(s); build configs on configs/base.get_config().")
   parts: dict[str, Any] = {}
   parts["model"] = strict.typed(model_lib.ModelConfig, config.model, "config.model")
-  parts["optimizer"] = strict.typed(optimizer_lib.OptimizerConfig, config.optimizer,
-                                    "config.optimizer")
   parts["train"] = strict.typed(TrainConfig, config.train, "config.train")
+  parts["optimizer"] = strict.typed(optimizer_lib.OptimizerConfig,
+                                    _schedule_length(config.optimizer, parts["train"].steps),
+                                    "config.optimizer")
   # Retention against the save interval is checked by CheckpointOptions itself.
   parts["checkpoint"] = strict.typed(ckpt_lib.CheckpointOptions, config.checkpoint,
                                      "config.checkpoint", exclude=("init_from",))

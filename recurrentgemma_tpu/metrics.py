@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from absl import logging
 import jax
@@ -24,8 +24,6 @@ import numpy as np
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import workdir as workdir_lib
 
-METRICS_FILE = workdir_lib.METRICS_FILE
-TENSORBOARD_DIR = workdir_lib.TENSORBOARD_DIR
 
 
 class LaggedMetrics:
@@ -76,7 +74,7 @@ class MetricsWriter:
   def __init__(self, workdir: str, *, total_steps: int, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.total_steps = total_steps
-    self._jsonl_path = workdir_lib.join(workdir, METRICS_FILE)
+    self._jsonl_path = workdir_lib.join(workdir, workdir_lib.METRICS_FILE)
     self._tb = None
     self._jsonl = None
     if self.enabled:
@@ -87,7 +85,7 @@ class MetricsWriter:
       self._tf = tf
       self._scalar_metadata = summary_pb2.SummaryMetadata(
           plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
-      self._tb_dir = workdir_lib.join(workdir, TENSORBOARD_DIR)  # opened on the first write: a
+      self._tb_dir = workdir_lib.join(workdir, workdir_lib.TENSORBOARD_DIR)  # opened on the first write: a
       # re-run with nothing to do leaves no empty events file
 
   def start(self, step: int) -> None:
@@ -177,6 +175,7 @@ class StepLogger:
     self._paused = 0.0  # seconds inside paused() since the clock started
     self._mark_step, self._mark_t, self._mark_paused = start_step, 0.0, 0.0  # last log line
     self.last_step_time: float | None = None
+    self._warned_mfu = False
 
   def push(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
     """Takes the (still running) metrics of `step`; logs the previous boundary when it is due."""
@@ -246,8 +245,15 @@ class StepLogger:
     step_time = (now - self._mark_t - (self._paused - self._mark_paused)) / steps if steps > 0 \
         else float("nan")
     tokens_per_second = self.tokens_per_step / step_time
-    scalars.update(step_time=step_time, tokens_per_second=tokens_per_second,
-                   mfu=mfu(tokens_per_second, self.flops_per_token, self.peak_flops_total))
+    utilisation = mfu(tokens_per_second, self.flops_per_token, self.peak_flops_total)
+    if utilisation > 1:  # the peak is wrong (a CPU peak measured under load), not the run
+      if not self._warned_mfu:
+        logging.warning("MFU %.2f > 1 against a peak of %.3g FLOP/s: the peak is too low; MFU is "
+                        "reported as NaN (set train.peak_flops_per_device, or delete %s in the "
+                        "workdir to measure it again).", utilisation, self.peak_flops_total, PEAK_FILE)
+        self._warned_mfu = True
+      utilisation = float("nan")
+    scalars.update(step_time=step_time, tokens_per_second=tokens_per_second, mfu=utilisation)
     if steps > 0:
       self.last_step_time = step_time
     self.writer.write(upto, scalars)
@@ -267,7 +273,7 @@ def has_record(workdir: str, step: int, split: str) -> dict[str, float] | None:
 
 def read_metrics(workdir: str, split: str = "train") -> list[dict[str, float]]:
   """Reads back the JSONL records of one split, in file order."""
-  path = workdir_lib.join(workdir, METRICS_FILE)
+  path = workdir_lib.join(workdir, workdir_lib.METRICS_FILE)
   records = [json.loads(line) for line in _read_lines(path)] if workdir_lib.exists(path) else []
   return [r for r in records if r.get("split") == split]
 
@@ -370,6 +376,31 @@ def cached_cpu_peak() -> float:
     os.replace(tmp, path)
   except OSError:
     pass  # a read-only home: this run still has its measurement
+  return peak
+
+
+# The per-device peak a run's MFU is against, written at its first start and read on every resume.
+PEAK_FILE = "peak_flops.json"
+
+
+def run_peak_flops_per_device(workdir: str, measure: Callable[[], float], *, write: bool) -> float:
+  """One peak per run: the one stored in `workdir`, else `measure()` (stored when `write`).
+
+  A CPU peak is measured (`cached_cpu_peak`), and a measurement under load can be several times too
+  low; measured again at a resume, it made one run's MFU jump from 0.40 to 1.25-1.76. Keeping the
+  run's first figure keeps its MFU comparable from start to end.
+  """
+  path = workdir_lib.join(workdir, PEAK_FILE)
+  if workdir_lib.exists(path):
+    try:
+      stored = float(json.loads(workdir_lib.read_text(path))["peak_flops_per_device"])
+    except (ValueError, KeyError, TypeError):
+      stored = 0.0  # unreadable: measure again and replace it
+    if stored > 0:
+      return stored
+  peak = measure()
+  if write and peak > 0:
+    workdir_lib.write_text(path, json.dumps({"peak_flops_per_device": peak}) + "\n")
   return peak
 
 

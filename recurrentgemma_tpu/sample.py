@@ -15,7 +15,6 @@ import json
 import os
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -153,8 +152,7 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, tempera
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
+  del argv  # cli.run refuses positional arguments
   f = flags.FLAGS
   texts = sample_text(f.workdir, f.prompt, max_new_tokens=f.max_new_tokens,
                       temperature=f.temperature, top_k=f.top_k, seed=f.seed,

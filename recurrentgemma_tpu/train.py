@@ -20,10 +20,7 @@ preemption.install()
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import logging as std_logging
 import os
-import sys
-import traceback
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -77,12 +74,6 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in self._NOISY)
 
 
-def _root_cause(error: BaseException) -> BaseException:
-  while error.__cause__ is not None or error.__context__ is not None:
-    error = error.__cause__ or error.__context__
-  return error
-
-
 def _load_config():
   """The parsed --config (its file is loaded lazily): errors become one UserError line."""
   return cli.load_config_flag(_CONFIG)
@@ -127,33 +118,16 @@ def _outcome(result) -> str:
   return f"Training completed at step {result.step}; final eval: {ev}."
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; config overrides are --config.GROUP.KEY=VALUE.",
-          file=sys.stderr)
-    sys.exit(exit_codes.USER_ERROR)
-  preemption.catch()
-  try:
-    code = _train()
-  except BaseException as e:  # pylint: disable=broad-except
-    if isinstance(e, SystemExit):
-      raise
-    code = exit_codes.for_exception(e)
-    if exit_codes.wants_traceback(e):
-      traceback.print_exc()
-    # One line that names what happened; the launcher and the user read this.
-    print(f"{_LABELS[code]}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-  logging.flush()
-  sys.exit(code)
-
-
-_LABELS = {exit_codes.USER_ERROR: "error", exit_codes.NON_FINITE: "stopped (non-finite)",
-           exit_codes.PREEMPTED: "preempted", exit_codes.INTERNAL: "internal error"}
+def main(argv: list[str]) -> int:
+  del argv  # cli.run refuses positional arguments
+  preemption.catch()  # from here on a SIGTERM raises Preempted, reported by cli.run (exit 42)
+  return _train()
 
 
 def run() -> None:
   """Console-script entry point (`rg-train`); --help prints this module's docstring and flags."""
-  cli.run(main, __doc__, codes=cli.TRAIN_EXIT_CODES_HELP)
+  # Only UserError is a user error here: any other ValueError deep in training is a bug (exit 1).
+  cli.run(main, __doc__, user_errors=(), codes=cli.TRAIN_EXIT_CODES_HELP)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,6 @@ from recurrentgemma_tpu.model import flops as flops_lib
 from sharding import chips as chips_lib
 from sharding import mesh as mesh_lib
 
-CHECKPOINT_DIR = workdir_lib.CHECKPOINT_DIR
-CONFIG_FILE = workdir_lib.CONFIG_FILE
 # Steps the host may dispatch ahead of the device (2: one running, one queued).
 MAX_IN_FLIGHT = 2
 # JAX persistent compilation cache of `python -m recurrentgemma_tpu.train` when --compilation_cache_dir
@@ -52,10 +50,6 @@ MAX_IN_FLIGHT = 2
 COMPILATION_CACHE_ENV = "RECURRENTGEMMA_TPU_COMPILATION_CACHE"
 DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "recurrentgemma_tpu", "jax")
 
-NonFiniteError = metrics_lib.NonFiniteError
-# Kept here for callers that build restore targets from step functions.
-state_item = resume_lib.state_item
-abstract_checkpoint = resume_lib.abstract_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,17 +144,9 @@ def evaluate(fns: step_functions.StepFunctions, params: Any, pipeline: data_lib.
           "num_tokens": host["num_tokens"]}
 
 
-def prepare_workdir(workdir: str) -> str:
-  """Creates `workdir` if needed and checks it is a writable directory; raises UserError if not.
-
-  Local paths are made absolute; gs:// (any "://") URLs are kept as given (see workdir.py).
-  """
-  return workdir_lib.prepare(workdir)
-
-
 def _write_config(workdir: str, exp: experiment_lib.Experiment) -> None:
   if jax.process_index() == 0:
-    workdir_lib.write_text(workdir_lib.join(workdir, CONFIG_FILE), exp.to_json())
+    workdir_lib.write_text(workdir_lib.join(workdir, workdir_lib.CONFIG_FILE), exp.to_json())
 
 
 def _all_agree(value: bool) -> bool:
@@ -187,7 +173,7 @@ class Trainer:
     self.fns = step_functions.build_step_functions(exp.model, exp.optimizer, self.mesh,
                                                    exp.mesh.strategy)
     self.pipeline: data_lib.Pipeline | None = None  # built after the resume check (it may be slow)
-    self.ckpt = ckpt_lib.CheckpointManager(workdir_lib.join(workdir, CHECKPOINT_DIR), exp.checkpoint)
+    self.ckpt = ckpt_lib.CheckpointManager(workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR), exp.checkpoint)
     self.writer = metrics_lib.MetricsWriter(workdir, total_steps=exp.train.steps)
     self.downstream = None  # config.eval: lm-eval tasks every N steps (lm-eval imported only then)
     if exp.eval.every:
@@ -216,7 +202,7 @@ class Trainer:
             "data": {"next_step": step, "global_batch_size": data.global_batch_size,
                      "seq_len": data.seq_len},
             "process_count": jax.process_count(), "device_count": jax.device_count()}
-    if self.ckpt.save(step, state.params, state_item(state), meta):
+    if self.ckpt.save(step, state.params, resume_lib.state_item(state), meta):
       logging.info("Saving checkpoint for step %d (async=%s).", step, self.exp.checkpoint.async_save)
 
   def evaluate(self, state: train_step_lib.TrainState, step: int) -> dict[str, float]:
@@ -280,6 +266,13 @@ class Trainer:
     self.heartbeat.beat("done", step)
     return TrainResult(status, step, result)
 
+  def _peak_flops_per_device(self) -> float:
+    """`train.peak_flops_per_device` if set, else this run's one stored peak (see metrics)."""
+    if self.exp.train.peak_flops_per_device:
+      return self.exp.train.peak_flops_per_device
+    return metrics_lib.run_peak_flops_per_device(self.workdir, peak_flops_per_device,
+                                                 write=jax.process_index() == 0)
+
   def _train(self, state: train_step_lib.TrainState, step: int,
              watch: preemption.Watch) -> tuple[train_step_lib.TrainState, int, bool]:
     exp = self.exp
@@ -287,7 +280,7 @@ class Trainer:
         self.writer, start_step=step, total_steps=exp.train.steps, log_every=exp.train.log_every,
         tokens_per_step=exp.tokens_per_step,
         flops_per_token=flops_lib.training_flops_per_token(exp.model, exp.data.seq_len),
-        peak_flops_total=peak_flops_per_device(exp.train.peak_flops_per_device) * jax.device_count(),
+        peak_flops_total=self._peak_flops_per_device() * jax.device_count(),
         describe_checkpoint=self._describe_checkpoint)
     sharding = self.fns.batch_shardings["inputs"]
     in_flight: collections.deque[jax.Array] = collections.deque()
@@ -351,5 +344,5 @@ def train_and_evaluate(exp: experiment_lib.Experiment, workdir: str, *,
     bad workdir or a refused resume, preemption.Preempted on SIGTERM outside the loop, and
     checkpoints.manager.SaveFailed when a save fails.
   """
-  workdir = prepare_workdir(workdir)
+  workdir = workdir_lib.prepare(workdir)
   return Trainer(exp, workdir, accept_changes=accept_changes).run()

@@ -29,18 +29,30 @@ if _SESSION_CACHE:
   os.environ[_CACHE_ENV] = _SESSION_CACHE
 
 
-# The README's test command runs two pytest-xdist workers with `--dist loadfile --no-loadscope-reorder`
-# (xdist would otherwise order files by their number of tests): each file runs whole
-# on one worker (its module fixtures are built once), handed out in collection order. The longest
-# files therefore go first, longest first, so the two workers end together instead of one finishing
-# a long file alone at the end. Order by seconds measured with two workers on the 2-core CI machine
-# (2026-12-01): ~600, ~500, ~400, ~320, ~250, ~200, ~150; every other file keeps its place after these.
-_LONGEST_FIRST = ("test_train_loop.py", "test_sharding.py", "test_launch_local.py", "test_resume.py",
-                  "test_compile.py", "test_sweep.py", "test_model.py")
+# Both tiers run on two pytest-xdist workers with `--dist loadfile --no-loadscope-reorder` (xdist
+# would otherwise order files by their number of tests): each file runs whole on one worker (its
+# module fixtures are built once), handed out in collection order. The longest files of the tier
+# therefore go first, longest first, so the two workers end together instead of one finishing a long
+# file alone at the end. Seconds per file and tier: docs/benchmarks.md, "Test suite" (how they were
+# measured); every other file keeps its place after these.
+LONGEST_FIRST = {
+    # Measured 2026-12-07 in one process at load 10-14: ~175, 160, 140, 135, 115, 90, 65, 60, 55 s.
+    "fast": ("test_official.py", "test_data.py", "test_scan.py", "test_model.py", "test_sample.py",
+             "test_pallas_tpu_aot.py", "test_train_step.py", "test_train_loop.py", "test_cli.py",
+             "test_scan_sequence_parallel.py", "test_compile.py"),
+    # The end-to-end files, in the order of their time in the whole suite (2026-12-01, two workers).
+    "slow": ("test_train_loop.py", "test_sharding.py", "test_launch_local.py", "test_resume.py",
+             "test_compile.py", "test_sweep.py", "test_train_families.py", "test_model_memory.py"),
+}
 
 
-def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+def _tier(config) -> str:
+  """`slow` for `-m slow`, else `fast` (the README's `-m "not slow"`, or no selection at all)."""
+  return "slow" if (config.getoption("markexpr") or "").strip() == "slow" else "fast"
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST[_tier(config)])}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
 
 

@@ -13,7 +13,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import step_functions
-from recurrentgemma_tpu import trainer
 from recurrentgemma_tpu.checkpoints import manager as ckpt
 from recurrentgemma_tpu.checkpoints import resume
 from sharding import mesh as mesh_lib
@@ -147,13 +146,13 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
   fns8 = _step_functions(config, devices, fsdp=8)
   state = fns8.create_state(jax.random.key(3))
   m = ckpt.CheckpointManager(tmp_path, _options())
-  assert m.save(2, state.params, trainer.state_item(state), {})
+  assert m.save(2, state.params, resume.state_item(state), {})
   m.close()
-  expected = jax.device_get((state.params, trainer.state_item(state)))
+  expected = jax.device_get((state.params, resume.state_item(state)))
   for mesh_kw, n in (({"fsdp": 2, "model": 2}, 4), ({"fsdp": 1}, 1)):
     fns = _step_functions(config, devices[:n], **mesh_kw)
     m = ckpt.CheckpointManager(tmp_path, _options())
-    abstract_params, abstract_rest = trainer.abstract_checkpoint(fns)
+    abstract_params, abstract_rest = resume.abstract_checkpoint(fns)
     r = resume.restore_newest(m, abstract_params, abstract_rest)
     m.close()
     got = jax.device_get((r.params, r.state))

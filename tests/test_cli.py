@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from recurrentgemma_tpu import cli
+from recurrentgemma_tpu import experiment as experiment_lib
+from recurrentgemma_tpu import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,6 +116,12 @@ COMMANDS = [
         ([], ["--config is required"]),
         (["--config=tiny", "--config.model.widht=3"], ['Did you mean "width"']),
         (["--config=tiny", "--config.model.width=-5"], ["width", "-5"]),
+        (["--config=tests/data/config_without_get_config.py"], ["defines no get_config()"]),
+        (["--config=tests/data/config_returning_none.py"], ["returned NoneType"]),
+        (["--config=tests/data/config_returning_none.py", "--config.train.steps=3"],
+         ["returned NoneType"]),
+        (["--config=ladder:griffin,2b"], ["size='2b' must be one of", "'1b'"]),
+        (["--config=configs/griffin_14b.py:x"], ["no such config file", "griffin_14b"]),
     ]),
     ("recurrentgemma_tpu.checkpoints.convert", ["input", "output", "preset"], [
         (["--output=/tmp/x"], ["--input is required"]),
@@ -170,16 +179,39 @@ def test_real_entry_points():
 def test_presets_resolve_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   tiny = os.path.join(ROOT, "configs", "tiny.py")
+  ladder = os.path.join(ROOT, "configs", "ladder.py")
   for spec in ("tiny", "tiny.py", "configs/tiny.py", "configs:tiny", "recurrentgemma_tpu:tiny"):
-    assert os.path.samefile(cli.resolve_config_spec(spec), tiny), spec
-  assert cli.resolve_config_spec("ladder:griffin,1b") == os.path.join(
-      os.path.dirname(tiny), "ladder.py") + ":griffin,1b"
+    assert os.path.samefile(presets.resolve(spec), tiny), spec
+  assert presets.resolve("ladder:griffin,1b") == ladder + ":griffin,1b"
+  # Named points of the ladder and of RecurrentGemma have no file of their own.
+  for spec in ("griffin_14b", "configs/griffin_14b.py", "griffin_14b.py"):
+    assert presets.resolve(spec) == ladder + ":griffin,14b", spec
+  assert presets.resolve("recurrentgemma_9b") == os.path.join(ROOT, "configs",
+                                                              "recurrentgemma.py") + ":9b"
   # A file in the working directory wins over a preset of the same name; unknown names pass through.
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "tiny.py").write_text("")
-  assert cli.resolve_config_spec("configs/tiny.py") == "configs/tiny.py"
-  assert cli.resolve_config_spec("no_such_preset") == "no_such_preset"
-  assert "tiny" in cli.presets() and "base" not in cli.presets()
+  (tmp_path / "configs" / "hawk_1b.py").write_text("")
+  assert presets.resolve("configs/tiny.py") == "configs/tiny.py"
+  assert presets.resolve("configs/hawk_1b.py") == "configs/hawk_1b.py"
+  assert presets.resolve("no_such_preset") == "no_such_preset"
+  assert presets.resolve("griffin_2b") == "griffin_2b"
+  names = presets.names()
+  assert {"tiny", "ladder", "griffin_100m", "mqa_14b", "recurrentgemma_2b"} <= set(names)
+  assert "base" not in names and "recipe" not in names
+
+
+def test_config_files_that_are_not_configs_say_so():
+  # A config loaded earlier in the process must not lend its get_config() to the next file.
+  experiment_lib.load_config("tiny")
+  for name, expected in (("config_without_get_config.py", "defines no get_config()"),
+                         ("config_returning_none.py", "returned NoneType, not a ConfigDict")):
+    with pytest.raises(ValueError, match=re.escape(expected)):
+      experiment_lib.load_config(os.path.join(ROOT, "tests", "data", name))
+  # get_config's own ValueError is its message, not ml_collections' traceback flattened.
+  with pytest.raises(ValueError, match=r"size='2b' must be one of") as e:
+    experiment_lib.load_config("ladder:griffin,2b")
+  assert "Traceback" not in str(e.value)
 
 
 def test_native_noise_filter_keeps_real_errors():

@@ -1,7 +1,6 @@
 """Presets: every config file builds an Experiment, runs carry the papers' token budgets, parameter
 counts match the papers, the summary CLI works."""
 
-import os
 import subprocess
 import sys
 
@@ -10,13 +9,12 @@ import pytest
 from configs import ladder
 from configs import recipe
 from recurrentgemma_tpu import experiment as experiment_lib
+from recurrentgemma_tpu import presets
 from recurrentgemma_tpu.model import ModelConfig
 from recurrentgemma_tpu.model.summary import summarize
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
-# Modules of configs/ that are not experiments themselves.
-HELPERS = ("__init__.py", "base.py", "ladder.py", "recipe.py", "recurrentgemma.py")
-PRESETS = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f not in HELPERS)
+# Every name `--config` accepts (files of configs/ and the ladder's and RecurrentGemma's named points).
+PRESETS = presets.names()
 
 # Training tokens by size: the Griffin paper's Table 2 ("Chinchilla-style", all three families) and
 # the RecurrentGemma report (2T tokens for both sizes).
@@ -26,7 +24,7 @@ RECURRENTGEMMA_TOKENS = 2e12
 
 
 def _experiment(name: str, num_devices: int | None = None) -> experiment_lib.Experiment:
-  config = experiment_lib.load_config(os.path.join(CONFIG_DIR, f"{name}.py"))
+  config = experiment_lib.load_config(name)
   return experiment_lib.build(config, num_devices or experiment_lib.min_devices(config))
 
 
@@ -73,10 +71,11 @@ def test_learning_rate_and_batch_shrink_and_grow_with_size():
 
 
 @pytest.mark.parametrize("family", ladder.FAMILIES)
-def test_any_ladder_point_by_argument_equals_its_preset_file(family):
-  by_arg = experiment_lib.load_config(os.path.join(CONFIG_DIR, f"ladder.py:{family},400m"))
-  by_file = experiment_lib.load_config(os.path.join(CONFIG_DIR, f"{family}_400m.py"))
-  assert experiment_lib.build(by_arg, 1).fingerprint() == experiment_lib.build(by_file, 1).fingerprint()
+def test_any_ladder_point_by_argument_equals_its_named_preset(family):
+  by_arg = experiment_lib.build(experiment_lib.load_config(f"ladder:{family},400m"), 1).fingerprint()
+  # The names users type for a ladder point (no file of their own) load that point.
+  for spec in (f"{family}_400m", f"configs/{family}_400m.py", f"{family}_400m.py"):
+    assert experiment_lib.build(experiment_lib.load_config(spec), 1).fingerprint() == by_arg, spec
 
 
 @pytest.mark.parametrize("arg, match", [("griffin", "FAMILY,SIZE"), ("gryffin,1b", "family='gryffin'"),
@@ -90,7 +89,7 @@ def _model(name: str) -> ModelConfig:
   return _experiment(name).model
 
 
-def test_every_ladder_point_has_a_preset_file():
+def test_every_ladder_point_is_a_preset():
   expected = {f"{fam}_{size}" for fam in ladder.FAMILIES for size in ladder.LADDER}
   assert expected <= set(PRESETS)
   assert {"tiny", "recurrentgemma_2b", "recurrentgemma_9b"} <= set(PRESETS)
@@ -153,7 +152,7 @@ def test_forward_flops_count_every_weight_once_for_hawk():
 def test_summary_cli_prints_counts():
   out = subprocess.run(
       [sys.executable, "-m", "recurrentgemma_tpu.model.summary",
-       f"--config={os.path.join(CONFIG_DIR, 'recurrentgemma_2b.py')}"],
+       "--config=recurrentgemma_2b"],
       capture_output=True, text=True, timeout=300, check=True).stdout
   assert "total parameters:            2,682,862,080" in out
   assert "recurrent         x18" in out and "local_attention   x8" in out

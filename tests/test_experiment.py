@@ -119,5 +119,23 @@ def test_configs_base_is_the_single_source_of_defaults():
   from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(model_lib.ModelConfig))
   assert strict.typed(mesh_lib.MeshConfig, base.mesh(), "config.mesh") == mesh_lib.MeshConfig()
-  assert (strict.typed(optimizer_lib.OptimizerConfig, base.optimizer(), "config.optimizer")
+  # base.optimizer's schedule follows the run (decay_steps=0): resolved at base.train's length.
+  optimizer = experiment_lib._schedule_length(base.optimizer(), base.train().steps)  # pylint: disable=protected-access
+  assert (strict.typed(optimizer_lib.OptimizerConfig, optimizer, "config.optimizer")
           == optimizer_lib.OptimizerConfig())
+
+
+@pytest.mark.parametrize("spec", ["tiny", "ladder:hawk,100m"])
+def test_schedule_follows_a_shortened_run_unless_set_on_purpose(spec):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  for steps in (7, 200):
+    o = experiment_lib.build(experiment_lib.load_config(spec, [f"train.steps={steps}"]),
+                             num_devices=1).optimizer
+    assert o.decay_steps == steps and o.warmup_steps <= steps // 10
+    # The last update of the run uses the final rate (peak x final_lr_ratio), not the peak.
+    lr = optimizer_lib.learning_rate_schedule(o)
+    np.testing.assert_allclose(float(lr(steps - 1)), o.learning_rate * o.final_lr_ratio, rtol=1e-6)
+  exp = experiment_lib.build(experiment_lib.load_config(
+      spec, ["train.steps=200", "optimizer.decay_steps=1000", "optimizer.warmup_steps=30"]), 1)
+  assert (exp.optimizer.decay_steps, exp.optimizer.warmup_steps) == (1000, 30)

@@ -69,6 +69,7 @@ def _rel_err(a, b):
   return np.abs(a - b).max() / np.abs(b).max()
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: the slow tier (.ci/run)
 def test_long_packed_rows_with_window_past_the_row_match_official():
   """T > model.attention.CAUSAL_CHUNK with window >= T: the causal strip attention path."""
   official_cfg = rg_common.GriffinConfig(

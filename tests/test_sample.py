@@ -10,7 +10,7 @@ import pytest
 
 from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu import sample
-from recurrentgemma_tpu import trainer
+from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt
 from test_train_common import small_config
 
@@ -48,6 +48,7 @@ def test_greedy_matches_recomputing_the_whole_sequence(model):
   np.testing.assert_array_equal(got, seq[:, t0:])
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: the slow tier (.ci/run)
 def test_top_k_sampling_stays_in_the_top_k_and_is_seeded(model):
   _, mc, params = model
   prompt = jnp.tile(_prompt(1), (64, 1))
@@ -67,11 +68,11 @@ def test_top_k_sampling_stays_in_the_top_k_and_is_seeded(model):
 
 def test_sample_text_from_a_workdir(model, tmp_path):
   config, mc, params = model
-  m = ckpt.CheckpointManager(tmp_path / trainer.CONFIG_FILE.replace("config.json", "checkpoints"),
+  m = ckpt.CheckpointManager(tmp_path / workdir_lib.CONFIG_FILE.replace("config.json", "checkpoints"),
                              ckpt.CheckpointOptions(1, 1, 0, False))
   m.save(5, params, {"step": jnp.int32(5)}, {})
   m.close()
-  with open(os.path.join(tmp_path, trainer.CONFIG_FILE), "w") as f:
+  with open(os.path.join(tmp_path, workdir_lib.CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort())
   texts = sample.sample_text(str(tmp_path), "def f(x):", max_new_tokens=NEW)
   from recurrentgemma_tpu import data as data_lib  # pylint: disable=g-import-not-at-top

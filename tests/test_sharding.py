@@ -265,6 +265,7 @@ def test_sharded_loss_and_grads_equal_single_device(family, mesh_name):
   assert_tree_close(jax.device_get(grads), ref_grads)
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: the slow tier (.ci/run)
 def test_train_step_metrics_match_single_device_and_microbatches():
   mc, params, batch, ref_grads, ref_metrics = reference("griffin")
   fns = build(mc, (2, 2, 1, 2), num_microbatches=2)

@@ -9,6 +9,7 @@ from recurrentgemma_tpu import trainer
 from test_train_common import small_config
 
 
+@pytest.mark.slow  # over ~30 s on 2 cores: the slow tier (.ci/run)
 @pytest.mark.parametrize("family", ["hawk", "mqa"])
 def test_family_trains_and_evaluates(family, tmp_path):
   config = small_config(model__block_pattern=family, train__steps=8, checkpoint__save_every=0,

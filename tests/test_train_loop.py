@@ -51,7 +51,7 @@ def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
   # An absurd learning rate without clipping overflows the parameters within a few steps.
   config = small_config(optimizer__learning_rate=1e30, optimizer__grad_clip_norm=0.0,
                         checkpoint__save_every=1, train__steps=STEPS)
-  with pytest.raises(trainer.NonFiniteError, match=r"at step (\d+)") as err:
+  with pytest.raises(metrics_lib.NonFiniteError, match=r"at step (\d+)") as err:
     trainer.train_and_evaluate(experiment_lib.build(config), str(tmp_path))
   bad_step = int(err.value.args[0].split("at step ")[1].split()[0])
   records = metrics_lib.read_metrics(str(tmp_path))

@@ -63,7 +63,7 @@ class _Exp:
 
 def _exercise(workdir):
   """The trainer's own workdir I/O, in the order a run does it; returns the prepared workdir."""
-  workdir = trainer.prepare_workdir(workdir)
+  workdir = workdir_lib.prepare(workdir)
   trainer._write_config(workdir, _Exp())
   beat = heartbeat.Heartbeat(workdir, 0)
   beat.beat("starting", 0)
@@ -113,9 +113,9 @@ def test_local_workdir(tmp_path, monkeypatch):
 def test_local_workdir_errors(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(exit_codes.UserError, match="is a file"):
-    trainer.prepare_workdir(str(tmp_path / "file"))
+    workdir_lib.prepare(str(tmp_path / "file"))
   with pytest.raises(exit_codes.UserError, match="not a writable directory"):
-    trainer.prepare_workdir(str(tmp_path / "file" / "below"))
+    workdir_lib.prepare(str(tmp_path / "file" / "below"))
 
 
 def test_remote_workdir(ram_scheme, tmp_path, monkeypatch):
@@ -142,7 +142,7 @@ def test_remote_file_is_refused(ram_scheme):
   epath.Path("ram://bucket2/").mkdir(parents=True, exist_ok=True)
   epath.Path("ram://bucket2/afile").write_text("x")
   with pytest.raises(exit_codes.UserError, match="is a file"):
-    trainer.prepare_workdir("ram://bucket2/afile")
+    workdir_lib.prepare("ram://bucket2/afile")
 
 
 def test_remote_move_tree(ram_scheme):

@@ -45,8 +45,7 @@ def convert(input_dir: str, output_dir: str, preset: str | None = None,
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   f = flags.FLAGS
   if not f.input or not f.output:
     raise app.UsageError("--input and --output are required")

@@ -83,7 +83,7 @@ class BlockGroup(nn.Module):
       # The remainder's last block is the model's last: its backward runs right after its
       # forward (only the final norm and the loss in between), so it is not rematerialised. On
       # the Griffin-14B step that saves 0.4 GiB of temporaries per chip, 0.5% of the FLOPs and a
-      # second compile of the block's forward (docs/benchmarks.md).
+      # second compile of the block's forward (docs/benchmarks.md, "Compile time of the 14B preset").
       last = not self.in_scan and i == len(self.block_types) - 1
       x_BTD, new_cache[name] = (ResidualBlock if last else block_cls)(
           self.config, block_type, self.scan_placement, name=name)(

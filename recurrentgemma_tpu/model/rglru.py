@@ -125,7 +125,7 @@ def _gates_per_block(x_BTR, w_x, b_x, w_a, b_a):
 
   The einsum's batch dimension N makes the CPU backend transpose x, the outputs and, for the
   weight gradient, x again into [N, I, B*T] around every gate; slices and plain matmuls avoid
-  most of that, and the shared x slice serves both gates (interleaved A/B, docs/benchmarks.md).
+  most of that, and the shared x slice serves both gates (interleaved A/B, docs/benchmarks.md, "Train step against the reference").
   """
   N, I, _ = w_x.shape
   w_NI2I = jnp.concatenate([w_x, w_a], axis=-1)

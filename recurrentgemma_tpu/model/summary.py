@@ -1,6 +1,6 @@
 """Parameter and FLOP accounting for an experiment, and its CLI.
 
-  python -m recurrentgemma_tpu.model.summary --config=configs/recurrentgemma_2b.py [--seq_len=N]
+  python -m recurrentgemma_tpu.model.summary --config=recurrentgemma_2b [--seq_len=N]
 
 Parameter counts come from `jax.eval_shape` of the real initialiser (exact, allocation-free); FLOPs
 per token from the one FLOP model, `model/flops.py` (the one the training MFU and the compile
@@ -10,7 +10,6 @@ report use).
 import dataclasses
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -78,8 +77,7 @@ def format_summary(config: ModelConfig, s: Summary) -> str:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv  # cli.run refuses positional arguments
   # Imported here: experiment imports the data and training modules, which this module must not
   # need when imported as a library.
   from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top

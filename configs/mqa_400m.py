@@ -1,7 +1,0 @@
-"""Alias of `configs/ladder.py:mqa,400m` (the Griffin paper's ladder, as a training recipe)."""
-
-from configs import ladder
-
-
-def get_config():
-  return ladder.get_config("mqa,400m")
