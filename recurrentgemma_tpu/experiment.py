@@ -230,6 +230,48 @@ def _schedule_length(optimizer: Mapping[str, Any], steps: int) -> dict[str, Any]
   return group
 
 
+def _with_defaults(saved: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """`saved` with every field it lacks taken from `defaults`, recursively; named data sources get
+  the fields of one source, never a source of their own."""
+  out = dict(saved)
+  for key, default in defaults.items():
+    if key not in out:
+      out[key] = default
+    elif key == "sources" and isinstance(out[key], dict):
+      template = next(iter(default.values()))
+      out[key] = {name: _with_defaults(src, template) for name, src in out[key].items()}
+    elif isinstance(default, dict) and isinstance(out[key], dict):
+      out[key] = _with_defaults(out[key], default)
+  return out
+
+
+def from_workdir(workdir: str, *, single_host: bool = False) -> Experiment:
+  """The Experiment a training workdir was written with (its config.json), built again.
+
+  For tools that read a run (sample, export, evaluate): `init_from` is dropped (the workdir's own
+  checkpoints are what is read) and downstream evaluation during training is off. Fields that were
+  added to `configs/base.py` after the run was written take their defaults there, so an older
+  workdir still loads. The mesh is resolved for this job's devices, or with `single_host` for the
+  fewest it accepts.
+
+  Raises:
+    UserError: the workdir has no config.json.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import exit_codes  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  path = workdir_lib.join(workdir, workdir_lib.CONFIG_FILE)
+  if not workdir_lib.exists(path):
+    raise exit_codes.UserError(f"--workdir={workdir} has no {workdir_lib.CONFIG_FILE}: give a "
+                               "directory written by `python -m recurrentgemma_tpu.train`.")
+  saved = json.loads(workdir_lib.read_text(path))
+  config = ml_collections.ConfigDict(_with_defaults(saved, base.get_config().to_dict()))
+  config.checkpoint.init_from = ""
+  config.eval.every = 0
+  return build(config, num_devices=min_devices(config) if single_host else None)
+
+
 def min_devices(config: ml_collections.ConfigDict) -> int:
   """The fewest devices `config.mesh` accepts (an axis of -1 gets 1): for single-host tools."""
   mesh = strict.typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")

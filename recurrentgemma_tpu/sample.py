@@ -11,16 +11,15 @@ local-attention layer, whatever the length generated so far.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import workdir as workdir_lib
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, vocab_size: int) -> None:
@@ -77,28 +76,12 @@ def generate(params: Any, prompt_BT: jax.Array, rng: jax.Array, *, model_config:
   return tokens_NB.T
 
 
-def load_experiment(workdir: str) -> Any:
-  """The `experiment.Experiment` a workdir was trained with (its config.json, built again).
-
-  The mesh is resolved for the fewest devices it accepts (sampling runs on one host) and
-  `init_from` is dropped: the workdir's own checkpoint is what is sampled.
-  """
-  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
-  path = workdir_lib.join(workdir, workdir_lib.CONFIG_FILE)
-  if not workdir_lib.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by "
-                            "`python -m recurrentgemma_tpu.train`.")
-  config = ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
-  config.checkpoint.init_from = ""
-  return experiment_lib.build(config, num_devices=experiment_lib.min_devices(config))
-
-
 def load_model(workdir: str) -> tuple[Any, Any]:
   """(Experiment, params of the newest checkpoint) of a training workdir."""
   import flax  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.checkpoints import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
-  exp = load_experiment(workdir)
+  exp = experiment_lib.from_workdir(workdir, single_host=True)
   steps_dir = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR)
   if not any(d.isdigit() for d in workdir_lib.listdir(steps_dir)):
     raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet ({steps_dir} holds no step): "

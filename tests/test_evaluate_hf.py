@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 from lm_eval import evaluator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=wrong-import-position
 from recurrentgemma_tpu.checkpoints import manager as ckpt  # pylint: disable=wrong-import-position
 from recurrentgemma_tpu.downstream import harness, loading, registry, scoring  # pylint: disable=wrong-import-position
 from test_train_common import REPO, small_config, subprocess_env  # pylint: disable=wrong-import-position
@@ -54,7 +55,7 @@ def models(tmp_path_factory):
                         env=subprocess_env(1), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
-  exp = loading.load_experiment(workdir)
+  exp = experiment_lib.from_workdir(workdir)
   fns, jax_params = loading.load_params(exp, workdir, STEP)
   scorer = scoring.Scorer(fns, jax_params, row_len=ROW_LEN, batch_rows=8)
   ours = harness.JaxLM(scorer, loading.existing_vocabulary(exp))

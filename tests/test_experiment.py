@@ -139,3 +139,25 @@ def test_schedule_follows_a_shortened_run_unless_set_on_purpose(spec):
   exp = experiment_lib.build(experiment_lib.load_config(
       spec, ["train.steps=200", "optimizer.decay_steps=1000", "optimizer.warmup_steps=30"]), 1)
   assert (exp.optimizer.decay_steps, exp.optimizer.warmup_steps) == (1000, 30)
+
+
+def test_an_older_workdir_s_config_loads_with_the_defaults_of_fields_added_since(tmp_path):
+  """sample, export and evaluate rebuild a run from its config.json; one written before a group or
+  field existed (here `eval`, `data.store` and a source's `text_key`) takes base.py's defaults,
+  and a run's named sources gain no `default` source."""
+  import json  # pylint: disable=g-import-not-at-top
+  config = experiment_lib.load_config("tiny", ["train.steps=7"])
+  saved = json.loads(config.to_json())
+  saved["data"]["sources"] = {"web": saved["data"]["sources"]["default"]}
+  saved["data"]["sources"]["web"]["rate"] = 2.0
+  complete = json.loads(json.dumps(saved))
+  del saved["eval"], saved["data"]["store"], saved["data"]["sources"]["web"]["text_key"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  exp = experiment_lib.from_workdir(str(tmp_path), single_host=True)
+  assert list(exp.config.data.sources) == ["web"]
+  assert exp.config.data.sources.web.rate == 2.0 and exp.train.steps == 7
+  expected = experiment_lib.build(
+      experiment_lib.ml_collections.ConfigDict(complete), num_devices=exp.num_devices)
+  assert exp.to_json() == expected.to_json()
+  with pytest.raises(ValueError, match="has no config.json"):
+    experiment_lib.from_workdir(str(tmp_path / "missing"))

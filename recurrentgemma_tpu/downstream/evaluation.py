@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from absl import logging
 import jax
 
+from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu.data import vocab as vocab_lib
 from recurrentgemma_tpu.downstream import config as config_lib
@@ -31,7 +32,7 @@ def evaluate_workdir(workdir: str, step: int | None, overrides: Mapping[str, Any
   Returns:
     (step, flat scores, the results file written by process 0 or "").
   """
-  exp = loading.load_experiment(workdir)
+  exp = experiment_lib.from_workdir(workdir)
   step = loading.choose_step(workdir, step)
   try:
     eval_config = dataclasses.replace(exp.eval, **overrides)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
-
-import ml_collections
 
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import experiment as experiment_lib
@@ -16,21 +13,6 @@ from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 from recurrentgemma_tpu.checkpoints import resume as resume_lib
 from recurrentgemma_tpu.data import vocab as vocab_lib
 from sharding import mesh as mesh_lib
-
-
-def load_experiment(workdir: str) -> experiment_lib.Experiment:
-  """The Experiment of a training workdir (its config.json), with the mesh resolved for this job."""
-  path = workdir_lib.join(workdir, workdir_lib.CONFIG_FILE)
-  if not workdir_lib.exists(path):
-    raise exit_codes.UserError(f"--workdir={workdir} has no {workdir_lib.CONFIG_FILE}: give a "
-                               "directory written by `python -m recurrentgemma_tpu.train`.")
-  config = ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
-  config.checkpoint.init_from = ""  # the workdir's own checkpoint is what is evaluated
-  if "eval" not in config:  # written before config.eval existed: its defaults
-    from configs import base  # pylint: disable=g-import-not-at-top
-    config.eval = base.eval_config()
-  config.eval.every = 0  # nothing trains here; the tasks are checked when they run
-  return experiment_lib.build(config)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
