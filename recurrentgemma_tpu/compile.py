@@ -19,7 +19,6 @@ import glob
 import json
 import os
 import sys
-import time
 from typing import Any, Optional, Sequence
 
 import jax

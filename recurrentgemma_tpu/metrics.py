@@ -263,14 +263,6 @@ class StepLogger:
     self._mark_step, self._mark_t, self._mark_paused = upto, now, self._paused
 
 
-def has_record(workdir: str, step: int, split: str) -> dict[str, float] | None:
-  """The JSONL record of `split` at `step`, or None (e.g. the final evaluation of a finished run)."""
-  for record in read_metrics(workdir, split):
-    if record["step"] == step:
-      return record
-  return None
-
-
 def read_metrics(workdir: str, split: str = "train") -> list[dict[str, float]]:
   """Reads back the JSONL records of one split, in file order."""
   path = workdir_lib.join(workdir, workdir_lib.METRICS_FILE)

@@ -255,7 +255,9 @@ class Trainer:
                                  "when the job is restarted.")
     # The final evaluation belongs to completion: a run killed before its record was written
     # evaluates now; a complete one only reports the record.
-    record = metrics_lib.has_record(self.workdir, step, "eval") if jax.process_index() == 0 else None
+    record = (workdir_lib.final_evaluation(workdir_lib.read_text_if_exists(
+        workdir_lib.join(self.workdir, workdir_lib.METRICS_FILE)), step)
+              if jax.process_index() == 0 else None)
     if _all_agree(record is not None):
       logging.info("Workdir is complete at step %d (train.steps=%d): nothing to do.", step, steps)
       result = {k: v for k, v in (record or {}).items() if k not in ("step", "split")}

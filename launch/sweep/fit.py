@@ -331,7 +331,6 @@ def fit_family(rows: Sequence[dict[str, Any]], *, n_bootstrap: int = 300, n_star
     full = fit_form("chinchilla", x, loss, n_starts=max(n_starts, 128))
     boots = bootstrap("chinchilla", x, loss, full, n=n_bootstrap, seed=seed)
     entry = full.summary() | {"interval_95": intervals(boots), "bootstrap_used": len(boots)}
-    p = full.params
     # Compute-optimal split under this family's FLOP model (FLOPs per token ~ k * N).
     k_fpt = float(np.median([r["flops_per_token"] / r["params"] for r in rows]))
     entry["flops_per_token_per_param"] = k_fpt

@@ -23,7 +23,6 @@ wins, so the old holder learns at its next renewal that it lost the trial and st
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import socket

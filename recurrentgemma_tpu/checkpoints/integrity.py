@@ -19,7 +19,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 PyTree = Any
 

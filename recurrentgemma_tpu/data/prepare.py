@@ -87,7 +87,7 @@ def prepare(cfg: DataConfig, runner: str = "", num_workers: int = 1,
 
 def run() -> None:
   """Command-line entry point; flags are defined here so importing `describe` defines none."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
