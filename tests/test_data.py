@@ -567,3 +567,18 @@ if __name__ == "__main__":
 
   assert sys.argv[1] == "worker", sys.argv
   _worker(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7])
+
+
+@pytest.mark.parametrize("pattern", ["*.jsonl", "*/*.jsonl", "d*/x?.jsonl", "[ab]*"])
+def test_gs_globs_select_what_a_local_glob_selects(tmp_path, pattern):
+  """gs:// globs are matched on a listing (corpus._matches); tf.io.gfile.glob on the same tree
+  is the reference: `*` does not cross a directory."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for rel in ("a.jsonl", "b.jsonl", "d1/x1.jsonl", "d1/sub/x2.jsonl", "d2/y.jsonl", "ab/c"):
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text("{}\n")
+  listing = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
+  ours = sorted(p for p in listing if corpus._matches(p, pattern))  # pylint: disable=protected-access
+  reference = sorted(os.path.relpath(m, tmp_path)
+                     for m in tf.io.gfile.glob(str(tmp_path / pattern)) if not tf.io.gfile.isdir(m))
+  assert ours == reference and ours

@@ -111,6 +111,7 @@ def test_dry_run_figures_are_chips_times_predicted_step_times_steps_times_price(
   # Computed here, independently of launch/cost.py: v5p-32 is 16 chips; two slices.
   chips, steps, price = 16 * 2, 123457, 2.37
   chip_hours = chips * (1.13 + 0.27 + 0.04) * steps / 3600
+  text = "\n".join(out)
   rows = _rows(text)
   assert rows["slices"].startswith("2 x v5p-32 (v5p:2x2x4)")
   assert rows["chips"].startswith("32 ") and rows["hosts"].startswith("8 ")
@@ -234,7 +235,6 @@ def test_sweep_dry_run_prints_each_trials_cost_and_the_total(tmp_path, monkeypat
                       launch_flags=["--capacity=spot", "--num_slices=2"], prices=table,
                       log=out.append)
   assert rc == exit_codes.OK
-  text = "\n".join(out)
   total_hours = 0.0
   for i, t in enumerate(trials):
     chips = (4 if i == 0 else 8) * 2  # the smallest fitting candidate, two slices each

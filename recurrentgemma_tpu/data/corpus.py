@@ -93,17 +93,25 @@ def read_default(source: SourceConfig, split: str) -> Iterator[tuple[str, str]]:
       yield rel, text
 
 
+def _before_wildcard(glob: str) -> str:
+  return glob[:min((i for i, c in enumerate(glob) if c in "*?["), default=len(glob))]
+
+
 def _glob_root(glob: str) -> str:
   """The directory part of a glob before its first wildcard."""
-  cut = min((i for i, c in enumerate(glob) if c in "*?["), default=len(glob))
-  return glob[:cut].rpartition("/")[0]
+  return _before_wildcard(glob).rpartition("/")[0]
+
+
+def _matches(path: str, glob: str) -> bool:
+  """fnmatch one path segment at a time: `*` stays within a directory, as in tf.io.gfile.glob."""
+  parts, globs = path.split("/"), glob.split("/")
+  return len(parts) == len(globs) and all(map(fnmatch.fnmatchcase, parts, globs))
 
 
 def _glob(glob: str) -> list[str]:
   """Files matching one glob: gs:// through the storage client (gcs.py), else tf.io.gfile."""
   if gcs.is_gcs(glob):
-    cut = min((i for i, c in enumerate(glob) if c in "*?["), default=len(glob))
-    return sorted(p for p in gcs.list_objects(glob[:cut]) if fnmatch.fnmatchcase(p, glob))
+    return sorted(p for p in gcs.list_objects(_before_wildcard(glob)) if _matches(p, glob))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   return [m for m in tf.io.gfile.glob(glob) if not tf.io.gfile.isdir(m)]
