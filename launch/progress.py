@@ -3,7 +3,7 @@
 Read from the run directory only (jax-free): process 0's heartbeat (`recurrentgemma_tpu/heartbeat.py`:
 step, phase, step time) and the last training record of `metrics.jsonl` (loss). `launch.submit`'s
 babysitter prints a line at least every `every_s` seconds while the job compiles or trains; the sweep
-runner reads the same snapshot for its per-trial progress.
+runner and `sweep status` use its ETA rule.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ local-attention layer, whatever the length generated so far.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 from absl import flags
@@ -82,33 +81,13 @@ def load_model(workdir: str) -> tuple[Any, Any]:
   from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.checkpoints import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
   exp = experiment_lib.from_workdir(workdir, single_host=True)
-  steps_dir = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR)
-  if not any(d.isdigit() for d in workdir_lib.listdir(steps_dir)):
+  if not workdir_lib.checkpoint_steps(workdir):
+    steps_dir = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR)
     raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet ({steps_dir} holds no step): "
                             "sample once training has saved one.")
   abstract = jax.eval_shape(
       lambda: flax.core.meta.unbox(model_lib.init_params(exp.model, jax.random.key(0))))
   return exp, ckpt_lib.load_params(workdir, abstract)
-
-
-def existing_tokenizer(data_config: Any) -> str:
-  """The tokenizer a workdir was trained with, found but never trained or written here.
-
-  config.json may come from a workdir someone else wrote: its paths are only read, so sampling
-  writes nothing outside the workdir (`vocab.tokenizer_path` would train a missing tokenizer into
-  the configured cache directory).
-  """
-  from recurrentgemma_tpu.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-  if data_config.tokenizer:
-    return vocab_lib.tokenizer_path(data_config)  # checks that the file exists, writes nothing
-  default = next((s for s in data_config.sources if s.kind == "default"), None)
-  path = vocab_lib.embedded_model_path(data_config, default) if default is not None else ""
-  if not path or not os.path.exists(path):
-    raise FileNotFoundError(
-        f"The workdir's tokenizer is not in the data cache ({path or data_config.resolved_cache_dir}); "
-        "sampling never trains one. Prepare the data on this machine first (run the training "
-        "command or rg-prepare-data with the workdir's config), or set data.tokenizer.")
-  return path
 
 
 def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -120,7 +99,7 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, tempera
   check_sampling_args(max_new_tokens, temperature, top_k, model_config.vocab_size)
   if num_samples < 1:
     raise ValueError(f"num_samples={num_samples} must be >= 1.")
-  vocab = vocab_lib.Vocabulary(existing_tokenizer(exp.data), model_config.vocab_size)
+  vocab = vocab_lib.Vocabulary(vocab_lib.existing_tokenizer_path(exp.data), model_config.vocab_size)
   # Documents start with BOS as their first input, exactly as the training rows do.
   ids = [vocab.bos_id] + vocab.encode(prompt)
   prompt_BT = jnp.asarray(np.tile(np.asarray(ids, np.int32), (num_samples, 1)))
@@ -150,7 +129,7 @@ def run() -> None:
   """Console-script entry point (`rg-sample`)."""
   from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
   # Defined here, not at import, so other commands (export_hf) can import this module's functions.
-  flags.DEFINE_string("workdir", None, "Training workdir (or a checkpoint directory inside it).")
+  flags.DEFINE_string("workdir", None, "Training workdir (written by the train command).")
   flags.DEFINE_string("prompt", "", "Text to continue.")
   flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate after the prompt.")
   flags.DEFINE_float("temperature", 0.0, "Softmax temperature; 0 = greedy (argmax).")

@@ -22,6 +22,7 @@ from typing import IO, Any
 from recurrentgemma_tpu import exit_codes
 
 CHECKPOINT_DIR = "checkpoints"
+PARAMS_ITEM = "params"  # a checkpoint step's parameters item (checkpoints/manager.py)
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -51,6 +52,16 @@ def final_evaluation(metrics_text: str | None, steps: int) -> dict[str, Any] | N
 
 def is_complete(metrics_text: str | None, steps: int) -> bool:
   return final_evaluation(metrics_text, steps) is not None
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of a workdir whose checkpoint holds parameters, oldest first (export, evaluate and
+  sample read these; resume judges whole steps itself)."""
+  directory = join(workdir, CHECKPOINT_DIR)
+  if not isdir(directory):
+    return []
+  return sorted(int(d) for d in listdir(directory)
+                if d.isdigit() and isdir(join(directory, d, PARAMS_ITEM)))
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:

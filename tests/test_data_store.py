@@ -21,7 +21,7 @@ import sentencepiece as spm
 
 from configs import base
 from recurrentgemma_tpu import data, gcs
-from recurrentgemma_tpu.data import corpus, prepare, store as store_lib
+from recurrentgemma_tpu.data import corpus, prepare
 from test_data import (SEQ, cache_dir, corpus_root, make_config, make_pipeline,  # noqa: F401
                        pipeline, reference_chunks, stored_segments)
 

@@ -14,7 +14,6 @@ import pytest
 
 from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt
-from recurrentgemma_tpu.downstream import config as eval_lib
 from recurrentgemma_tpu.downstream import results as results_lib
 from test_train_common import REPO, small_config, subprocess_env, train_command
 

@@ -30,7 +30,6 @@ from recurrentgemma_tpu.checkpoints import manager as ckpt
 from recurrentgemma_tpu.checkpoints import resume
 from checkpoint_damage import DAMAGE_KINDS, HARMLESS, damage
 from recurrentgemma_tpu import step_functions
-from recurrentgemma_tpu.checkpoints import integrity
 from sharding import mesh as mesh_lib
 from test_train_common import REPO, small_config, subprocess_env, train_command, wait_for
 

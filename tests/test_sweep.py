@@ -400,8 +400,8 @@ def test_a_bad_preset_argument_is_one_error_line_naming_it(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
-      "error: invalid job: ValueError: size='5b' must be one of ('100m', '200m', '400m', '1b', "
-      "'3b', '7b', '14b')"]
+      "error: invalid job: config 'configs/ladder.py:griffin,5b': size='5b' must be one of "
+      "('100m', '200m', '400m', '1b', '3b', '7b', '14b')"]
   sweep_file = tmp_path / "bad.py"
   sweep_file.write_text(_write_sweep(tmp_path) and open(_write_sweep(tmp_path)).read().replace(
       's.base = "configs/tiny.py"', 's.base = "configs/ladder.py:griffin,5b"'))

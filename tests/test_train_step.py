@@ -9,7 +9,6 @@ import numpy as np
 import optax
 import pytest
 
-from configs import base
 from recurrentgemma_tpu import data as data_lib
 from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu import optimizer as optimizer_lib

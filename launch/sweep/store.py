@@ -46,8 +46,8 @@ def _gcs_modules():
   try:
     return gcs.modules()
   except RuntimeError as e:
-    raise RuntimeError("a gs:// sweep root needs google-cloud-storage for atomic claims: "
-                       "pip install -e '.[sweep]'") from e
+    raise RuntimeError("a gs:// sweep root needs google-cloud-storage (a base dependency) for "
+                       "atomic claims: pip install -e .") from e
 
 
 def _blob(path: str):

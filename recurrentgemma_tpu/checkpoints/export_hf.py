@@ -31,11 +31,10 @@ def export(workdir: str, output: str, *, step: int | None = None, dtype: str = "
   import jax  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
-  from recurrentgemma_tpu import sample  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.checkpoints import manager  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
   exp = experiment_lib.from_workdir(workdir, single_host=True)
-  vocab = vocab_lib.Vocabulary(sample.existing_tokenizer(exp.data), exp.model.vocab_size)
+  vocab = vocab_lib.Vocabulary(vocab_lib.existing_tokenizer_path(exp.data), exp.model.vocab_size)
   step_dir = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR, str(step))
   abstract = jax.eval_shape(lambda: model_lib.init_params(exp.model, jax.random.key(0)))
   params = jax.tree.map(np.asarray, manager.load_params(step_dir, abstract))

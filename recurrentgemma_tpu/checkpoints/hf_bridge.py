@@ -319,12 +319,6 @@ def tokenizer_probes() -> list[str]:
 # ------------------------------------------------------------------------------------ export
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
-  directory = workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR)
-  return sorted(int(d) for d in workdir_lib.listdir(directory)
-                if d.isdigit() and workdir_lib.isdir(workdir_lib.join(directory, d, "params")))
-
-
 def check_export_args(workdir: str, output: str, step: int | None, dtype: str) -> int:
   """Every cheap check of an export request (exit 2 each); returns the step to export."""
   if dtype not in ("float32", "bfloat16"):
@@ -332,7 +326,7 @@ def check_export_args(workdir: str, output: str, step: int | None, dtype: str) -
   if not workdir_lib.exists(workdir_lib.join(workdir, workdir_lib.CONFIG_FILE)):
     raise exit_codes.UserError(f"--workdir={workdir} has no {workdir_lib.CONFIG_FILE}: not a "
                                "training workdir")
-  steps = checkpoint_steps(workdir)
+  steps = workdir_lib.checkpoint_steps(workdir)
   if not steps:
     raise exit_codes.UserError(f"--workdir={workdir} has no checkpoint to export "
                                f"({workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR)} holds no step)")

@@ -47,7 +47,7 @@ from recurrentgemma_tpu.checkpoints import integrity as integrity_lib
 PyTree = Any
 
 # Item names inside a step directory; `load_params` relies on `PARAMS_ITEM`.
-PARAMS_ITEM = "params"
+PARAMS_ITEM = workdir_lib.PARAMS_ITEM
 STATE_ITEM = "state"
 META_ITEM = "meta"
 _ITEMS = (PARAMS_ITEM, STATE_ITEM, META_ITEM)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import sentencepiece as spm
 
+from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu.data import corpus, locks
 from recurrentgemma_tpu.data.config import DataConfig, SourceConfig
 
@@ -176,3 +177,23 @@ class Vocabulary:
     import seqio  # pylint: disable=g-import-not-at-top
 
     return seqio.SentencePieceVocabulary(self.path)
+
+
+def existing_tokenizer_path(data: DataConfig) -> str:
+  """The tokenizer a run was trained with, found but never trained or written here.
+
+  For the tools that read a run (sample, export, evaluate): its config.json may come from a workdir
+  someone else wrote, so its paths are only read (`tokenizer_path` would train a missing embedded
+  tokenizer into the configured cache directory).
+  """
+  if data.tokenizer:
+    return tokenizer_path(data)  # checks that the file exists, writes nothing
+  default = next((s for s in data.sources if s.kind == "default"), None)
+  path = embedded_model_path(data, default) if default is not None else ""
+  if not path or not os.path.exists(path):
+    raise exit_codes.UserError(
+        f"the run's tokenizer is not in the data cache ({path or data.resolved_cache_dir}); "
+        "sample, export and evaluate never train one: prepare the data on this machine first "
+        "(run the training command or rg-prepare-data with the workdir's config), or set "
+        "data.tokenizer.")
+  return path
