@@ -3,6 +3,7 @@ configs/tiny.py (shrunk) with two jax.distributed processes (gloo). One process 
 later the other is SIGSTOPped; the launcher restarts the job each time (the second time through its
 heartbeat watchdog) and the final parameters equal those of an uninterrupted run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -149,7 +150,11 @@ def test_a_sigkilled_local_launcher_leaves_a_saved_trainer_and_the_rerun_redoes_
                          text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
   log = (workdir / "logs" / "process_0.log").read_text()
-  assert f"resuming from step {saved} " in log.split("===== rg-launch attempt")[-1], log[-3000:]
+  last = log.split("===== rg-launch attempt")[-1]
+  assert f"newest checkpoint step {saved};" in last and "is damaged" not in last, log[-3000:]
+  trained = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
+             if '"split": "train"' in l]
+  assert len(trained) == len(set(trained)), trained  # no logged step was trained twice
   assert _newest_checkpoint(workdir) == steps
   # Extending the finished run is the same job for the launcher, as it is for the trainer.
   longer = [a.replace(f"train.steps={steps}", f"train.steps={steps + 10}") for a in argv]

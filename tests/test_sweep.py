@@ -506,7 +506,11 @@ def test_a_sigkilled_driver_s_trial_saves_exits_42_and_the_rerun_redoes_no_step(
   rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
   log = (workdir / "logs" / "process_0.log").read_text()
-  assert f"resuming from step {saved} " in log.split("===== rg-launch attempt")[-1], log[-3000:]
+  last = log.split("===== rg-launch attempt")[-1]
+  assert f"newest checkpoint step {saved};" in last and "is damaged" not in last, log[-3000:]
+  trained = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
+             if '"split": "train"' in l]
+  assert len(trained) == len(set(trained)), trained  # no logged step was trained twice
   assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == steps
 
 

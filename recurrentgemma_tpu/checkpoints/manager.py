@@ -439,10 +439,13 @@ def _chosen(error: BaseException) -> tuple[str, str]:
   return type(chosen).__name__, " ".join(str(chosen).split()).split(" [tensorstore_spec", 1)[0]
 
 
-def _one_line(error: BaseException) -> str:
-  """`Type: message` in one line, at most ~400 characters."""
+def _one_line(error: BaseException, limit: int = 1500) -> str:
+  """`Type: message` in one line. A longer message keeps its start and its end: TensorStore nests
+  its errors, and the innermost one, last, names the file that failed."""
   name, text = _chosen(error)
-  return f"{name}: {text[:400]}"
+  if len(text) > limit:
+    text = f"{text[:limit // 3]} ... {text[-(2 * limit) // 3:]}"
+  return f"{name}: {text}"
 
 
 def _signature(error: BaseException) -> str:
