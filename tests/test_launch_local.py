@@ -3,7 +3,6 @@ configs/tiny.py (shrunk) with two jax.distributed processes (gloo). One process 
 later the other is SIGSTOPped; the launcher restarts the job each time (the second time through its
 heartbeat watchdog) and the final parameters equal those of an uninterrupted run."""
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 
 from launch import state as state_lib
 from recurrentgemma_tpu import heartbeat
-from test_train_common import REPO, SMALL, small_config, subprocess_env
+from test_train_common import REPO, SMALL, assert_resumed_at_the_save, small_config, subprocess_env
 
 STEPS = 30
 MIN_HANG_S = 45  # generous: the machine is shared, a live process must never look hung
@@ -149,12 +148,7 @@ def test_a_sigkilled_local_launcher_leaves_a_saved_trainer_and_the_rerun_redoes_
   rerun = subprocess.run(argv, cwd=REPO, env=subprocess_env(num_devices=1), capture_output=True,
                          text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-  log = (workdir / "logs" / "process_0.log").read_text()
-  last = log.split("===== rg-launch attempt")[-1]
-  assert f"newest checkpoint step {saved};" in last and "is damaged" not in last, log[-3000:]
-  trained = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
-             if '"split": "train"' in l]
-  assert len(trained) == len(set(trained)), trained  # no logged step was trained twice
+  assert_resumed_at_the_save(workdir, saved)
   assert _newest_checkpoint(workdir) == steps
   # Extending the finished run is the same job for the launcher, as it is for the trainer.
   longer = [a.replace(f"train.steps={steps}", f"train.steps={steps + 10}") for a in argv]

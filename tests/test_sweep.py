@@ -475,6 +475,7 @@ def test_a_nan_trial_runs_exactly_once_and_status_and_collect_say_so(tmp_path):
 @pytest.mark.slow
 def test_a_sigkilled_driver_s_trial_saves_exits_42_and_the_rerun_redoes_no_step(tmp_path):
   from recurrentgemma_tpu import heartbeat  # pylint: disable=g-import-not-at-top
+  from test_train_common import assert_resumed_at_the_save  # pylint: disable=g-import-not-at-top
   steps, root = 1500, tmp_path / "root"
   cmd, env = _one_trial_sweep(tmp_path, **{"train.steps": steps, "checkpoint.save_every": 100000,
                                            "train.log_every": 50})
@@ -505,12 +506,7 @@ def test_a_sigkilled_driver_s_trial_saves_exits_42_and_the_rerun_redoes_no_step(
 
   rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-  log = (workdir / "logs" / "process_0.log").read_text()
-  last = log.split("===== rg-launch attempt")[-1]
-  assert f"newest checkpoint step {saved};" in last and "is damaged" not in last, log[-3000:]
-  trained = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
-             if '"split": "train"' in l]
-  assert len(trained) == len(set(trained)), trained  # no logged step was trained twice
+  assert_resumed_at_the_save(workdir, saved)
   assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == steps
 
 

@@ -1,5 +1,6 @@
 """Shared helpers of the training-loop tests (no tests here): the tiny preset, shrunk further."""
 
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,14 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> No
       proc.kill()
       raise AssertionError(f"timed out waiting for {what}")
     time.sleep(0.02)
+
+
+def assert_resumed_at_the_save(workdir, saved: int) -> None:
+  """A re-run after a SIGKILLed launcher resumed at its trainer's save: its start-up block names
+  that step with no damage, and no logged step was trained twice."""
+  log = (workdir / "logs" / "process_0.log").read_text()
+  last = log.split("===== rg-launch attempt")[-1]
+  assert f"newest checkpoint step {saved};" in last and "is damaged" not in last, log[-3000:]
+  trained = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
+             if '"split": "train"' in l]
+  assert len(trained) == len(set(trained)), trained
