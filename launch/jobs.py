@@ -23,6 +23,7 @@ from launch.backends import gke
 from launch.backends import local
 from launch.backends import tpu_vm
 from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import goodput as goodput_lib
 from recurrentgemma_tpu import heartbeat
 from recurrentgemma_tpu import workdir as workdir_lib
 
@@ -113,6 +114,7 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
            log: Log = print) -> int:
   """Validates, checks the fit, prints the plan and its cost, and runs (or resumes) the job to its
   end; returns the exit code."""
+  submitted = time.time()  # the goodput ledger's clock starts here (the checks count as queueing)
   if prices is not None and spec.target is not None:
     try:  # before any compile: a table without the target's chip is an error, never a zero
       prices.price(spec.target.generation, spec.capacity)
@@ -153,7 +155,8 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
   if st.phase in state_lib.FINAL_PHASES:
     st.phase, st.resource = "submitted", ""
     st.event("resubmitted")
-    state_lib.save_state(spec.workdir, st)
+  st.event("submitted", time=round(submitted, 3))
+  state_lib.save_state(spec.workdir, st)
   try:
     reporter = progress_lib.Reporter(spec.workdir, steps, progress_every_s, log)
     return BACKENDS[spec.backend].run(spec, gcloud.Runner(log=log), log=log, progress=reporter)
@@ -171,7 +174,9 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
 # ------------------------------------------------------------------------------------ status, logs
 
 
-def status(workdir: str, log: Log = print) -> int:
+def status(workdir: str, *, goodput: bool = False, log: Log = print) -> int:
+  """The run's phase, budgets, each process's heartbeat and recent events; with `goodput`, then
+  where its wall-clock time went (recurrentgemma_tpu/goodput.py)."""
   spec = state_lib.load_spec(workdir)
   st = state_lib.load_state(workdir)
   target = f"{spec.target.accelerator_type} x {spec.num_slices}" if spec.target else "this machine"
@@ -190,6 +195,10 @@ def status(workdir: str, log: Log = print) -> int:
   for e in st.history[-5:]:
     log(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']} "
         f"{e.get('detail', e.get('resource', ''))}")
+  if goodput:
+    ledger = goodput_lib.read(workdir, live=st.phase not in state_lib.FINAL_PHASES)
+    for line in ledger.lines():
+      log(line)
   return exit_codes.OK
 
 

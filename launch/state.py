@@ -62,12 +62,12 @@ def save_spec(spec: spec_lib.JobSpec) -> None:
 
 
 def load_state(workdir: str) -> RunState:
-  text = workdir_lib.read_text_if_exists(path(workdir, "state.json"))
+  text = workdir_lib.read_text_if_exists(path(workdir, workdir_lib.LAUNCH_STATE_FILE))
   return RunState(**json.loads(text)) if text else RunState()
 
 
 def save_state(workdir: str, state: RunState) -> None:
-  workdir_lib.write_text(path(workdir, "state.json"), json.dumps(dataclasses.asdict(state), indent=1),
+  workdir_lib.write_text(path(workdir, workdir_lib.LAUNCH_STATE_FILE), json.dumps(dataclasses.asdict(state), indent=1),
                          tmp_suffix=f".tmp{os.getpid()}")
 
 

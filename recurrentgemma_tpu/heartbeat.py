@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import time
+from typing import Callable
 
 from recurrentgemma_tpu import workdir as workdir_lib
 
@@ -75,8 +76,11 @@ def read_record(workdir: str, process_index: int = 0) -> Record | None:
 class Heartbeat:
   """Writes this process's heartbeat file (never raises: a full disk must not stop training)."""
 
-  def __init__(self, workdir: str, process_index: int):
+  def __init__(self, workdir: str, process_index: int,
+               on_phase: Callable[[str, int], None] | None = None):
+    """`on_phase(phase, step)` is told of every phase entered (the goodput recorder)."""
     self._path = path(workdir, process_index)
+    self._on_phase = on_phase
     self._last = 0.0
     self._dir_made = False
     self.phase = ""  # none yet: the first beat enters its phase (and takes that phase's delay)
@@ -101,6 +105,8 @@ class Heartbeat:
       self._last = time.monotonic()
     except Exception:  # pylint: disable=broad-except
       pass  # never stop training for a heartbeat (full disk, bucket hiccup)
+    if entering and self._on_phase is not None:
+      self._on_phase(phase, self.step)
     if entering and self._delays.get(phase):
       time.sleep(self._delays[phase])
 

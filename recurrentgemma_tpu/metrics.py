@@ -71,8 +71,11 @@ def first_nonfinite(records: Iterable[tuple[int, Mapping[str, float]]],
 class MetricsWriter:
   """Writes scalars to TensorBoard, `metrics.jsonl` and the console (on process 0 only)."""
 
-  def __init__(self, workdir: str, *, total_steps: int, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, total_steps: int, enabled: bool | None = None,
+               listener: Callable[[int, str, Mapping[str, float]], None] | None = None):
+    """`listener(step, prefix, scalars)` is called after each record is written (goodput)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._listener = listener
     self.total_steps = total_steps
     self._jsonl_path = workdir_lib.join(workdir, workdir_lib.METRICS_FILE)
     self._tb = None
@@ -115,6 +118,8 @@ class MetricsWriter:
                                metadata=self._scalar_metadata)
     record = {"step": int(step), "split": prefix, **{k: float(v) for k, v in scalars.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
+    if self._listener is not None:
+      self._listener(step, prefix, scalars)
 
   def console(self, step: int, scalars: Mapping[str, float], *, prefix: str = "train",
               eta: float | None = None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Iterable
@@ -31,6 +32,7 @@ import numpy as np
 from recurrentgemma_tpu import data as data_lib
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import experiment as experiment_lib
+from recurrentgemma_tpu import goodput as goodput_lib
 from recurrentgemma_tpu import heartbeat as heartbeat_lib
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu import preemption
@@ -167,14 +169,16 @@ class Trainer:
                accept_changes: Iterable[str] = ()):
     self.exp, self.workdir = exp, workdir
     self.accept_changes = tuple(accept_changes)
-    self.heartbeat = heartbeat_lib.Heartbeat(workdir, jax.process_index())
+    self.goodput = goodput_lib.Recorder(workdir, enabled=jax.process_index() == 0)
+    self.heartbeat = heartbeat_lib.Heartbeat(workdir, jax.process_index(), self.goodput.phase)
     self.heartbeat.beat("starting", 0)
     self.mesh = mesh_lib.create_mesh(exp.mesh)
     self.fns = step_functions.build_step_functions(exp.model, exp.optimizer, self.mesh,
                                                    exp.mesh.strategy)
     self.pipeline: data_lib.Pipeline | None = None  # built after the resume check (it may be slow)
     self.ckpt = ckpt_lib.CheckpointManager(workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR), exp.checkpoint)
-    self.writer = metrics_lib.MetricsWriter(workdir, total_steps=exp.train.steps)
+    self.writer = metrics_lib.MetricsWriter(workdir, total_steps=exp.train.steps,
+                                            listener=self.goodput.on_metrics)
     self.downstream = None  # config.eval: lm-eval tasks every N steps (lm-eval imported only then)
     if exp.eval.every:
       from recurrentgemma_tpu.downstream import evaluation  # pylint: disable=g-import-not-at-top
@@ -226,8 +230,12 @@ class Trainer:
     try:
       result = self._run()
     except BaseException:
+      self.goodput.exit()
       self._close(quiet=True)
       raise
+    # The end-of-run goodput ledger: logged, and TensorBoard scalars unless nothing ran.
+    self.goodput.summarize(result.step, None if result.status == "already_done" else
+                           functools.partial(self.writer.write, prefix="goodput"))
     self._close(quiet=False)
     return result
 
@@ -289,7 +297,9 @@ class Trainer:
     preempted = False
     self.heartbeat.beat("compiling", step)
     while step < exp.train.steps and not preempted:
-      state, metrics = self.fns.train_step(state, data_lib.global_batch(self.pipeline, step, sharding))
+      with self.goodput.data_wait():
+        batch = data_lib.global_batch(self.pipeline, step, sharding)
+      state, metrics = self.fns.train_step(state, batch)
       step += 1
       logger.push(step, metrics)
       # Bound how far the host runs ahead: the device always has the next step queued, but a

@@ -7,8 +7,8 @@ absolute, and get atomic writes from the store itself (one object write replaces
 Orbax (checkpoints/) and `tf.summary` (tensorboard/) take gs:// paths on their own.
 
 Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps),
-config.json, metrics.jsonl, tensorboard/, heartbeat/process_<i>.json, logs/process_<i>.log, and
-launch/ when a launcher runs the job. launch/ reads and writes workdirs only through this module
+config.json, metrics.jsonl, goodput.jsonl, tensorboard/, heartbeat/process_<i>.json,
+logs/process_<i>.log, and launch/ when a launcher runs the job. launch/ reads and writes workdirs only through this module
 (and heartbeat.py), so the two never disagree on a path or on what makes a run complete.
 """
 
@@ -29,6 +29,8 @@ TENSORBOARD_DIR = "tensorboard"
 HEARTBEAT_DIR = "heartbeat"
 LOGS_DIR = "logs"
 LAUNCH_DIR = "launch"  # the launcher's own records (launch/state.py): spec, state, STOP, exits
+LAUNCH_STATE_FILE = "state.json"  # launch/<this>: phase, attempts and the event history
+GOODPUT_FILE = "goodput.jsonl"  # process 0's timing records (goodput.py)
 
 
 def records(metrics_text: str | None) -> list[dict[str, Any]]:

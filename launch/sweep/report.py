@@ -27,13 +27,14 @@ from launch.sweep import definition
 from launch.sweep import state as state_lib
 from launch.sweep import store
 from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import goodput as goodput_lib
 from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.downstream import results as downstream_lib
 
 COLUMNS = ("id", "family", "size", "params", "non_embedding_params", "tokens", "steps", "flops",
            "flops_per_token", "learning_rate", "final_eval_loss", "best_eval_loss", "status", "error",
            "target", "restarts", "wall_time_s", "cpu_time_s", "mfu", "config_hash", "code_version", "variables",
-           "downstream_step", "downstream")
+           "downstream_step", "downstream", "goodput")
 
 
 def code_version() -> str:
@@ -78,7 +79,19 @@ def status_table(root: str, trials: Sequence[definition.Trial], retries: int,
                  f"{eta:>8} {s.failures:>4} {s.restarts:>4}  {s.owner if s.live_lease else ''}"
                  f"{'  on ' + target if target else ''}{'  ' + s.reason if s.reason else ''}")
   lines.append(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+  lines += goodput_total_lines(root, trials)
   return "\n".join(lines)
+
+
+def goodput_total_lines(root: str, trials: Sequence[definition.Trial]) -> list[str]:
+  """The goodput ledgers of the trials, summed (recurrentgemma_tpu/goodput.py), for people."""
+  total = goodput_lib.total(trial_goodput(root, t.id).scalars() for t in trials)
+  return [f"sweep goodput over {len(trials)} trials:"] + goodput_lib.format_lines(total)
+
+
+def trial_goodput(root: str, trial_id: str) -> goodput_lib.Ledger:
+  """One trial's goodput ledger, from its workdir (an empty one for a trial that never ran)."""
+  return goodput_lib.read(state_lib.trial_dir(root, trial_id))
 
 
 def _target(root: str, trial_id: str) -> str:
@@ -122,6 +135,7 @@ def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[
       "variables": dict(trial.variables),
       "downstream_step": last,
       "downstream": downstream[last] if last is not None else {},
+      "goodput": trial_goodput(root, trial.id).scalars(),
   }
 
 
@@ -169,6 +183,12 @@ def collect(root: str, sweep: definition.Sweep, trials: Sequence[definition.Tria
             file=sys.stderr)
   rows = [row(root, t, retries, version) for t in trials]
   workdir_lib.makedirs(root)
+  totals = store.join(root, "goodput.json")
+  summed = goodput_lib.total(r["goodput"] for r in rows)
+  log("\n".join([f"sweep goodput over {len(rows)} trials:"] + goodput_lib.format_lines(summed)))
+  workdir_lib.write_text(totals, json.dumps({"total": summed,
+                                             "trials": {r["id"]: r["goodput"] for r in rows}},
+                                            indent=1, sort_keys=True) + "\n")
   jsonl = store.join(root, "results.jsonl")
   workdir_lib.write_text(jsonl, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
   buf = io.StringIO()
@@ -176,16 +196,17 @@ def collect(root: str, sweep: definition.Sweep, trials: Sequence[definition.Tria
   writer.writeheader()
   for r in rows:
     writer.writerow(r | {"variables": json.dumps(r["variables"], sort_keys=True),
-                         "downstream": json.dumps(r["downstream"], sort_keys=True)})
+                         "downstream": json.dumps(r["downstream"], sort_keys=True),
+                         "goodput": json.dumps(r["goodput"], sort_keys=True)})
   csv_path = store.join(root, "results.csv")
   workdir_lib.write_text(csv_path, buf.getvalue())
   try:
     import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     log("(no HParams log: it needs the sweep extra, pip install -e '.[sweep]')")
-    return [csv_path, jsonl]
+    return [csv_path, jsonl, totals]
   hparams = write_hparams(store.join(root, "hparams"), rows, sweep.metric)
-  return [csv_path, jsonl, hparams]
+  return [csv_path, jsonl, totals, hparams]
 
 
 def write_hparams(logdir: str, rows: Sequence[dict[str, Any]], metric: str) -> str:
