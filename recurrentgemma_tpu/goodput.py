@@ -87,7 +87,7 @@ class Recorder:
       now = clock()
       start = process_start_time()
       self._write({"kind": "start", "process_start": min(start, now) if start else now,
-                   "pid": os.getpid()}, flush=True)
+                   "pid": os.getpid()}, flush=True, now=now)
 
   def phase(self, phase: str, step: int) -> None:
     """The heartbeat entered `phase` at `step`."""
@@ -138,10 +138,10 @@ class Recorder:
     data, self._data_s = self._data_s, 0.0
     return {"data_s": round(data, 6)} if data else {}
 
-  def _write(self, record: dict[str, Any], flush: bool = False) -> None:
+  def _write(self, record: dict[str, Any], flush: bool = False, now: float | None = None) -> None:
     if not self.enabled:
       return
-    now = self._clock()
+    now = self._clock() if now is None else now
     try:
       if self._file is None:
         workdir_lib.makedirs(workdir_lib.parent(self._path))
