@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -162,6 +163,32 @@ def test_sweep_totals_are_the_sum_of_the_trials_ledgers(tmp_path):
   # 100 s + 6 s of wall-clock; 16.5 s productive; 6 s of start-up from trial b.
   assert lines[1].startswith("goodput 15.6% of 1m46s wall-clock")
   assert re.search(r"start-up\s+31\.0s", "\n".join(lines)) and "(3 steps redone)" in lines[9]
+
+
+def test_launch_status_goodput_shows_the_ledger_of_a_launched_run(tmp_path):
+  from test_train_common import REPO  # pylint: disable=g-import-not-at-top
+  records, events = _launched_run()
+  workdir = str(tmp_path / "run")
+  spec = spec_lib.JobSpec(config="configs/tiny.py", overrides=(), workdir=workdir, backend="local",
+                          target=None)
+  launch_state.save_spec(spec)
+  launch_state.save_state(workdir, launch_state.RunState(phase="done", attempt=3, history=events))
+  with open(goodput.path(workdir), "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+  out = subprocess.run([sys.executable, "-m", "launch.status", f"--workdir={workdir}", "--goodput"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.splitlines()
+  assert "goodput 16.5% of 1m40s wall-clock (1970-01-01 00:00:00 to 1970-01-01 00:01:40 UTC)" in lines
+  for line in ("  productive steps        16.5s  16.5%  (12 steps)",
+               "  queued                   5.0s   5.0%",
+               "  waiting for data         2.5s   2.5%",
+               "  work lost               14.0s  14.0%  (3 steps redone)",
+               "  attempts 3, rollbacks 0 (0 steps rolled back)"):
+    assert line in lines, out.stdout
+  plain = subprocess.run([sys.executable, "-m", "launch.status", f"--workdir={workdir}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+  assert plain.returncode == 0 and "goodput" not in plain.stdout
 
 
 class _Trial:
