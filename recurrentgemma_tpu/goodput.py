@@ -127,7 +127,12 @@ class Recorder:
     self.exit()
     if not self.enabled:
       return None
-    ledger = read(self._workdir, end=self._clock())
+    try:
+      ledger = read(self._workdir, end=self._clock())
+    except Exception as e:  # pylint: disable=broad-except
+      # A bucket's transient error: the ledger can be read later (launch.status --goodput).
+      logging.warning("Goodput ledger not computed (%s: %s).", type(e).__name__, e)
+      return None
     logging.info("Goodput ledger (python -m launch.status --goodput shows it for a launched run):\n%s",
                  "\n".join(ledger.lines()))
     if write is not None:
