@@ -319,6 +319,8 @@ def compute(records: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, 
     elif category == "compile":
       seconds["compile"] += span - data
       seconds["data_wait"] += data
+    elif category == "queued" and kind == "queue" and payload.get("event") == "submitted":
+      seconds["other"] += span  # between an attempt's end and a re-submission: nothing was asked
     elif category is not None:
       seconds[category] += span
     if kind == "queue" or kind == "attempt_end":

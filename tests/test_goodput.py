@@ -85,6 +85,17 @@ def test_a_launched_run_s_time_is_split_by_hand_computed_marks():
   assert sum(live.seconds.values()) == pytest.approx(90)
 
 
+def test_the_time_before_a_resubmission_is_not_queueing():
+  events = [{"time": 0, "event": "submitted"}, {"time": 1, "event": "started"},
+            {"time": 5, "event": "failed"}, {"time": 50, "event": "resubmitted"},
+            {"time": 50, "event": "submitted"}, {"time": 51, "event": "started"},
+            {"time": 60, "event": "done"}]
+  ledger = goodput.compute([], events)
+  assert ledger.seconds == {**dict.fromkeys(goodput.CATEGORIES, 0.0), "queued": 1 + 1,
+                            "startup": 4 + 9, "other": 45}
+  assert ledger.attempts == 2
+
+
 def test_a_rollback_throws_away_the_steps_after_the_restored_one():
   records = [
       {"t": 1, "kind": "start", "process_start": 0},
