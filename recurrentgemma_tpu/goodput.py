@@ -54,15 +54,19 @@ def path(workdir: str) -> str:
   return workdir_lib.join(workdir, workdir_lib.GOODPUT_FILE)
 
 
-def process_start_time() -> float | None:
-  """When this process started (unix seconds, from /proc), or None where that is unknown."""
+def process_start_time(now: float) -> float | None:
+  """When this process started (unix seconds), or None where that is unknown.
+
+  From /proc: the process's start in clock ticks since boot against the uptime now (both to 10 ms;
+  /proc/stat's boot time is rounded to whole seconds, too coarse to order it against the launcher).
+  """
   try:
     with open("/proc/self/stat") as f:
       ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    with open("/proc/stat") as f:
-      boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
-  except (OSError, ValueError, IndexError, StopIteration):
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return now - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+  except (OSError, ValueError, IndexError):
     return None
 
 
@@ -85,7 +89,7 @@ class Recorder:
     self._last_flush = 0.0
     if enabled:
       now = clock()
-      start = process_start_time()
+      start = process_start_time(now)
       self._write({"kind": "start", "process_start": min(start, now) if start else now,
                    "pid": os.getpid()}, flush=True, now=now)
 
@@ -248,10 +252,15 @@ def _marks(records: Sequence[Mapping[str, Any]],
             else "attempt_end" if what in ATTEMPT_END_EVENTS else None)
     if kind:
       marks.append((float(e["time"]), i, kind, e))
+  launcher_times = sorted(m[0] for m in marks)
   for i, r in enumerate(records, start=len(events)):
     kind = r.get("kind")
     if kind == "start":
-      marks.append((float(r.get("process_start", r["t"])), i, kind, r))
+      # Never before the launcher's last event that precedes the record: the two clocks (and the
+      # process start's precision) must not reorder a process start and its attempt's start.
+      before = [x for x in launcher_times if x <= float(r["t"])]
+      start = float(r.get("process_start", r["t"]))
+      marks.append((max([start] + before[-1:]), i, kind, r))
     elif kind in ("phase", "step", "rollback", "exit"):
       marks.append((float(r["t"]), i, kind, r))
   return sorted(marks, key=lambda m: (m[0], m[1]))

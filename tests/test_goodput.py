@@ -79,6 +79,10 @@ def test_a_launched_run_s_time_is_split_by_hand_computed_marks():
   assert sum(ledger.seconds.values()) == pytest.approx(100)
   assert (ledger.work_lost_steps, ledger.productive_steps, ledger.attempts) == (3, 12, 3)
   assert ledger.goodput == pytest.approx(0.165)
+  # A process start read as earlier than the killed attempt's end (a coarse or skewed clock) must
+  # not take the killed process's tail from work lost.
+  skewed = [dict(r, process_start=59) if r["t"] == 63 else r for r in records]
+  assert goodput.compute(skewed, events).seconds == pytest.approx(expected)
   # A live run's window ends now: the time since the last mark goes on in its category.
   live = goodput.compute(records[:-3], events[:-1], end=90)
   assert live.end == 90 and live.seconds["checkpoint"] == pytest.approx(2 + 3 + 5 + 5)
