@@ -8,6 +8,8 @@ why it failed (e.g. "exit 3 (stopped on a non-finite loss)").
 Downstream scores (lm-eval tasks; `config.eval` during training, or `collect --downstream=TASKS`,
 which evaluates each finished trial's last checkpoint that lacks them) are the `downstream` column:
 `task/metric` -> value at the trial's newest evaluated step.
+Goodput: each trial's ledger (recurrentgemma_tpu/goodput.py, read from its workdir) is its row's
+`goodput`; `status` prints their sum, `collect` prints it and writes ROOT/goodput.json.
 """
 
 from __future__ import annotations
@@ -85,8 +87,12 @@ def status_table(root: str, trials: Sequence[definition.Trial], retries: int,
 
 def goodput_total_lines(root: str, trials: Sequence[definition.Trial]) -> list[str]:
   """The goodput ledgers of the trials, summed (recurrentgemma_tpu/goodput.py), for people."""
-  total = goodput_lib.total(trial_goodput(root, t.id).scalars() for t in trials)
-  return [f"sweep goodput over {len(trials)} trials:"] + goodput_lib.format_lines(total)
+  return _goodput_lines(goodput_lib.total(trial_goodput(root, t.id).scalars() for t in trials),
+                        len(trials))
+
+
+def _goodput_lines(total: dict[str, float], trials: int) -> list[str]:
+  return [f"sweep goodput over {trials} trials:"] + goodput_lib.format_lines(total)
 
 
 def trial_goodput(root: str, trial_id: str) -> goodput_lib.Ledger:
@@ -185,7 +191,7 @@ def collect(root: str, sweep: definition.Sweep, trials: Sequence[definition.Tria
   workdir_lib.makedirs(root)
   totals = store.join(root, "goodput.json")
   summed = goodput_lib.total(r["goodput"] for r in rows)
-  log("\n".join([f"sweep goodput over {len(rows)} trials:"] + goodput_lib.format_lines(summed)))
+  log("\n".join(_goodput_lines(summed, len(rows))))
   workdir_lib.write_text(totals, json.dumps({"total": summed,
                                              "trials": {r["id"]: r["goodput"] for r in rows}},
                                             indent=1, sort_keys=True) + "\n")
