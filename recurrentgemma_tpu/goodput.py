@@ -101,7 +101,7 @@ class Recorder:
     """The metrics writer wrote a record: train records mark progress, rollback records a restart."""
     if prefix == "train":
       self._write({"kind": "step", "step": int(step), **self._take_data()})
-    elif prefix == "rollback":
+    elif prefix == "rollback" and "restored_step" in scalars:
       self._write({"kind": "rollback", "step": int(step),
                    "restored_step": int(scalars["restored_step"])}, flush=True)
 
