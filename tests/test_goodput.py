@@ -331,6 +331,7 @@ def test_a_preempted_and_killed_local_job_s_ledger_adds_up_and_counts_the_redone
 
   ledger = goodput.read(workdir)
   measured = t1 - t0
+  print(f"measured {measured:.2f}s, {redone} steps redone; the ledger:", *ledger.lines(), sep="\n")
   assert sum(ledger.seconds.values()) == pytest.approx(ledger.wall_clock_s, rel=1e-9)
   assert sum(ledger.seconds.values()) == pytest.approx(measured, rel=0.01)
   assert ledger.work_lost_steps == redone
