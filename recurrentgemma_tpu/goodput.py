@@ -253,16 +253,22 @@ def _marks(records: Sequence[Mapping[str, Any]],
     if kind:
       marks.append((float(e["time"]), i, kind, e))
   launcher_times = sorted(m[0] for m in marks)
+  previous = float("-inf")  # the time of the record before, in file order
   for i, r in enumerate(records, start=len(events)):
     kind = r.get("kind")
     if kind == "start":
-      # Never before the launcher's last event that precedes the record: the two clocks (and the
-      # process start's precision) must not reorder a process start and its attempt's start.
-      before = [x for x in launcher_times if x <= float(r["t"])]
+      # A process start before the record written before it is a second run inside one process
+      # (a notebook, a test): that run starts with its record. Never before the launcher's last
+      # event that precedes the record: two clocks, and the process start's precision, must not
+      # reorder a process start and its attempt's start.
       start = float(r.get("process_start", r["t"]))
+      if start < previous:
+        start = float(r["t"])
+      before = [x for x in launcher_times if x <= float(r["t"])]
       marks.append((max([start] + before[-1:]), i, kind, r))
     elif kind in ("phase", "step", "rollback", "exit"):
       marks.append((float(r["t"]), i, kind, r))
+    previous = max(previous, float(r["t"]))
   return sorted(marks, key=lambda m: (m[0], m[1]))
 
 

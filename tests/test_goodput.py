@@ -83,6 +83,15 @@ def test_a_launched_run_s_time_is_split_by_hand_computed_marks():
   # not take the killed process's tail from work lost.
   skewed = [dict(r, process_start=59) if r["t"] == 63 else r for r in records]
   assert goodput.compute(skewed, events).seconds == pytest.approx(expected)
+  # Two runs by hand inside one process (a notebook): the second start record names the process's
+  # start again, long before the first run's records; the second run starts after the first.
+  by_hand = [r for r in records if r["t"] < 28] + [
+      {"t": 40, "kind": "start", "process_start": 3}, {"t": 40, "kind": "phase", "phase": "starting",
+                                                       "step": 0}, {"t": 50, "kind": "exit"}]
+  again = goodput.compute(by_hand)
+  assert (again.start, again.end, again.attempts) == (3, 50, 2)
+  assert again.seconds["startup"] == pytest.approx(7 + 10)
+  assert again.seconds["other"] == pytest.approx(13)  # between the first run's exit and the second
   # A live run's window ends now: the time since the last mark goes on in its category.
   live = goodput.compute(records[:-3], events[:-1], end=90)
   assert live.end == 90 and live.seconds["checkpoint"] == pytest.approx(2 + 3 + 5 + 5)
