@@ -8,6 +8,8 @@ a local disk; one object write on gs://, which a bucket makes atomic):
 
 at start, at every phase change, after the first step, and at step boundaries at least every
 `TRAINING_INTERVAL_S` while training. A missing or stale file means the process is not making progress.
+Each phase entered is also handed to `on_phase` (the trainer's goodput recorder, goodput.py), which
+keeps the history that this one overwritten file cannot.
 
 Fault injection for tests: `RECURRENTGEMMA_TPU_PHASE_DELAY="evaluating=3,saving=1"` sleeps that many
 seconds right after entering a phase, so a test can kill the process inside it.
