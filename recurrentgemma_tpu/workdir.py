@@ -29,6 +29,7 @@ TENSORBOARD_DIR = "tensorboard"
 HEARTBEAT_DIR = "heartbeat"
 LOGS_DIR = "logs"
 LAUNCH_DIR = "launch"  # the launcher's own records (launch/state.py): spec, state, STOP, exits
+PROFILE_DIR = "profile"  # on-demand profiles: the request, each capture's trace and digest (profiling.py)
 
 
 def records(metrics_text: str | None) -> list[dict[str, Any]]:
