@@ -87,6 +87,7 @@ setuptools.setup(
             "rg-launch-logs=launch.logs:run",
             "rg-launch-stop=launch.stop:run",
             "rg-launch-gc=launch.gc:run",
+            "rg-launch-profile=launch.profile:run",
         ]
     },
 )

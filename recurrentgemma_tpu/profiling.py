@@ -292,10 +292,15 @@ def digest_xspace(space, start_ns: float | None = None, end_ns: float | None = N
   for plane in space.planes:
     if plane.name == "Task Environment":
       env = {plane.stat_metadata[s.metadata_id].name: _stat_value(s, plane) for s in plane.stats}
-  # The exporter writes line times relative to the session's start (profile_start_time, unix ns).
-  origin = int(env.get("profile_start_time") or 0)
-  start_ns = start_ns if start_ns is not None else env.get("profile_start_time")
-  end_ns = end_ns if end_ns is not None else env.get("profile_stop_time")
+  # Times are kept relative to the session's start (profile_start_time, unix ns), as the exporter
+  # writes most lines; unix ns do not fit a float exactly.
+  origin = int(env.get("profile_start_time") or start_ns or 0)
+  start_ns = None if start_ns is None else int(start_ns) - origin
+  end_ns = None if end_ns is None else int(end_ns) - origin
+  if start_ns is None and "profile_start_time" in env:
+    start_ns = 0
+  if end_ns is None and "profile_stop_time" in env:
+    end_ns = int(env["profile_stop_time"]) - origin
   for plane in space.planes:
     stat_names = {k: m.name for k, m in plane.stat_metadata.items()}
     if plane.name == "/host:metadata":
@@ -308,7 +313,7 @@ def digest_xspace(space, start_ns: float | None = None, end_ns: float | None = N
     device_plane = plane.name.startswith("/device:") and "CUSTOM" not in plane.name
     for line in plane.lines:
       on_ops_line = device_plane and line.name == "XLA Ops"
-      base = line.timestamp_ns + (origin if line.timestamp_ns < _ABSOLUTE_NS else 0)
+      base = line.timestamp_ns - (origin if line.timestamp_ns >= _ABSOLUTE_NS else 0)
       for event in line.events:
         meta = plane.event_metadata[event.metadata_id]
         begin = base + event.offset_ps / 1e3

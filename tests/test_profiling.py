@@ -1,0 +1,309 @@
+"""Profile on demand: the digest's classification on synthetic traces, a real capture in-process,
+the command's refusals, and (slow) a capture of a running local job that xprof opens."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from launch import jobs
+from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import heartbeat
+from recurrentgemma_tpu import profiling
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START = 1_796_000_000_000_000_000  # unix ns of the synthetic sessions' start
+
+
+# ------------------------------------------------------------------------------------ synthetic traces
+
+
+def _hlo_module_bytes() -> bytes:
+  """An HloProto of module `jit_train_step`: a dot fusion, an all-reduce, the scan's while loop (by
+  name scope), an elementwise fusion, and a while loop that is not the scan."""
+  from tensorflow.compiler.xla.service import hlo_pb2  # pylint: disable=g-import-not-at-top
+  proto = hlo_pb2.HloProto()
+  module = proto.hlo_module
+  module.name = "jit_train_step"
+  fused_dot = module.computations.add(name="fused_dot", id=1)
+  fused_dot.instructions.add(name="p0", opcode="parameter", id=10)
+  fused_dot.instructions.add(name="dot.1", opcode="dot", id=11)
+  fused_add = module.computations.add(name="fused_add", id=2)
+  fused_add.instructions.add(name="p1", opcode="parameter", id=20)
+  fused_add.instructions.add(name="add.1", opcode="add", id=21)
+  entry = module.computations.add(name="main", id=3)
+  entry.instructions.add(name="fusion.7", opcode="fusion", id=30, called_computation_ids=[1])
+  entry.instructions.add(name="all-reduce.2", opcode="all-reduce", id=31)
+  scan = entry.instructions.add(name="while.3", opcode="while", id=32)
+  scan.metadata.op_name = "jit(train_step)/Griffin/rg_lru/linear_scan/while"
+  entry.instructions.add(name="fusion.9", opcode="fusion", id=33, called_computation_ids=[2])
+  layers = entry.instructions.add(name="while.5", opcode="while", id=34)
+  layers.metadata.op_name = "jit(train_step)/Griffin/while"
+  return proto.SerializeToString()
+
+
+class _Plane:
+  """Builds one XPlane: interned event and stat names, events on named lines."""
+
+  def __init__(self, space, name):
+    self.plane = space.planes.add(name=name, id=len(space.planes))
+    self._events, self._stats = {}, {}
+
+  def stat_id(self, name):
+    if name not in self._stats:
+      self._stats[name] = len(self._stats) + 1
+      self.plane.stat_metadata[self._stats[name]].id = self._stats[name]
+      self.plane.stat_metadata[self._stats[name]].name = name
+    return self._stats[name]
+
+  def event_id(self, name):
+    if name not in self._events:
+      self._events[name] = len(self._events) + 1
+      self.plane.event_metadata[self._events[name]].id = self._events[name]
+      self.plane.event_metadata[self._events[name]].name = name
+    return self._events[name]
+
+  def line(self, name, timestamp_ns=0):
+    return self.plane.lines.add(name=name, id=len(self.plane.lines), timestamp_ns=timestamp_ns)
+
+  def event(self, line, name, start_us, end_us, **stats):
+    e = line.events.add(metadata_id=self.event_id(name), offset_ps=int(start_us * 1e6),
+                        duration_ps=int((end_us - start_us) * 1e6))
+    for key, value in stats.items():
+      s = e.stats.add(metadata_id=self.stat_id(key))
+      if isinstance(value, int):
+        s.int64_value = value
+      else:
+        s.str_value = value
+    return e
+
+
+def _space(with_module=True):
+  """A 1000 us CPU session (times in us): two runtime threads and the trainer's thread.
+
+  thread A: fusion.7 (a dot) 100-300, all-reduce.2 300-400, while.3 (the scan) 400-500, while.5
+  (the layer loop) 500-900 with fusion.9 (an add) 550-650 inside it. Thread B: fusion.9 200-350,
+  fusion.7 850-950. Trainer thread: data_wait 0-50 and 940-1000.
+  """
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  space = xplane_pb2.XSpace()
+  meta = _Plane(space, "/host:metadata")
+  if with_module:
+    m = meta.plane.event_metadata[1]
+    m.id, m.name = 1, "jit_train_step"
+    s = m.stats.add(metadata_id=meta.stat_id("Hlo Proto"))
+    s.bytes_value = _hlo_module_bytes()
+  host = _Plane(space, "/host:CPU")
+  a, b, py = host.line("tf_XLAPjRtCpuClient/1"), host.line("tf_XLAEigen/2"), host.line("python")
+  op = dict(hlo_module="jit_train_step", device_ordinal=0)
+  host.event(a, "fusion.7", 100, 300, hlo_op="fusion.7", **op)
+  host.event(a, "all-reduce.2", 300, 400, hlo_op="all-reduce.2", **op)
+  host.event(a, "while.3", 400, 500, hlo_op="while.3", **op)
+  host.event(a, "while.5", 500, 900, hlo_op="while.5", **op)
+  host.event(a, "fusion.9", 550, 650, hlo_op="fusion.9", **op)
+  host.event(a, "ThunkExecutor::Execute", 0, 1000)  # no hlo_op: not a device op
+  host.event(b, "fusion.9", 200, 350, hlo_op="fusion.9", **op)
+  host.event(b, "fusion.7", 850, 950, hlo_op="fusion.7", **op)
+  host.event(py, "data_wait", 0, 50)
+  host.event(py, "data_wait", 940, 1000)
+  env = _Plane(space, "Task Environment")
+  for key, value in (("profile_start_time", START), ("profile_stop_time", START + 1_000_000)):
+    s = env.plane.stats.add(metadata_id=env.stat_id(key))
+    s.uint64_value = value
+  return space
+
+
+def test_digest_of_a_synthetic_cpu_trace_splits_the_window_by_hand_computed_times():
+  digest = profiling.digest_xspace(_space())
+  # Exclusive times (us), each instant to the first class of scan > collective > matmul > other
+  # > data_wait > idle:
+  #   0-50 data_wait; 50-100 idle; 100-300 matmul (B's add 200-300 under it); 300-350 collective
+  #   (over B's add); 350-400 collective; 400-500 scan; 500-850 other (the layer loop and its add);
+  #   850-950 matmul (B's dot over the loop and over data_wait 940-950); 950-1000 data_wait.
+  expected = {"matmul": 300, "collective": 100, "scan": 100, "other": 350, "data_wait": 100,
+              "idle": 50}
+  assert digest["shares"] == pytest.approx({k: v / 1000 for k, v in expected.items()}, abs=1e-9)
+  assert sum(digest["shares"].values()) == pytest.approx(1.0)
+  assert digest["window_s"] == pytest.approx(1e-3)
+  assert digest["devices"] == 1 and digest["hlo_modules"] == 1
+  assert digest["top_ops"]["scan"] == ["while.3"]
+
+
+def test_without_the_hlo_module_ops_are_classified_by_name():
+  digest = profiling.digest_xspace(_space(with_module=False))
+  # By name alone fusion.7 is no matmul and while.3 no scan; all-reduce.2 is still a collective:
+  # 0-50 data_wait, 50-100 idle, 100-300 other, 300-400 collective, 400-950 other, 950-1000 data_wait.
+  expected = {"matmul": 0, "collective": 100, "scan": 0, "other": 750, "data_wait": 100, "idle": 50}
+  assert digest["shares"] == pytest.approx({k: v / 1000 for k, v in expected.items()}, abs=1e-9)
+
+
+@pytest.mark.parametrize("name,category", [
+    ("linear_scan_fwd", "scan"), ("linear_scan_bwd.3", "scan"), ("all-gather-start.2", "collective"),
+    ("reduce-scatter.1", "collective"), ("collective-permute-done", "collective"),
+    ("convolution.12", "matmul"), ("dot.4", "matmul"), ("fusion.33", "other"), ("copy.1", "other")])
+def test_names_alone(name, category):
+  assert profiling.classify(name, None) == category
+
+
+def test_hlo_classification_looks_into_fusions_and_name_scopes():
+  op = profiling.HloOp
+  assert profiling.classify("fusion.1", op("fusion", frozenset({"dot", "add"}))) == "matmul"
+  assert profiling.classify("fusion.2", op("fusion", frozenset({"all-gather"}))) == "collective"
+  assert profiling.classify("while.1", op("while", op_name="a/linear_scan/while")) == "scan"
+  assert profiling.classify("custom-call.1", op("custom-call", target="tpu_custom_call",
+                                                op_name="x/linear_scan/pallas_call")) == "scan"
+  assert profiling.classify("fusion.3", op("fusion", frozenset({"add", "multiply"}))) == "other"
+  # A fusion named like a collective but computing a dot is a matmul: the module wins over names.
+  assert profiling.classify("all-gather-fusion", op("fusion", frozenset({"dot"}))) == "matmul"
+
+
+def test_device_planes_count_only_their_xla_ops_line_and_each_device_is_averaged():
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
+  space = xplane_pb2.XSpace()
+  for d, busy_us in ((0, 600), (1, 200)):
+    dev = _Plane(space, f"/device:TPU:{d}")
+    ops = dev.line("XLA Ops", timestamp_ns=START)
+    dev.event(ops, "convolution.3", 0, busy_us)
+    modules = dev.line("XLA Modules", timestamp_ns=START)  # spans the ops: must not count
+    dev.event(modules, "jit_train_step(1)", 0, 1000)
+  host = _Plane(space, "/host:CPU")
+  host.event(host.line("python", timestamp_ns=START), "data_wait", 900, 1000)
+  digest = profiling.digest_xspace(space, START, START + 1_000_000)
+  assert digest["devices"] == 2
+  assert digest["shares"]["matmul"] == pytest.approx((0.6 + 0.2) / 2)
+  assert digest["shares"]["data_wait"] == pytest.approx(0.1)
+  assert digest["shares"]["other"] == 0
+  assert digest["shares"]["idle"] == pytest.approx(1 - 0.4 - 0.1)
+
+
+def test_exclusive_times_against_a_sampled_timeline():
+  rng = np.random.default_rng(0)
+  categories = profiling.CATEGORIES[:5]
+  intervals = {c: [tuple(sorted(rng.uniform(-10, 110, 2))) for _ in range(rng.integers(0, 6))]
+               for c in categories}
+  got = profiling.exclusive_times(intervals, 0.0, 100.0)
+  grid = np.arange(0, 100, 0.001) + 0.0005
+  owner = np.full(grid.shape, len(categories))
+  for rank in reversed(range(len(categories))):
+    for a, b in intervals[categories[rank]]:
+      owner[(grid >= a) & (grid < b)] = rank
+  for rank, c in enumerate(profiling.CATEGORIES):
+    assert got[c] == pytest.approx(np.sum(owner == rank) * 0.001, abs=0.01), c
+  assert sum(got.values()) == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------------------------ a real capture
+
+
+def test_a_real_capture_in_process_digests_a_matmul_loop_and_its_data_waits(tmp_path):
+  """OnDemand around a jitted matmul loop with a 20 ms annotated data wait per step: the trace lands
+  in the workdir, the digest sees mostly matmul and data wait, and the step count is exact."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  step_fn = jax.jit(lambda x: jnp.tanh(x @ x) @ x)
+  x = jnp.ones((384, 384), jnp.float32) / 384
+  step_fn(x).block_until_ready()
+  request = profiling.Request(id="r1", steps=3, process=None, prediction="none: a test")
+  profiling.write_request(workdir, request)
+  on_demand = profiling.OnDemand(workdir, 0, poll_s=0.0)
+  pending, step = [], 0
+  waits = 0.0
+  while not os.path.exists(profiling.digest_path(workdir, "r1", 0)) and step < 20:
+    with jax.profiler.TraceAnnotation(profiling.DATA_WAIT):
+      t = time.perf_counter()
+      time.sleep(0.02)
+      waits += time.perf_counter() - t
+    pending = [step_fn(x)]
+    step += 1
+    on_demand.step_boundary(step, pending)
+  digest = json.load(open(profiling.digest_path(workdir, "r1", 0)))
+  assert "error" not in digest, digest
+  assert (digest["start_step"], digest["end_step"], digest["steps"]) == (1, 4, 3)
+  assert json.load(open(profiling.started_path(workdir, "r1", 0)))["start_step"] == 1
+  shares = digest["shares"]
+  assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+  assert shares["matmul"] > 0.05 and shares["matmul"] > shares["other"]
+  # 3 of the captured steps each waited 20 ms (the wait of the step that started the capture came
+  # before it); the window is 3 steps long.
+  assert shares["data_wait"] == pytest.approx(3 * 0.02 / digest["seconds"], rel=0.35)
+  assert digest["step_time_s"] == pytest.approx(digest["seconds"] / 3)
+  assert os.path.exists(digest["trace"]) and digest["trace"].startswith(workdir)
+  assert digest["prediction"] == "none: a test" and digest["predicted_step_s"] is None
+  # The same request is not captured twice, even by a new trainer process (a restart).
+  again = profiling.OnDemand(workdir, 0, poll_s=0.0)
+  again.step_boundary(step + 1, [])
+  assert again._capture is None  # pylint: disable=protected-access
+
+
+def test_a_request_for_another_process_is_ignored(tmp_path):
+  workdir = str(tmp_path)
+  profiling.write_request(workdir, profiling.Request(id="r2", steps=2, process=1))
+  on_demand = profiling.OnDemand(workdir, 0, poll_s=0.0)
+  on_demand.step_boundary(5, [])
+  assert on_demand._capture is None  # pylint: disable=protected-access
+  assert not os.path.exists(profiling.started_path(workdir, "r2", 0))
+
+
+# ------------------------------------------------------------------------------------ the command
+
+
+def _beat(workdir, phase="training", age=0.0, step_time=0.1, process=0):
+  path = heartbeat.path(workdir, process)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"step": 7, "time": time.time() - age, "phase": phase, "step_time": step_time,
+               "pid": os.getpid()}, f)
+
+
+@pytest.mark.parametrize("setup,flags,message", [
+    (None, ["--steps=3"], "is not running: it has no heartbeat"),
+    ({"phase": "done"}, ["--steps=3"], "is not running: its last heartbeat says done at step 7"),
+    ({"age": 900.0}, ["--steps=3"], "is not running: its last heartbeat (step 7, training) is 900s old"),
+    ({}, ["--steps=0"], "--steps=0: give a number of steps from 1 to 100"),
+    ({}, ["--steps=101"], "--steps=101: give a number of steps from 1 to 100"),
+    ({}, ["--steps=3", "--process=2"], "--process=2: give all or a process index of this run (0, 1)"),
+    ({}, ["--steps=3", "--process=one"], "--process=one: give all or a process index"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, flags, message):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  if setup is not None:
+    _beat(workdir, **setup)
+    _beat(workdir, process=1)
+  with pytest.raises(exit_codes.UserError) as e:
+    jobs.profile(workdir, int(flags[0].split("=")[1]),
+                 flags[1].split("=")[1] if len(flags) > 1 else "0", log=lambda _: None)
+  assert message in str(e.value)
+  assert not os.path.exists(profiling.request_path(workdir))  # nothing asked of the job
+
+
+def test_the_command_reports_a_workdir_that_is_not_running_in_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "launch.profile", f"--workdir={tmp_path}",
+                         "--steps=3"], capture_output=True, text=True, cwd=REPO,
+                        env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+  assert proc.returncode == exit_codes.USER_ERROR
+  assert proc.stderr.strip().splitlines() == [
+      f"error: {tmp_path} is not running: it has no heartbeat "
+      f"({heartbeat.path(str(tmp_path), 0)})"]
+
+
+def test_the_digest_prints_shares_that_sum_to_100_and_says_when_there_is_no_prediction():
+  digest = {"process": 0, "start_step": 10, "end_step": 13, "steps": 3, "devices": 1,
+            "shares": {"scan": 0.1, "collective": 0.0, "matmul": 0.5, "other": 0.2,
+                       "data_wait": 0.05, "idle": 0.15},
+            "top_ops": {"matmul": ["fusion.7"]}, "step_time_s": 0.2, "predicted_step_s": None,
+            "prediction": "a local job: the planner predicts TPU step times only", "trace": "t"}
+  text = profiling.format_digest(digest)
+  assert "steps 10..12 (3 steps" in text
+  assert "matmuls:               50.0%   (fusion.7)" in text
+  assert "total:                100.0%" in text
+  assert "no prediction (a local job: the planner predicts TPU step times only)" in text
+  text = profiling.format_digest({**digest, "predicted_step_s": 0.1, "prediction": "planner"})
+  assert "0.2 s measured, 0.1 s predicted by the planner (x2;" in text
