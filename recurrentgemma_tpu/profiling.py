@@ -381,39 +381,39 @@ class OnDemand:
     self._capture: dict[str, Any] | None = None
 
   def step_boundary(self, step: int, pending: Iterable[Any] = ()) -> None:
+    if self._capture is not None:
+      if step - self._capture["start_step"] >= self._capture["request"].steps:
+        self._stop(step, pending)
+      return
+    now = time.monotonic()
+    if now - self._last_poll < self.poll_s:
+      return
+    self._last_poll = now
+    request = read_request(self.workdir)
+    if request is None or request.id in self._seen:
+      return
+    self._seen.add(request.id)
     try:
-      if self._capture is not None:
-        if step - self._capture["start_step"] >= self._capture["request"].steps:
-          self._stop(step, pending)
-        return
-      now = time.monotonic()
-      if now - self._last_poll < self.poll_s:
-        return
-      self._last_poll = now
-      request = read_request(self.workdir)
-      if request is None or request.id in self._seen:
-        return
-      self._seen.add(request.id)
-      if not request.wants(self.process) or workdir_lib.exists(
-          digest_path(self.workdir, request.id, self.process)):
-        return  # not for this process, or captured before a restart
-      self._start(request, step, pending)
+      if request.wants(self.process) and not workdir_lib.exists(
+          digest_path(self.workdir, request.id, self.process)):  # not captured before a restart
+        self._start(request, step, pending)
     except Exception as e:  # pylint: disable=broad-except
-      self._fail(e)
+      self._failed(request, e)
 
   def finish(self, step: int, pending: Iterable[Any] = ()) -> None:
     """Ends a capture still running (training ended or was preempted inside it)."""
     if self._capture is not None:
-      try:
-        self._stop(step, pending)
-      except Exception as e:  # pylint: disable=broad-except
-        self._fail(e)
+      self._stop(step, pending)
 
   def _start(self, request: Request, step: int, pending: Iterable[Any]) -> None:
     import jax  # pylint: disable=g-import-not-at-top
     jax.block_until_ready(list(pending))  # the capture starts on an idle device
     local = tempfile.mkdtemp(prefix=f"rg_profile_{request.id}_")
-    jax.profiler.start_trace(local)
+    try:
+      jax.profiler.start_trace(local)
+    except Exception:
+      shutil.rmtree(local, ignore_errors=True)
+      raise
     self._capture = {"request": request, "start_step": step, "local": local,
                      "start_ns": time.time_ns(), "start": time.perf_counter()}
     workdir_lib.write_text(started_path(self.workdir, request.id, self.process),
@@ -423,12 +423,12 @@ class OnDemand:
   def _stop(self, step: int, pending: Iterable[Any]) -> None:
     import jax  # pylint: disable=g-import-not-at-top
     capture, self._capture = self._capture, None
-    jax.block_until_ready(list(pending))
-    seconds = time.perf_counter() - capture["start"]
-    end_ns = time.time_ns()
-    jax.profiler.stop_trace()
     request: Request = capture["request"]
     try:
+      jax.block_until_ready(list(pending))
+      seconds = time.perf_counter() - capture["start"]
+      end_ns = time.time_ns()
+      jax.profiler.stop_trace()
       xplane = _only(capture["local"], ".xplane.pb")
       steps = step - capture["start_step"]
       digest = digest_xspace(read_xspace(xplane), capture["start_ns"], end_ns)
@@ -445,27 +445,26 @@ class OnDemand:
           "trace": workdir_lib.join(dest, f"process_{self.process}.xplane.pb")})
       workdir_lib.write_text(digest_path(self.workdir, request.id, self.process),
                              json.dumps(digest, indent=1))
+    except Exception as e:  # pylint: disable=broad-except
+      try:
+        jax.profiler.stop_trace()
+      except RuntimeError:
+        pass  # already stopped
+      self._failed(request, e)
     finally:
       shutil.rmtree(capture["local"], ignore_errors=True)
 
-  def _fail(self, error: Exception) -> None:
+  def _failed(self, request: Request, error: Exception) -> None:
+    """Logs a failed capture and records it as the request's digest, so the command stops waiting."""
     from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.warning("Profile capture failed (training goes on): %s: %s", type(error).__name__, error)
-    capture, self._capture = self._capture, None
-    if capture is None:
-      return
+    logging.warning("Profile %s failed (training goes on): %s: %s", request.id,
+                    type(error).__name__, error)
     try:
-      import jax  # pylint: disable=g-import-not-at-top
-      jax.profiler.stop_trace()
-    except Exception:  # pylint: disable=broad-except
-      pass
-    shutil.rmtree(capture["local"], ignore_errors=True)
-    try:
-      workdir_lib.write_text(digest_path(self.workdir, capture["request"].id, self.process),
+      workdir_lib.write_text(digest_path(self.workdir, request.id, self.process),
                              json.dumps({"error": f"{type(error).__name__}: {error}",
                                          "process": self.process}))
     except Exception:  # pylint: disable=broad-except
-      pass
+      pass  # the workdir itself is failing; the trainer will say so at its next write
 
 
 def _only(directory: str, suffix: str, required: bool = True) -> str | None:

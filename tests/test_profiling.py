@@ -201,45 +201,82 @@ def test_exclusive_times_against_a_sampled_timeline():
 # ------------------------------------------------------------------------------------ a real capture
 
 
-def test_a_real_capture_in_process_digests_a_matmul_loop_and_its_data_waits(tmp_path):
-  """OnDemand around a jitted matmul loop with a 20 ms annotated data wait per step: the trace lands
-  in the workdir, the digest sees mostly matmul and data wait, and the step count is exact."""
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory):
+  """OnDemand around a jitted matmul loop with a 20 ms annotated data wait per step, as the trainer
+  calls it: (workdir, the digest, the steps dispatched, the seconds waited per step)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path)
+  workdir = str(tmp_path_factory.mktemp("capture"))
   step_fn = jax.jit(lambda x: jnp.tanh(x @ x) @ x)
   x = jnp.ones((384, 384), jnp.float32) / 384
   step_fn(x).block_until_ready()
-  request = profiling.Request(id="r1", steps=3, process=None, prediction="none: a test")
-  profiling.write_request(workdir, request)
+  profiling.write_request(workdir, profiling.Request(id="r1", steps=3, process=None,
+                                                     prediction="none: a test"))
   on_demand = profiling.OnDemand(workdir, 0, poll_s=0.0)
-  pending, step = [], 0
-  waits = 0.0
+  step = 0
   while not os.path.exists(profiling.digest_path(workdir, "r1", 0)) and step < 20:
     with jax.profiler.TraceAnnotation(profiling.DATA_WAIT):
-      t = time.perf_counter()
       time.sleep(0.02)
-      waits += time.perf_counter() - t
     pending = [step_fn(x)]
     step += 1
     on_demand.step_boundary(step, pending)
-  digest = json.load(open(profiling.digest_path(workdir, "r1", 0)))
+  return workdir, json.load(open(profiling.digest_path(workdir, "r1", 0))), step
+
+
+def test_a_real_capture_digests_a_matmul_loop_and_its_data_waits(capture):
+  """The trace lands in the workdir, the digest sees mostly matmul and data wait, the shares sum to
+  1 and the step count is exact."""
+  workdir, digest, step = capture
   assert "error" not in digest, digest
-  assert (digest["start_step"], digest["end_step"], digest["steps"]) == (1, 4, 3)
+  assert (digest["start_step"], digest["end_step"], digest["steps"], step) == (1, 4, 3, 4)
   assert json.load(open(profiling.started_path(workdir, "r1", 0)))["start_step"] == 1
   shares = digest["shares"]
   assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
   assert shares["matmul"] > 0.05 and shares["matmul"] > shares["other"]
-  # 3 of the captured steps each waited 20 ms (the wait of the step that started the capture came
-  # before it); the window is 3 steps long.
+  # Steps 2..4 each waited 20 ms inside the window (step 1's wait came before the capture started).
   assert shares["data_wait"] == pytest.approx(3 * 0.02 / digest["seconds"], rel=0.35)
   assert digest["step_time_s"] == pytest.approx(digest["seconds"] / 3)
-  assert os.path.exists(digest["trace"]) and digest["trace"].startswith(workdir)
+  assert digest["trace"] == profiling.session_dir(workdir, "r1") + "/process_0.xplane.pb"
+  assert os.path.exists(digest["trace"])
   assert digest["prediction"] == "none: a test" and digest["predicted_step_s"] is None
   # The same request is not captured twice, even by a new trainer process (a restart).
   again = profiling.OnDemand(workdir, 0, poll_s=0.0)
   again.step_boundary(step + 1, [])
   assert again._capture is None  # pylint: disable=protected-access
+
+
+def test_xprof_opens_the_capture(capture):
+  """TensorBoard's profile plugin (xprof) converts the captured XSpace with its own code: the tool
+  list, the overview page, and a trace viewer that holds the digest's heaviest op and data waits."""
+  pytest.importorskip("xprof")
+  from xprof.convert import raw_to_tool_data  # pylint: disable=g-import-not-at-top
+  _, digest, _ = capture
+  paths = [digest["trace"]]
+  assert {"trace_viewer@", "overview_page"} <= set(raw_to_tool_data.xspace_to_tool_names(paths))
+  overview, _ = raw_to_tool_data.xspace_to_tool_data(paths, "overview_page", {})
+  assert json.loads(overview)  # a parsed page, not an error string
+  trace, _ = raw_to_tool_data.xspace_to_tool_data(paths, "trace_viewer", {})
+  names = {e.get("name") for e in json.loads(trace)["traceEvents"]}
+  assert profiling.DATA_WAIT in names
+  assert digest["top_ops"]["matmul"][0] in names
+
+
+def test_a_failed_capture_is_recorded_and_training_goes_on(tmp_path):
+  """A capture that cannot start (here: another trace is running) writes its error as the digest,
+  so launch.profile stops waiting, and raises nothing into the training loop."""
+  import jax  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  profiling.write_request(workdir, profiling.Request(id="r3", steps=2, process=0))
+  jax.profiler.start_trace(str(tmp_path / "other"))
+  try:
+    on_demand = profiling.OnDemand(workdir, 0, poll_s=0.0)
+    on_demand.step_boundary(3, [])
+  finally:
+    jax.profiler.stop_trace()
+  digest = json.load(open(profiling.digest_path(workdir, "r3", 0)))
+  assert digest["error"].startswith("RuntimeError: Profile has already been started")
+  assert on_demand._capture is None  # pylint: disable=protected-access
 
 
 def test_a_request_for_another_process_is_ignored(tmp_path):
