@@ -273,11 +273,22 @@ def _processes(workdir: str) -> list[int]:
   return sorted(int(m.group(1)) for m in map(re.compile(r"process_(\d+)\.json$").match, names) if m)
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # someone else's process: it exists
+  return True
+
+
 def not_running(workdir: str, now: float) -> str | None:
   """Why `workdir` has no running training job (from process 0's heartbeat), or None if it has one.
 
-  Stale means older than the launcher's hang rule: max(min_hang_s, hang_factor x step time), with
-  the run's own budgets when a launcher started it.
+  Not running: no heartbeat, a heartbeat that says done, a launcher state that is final, a local
+  job's process 0 gone, or a heartbeat older than the launcher's hang rule (max(min_hang_s,
+  hang_factor x step time), with the run's own budgets when a launcher started it).
   """
   beat = heartbeat.read_record(workdir, 0)
   if beat is None:
@@ -286,9 +297,17 @@ def not_running(workdir: str, now: float) -> str | None:
     return (f"{workdir} is not running: its last heartbeat says done at step {beat.step} "
             f"({now - beat.time:.0f}s ago)")
   try:
-    budgets = state_lib.load_spec(workdir).budgets
+    spec = state_lib.load_spec(workdir)
   except FileNotFoundError:
-    budgets = spec_lib.Budgets()
+    spec = None  # started without the launcher (python -m recurrentgemma_tpu.train)
+  if spec is not None:
+    st = state_lib.load_state(workdir)
+    if st.phase in state_lib.FINAL_PHASES:
+      return f"{workdir} is not running: the launcher's state is {st.phase} ({st.message or 'no message'})"
+    if spec.backend == "local" and not _alive(beat.pid):
+      return (f"{workdir} is not running: its process 0 (pid {beat.pid}, last heartbeat at step "
+              f"{beat.step}) has exited")
+  budgets = spec.budgets if spec is not None else spec_lib.Budgets()
   limit = max(budgets.min_hang_s, budgets.hang_factor * (beat.step_time or 0.0))
   if beat.phase in ("starting", "compiling", "evaluating", "saving"):
     limit = max(limit, budgets.startup_timeout_s)

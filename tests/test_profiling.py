@@ -344,3 +344,72 @@ def test_the_digest_prints_shares_that_sum_to_100_and_says_when_there_is_no_pred
   assert "no prediction (a local job: the planner predicts TPU step times only)" in text
   text = profiling.format_digest({**digest, "predicted_step_s": 0.1, "prediction": "planner"})
   assert "0.2 s measured, 0.1 s predicted by the planner (x2;" in text
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_profile_of_a_running_local_job_without_restarting_it(tmp_path):
+  """launch.submit --backend=local with two processes; launch.profile --process=all captures 3 steps
+  of each while the job trains on (same attempt, same pids), prints both digests, and xprof opens
+  the traces; once the job is stopped, profiling it is refused in one line."""
+  pytest.importorskip("xprof")
+  from xprof.convert import raw_to_tool_data  # pylint: disable=g-import-not-at-top
+  from launch import state as state_lib  # pylint: disable=g-import-not-at-top
+  from test_train_common import SMALL, subprocess_env  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  overrides = {**SMALL, "train.steps": 100000, "checkpoint.save_every": 100000,
+               "train.log_every": 50}
+  env = subprocess_env(num_devices=1)
+  launcher = subprocess.Popen(
+      [sys.executable, "-m", "launch.submit", "--backend=local", "--num_processes=2",
+       "--config=configs/tiny.py", f"--workdir={workdir}", "--skip_fit_check"]
+      + [f"--config.{k}={v}" for k, v in overrides.items()],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 600
+    while not all((heartbeat.read(workdir, i) or {}).get("phase") == "training" for i in (0, 1)):
+      assert launcher.poll() is None, f"the launcher exited ({launcher.returncode})"
+      assert time.time() < deadline, "the job did not start training"
+      time.sleep(0.2)
+    before = state_lib.load_state(workdir)
+    command = subprocess.run(
+        [sys.executable, "-m", "launch.profile", f"--workdir={workdir}", "--steps=3", "--process=all"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert command.returncode == 0, command.stdout[-3000:] + command.stderr[-3000:]
+    after = state_lib.load_state(workdir)
+    assert (after.attempt, after.pids) == (before.attempt, before.pids)  # not restarted
+    request = profiling.read_request(workdir)
+    digests = [json.load(open(profiling.digest_path(workdir, request.id, i))) for i in (0, 1)]
+    for i, digest in enumerate(digests):
+      assert "error" not in digest, digest
+      assert digest["steps"] == 3 and digest["end_step"] - digest["start_step"] == 3
+      assert sum(digest["shares"].values()) == pytest.approx(1.0, abs=1e-6)
+      # The tiny Griffin's matmuls and its RG-LRU scan (the XLA scan on CPU, found by its name
+      # scope in the trace's HLO module) both take time; gloo's all-reduces are collectives.
+      for category in ("matmul", "scan", "collective"):
+        assert digest["shares"][category] > 0, (category, digest["shares"])
+      assert digest["hlo_modules"] >= 1
+      assert f"process {i}: steps {digest['start_step']}..{digest['end_step'] - 1} (3 steps" in (
+          command.stdout)
+      assert digest["prediction"] == "a local job: the planner predicts TPU step times only"
+    assert command.stdout.count("no prediction (a local job") == 2
+    # Both processes' traces form one profiler session; xprof converts it.
+    paths = [d["trace"] for d in digests]
+    assert os.path.dirname(paths[0]) == os.path.dirname(paths[1])
+    assert "trace_viewer@" in raw_to_tool_data.xspace_to_tool_names(paths)
+    trace, _ = raw_to_tool_data.xspace_to_tool_data(paths[:1], "trace_viewer", {})
+    names = {e.get("name") for e in json.loads(trace)["traceEvents"]}
+    assert profiling.DATA_WAIT in names and digests[0]["top_ops"]["scan"][0] in names
+    beat = heartbeat.read_record(workdir, 0)
+    assert beat.phase == "training" and beat.step > digests[0]["end_step"]  # trains on
+  finally:
+    launcher.send_signal(signal.SIGTERM)  # the trainers save and exit 42, then the launcher
+    launcher.wait(timeout=300)
+  refused = subprocess.run([sys.executable, "-m", "launch.profile", f"--workdir={workdir}",
+                            "--steps=3"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+  assert refused.returncode == exit_codes.USER_ERROR
+  assert refused.stderr.strip().splitlines() == [
+      f"error: {workdir} is not running: the launcher's state is stopped (launcher terminated)"]
