@@ -394,6 +394,6 @@ def profile(workdir: str, steps: int, process: str, *, log: Log = print, poll_s:
       _err(f"process {i}: the capture failed: {digests[i]['error']}")
     else:
       log(profiling.format_digest(digests[i]))
-  log(f"open it: xprof --logdir={profiling.capture_dir(workdir, request.id)} (or TensorBoard with "
-      "the profile plugin)")
+  log(f"open it: python -m xprof.server --logdir={profiling.capture_dir(workdir, request.id)} "
+      "(the `profile` extra), or TensorBoard with xprof installed")
   return exit_codes.INTERNAL if failed else exit_codes.OK

@@ -10,7 +10,8 @@ and a process it names captures the next N steps with `jax.profiler` without res
   <workdir>/profile/<id>/process_<i>.started.json     {"start_step", "time"}: the capture has begun
   <workdir>/profile/<id>/process_<i>.digest.json      the digest, written last: the capture is done
 
-(`xprof --logdir=<workdir>/profile` or TensorBoard's profile plugin shows each request as a run.)
+(`python -m xprof.server --logdir=<workdir>/profile`, or TensorBoard with xprof installed, shows each
+request as a run.)
 
 The digest splits the captured wall-clock time of each device into matmuls, the RG-LRU scan,
 collectives, other device ops, waiting for data and idle; the shares sum to 100%. It is computed from
@@ -37,8 +38,9 @@ from typing import Any, Iterable, Sequence
 
 from recurrentgemma_tpu import workdir as workdir_lib
 
-# How often a training process looks for a request (seconds between reads of request.json).
-POLL_S = 2.0
+# How often a training process looks for a request: one read of request.json per process (a
+# bucket read of ~50 ms on gs://, hidden while the device runs the queued steps) every POLL_S.
+POLL_S = 5.0
 # Longest capture: traces of more than ~30 s lose device ops (jax#23446) and grow large.
 MAX_STEPS = 100
 # Time classes, in the order an instant claimed by several is given to (the scan kernel and
@@ -211,6 +213,17 @@ def exclusive_times(intervals: dict[str, Sequence[tuple[float, float]]], start: 
   return out
 
 
+def _lookup(modules: dict[str, dict[str, HloOp]], op: OpEvent) -> HloOp | None:
+  """The op's HLO instruction: in its module, or (a trace that does not name the module, like a
+  TPU's "XLA Ops" line) in the train step's module first, then any module that has the name."""
+  if op.module in modules:
+    return modules[op.module].get(op.name)
+  for name in sorted(modules, key=lambda m: "train_step" not in m):
+    if op.name in modules[name]:
+      return modules[name][op.name]
+  return None
+
+
 def digest_events(ops: Iterable[OpEvent], data_waits: Sequence[tuple[float, float]],
                   modules: dict[str, dict[str, HloOp]], start_ns: float,
                   end_ns: float) -> dict[str, Any]:
@@ -219,7 +232,7 @@ def digest_events(ops: Iterable[OpEvent], data_waits: Sequence[tuple[float, floa
   per_device: dict[str, dict[str, list[tuple[float, float]]]] = {}
   heaviest: dict[str, dict[str, float]] = {c: {} for c in CATEGORIES[:4]}
   for op in ops:
-    category = classify(op.name, modules.get(op.module, {}).get(op.name))
+    category = classify(op.name, _lookup(modules, op))
     per_device.setdefault(op.device, {c: [] for c in CATEGORIES[:4]})[category].append(
         (op.start_ns, op.end_ns))
     heaviest[category][op.name] = heaviest[category].get(op.name, 0.0) + (op.end_ns - op.start_ns)

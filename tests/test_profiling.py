@@ -166,10 +166,15 @@ def test_hlo_classification_looks_into_fusions_and_name_scopes():
 def test_device_planes_count_only_their_xla_ops_line_and_each_device_is_averaged():
   from tensorflow.tsl.profiler.protobuf import xplane_pb2  # pylint: disable=g-import-not-at-top
   space = xplane_pb2.XSpace()
+  meta = _Plane(space, "/host:metadata")
+  m = meta.plane.event_metadata[1]
+  m.id, m.name = 1, "jit_train_step"
+  m.stats.add(metadata_id=meta.stat_id("Hlo Proto")).bytes_value = _hlo_module_bytes()
   for d, busy_us in ((0, 600), (1, 200)):
     dev = _Plane(space, f"/device:TPU:{d}")
     ops = dev.line("XLA Ops", timestamp_ns=START)
-    dev.event(ops, "convolution.3", 0, busy_us)
+    dev.event(ops, "convolution.3", 0, busy_us)  # not in the module: a matmul by its name
+    dev.event(ops, "while.3", busy_us, busy_us + 50)  # the module's scan, found without hlo_module
     modules = dev.line("XLA Modules", timestamp_ns=START)  # spans the ops: must not count
     dev.event(modules, "jit_train_step(1)", 0, 1000)
   host = _Plane(space, "/host:CPU")
@@ -177,9 +182,10 @@ def test_device_planes_count_only_their_xla_ops_line_and_each_device_is_averaged
   digest = profiling.digest_xspace(space, START, START + 1_000_000)
   assert digest["devices"] == 2
   assert digest["shares"]["matmul"] == pytest.approx((0.6 + 0.2) / 2)
+  assert digest["shares"]["scan"] == pytest.approx(0.05)
   assert digest["shares"]["data_wait"] == pytest.approx(0.1)
   assert digest["shares"]["other"] == 0
-  assert digest["shares"]["idle"] == pytest.approx(1 - 0.4 - 0.1)
+  assert digest["shares"]["idle"] == pytest.approx(1 - 0.4 - 0.05 - 0.1)
 
 
 def test_exclusive_times_against_a_sampled_timeline():
