@@ -3,8 +3,8 @@
   python -m launch.profile --workdir=DIR_OR_GS_URL --steps=N [--process=i|all]
 
 Writes <workdir>/profile/request.json; the trainer's processes pick it up at their next step
-boundaries, capture N steps into <workdir>/profile/<id>/ (open it with xprof or TensorBoard's
-profile plugin) and store a digest beside it: the share of step time in matmuls, the RG-LRU scan,
+boundaries, capture N steps into <workdir>/profile/<id>/ (open it with xprof: the `profile`
+extra) and store a digest beside it: the share of step time in matmuls, the RG-LRU scan,
 collectives, other device ops, data wait and idle, and the measured step time against the
 planner's prediction. This command waits for the captures and prints the digests.
 """
@@ -27,7 +27,9 @@ def main(argv: list[str]) -> int:
 def run() -> None:
   """Console-script entry point (`rg-launch-profile`)."""
   from recurrentgemma_tpu import cli  # pylint: disable=g-import-not-at-top
-  cli.run(main, __doc__)
+  cli.run(main, __doc__, codes=(
+      "exit codes: 0 every capture digested, 1 the job stopped first or a capture failed (one line\n"
+      "says which), 2 user error (one line: bad flag, a workdir that is not running)."))
 
 
 if __name__ == "__main__":

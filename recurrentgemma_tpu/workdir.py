@@ -7,8 +7,8 @@ absolute, and get atomic writes from the store itself (one object write replaces
 Orbax (checkpoints/) and `tf.summary` (tensorboard/) take gs:// paths on their own.
 
 Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps),
-config.json, metrics.jsonl, tensorboard/, heartbeat/process_<i>.json, logs/process_<i>.log, and
-launch/ when a launcher runs the job. launch/ reads and writes workdirs only through this module
+config.json, metrics.jsonl, tensorboard/, heartbeat/process_<i>.json, logs/process_<i>.log,
+profile/ once a profile is requested (profiling.py), and launch/ when a launcher runs the job. launch/ reads and writes workdirs only through this module
 (and heartbeat.py), so the two never disagree on a path or on what makes a run complete.
 """
 
