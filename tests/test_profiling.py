@@ -352,6 +352,68 @@ def test_the_digest_prints_shares_that_sum_to_100_and_says_when_there_is_no_pred
   assert "0.2 s measured, 0.1 s predicted by the planner (x2;" in text
 
 
+def test_the_command_waits_for_a_capture_and_prints_it_against_the_cached_prediction(
+    tmp_path, monkeypatch):
+  """A TPU VM job's spec and a cached fit check (0.25 s/step predicted); a trainer stand-in (a
+  thread stepping a jitted function, beating and polling as the trainer does) serves the request;
+  jobs.profile returns 0 and prints the digest with the measured/predicted ratio."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from launch import preflight  # pylint: disable=g-import-not-at-top
+  from launch import spec as spec_lib  # pylint: disable=g-import-not-at-top
+  from launch import state as state_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("RG_LAUNCH_CACHE", str(tmp_path / "cache"))
+  workdir = str(tmp_path / "run")
+  spec = spec_lib.JobSpec(config="configs/tiny.py", overrides=(), workdir=workdir, backend="tpu_vm",
+                          target=spec_lib.parse_target("v5p-8"), zone="z", project="p",
+                          allow_local_workdir=True, fingerprint="f00d")
+  state_lib.save_spec(spec)
+  assert jobs.step_time_prediction(workdir) == (
+      None, f"no fit check for v5p-8 x 1 is cached on this machine ({tmp_path / 'cache'})")
+  os.makedirs(tmp_path / "cache")
+  key = preflight.fit_cache_key("f00d", spec.target, 1)
+  (tmp_path / "cache" / f"{key}.json").write_text(json.dumps({"fits": True, "report": "",
+                                                              "step_s": 0.25}))
+  assert jobs.step_time_prediction(workdir) == (0.25, "the fit check's planner for v5p-8 x 1")
+
+  step_fn = jax.jit(lambda x: x @ x)
+  x = jnp.ones((128, 128), jnp.float32)
+  step_fn(x).block_until_ready()
+  beat = heartbeat.Heartbeat(workdir, 0)
+  on_demand = profiling.OnDemand(workdir, 0, poll_s=0.0)
+  stop = threading.Event()
+
+  def trainer():
+    step = 0
+    while not stop.is_set():
+      with jax.profiler.TraceAnnotation(profiling.DATA_WAIT):
+        time.sleep(0.005)
+      out = step_fn(x)
+      step += 1
+      beat.beat("training", step, 0.01)
+      on_demand.step_boundary(step, [out])
+
+  thread = threading.Thread(target=trainer, daemon=True)
+  thread.start()
+  lines = []
+  try:
+    while heartbeat.read_record(workdir, 0) is None:
+      time.sleep(0.01)
+    assert jobs.profile(workdir, 4, "all", log=lines.append, poll_s=0.05) == exit_codes.OK
+  finally:
+    stop.set()
+    thread.join()
+  text = "\n".join(lines)
+  request = profiling.read_request(workdir)
+  assert (request.steps, request.process, request.predicted_step_s) == (4, None, 0.25)
+  digest = json.load(open(profiling.digest_path(workdir, request.id, 0)))
+  assert digest["steps"] == 4 and digest["predicted_step_s"] == 0.25
+  assert (f"{digest['step_time_s']:.4g} s measured, 0.25 s predicted by the planner "
+          f"(x{digest['step_time_s'] / 0.25:.3g}; the fit check's planner for v5p-8 x 1)") in text
+  assert f"python -m xprof.server --logdir={profiling.capture_dir(workdir, request.id)}" in text
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 
