@@ -455,7 +455,9 @@ class OnDemand:
           "end_step": step, "steps": steps, "seconds": seconds,
           "step_time_s": seconds / max(steps, 1), "predicted_step_s": request.predicted_step_s,
           "prediction": request.prediction,
-          "trace": workdir_lib.join(dest, f"process_{self.process}.xplane.pb")})
+          "trace": workdir_lib.join(dest, f"process_{self.process}.xplane.pb"),
+          # Training paused this long after the window to write the trace and digest it.
+          "overhead_s": time.perf_counter() - capture["start"] - seconds})
       workdir_lib.write_text(digest_path(self.workdir, request.id, self.process),
                              json.dumps(digest, indent=1))
     except Exception as e:  # pylint: disable=broad-except
