@@ -46,6 +46,7 @@ MAX_STEPS = 100
 # Time classes, in the order an instant claimed by several is given to (the scan kernel and
 # collectives are what a digest is read for; "other" is every remaining device op).
 CATEGORIES = ("scan", "collective", "matmul", "other", "data_wait", "idle")
+OP_CLASSES = CATEGORIES[:4]  # the classes of device ops
 DATA_WAIT = "data_wait"  # the TraceAnnotation around the trainer's batch fetch
 _ABSOLUTE_NS = 10**17  # a trace time at least this large is unix ns (1973 on), else session-relative
 
@@ -230,10 +231,10 @@ def digest_events(ops: Iterable[OpEvent], data_waits: Sequence[tuple[float, floa
   """Shares of [start_ns, end_ns] per class, averaged over the devices that ran ops (each device
   shares the host's data waits); also each class's heaviest ops."""
   per_device: dict[str, dict[str, list[tuple[float, float]]]] = {}
-  heaviest: dict[str, dict[str, float]] = {c: {} for c in CATEGORIES[:4]}
+  heaviest: dict[str, dict[str, float]] = {c: {} for c in OP_CLASSES}
   for op in ops:
     category = classify(op.name, _lookup(modules, op))
-    per_device.setdefault(op.device, {c: [] for c in CATEGORIES[:4]})[category].append(
+    per_device.setdefault(op.device, {c: [] for c in OP_CLASSES})[category].append(
         (op.start_ns, op.end_ns))
     heaviest[category][op.name] = heaviest[category].get(op.name, 0.0) + (op.end_ns - op.start_ns)
   window = max(end_ns - start_ns, 1e-9)
@@ -242,8 +243,8 @@ def digest_events(ops: Iterable[OpEvent], data_waits: Sequence[tuple[float, floa
   for device in devices:
     spans = dict(per_device.get(device, {}))
     spans[DATA_WAIT] = list(data_waits)
-    for category, seconds in exclusive_times(spans, start_ns, end_ns).items():
-      totals[category] += seconds / len(devices)
+    for category, ns in exclusive_times(spans, start_ns, end_ns).items():
+      totals[category] += ns / len(devices)
   shares = {c: totals[c] / window for c in CATEGORIES}
   top = {c: [name for name, _ in sorted(d.items(), key=lambda kv: -kv[1])[:3]]
          for c, d in heaviest.items() if d}

@@ -303,7 +303,8 @@ class Trainer:
         jax.block_until_ready(in_flight.popleft())
       self.ckpt.check_save()  # a failed background save stops the job now, naming its step
       self.heartbeat.training(step, logger.last_step_time)
-      self.profiler.step_boundary(step, in_flight)
+      with logger.paused():  # a capture's start and its digest are not training time
+        self.profiler.step_boundary(step, in_flight)
       preempted = watch.reached(step)
       saving = preempted or self.ckpt.is_periodic_step(step) or step == exp.train.steps
       evaluating = exp.train.eval_every and step % exp.train.eval_every == 0 and step < exp.train.steps
