@@ -168,7 +168,9 @@ def copy(src: str, dst: str) -> None:
   if not is_remote(src) and not is_remote(dst):
     shutil.copyfile(src, dst)
     return
-  _epath(src).copy(_epath(dst), overwrite=True)
+  # TensorFlow's file layer on both sides: a local path's own epath backend (os) cannot write a URL.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.io.gfile.copy(os.fspath(src), os.fspath(dst), overwrite=True)
 
 
 def move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

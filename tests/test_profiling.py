@@ -16,6 +16,7 @@ from launch import jobs
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import heartbeat
 from recurrentgemma_tpu import profiling
+from test_workdir import ram_scheme  # pylint: disable=unused-import
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START = 1_796_000_000_000_000_000  # unix ns of the synthetic sessions' start
@@ -283,6 +284,27 @@ def test_a_failed_capture_is_recorded_and_training_goes_on(tmp_path):
   digest = json.load(open(profiling.digest_path(workdir, "r3", 0)))
   assert digest["error"].startswith("RuntimeError: Profile has already been started")
   assert on_demand._capture is None  # pylint: disable=protected-access
+
+
+def test_a_capture_in_a_remote_workdir_goes_through_the_file_layer(ram_scheme):  # pylint: disable=unused-argument,redefined-outer-name
+  """A URL workdir (TensorFlow's ram://, served by the same epath backend as gs://): the request is
+  read, the trace written locally and copied up, the digest written beside it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir = "ram://bucket/run"
+  profiling.write_request(workdir, profiling.Request(id="r4", steps=2, process=0))
+  step_fn = jax.jit(lambda x: x @ x)
+  x = jnp.ones((64, 64), jnp.float32)
+  on_demand = profiling.OnDemand(workdir, 0, poll_s=0.0)
+  for step in range(1, 5):
+    on_demand.step_boundary(step, [step_fn(x)])
+  digest = json.loads(workdir_lib.read_text(profiling.digest_path(workdir, "r4", 0)))
+  assert "error" not in digest, digest
+  assert (digest["start_step"], digest["steps"]) == (1, 2)
+  assert digest["trace"] == profiling.session_dir(workdir, "r4") + "/process_0.xplane.pb"
+  assert workdir_lib.exists(digest["trace"])
+  assert workdir_lib.exists(profiling.started_path(workdir, "r4", 0))
 
 
 def test_a_request_for_another_process_is_ignored(tmp_path):
