@@ -1,7 +1,6 @@
 """Profile on demand: the digest's classification on synthetic traces, a real capture in-process,
 the command's refusals, and (slow) a capture of a running local job that xprof opens."""
 
-import gzip
 import json
 import os
 import signal
