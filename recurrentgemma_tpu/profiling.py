@@ -355,7 +355,8 @@ def digest_xspace(space, start_ns: float | None = None, end_ns: float | None = N
 def format_digest(digest: dict[str, Any]) -> str:
   """The digest as the few lines `launch.profile` prints."""
   shares = digest["shares"]
-  lines = [f"process {digest['process']}: steps {digest['start_step']}..{digest['end_step'] - 1} "
+  # Numbered as metrics.jsonl numbers them (the step count after each step).
+  lines = [f"process {digest['process']}: steps {digest['start_step'] + 1}..{digest['end_step']} "
            f"({digest['steps']} steps, {digest['devices']} device(s))"]
   labels = {"matmul": "matmuls", "scan": "scan kernel (RG-LRU)", "collective": "collectives",
             "other": "other device ops", "data_wait": "data wait", "idle": "idle"}

@@ -365,7 +365,7 @@ def test_the_digest_prints_shares_that_sum_to_100_and_says_when_there_is_no_pred
             "top_ops": {"matmul": ["fusion.7"]}, "step_time_s": 0.2, "predicted_step_s": None,
             "prediction": "a local job: the planner predicts TPU step times only", "trace": "t"}
   text = profiling.format_digest(digest)
-  assert "steps 10..12 (3 steps" in text
+  assert "steps 11..13 (3 steps" in text  # metrics.jsonl's numbers: the count after each step
   assert "matmuls:               50.0%   (fusion.7)" in text
   assert "total:                100.0%" in text
   assert "no prediction (a local job: the planner predicts TPU step times only)" in text
@@ -480,7 +480,7 @@ def test_profile_of_a_running_local_job_without_restarting_it(tmp_path):
       for category in ("matmul", "scan", "collective"):
         assert digest["shares"][category] > 0, (category, digest["shares"])
       assert digest["hlo_modules"] >= 1
-      assert f"process {i}: steps {digest['start_step']}..{digest['end_step'] - 1} (3 steps" in (
+      assert f"process {i}: steps {digest['start_step'] + 1}..{digest['end_step']} (3 steps" in (
           command.stdout)
       assert digest["prediction"] == "a local job: the planner predicts TPU step times only"
     assert command.stdout.count("no prediction (a local job") == 2
