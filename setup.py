@@ -43,6 +43,9 @@ EXTRAS_REQUIRE = {
     # here; on a machine whose pip would pick a CUDA build, install a CPU wheel of torch first.
     # accelerate: lm-eval's own HF backend imports it (the evaluation parity test and benchmark).
     "hf": ["torch>=2.9", "transformers>=5.23,<6", "safetensors>=0.8", "accelerate>=1.0"],
+    # Opening `python -m launch.profile` captures: `python -m xprof.server --logdir=WORKDIR/profile`
+    # (or TensorBoard, whose profile plugin xprof is). Capture and digest need only the base install.
+    "profile": ["xprof>=2.24,<3"],
     # `python -m recurrentgemma_tpu.evaluate`: lm-eval-harness runs our JAX model (no torch).
     "eval": ["lm-eval>=0.4.13,<0.5"],
     # The reference `recurrentgemma` package itself pins numpy<2.4 and absl<2, so
@@ -87,6 +90,7 @@ setuptools.setup(
             "rg-launch-logs=launch.logs:run",
             "rg-launch-stop=launch.stop:run",
             "rg-launch-gc=launch.gc:run",
+            "rg-launch-profile=launch.profile:run",
         ]
     },
 )

@@ -25,6 +25,7 @@ from launch.backends import tpu_vm
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import goodput as goodput_lib
 from recurrentgemma_tpu import heartbeat
+from recurrentgemma_tpu import profiling
 from recurrentgemma_tpu import workdir as workdir_lib
 
 Log = Callable[[str], None]
@@ -270,3 +271,138 @@ def gc(workdir: str, *, dry_run: bool = False, log: Log = print) -> int:
   deleted = BACKENDS[spec.backend].gc(spec, st, runner, lister, log)
   log(f"gc: deleted {deleted or 'nothing'}" + (f" (kept {keep}, the live attempt)" if keep else ""))
   return exit_codes.OK
+
+
+# ------------------------------------------------------------------------------------ profile
+
+
+def _processes(workdir: str) -> list[int]:
+  """The process indices that have written a heartbeat."""
+  names = workdir_lib.listdir(workdir_lib.join(workdir, workdir_lib.HEARTBEAT_DIR))
+  return sorted(int(m.group(1)) for m in map(re.compile(r"process_(\d+)\.json$").match, names) if m)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # someone else's process: it exists
+  return True
+
+
+def not_running(workdir: str, now: float) -> str | None:
+  """Why `workdir` has no running training job (from process 0's heartbeat), or None if it has one.
+
+  Not running: no heartbeat, a heartbeat that says done, a launcher state that is final, a local
+  job's process 0 gone, or a heartbeat older than the launcher's hang rule (max(min_hang_s,
+  hang_factor x step time), with the run's own budgets when a launcher started it).
+  """
+  beat = heartbeat.read_record(workdir, 0)
+  if beat is None:
+    return f"{workdir} is not running: it has no heartbeat ({heartbeat.path(workdir, 0)})"
+  if beat.phase == "done":
+    return (f"{workdir} is not running: its last heartbeat says done at step {beat.step} "
+            f"({now - beat.time:.0f}s ago)")
+  try:
+    spec = state_lib.load_spec(workdir)
+  except FileNotFoundError:
+    spec = None  # started without the launcher (python -m recurrentgemma_tpu.train)
+  if spec is not None:
+    st = state_lib.load_state(workdir)
+    if st.phase in state_lib.FINAL_PHASES:
+      return f"{workdir} is not running: the launcher's state is {st.phase} ({st.message or 'no message'})"
+    if spec.backend == "local" and not _alive(beat.pid):
+      return (f"{workdir} is not running: its process 0 (pid {beat.pid}, last heartbeat at step "
+              f"{beat.step}) has exited")
+  budgets = spec.budgets if spec is not None else spec_lib.Budgets()
+  limit = max(budgets.min_hang_s, budgets.hang_factor * (beat.step_time or 0.0))
+  if beat.phase in ("starting", "compiling", "evaluating", "saving"):
+    limit = max(limit, budgets.startup_timeout_s)
+  if now - beat.time > limit:
+    return (f"{workdir} is not running: its last heartbeat (step {beat.step}, {beat.phase}) is "
+            f"{now - beat.time:.0f}s old (a live job beats within {limit:.0f}s)")
+  return None
+
+
+def step_time_prediction(workdir: str) -> tuple[float | None, str]:
+  """The planner's predicted step time for the run in `workdir` and where it comes from, or None
+  and why there is none (read from the fit check's cache on this machine; nothing compiles)."""
+  from launch import preflight  # pylint: disable=g-import-not-at-top
+  try:
+    spec = state_lib.load_spec(workdir)
+  except FileNotFoundError:
+    return None, "not started by launch.submit, so no fit check predicted its step time"
+  if spec.target is None:
+    return None, "a local job: the planner predicts TPU step times only"
+  if not spec.fingerprint:
+    return None, "submitted without a fit check (--skip_fit_check)"
+  fit = preflight.cached_fit_check(spec, spec.fingerprint)
+  if fit is None or fit.step_s is None:
+    return None, (f"no fit check for {spec.target.accelerator_type} x {spec.num_slices} is cached "
+                  f"on this machine ({preflight.cache_dir()})")
+  return fit.step_s, (f"the fit check's planner for {spec.target.accelerator_type} x "
+                      f"{spec.num_slices}")
+
+
+def profile(workdir: str, steps: int, process: str, *, log: Log = print, poll_s: float = 1.0,
+            progress_s: float = 15.0, timeout_s: float = 3600.0) -> int:
+  """Asks a running job for an N-step profile, waits for every process asked, prints the digests.
+
+  Raises:
+    exit_codes.UserError: bad steps or process, or the workdir is not running.
+  """
+  if not 1 <= steps <= profiling.MAX_STEPS:
+    raise exit_codes.UserError(f"--steps={steps}: give a number of steps from 1 to "
+                               f"{profiling.MAX_STEPS} (longer traces lose device ops)")
+  why = not_running(workdir, time.time())
+  if why:
+    raise exit_codes.UserError(why)
+  known = _processes(workdir)
+  if process == "all":
+    wanted, index = known, None
+  elif process.isdigit() and int(process) in known:
+    wanted, index = [int(process)], int(process)
+  else:
+    raise exit_codes.UserError(f"--process={process}: give all or a process index of this run "
+                               f"({', '.join(map(str, known))})")
+  predicted, source = step_time_prediction(workdir)
+  request = profiling.Request(id=profiling.new_request_id(), steps=steps, process=index,
+                              predicted_step_s=predicted, prediction=source, time=time.time())
+  profiling.write_request(workdir, request)
+  log(f"profile {request.id}: {steps} steps of process {process} requested in "
+      f"{profiling.request_path(workdir)}; waiting for the next step boundaries")
+  deadline, last_line = time.time() + timeout_s, 0.0
+  digests: dict[int, dict] = {}
+  while len(digests) < len(wanted):
+    for i in wanted:
+      if i not in digests:
+        d = profiling.read_json(profiling.digest_path(workdir, request.id, i))
+        if d is not None:
+          digests[i] = d
+    if len(digests) == len(wanted):
+      break
+    now = time.time()
+    why = not_running(workdir, now)
+    if why or now > deadline:
+      _err(f"profile {request.id} not finished: " + (why or f"no capture after {timeout_s:.0f}s"))
+      return exit_codes.INTERNAL
+    if now - last_line >= progress_s:
+      last_line = now
+      beat = heartbeat.read_record(workdir, 0)
+      started = [i for i in wanted if i not in digests and workdir_lib.exists(
+          profiling.started_path(workdir, request.id, i))]
+      log(f"  waiting: {len(digests)}/{len(wanted)} captured, {len(started)} capturing; process 0 "
+          f"at step {beat.step if beat else '?'} ({beat.phase if beat else 'no heartbeat'})")
+    time.sleep(poll_s)
+  failed = False
+  for i in wanted:
+    if "error" in digests[i]:
+      failed = True
+      _err(f"process {i}: the capture failed: {digests[i]['error']}")
+    else:
+      log(profiling.format_digest(digests[i]))
+  log(f"open it: python -m xprof.server --logdir={profiling.capture_dir(workdir, request.id)} "
+      "(the `profile` extra), or TensorBoard with xprof installed")
+  return exit_codes.INTERNAL if failed else exit_codes.OK

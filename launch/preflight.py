@@ -119,17 +119,28 @@ def run_compile(argv: list[str], env: dict[str, str], timeout_s: float,
   return rc, "\n".join(lines)
 
 
+def cached_fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str) -> FitCheck | None:
+  """The cached verdict of `fit_check` for this job on this machine, or None (nothing compiles)."""
+  path = os.path.join(cache_dir(),
+                      f"{fit_cache_key(fingerprint_hex, spec.target, spec.num_slices)}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    d = json.load(f)
+  if "step_s" not in d:  # verdicts cached before the step time was kept are checked again
+    return None
+  return FitCheck(d["fits"], d["report"], cached=True, step_s=d["step_s"])
+
+
 def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[str], None] = print,
               timeout_s: float = 3 * 3600) -> FitCheck:
   """Ahead-of-time compile for the target, its output streamed to `log`; cached by fingerprint +
   topology + slices, with the planner's predicted step time (`step_s`)."""
+  cached = cached_fit_check(spec, fingerprint_hex)
+  if cached is not None:
+    return cached
   key = fit_cache_key(fingerprint_hex, spec.target, spec.num_slices)
   path = os.path.join(cache_dir(), f"{key}.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      d = json.load(f)
-    if "step_s" in d:  # verdicts cached before the step time was kept are checked again
-      return FitCheck(d["fits"], d["report"], cached=True, step_s=d["step_s"])
   os.makedirs(cache_dir(), exist_ok=True)
   summary_path = os.path.join(cache_dir(), f"{key}.report.{os.getpid()}.json")
   argv = ([sys.executable, "-m", "recurrentgemma_tpu.compile", f"--config={spec.config}",

@@ -42,9 +42,20 @@ def validate(x: jax.Array, a: jax.Array, h0: Optional[jax.Array], impl: str) -> 
     _common.check_dtypes(impl, _BACKEND_DTYPES[impl], x, a)
 
 
+# The name scope of every scan op: profiles attribute time to the scan by it (the XLA fallback's
+# ops would otherwise be anonymous while loops and fusions).
+SCOPE = "linear_scan"
+
+
 def dispatch(x: jax.Array, a: jax.Array, h0: Optional[jax.Array], *, reverse: bool, impl: str,
              interpret: bool) -> tuple[jax.Array, jax.Array]:
   """`linear_scan` without its argument checks (for callers that ran `validate`)."""
+  with jax.named_scope(SCOPE):
+    return _dispatch(x, a, h0, reverse=reverse, impl=impl, interpret=interpret)
+
+
+def _dispatch(x: jax.Array, a: jax.Array, h0: Optional[jax.Array], *, reverse: bool, impl: str,
+              interpret: bool) -> tuple[jax.Array, jax.Array]:
   if impl != "auto":
     return _impl_fn(impl, interpret)(x, a, h0, reverse=reverse)
   if interpret:

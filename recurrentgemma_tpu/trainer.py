@@ -36,6 +36,7 @@ from recurrentgemma_tpu import goodput as goodput_lib
 from recurrentgemma_tpu import heartbeat as heartbeat_lib
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu import preemption
+from recurrentgemma_tpu import profiling
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import train_step as train_step_lib
 from recurrentgemma_tpu import workdir as workdir_lib
@@ -172,6 +173,7 @@ class Trainer:
     self.goodput = goodput_lib.Recorder(workdir, enabled=jax.process_index() == 0)
     self.heartbeat = heartbeat_lib.Heartbeat(workdir, jax.process_index(), self.goodput.phase)
     self.heartbeat.beat("starting", 0)
+    self.profiler = profiling.OnDemand(workdir, jax.process_index())  # launch.profile's requests
     self.mesh = mesh_lib.create_mesh(exp.mesh)
     self.fns = step_functions.build_step_functions(exp.model, exp.optimizer, self.mesh,
                                                    exp.mesh.strategy)
@@ -297,7 +299,7 @@ class Trainer:
     preempted = False
     self.heartbeat.beat("compiling", step)
     while step < exp.train.steps and not preempted:
-      with self.goodput.data_wait():
+      with self.goodput.data_wait(), jax.profiler.TraceAnnotation(profiling.DATA_WAIT):
         batch = data_lib.global_batch(self.pipeline, step, sharding)
       state, metrics = self.fns.train_step(state, batch)
       step += 1
@@ -309,6 +311,8 @@ class Trainer:
         jax.block_until_ready(in_flight.popleft())
       self.ckpt.check_save()  # a failed background save stops the job now, naming its step
       self.heartbeat.training(step, logger.last_step_time)
+      with logger.paused():  # a capture's start and its digest are not training time
+        self.profiler.step_boundary(step, in_flight)
       preempted = watch.reached(step)
       saving = preempted or self.ckpt.is_periodic_step(step) or step == exp.train.steps
       evaluating = exp.train.eval_every and step % exp.train.eval_every == 0 and step < exp.train.steps
@@ -323,6 +327,7 @@ class Trainer:
           if downstream:
             self.heartbeat.beat("evaluating", step)
             self.downstream(state.params, step)
+    self.profiler.finish(step, in_flight)
     logger.finish()
     with logger.paused():
       self.heartbeat.beat("saving", step)

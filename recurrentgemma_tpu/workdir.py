@@ -8,7 +8,8 @@ Orbax (checkpoints/) and `tf.summary` (tensorboard/) take gs:// paths on their o
 
 Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps),
 config.json, metrics.jsonl, goodput.jsonl, tensorboard/, heartbeat/process_<i>.json,
-logs/process_<i>.log, and launch/ when a launcher runs the job. launch/ reads and writes workdirs only through this module
+logs/process_<i>.log, profile/ once a profile is requested (profiling.py), and launch/ when a
+launcher runs the job. launch/ reads and writes workdirs only through this module
 (and heartbeat.py), so the two never disagree on a path or on what makes a run complete.
 """
 
@@ -31,6 +32,7 @@ LOGS_DIR = "logs"
 LAUNCH_DIR = "launch"  # the launcher's own records (launch/state.py): spec, state, STOP, exits
 LAUNCH_STATE_FILE = "state.json"  # launch/<this>: phase, attempts and the event history
 GOODPUT_FILE = "goodput.jsonl"  # process 0's timing records (goodput.py)
+PROFILE_DIR = "profile"  # on-demand profiles: the request, each capture's trace and digest (profiling.py)
 
 
 def records(metrics_text: str | None) -> list[dict[str, Any]]:
@@ -169,7 +171,9 @@ def copy(src: str, dst: str) -> None:
   if not is_remote(src) and not is_remote(dst):
     shutil.copyfile(src, dst)
     return
-  _epath(src).copy(_epath(dst), overwrite=True)
+  # TensorFlow's file layer on both sides: a local path's own epath backend (os) cannot write a URL.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.io.gfile.copy(os.fspath(src), os.fspath(dst), overwrite=True)
 
 
 def move(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
