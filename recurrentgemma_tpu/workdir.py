@@ -29,6 +29,7 @@ TENSORBOARD_DIR = "tensorboard"
 HEARTBEAT_DIR = "heartbeat"
 LOGS_DIR = "logs"
 LAUNCH_DIR = "launch"  # the launcher's own records (launch/state.py): spec, state, STOP, exits
+SPIKES_FILE = "spikes.json"  # loss-spike rollbacks and the data steps they skip (spikes.py)
 
 
 def records(metrics_text: str | None) -> list[dict[str, Any]]:
