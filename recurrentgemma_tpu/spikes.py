@@ -278,6 +278,7 @@ class Recovery:
 
   def missing_records(self, metrics_text: str | None) -> list[Rollback]:
     """Rollbacks without their `rollback` record in metrics.jsonl (a kill between the two writes)."""
-    have = {(int(r["step"]), int(r.get("detected_step", -1)))
+    # Skipped ranges never overlap, so a range names its rollback.
+    have = {(int(r.get("skip_from", -1)), int(r.get("skip_to", -1)))
             for r in workdir_lib.records(metrics_text) if r.get("split") == "rollback"}
-    return [rb for rb in self.rollbacks if (rb.restored_step, rb.detected_step) not in have]
+    return [rb for rb in self.rollbacks if (rb.skip_from, rb.skip_to) not in have]
