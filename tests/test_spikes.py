@@ -209,7 +209,7 @@ def test_a_typo_in_the_spikes_group_names_the_field():
 DAMAGED = (8, 13)
 STEPS = 16
 SPIKY = dict(train__steps=STEPS, checkpoint__save_every=4, spikes__enabled=True,
-             spikes__factor=1.15, spikes__consecutive=1, spikes__window=4, spikes__max_rollbacks=2)
+             spikes__factor=1.1, spikes__consecutive=1, spikes__window=4, spikes__max_rollbacks=2)
 EXPECTED = [(4, 4, 8), (4, 9, 13)]  # (restored_step, skip_from, skip_to) of each rollback
 
 
