@@ -6,7 +6,8 @@ remote URLs go through `etils.epath` (TensorFlow's `tf.io.gfile` for gs://), are
 absolute, and get atomic writes from the store itself (one object write replaces the object whole).
 Orbax (checkpoints/) and `tf.summary` (tensorboard/) take gs:// paths on their own.
 
-Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps),
+Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps,
+checkpoints_rolled_back/ for steps abandoned by a loss-spike rollback), spikes.json (the rollbacks),
 config.json, metrics.jsonl, tensorboard/, heartbeat/process_<i>.json, logs/process_<i>.log, and
 launch/ when a launcher runs the job. launch/ reads and writes workdirs only through this module
 (and heartbeat.py), so the two never disagree on a path or on what makes a run complete.
