@@ -201,15 +201,16 @@ def test_a_typo_in_the_spikes_group_names_the_field():
 
 # ---------------------------------------------------------------------------- end to end (slow)
 
-# Two damaged data steps. Data step 8 is the batch of training step 8, whose loss is logged at step
-# 9: the rule fires there (first bad 9), restores step 4 (the newest checkpoint <= 7) and skips data
+# Two damaged data steps. Data step 8 is the batch of training step 8, whose loss is logged at step 9:
+# the rule fires there (first bad 9), restores step 4 (the newest checkpoint <= 7) and skips data
 # 4..8, setting aside checkpoint 8. Training step s >= 4 then reads data s + 5, so training step 8
 # reads data 13, the second damaged one: logged step 9 again, restored 4 again, data 9..13 skipped,
-# and steps 4..11 read data 14..21.
+# and steps 4..11 read data 14..21. The window is 5 so that a run resumed at step 4 judges step 9
+# only with the losses its checkpoint saved.
 DAMAGED = (8, 13)
 STEPS = 12
 SPIKY = dict(train__steps=STEPS, checkpoint__save_every=4, spikes__enabled=True,
-             spikes__factor=1.1, spikes__consecutive=1, spikes__window=4, spikes__max_rollbacks=2)
+             spikes__factor=1.1, spikes__consecutive=1, spikes__window=5, spikes__max_rollbacks=2)
 EXPECTED = [(4, 4, 8), (4, 9, 13)]  # (restored_step, skip_from, skip_to) of each rollback
 
 
@@ -282,6 +283,9 @@ def test_injected_spikes_are_detected_rolled_back_skipped_and_the_run_finishes(s
   assert [(r["restored_step"], r["skip_from"], r["skip_to"]) for r in recorded] == EXPECTED
   meta = _final_meta(workdir)["spikes"]
   assert meta["rollbacks"] == recorded and meta["next_data_step"] == STEPS + 10
+  # The rule's state is saved with the checkpoint: a run resumed at step 4 has the 5 losses it
+  # needs to judge step 9 (the chain below would miss the spike without them).
+  assert len(meta["detector"]["losses"]) == 5
   # The abandoned trajectories' step 8 was set aside (twice), never deleted.
   assert sorted(p.split(".")[0] for p in os.listdir(workdir / "checkpoints_rolled_back")) == ["8", "8"]
   # The last record of each step is the final trajectory's.
