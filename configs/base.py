@@ -1,7 +1,7 @@
 """Every config field, declared and commented once; presets override a few.
 
 Each group is built by its own function so the concerns stay separate:
-`model`, `data`, `optimizer`, `train`, `checkpoint`, `mesh`, `eval`.
+`model`, `data`, `optimizer`, `train`, `checkpoint`, `mesh`, `eval`, `spikes`.
 """
 
 import ml_collections
@@ -219,6 +219,22 @@ def eval_config() -> ml_collections.ConfigDict:
   return c
 
 
+def spikes() -> ml_collections.ConfigDict:
+  """Loss-spike recovery (recurrentgemma_tpu/spikes.py, docs/training.md "Loss spikes")."""
+  c = ml_collections.ConfigDict()
+  # Off: a NaN/Inf loss or gradient norm stops the run (exit 3) and nothing else is checked. On: a
+  # spike rolls back to the newest checkpoint before it and skips the data trained on since then.
+  c.enabled = False
+  # A finite loss above factor x the median of the previous `window` losses is a spike candidate ...
+  c.factor = 3.0
+  # ... and this many candidates in a row make a spike (a NaN/Inf loss or gradient norm always does).
+  c.consecutive = 5
+  c.window = 100  # losses in the running median; no candidate before this many steps are known
+  # Rollbacks allowed over the whole run; the spike after the last one stops the run with exit 3.
+  c.max_rollbacks = 3
+  return c
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = model()
@@ -228,4 +244,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = checkpoint()
   config.mesh = mesh()
   config.eval = eval_config()
+  config.spikes = spikes()
   return config

@@ -30,6 +30,7 @@ from recurrentgemma_tpu import data as data_lib
 from recurrentgemma_tpu import model as model_lib
 from recurrentgemma_tpu import optimizer as optimizer_lib
 from recurrentgemma_tpu import presets
+from recurrentgemma_tpu import spikes as spikes_lib
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import strict
 from recurrentgemma_tpu.checkpoints import hf_bridge
@@ -38,7 +39,7 @@ from recurrentgemma_tpu.downstream import config as eval_lib
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
-GROUPS = ("model", "data", "optimizer", "train", "checkpoint", "mesh", "eval")
+GROUPS = ("model", "data", "optimizer", "train", "checkpoint", "mesh", "eval", "spikes")
 # A schedule that follows the run (optimizer.decay_steps=0) warms up over at most this part of it.
 MAX_WARMUP_FRACTION = 0.1
 
@@ -70,7 +71,7 @@ class Experiment:
   """Everything a run needs, typed and validated (build with `build`).
 
   Attributes:
-    model, optimizer, data, mesh, checkpoint, train, eval: the typed groups.
+    model, optimizer, data, mesh, checkpoint, train, eval, spikes: the typed groups.
     init_from: `config.checkpoint.init_from` ("" = none), already checked to exist.
     num_devices: the device count the mesh was resolved for.
     mesh_shape: size of every axis in `sharding.mesh.MESH_AXES` for `num_devices`.
@@ -84,6 +85,7 @@ class Experiment:
   checkpoint: ckpt_lib.CheckpointOptions
   train: TrainConfig
   eval: eval_lib.EvalConfig
+  spikes: spikes_lib.SpikeConfig
   init_from: str
   num_devices: int
   mesh_shape: dict[str, int]
@@ -307,6 +309,7 @@ def build(config: ml_collections.ConfigDict, num_devices: int | None = None) -> 
                                      "config.checkpoint", exclude=("init_from",))
   parts["mesh"] = strict.typed(mesh_lib.MeshConfig, config.mesh, "config.mesh")
   parts["eval"] = strict.typed(eval_lib.EvalConfig, config.eval, "config.eval")
+  parts["spikes"] = strict.typed(spikes_lib.SpikeConfig, config.spikes, "config.spikes")
   _check_data_fields(config.data)
   parts["data"] = data_lib.data_config_from(config)
 

@@ -165,12 +165,14 @@ class StepLogger:
 
   def __init__(self, writer: MetricsWriter, *, start_step: int, total_steps: int, log_every: int,
                tokens_per_step: int, flops_per_token: float, peak_flops_total: float,
-               describe_checkpoint: Any = lambda: "no checkpoint was written yet"):
+               describe_checkpoint: Any = lambda: "no checkpoint was written yet",
+               stop_on_nonfinite: bool = True):
     self.writer = writer
     self.total_steps, self.log_every = total_steps, log_every
     self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
     self.peak_flops_total = peak_flops_total
     self._describe_checkpoint = describe_checkpoint
+    self._stop_on_nonfinite = stop_on_nonfinite  # False: loss-spike recovery checks them (spikes.py)
     self._lagged = LaggedMetrics()
     self._records: list[tuple[int, dict[str, float]]] = []  # read back, not yet logged
     self._start = start_step
@@ -224,7 +226,7 @@ class StepLogger:
 
   def _read(self, keep_newest: int) -> None:
     records = self._lagged.pop(keep_newest=keep_newest)
-    bad = first_nonfinite(records, WATCHED)
+    bad = first_nonfinite(records, WATCHED) if self._stop_on_nonfinite else None
     if bad is not None:
       step, key, value = bad
       # Keep the loss curve up to the last good step in the logs before stopping.

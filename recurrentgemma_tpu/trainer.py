@@ -6,7 +6,8 @@ The same code runs on one CPU and on every host of a TPU pod: each process feeds
 global batch, process 0 writes logs, all processes checkpoint.
 
 The concerns live beside it: resume policy in `checkpoints/resume.py`, reporting (readback, NaN
-check, speed, ETA) in `metrics.StepLogger`, SIGTERM in `preemption.py`, liveness in `heartbeat.py`.
+check, speed, ETA) in `metrics.StepLogger`, SIGTERM in `preemption.py`, liveness in `heartbeat.py`,
+loss-spike rollbacks and the data steps they skip in `spikes.py`.
 
 Exact resume: the global batch of step k is a function of (data config, k) only, the train step is
 deterministic, and a checkpoint holds the parameters, optimizer state and step. Re-running the same
@@ -37,6 +38,7 @@ from recurrentgemma_tpu import heartbeat as heartbeat_lib
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu import preemption
 from recurrentgemma_tpu import profiling
+from recurrentgemma_tpu import spikes as spikes_lib
 from recurrentgemma_tpu import step_functions
 from recurrentgemma_tpu import train_step as train_step_lib
 from recurrentgemma_tpu import workdir as workdir_lib
@@ -178,6 +180,7 @@ class Trainer:
     self.fns = step_functions.build_step_functions(exp.model, exp.optimizer, self.mesh,
                                                    exp.mesh.strategy)
     self.pipeline: data_lib.Pipeline | None = None  # built after the resume check (it may be slow)
+    self.spikes: spikes_lib.Recovery | None = None  # the data map and spike rule, set on resume
     self.ckpt = ckpt_lib.CheckpointManager(workdir_lib.join(workdir, workdir_lib.CHECKPOINT_DIR), exp.checkpoint)
     self.writer = metrics_lib.MetricsWriter(workdir, total_steps=exp.train.steps,
                                             listener=self.goodput.on_metrics)
@@ -191,6 +194,8 @@ class Trainer:
   def initial_state(self) -> tuple[train_step_lib.TrainState, int]:
     """Resumes from the newest intact checkpoint, else initialises (see checkpoints/resume.py)."""
     resumed = resume_lib.restore_or_init(self.exp, self.fns, self.ckpt, self.accept_changes)
+    self.spikes = spikes_lib.Recovery.resume(self.exp.spikes, self.workdir, resumed.meta,
+                                             write=jax.process_index() == 0)
     return resumed.state, resumed.step
 
   def prepare_data(self) -> None:
@@ -207,7 +212,8 @@ class Trainer:
     meta = {"config": self.exp.to_json(), "seed": self.exp.train.seed,
             "data": {"next_step": step, "global_batch_size": data.global_batch_size,
                      "seq_len": data.seq_len},
-            "process_count": jax.process_count(), "device_count": jax.device_count()}
+            "process_count": jax.process_count(), "device_count": jax.device_count(),
+            "spikes": self.spikes.meta(step)}
     if self.ckpt.save(step, state.params, resume_lib.state_item(state), meta):
       logging.info("Saving checkpoint for step %d (async=%s).", step, self.exp.checkpoint.async_save)
 
@@ -253,6 +259,7 @@ class Trainer:
     self.prepare_data()
     _write_config(self.workdir, self.exp)
     self.writer.start(step)
+    self._write_rollback_records()
     trained = step < steps
     if trained:
       with preemption.deferred() as watch:
@@ -285,30 +292,77 @@ class Trainer:
     return metrics_lib.run_peak_flops_per_device(self.workdir, peak_flops_per_device,
                                                  write=jax.process_index() == 0)
 
-  def _train(self, state: train_step_lib.TrainState, step: int,
-             watch: preemption.Watch) -> tuple[train_step_lib.TrainState, int, bool]:
+  def _step_logger(self, step: int) -> metrics_lib.StepLogger:
     exp = self.exp
-    logger = metrics_lib.StepLogger(
+    return metrics_lib.StepLogger(
         self.writer, start_step=step, total_steps=exp.train.steps, log_every=exp.train.log_every,
         tokens_per_step=exp.tokens_per_step,
         flops_per_token=flops_lib.training_flops_per_token(exp.model, exp.data.seq_len),
         peak_flops_total=self._peak_flops_per_device() * jax.device_count(),
-        describe_checkpoint=self._describe_checkpoint)
+        describe_checkpoint=self._describe_checkpoint,
+        stop_on_nonfinite=not self.spikes.detecting)  # with recovery, the spike rule decides
+
+  def _read_back(self, in_flight: collections.deque, keep: int) -> spikes_lib.Spike | None:
+    """Waits for all but the newest `keep` in-flight steps; with spike recovery on, applies the rule
+    to their loss and gradient norm (in step order) and returns the first spike."""
+    while len(in_flight) > keep:
+      step, metrics = in_flight.popleft()
+      if not self.spikes.detecting:
+        jax.block_until_ready(metrics["loss"])
+        continue
+      loss, grad_norm = jax.device_get((metrics["loss"], metrics["grad_norm"]))
+      spike = self.spikes.observe(step, float(loss), float(grad_norm))
+      if spike is not None:
+        in_flight.clear()  # steps after the spike are trained again from the restored checkpoint
+        return spike
+    return None
+
+  def _roll_back(self, spike: spikes_lib.Spike) -> tuple[train_step_lib.TrainState, int]:
+    """Restores the newest checkpoint before `spike` and skips the data trained on since then.
+
+    The abandoned steps' checkpoints are moved aside first and the skip is written before training
+    goes on, so a kill at any point re-runs into the same state (see spikes.py).
+    """
+    self.ckpt.wait_until_finished()
+    rollback = self.spikes.plan(spike, self.ckpt.all_steps())  # SpikeStop (exit 3) past the budget
+    for later in [s for s in self.ckpt.all_steps() if s > rollback.restored_step]:
+      self.ckpt.set_aside(later, self.ckpt.rolled_back_dir)
+    self.spikes.record(rollback)
+    logging.warning("Rolled back after a loss spike (%d of at most %d): %s.",
+                    len(self.spikes.rollbacks), self.exp.spikes.max_rollbacks, rollback.describe())
+    resumed = resume_lib.restore_step(self.fns, self.ckpt, rollback.restored_step)
+    self.spikes.restore_detector(resumed.meta)
+    self.writer.write(rollback.restored_step, rollback.scalars(), prefix="rollback")
+    self.writer.flush()
+    return resumed.state, rollback.restored_step
+
+  def _write_rollback_records(self) -> None:
+    """The `rollback` records a kill between the skip file and metrics.jsonl did not write."""
+    if jax.process_index() != 0 or not self.spikes.rollbacks:
+      return
+    text = workdir_lib.read_text_if_exists(workdir_lib.join(self.workdir, workdir_lib.METRICS_FILE))
+    for rollback in self.spikes.missing_records(text):
+      self.writer.write(rollback.restored_step, rollback.scalars(), prefix="rollback")
+    self.writer.flush()
+
+  def _train(self, state: train_step_lib.TrainState, step: int,
+             watch: preemption.Watch) -> tuple[train_step_lib.TrainState, int, bool]:
+    exp = self.exp
+    logger = self._step_logger(step)
     sharding = self.fns.batch_shardings["inputs"]
-    in_flight: collections.deque[jax.Array] = collections.deque()
+    in_flight: collections.deque[tuple[int, dict[str, jax.Array]]] = collections.deque()
     preempted = False
     self.heartbeat.beat("compiling", step)
     while step < exp.train.steps and not preempted:
       with self.goodput.data_wait(), jax.profiler.TraceAnnotation(profiling.DATA_WAIT):
-        batch = data_lib.global_batch(self.pipeline, step, sharding)
+        batch = data_lib.global_batch(self.pipeline, self.spikes.data_step(step), sharding)
       state, metrics = self.fns.train_step(state, batch)
       step += 1
       logger.push(step, metrics)
       # Bound how far the host runs ahead: the device always has the next step queued, but a
       # SIGTERM is acted on within MAX_IN_FLIGHT steps and step times are measured, not queued.
-      in_flight.append(metrics["loss"])
-      if len(in_flight) > MAX_IN_FLIGHT:
-        jax.block_until_ready(in_flight.popleft())
+      in_flight.append((step, metrics))
+      spike = self._read_back(in_flight, keep=MAX_IN_FLIGHT)
       self.ckpt.check_save()  # a failed background save stops the job now, naming its step
       self.heartbeat.training(step, logger.last_step_time)
       with logger.paused():  # a capture's start and its digest are not training time
@@ -317,6 +371,12 @@ class Trainer:
       saving = preempted or self.ckpt.is_periodic_step(step) or step == exp.train.steps
       evaluating = exp.train.eval_every and step % exp.train.eval_every == 0 and step < exp.train.steps
       downstream = self.downstream is not None and self.downstream.due(step) and not preempted
+      if spike is None and (saving or evaluating or downstream):
+        spike = self._read_back(in_flight, keep=0)  # the rule has seen every step before a save
+      if spike is not None:
+        state, step = self._roll_back(spike)
+        logger = self._step_logger(step)
+        continue
       if saving or evaluating or downstream:
         logger.flush()  # never save or evaluate a state whose step went non-finite
         with logger.paused():

@@ -6,7 +6,8 @@ remote URLs go through `etils.epath` (TensorFlow's `tf.io.gfile` for gs://), are
 absolute, and get atomic writes from the store itself (one object write replaces the object whole).
 Orbax (checkpoints/) and `tf.summary` (tensorboard/) take gs:// paths on their own.
 
-Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps),
+Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps,
+checkpoints_rolled_back/ for steps abandoned by a loss-spike rollback), spikes.json (the rollbacks),
 config.json, metrics.jsonl, goodput.jsonl, tensorboard/, heartbeat/process_<i>.json,
 logs/process_<i>.log, profile/ once a profile is requested (profiling.py), and launch/ when a
 launcher runs the job. launch/ reads and writes workdirs only through this module
@@ -33,6 +34,7 @@ LAUNCH_DIR = "launch"  # the launcher's own records (launch/state.py): spec, sta
 LAUNCH_STATE_FILE = "state.json"  # launch/<this>: phase, attempts and the event history
 GOODPUT_FILE = "goodput.jsonl"  # process 0's timing records (goodput.py)
 PROFILE_DIR = "profile"  # on-demand profiles: the request, each capture's trace and digest (profiling.py)
+SPIKES_FILE = "spikes.json"  # loss-spike rollbacks and the data steps they skip (spikes.py)
 
 
 def records(metrics_text: str | None) -> list[dict[str, Any]]:

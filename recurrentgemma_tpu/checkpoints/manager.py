@@ -54,6 +54,8 @@ _ITEMS = (PARAMS_ITEM, STATE_ITEM, META_ITEM)
 
 # Where unreadable steps are moved so they are neither retried nor overwritten.
 _CORRUPT_DIR = "corrupt"
+# Where steps of a trajectory abandoned by a loss-spike rollback are moved (spikes.py).
+_ROLLED_BACK_DIR = "rolled_back"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +346,16 @@ class CheckpointManager:
 
   def quarantine(self, step: int) -> epath.Path:
     """Moves a step out of Orbax's view (never deletes it); returns where it went."""
-    dst = self.quarantine_dir / f"{step}.{int(time.time())}"
+    return self.set_aside(step, self.quarantine_dir)
+
+  @property
+  def rolled_back_dir(self) -> epath.Path:
+    """Where steps after a loss-spike rollback's restored step are moved (`<directory>_rolled_back`)."""
+    return self.directory.parent / f"{self.directory.name}_{_ROLLED_BACK_DIR}"
+
+  def set_aside(self, step: int, into: epath.Path) -> epath.Path:
+    """Moves a step into directory `into` (never deletes it); returns where it went."""
+    dst = into / f"{step}.{int(time.time())}"
     if jax.process_index() == 0:
       src = self.directory / str(step)
       dst.parent.mkdir(parents=True, exist_ok=True)

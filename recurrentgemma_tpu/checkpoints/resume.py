@@ -45,6 +45,9 @@ from recurrentgemma_tpu.checkpoints import manager as ckpt_lib
 COMPATIBLE = (
     "train.steps", "train.log_every", "train.eval_every", "train.peak_flops_per_device",
     "checkpoint.*", "mesh.*", "eval.*",
+    # The spike rule and budget decide only future rollbacks; recorded ones are kept whatever they are
+    # (raising the budget of a run that spent it, then re-running, is how it continues).
+    "spikes.*",
     "model.remat", "model.scan_impl",
     "optimizer.num_microbatches",
     "data.eval_batch_size", "data.num_eval_batches", "data.cache_dir", "data.sources.*.tfds_data_dir",
@@ -63,6 +66,7 @@ class Resumed(NamedTuple):
   state: train_step_lib.TrainState
   step: int
   source: str  # "checkpoint" | "init_from" | "fresh"
+  meta: dict[str, Any] | None = None  # the checkpoint's metadata (source "checkpoint")
 
 
 def state_item(state: train_step_lib.TrainState) -> dict[str, Any]:
@@ -195,6 +199,20 @@ def restore_newest(ckpt: ckpt_lib.CheckpointManager, abstract_params: Any, abstr
   return None
 
 
+def _resumed(restored: ckpt_lib.Restored) -> Resumed:
+  state = train_step_lib.TrainState(step=restored.state["step"], params=restored.params,
+                                    opt_state=restored.state["opt_state"])
+  return Resumed(state, restored.step, "checkpoint", dict(restored.meta))
+
+
+def restore_step(fns: step_functions.StepFunctions, ckpt: ckpt_lib.CheckpointManager,
+                 step: int) -> Resumed:
+  """Restores committed step `step` as the train state (a loss-spike rollback); StepUnreadable if
+  it does not read."""
+  abstract_params, abstract_rest = abstract_checkpoint(fns)
+  return _resumed(ckpt.restore(step, abstract_params, abstract_rest))
+
+
 def restore_or_init(exp: Any, fns: step_functions.StepFunctions, ckpt: ckpt_lib.CheckpointManager,
                     accept_changes: Iterable[str] = ()) -> Resumed:
   """Resumes `exp` from `ckpt`'s newest intact step, else starts at step 0 (see the module doc)."""
@@ -210,10 +228,8 @@ def restore_or_init(exp: Any, fns: step_functions.StepFunctions, ckpt: ckpt_lib.
         " (or start one from these weights with --init_from)" if e.params_fit else "")
     raise ResumeRefused(f"{e} Ways forward: {ways}.") from e
   if restored is not None:
-    state = train_step_lib.TrainState(step=restored.state["step"], params=restored.params,
-                                      opt_state=restored.state["opt_state"])
     logging.info("Resumed from %s at step %d.", ckpt.directory, restored.step)
-    return Resumed(state, restored.step, "checkpoint")
+    return _resumed(restored)
   if ckpt.quarantine_dir.exists() and any(ckpt.quarantine_dir.iterdir()):
     raise ResumeRefused(
         f"{ckpt.directory} holds no intact checkpoint, but damaged ones were moved to "
