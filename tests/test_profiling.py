@@ -291,7 +291,7 @@ def test_a_capture_in_a_remote_workdir_goes_through_the_file_layer(ram_scheme): 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  workdir = "ram://bucket/run"
+  workdir = "ram://profiling-bucket/run"
   profiling.write_request(workdir, profiling.Request(id="r4", steps=2, process=0))
   step_fn = jax.jit(lambda x: x @ x)
   x = jnp.ones((64, 64), jnp.float32)
