@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recurrentgemma_tpu import data as data_lib
+from recurrentgemma_tpu import executable as executable_lib
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import heartbeat as heartbeat_lib
@@ -288,8 +289,11 @@ class Trainer:
     in_flight: collections.deque[jax.Array] = collections.deque()
     preempted = False
     self.heartbeat.beat("compiling", step)
+    # The launcher's shipped executable when it was built for exactly this job, else a compile.
+    train_fn, source = executable_lib.train_step(self.fns, exp, self.workdir, warn=logging.warning)
+    logging.info("Train step: %s.", source)
     while step < exp.train.steps and not preempted:
-      state, metrics = self.fns.train_step(state, data_lib.global_batch(self.pipeline, step, sharding))
+      state, metrics = train_fn(state, data_lib.global_batch(self.pipeline, step, sharding))
       step += 1
       logger.push(step, metrics)
       # Bound how far the host runs ahead: the device always has the next step queued, but a

@@ -29,6 +29,8 @@ TENSORBOARD_DIR = "tensorboard"
 HEARTBEAT_DIR = "heartbeat"
 LOGS_DIR = "logs"
 LAUNCH_DIR = "launch"  # the launcher's own records (launch/state.py): spec, state, STOP, exits
+EXECUTABLE_FILE = "executable/train_step.bin"  # the train step compiled by the fit check (executable.py)
+COMPILATION_CACHE_DIR = "compilation_cache"  # the run's JAX persistent compilation cache
 
 
 def records(metrics_text: str | None) -> list[dict[str, Any]]:
@@ -150,6 +152,25 @@ def write_text(path: str, text: str, *, tmp_suffix: str = ".tmp") -> None:
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Replaces the file at `path` atomically, as `write_text` does."""
+  if is_remote(path):
+    _epath(path).write_bytes(data)
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def read_bytes(path: str) -> bytes:
+  if is_remote(path):
+    return _epath(path).read_bytes()
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def open_append(path: str) -> IO[str]:
