@@ -1,0 +1,171 @@
+"""Compile once (recurrentgemma_tpu/executable.py): the signature check, the file, load or compile.
+
+Fast tests on small jitted programs over the 8 CPU devices (and one TPU topology compiled through
+libtpu); the end-to-end check through the training loop is the slow test at the end.
+"""
+
+import dataclasses
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from recurrentgemma_tpu import executable
+from recurrentgemma_tpu import workdir as workdir_lib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train_common import small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FINGERPRINT = "f" * 64
+
+
+def _step(w, x):
+  return w - 0.1 * x.T @ jnp.tanh(x @ w), jnp.sum(x)
+
+
+def _lowered(devices=None, shape=(16, 8), spec=P("x"), donate=(0,), fn=_step):
+  mesh = jax.sharding.Mesh(np.asarray(devices or jax.devices()), ("x",))
+  w_sharding, x_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, spec)
+  jitted = jax.jit(fn, in_shardings=(w_sharding, x_sharding), donate_argnums=donate)
+  lowered = jitted.lower(jax.ShapeDtypeStruct((shape[1], shape[1]), jnp.float32, sharding=w_sharding),
+                         jax.ShapeDtypeStruct(shape, jnp.float32, sharding=x_sharding))
+  return lowered, mesh, (w_sharding, x_sharding)
+
+
+def _signature(**kw):
+  lowered, mesh, _ = _lowered(**kw)
+  return executable.signature(lowered, mesh, FINGERPRINT)
+
+
+# ------------------------------------------------------------------------------------ the check
+
+
+def test_the_same_program_on_the_same_devices_matches():
+  assert executable.mismatch(_signature(), _signature()) is None
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(shape=(32, 8)), "program"),  # input avals
+    (dict(spec=P()), "program"),  # input sharding
+    (dict(donate=()), "program"),  # donation
+    (dict(fn=lambda w, x: (w + x.T @ x, jnp.sum(x))), "program"),  # the computation
+    (dict(devices=jax.devices()[::-1]), "device_assignment"),  # same devices, another order
+    (dict(devices=jax.devices()[:4]), "topology"),
+])
+def test_each_thing_that_invalidates_an_executable_is_a_mismatch_named_in_one_line(change, field):
+  here, other = _signature(), _signature(**change)
+  assert getattr(here, field) != getattr(other, field)
+  why = executable.mismatch(other, here)
+  assert why and "\n" not in why and executable._WHY[field] in why
+
+
+@pytest.mark.parametrize("field, value", [("jax", "0.4.0"), ("jaxlib", "0.4.0"), ("libtpu", "0.0.1"),
+                                          ("fingerprint", "e" * 64),
+                                          ("compiler_env", "XLA_FLAGS='--xla_x=1' LIBTPU_INIT_ARGS=''")])
+def test_versions_fingerprint_and_compiler_flags_are_checked(field, value):
+  here = _signature()
+  shipped = dataclasses.replace(here, **{field: value})
+  why = executable.mismatch(shipped, here)
+  assert why.startswith(executable._WHY[field]) and why.count(";") == 0
+
+
+def test_the_compiler_environment_ignores_only_the_virtual_cpu_device_count():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8  --xla_cpu_x=1"}
+  assert executable.compiler_env(env) == executable.compiler_env({"XLA_FLAGS": "--xla_cpu_x=1"})
+  assert executable.compiler_env(env) != executable.compiler_env({})
+  assert (executable.compiler_env({"LIBTPU_INIT_ARGS": "--xla_tpu_y=true"})
+          != executable.compiler_env({}))
+
+
+@pytest.mark.tpu_compile
+def test_an_executable_for_a_tpu_topology_is_refused_on_cpu_naming_both():
+  from sharding import planner  # pylint: disable=g-import-not-at-top
+  _, tpu_devices, _ = planner.topology_devices("v5p:2x2x2")
+  tpu = _signature(devices=tpu_devices)
+  assert tpu.libtpu and tpu.topology.startswith("tpu TPU v5")
+  why = executable.mismatch(tpu, _signature())
+  assert why.startswith("topology 'tpu TPU v5") and "'cpu cpu x 8, 1 process(es)' here" in why
+
+
+# ------------------------------------------------------------------------------------ the file
+
+
+def _compiled_file(tmp_path, **kw):
+  lowered, mesh, _ = _lowered(**kw)
+  path = str(tmp_path / "train_step.bin")
+  executable.save(path, lowered.compile(), executable.signature(lowered, mesh, FINGERPRINT))
+  return path
+
+
+def _args(shardings):
+  w = jax.device_put(np.eye(8, dtype=np.float32) * 0.5, shardings[0])
+  x = jax.device_put(np.arange(128, dtype=np.float32).reshape(16, 8) / 100, shardings[1])
+  return w, x
+
+
+def test_a_matching_file_is_loaded_and_computes_what_a_fresh_compile_does(tmp_path):
+  path = _compiled_file(tmp_path)
+  lowered, mesh, shardings = _lowered()
+  warnings = []
+  fn, source = executable.load_or_compile(path, lowered, executable.signature(lowered, mesh, FINGERPRINT),
+                                          warn=warnings.append)
+  assert source == "shipped" and not warnings
+  expected = jax.device_get(lowered.compile()(*_args(shardings)))
+  w, x = _args(shardings)
+  got = jax.device_get(fn(w, x))
+  assert w.is_deleted()  # the loaded executable still donates the state
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_file_for_another_program_is_refused_with_one_warning_line_and_compiled(tmp_path):
+  path = _compiled_file(tmp_path, shape=(32, 8))
+  lowered, mesh, shardings = _lowered()
+  warnings = []
+  fn, source = executable.load_or_compile(path, lowered, executable.signature(lowered, mesh, FINGERPRINT),
+                                          warn=warnings.append)
+  assert source == "refused" and len(warnings) == 1 and "\n" not in warnings[0]
+  assert "lowered program" in warnings[0] and path in warnings[0] and "compiling" in warnings[0]
+  assert np.isfinite(jax.device_get(fn(*_args(shardings))[0])).all()
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:len(b) // 2], lambda b: b"garbage" + b,
+                                    lambda b: b[:40], lambda b: b.replace(b'"jax"', b'"jux"', 1)])
+def test_an_unreadable_file_is_one_warning_line_and_a_compile(tmp_path, damage):
+  path = _compiled_file(tmp_path)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(damage(data))
+  lowered, mesh, _ = _lowered()
+  warnings = []
+  _, source = executable.load_or_compile(path, lowered, executable.signature(lowered, mesh, FINGERPRINT),
+                                         warn=warnings.append)
+  assert source == "refused" and len(warnings) == 1 and "\n" not in warnings[0]
+  assert "is unreadable" in warnings[0]
+
+
+def test_no_file_compiles_without_a_warning(tmp_path):
+  lowered, mesh, _ = _lowered()
+  warnings = []
+  _, source = executable.load_or_compile(str(tmp_path / "none"), lowered,
+                                         executable.signature(lowered, mesh, FINGERPRINT),
+                                         warn=warnings.append)
+  assert source == "compiled" and not warnings
+
+
+def test_ship_executable_copies_the_fit_checks_file_only_when_the_plan_fits(tmp_path):
+  from launch import preflight  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "key.executable"
+  src.write_bytes(b"executable bytes")
+  workdir = str(tmp_path / "run")
+  assert not preflight.ship_executable(preflight.FitCheck(False, "", executable=str(src)), workdir, print)
+  assert not os.path.exists(workdir_lib.join(workdir, workdir_lib.EXECUTABLE_FILE))
+  assert not preflight.ship_executable(preflight.FitCheck(True, ""), workdir, print)
+  assert preflight.ship_executable(preflight.FitCheck(True, "", executable=str(src)), workdir, print)
+  with open(workdir_lib.join(workdir, workdir_lib.EXECUTABLE_FILE), "rb") as f:
+    assert f.read() == b"executable bytes"
