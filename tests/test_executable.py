@@ -169,3 +169,61 @@ def test_ship_executable_copies_the_fit_checks_file_only_when_the_plan_fits(tmp_
   assert preflight.ship_executable(preflight.FitCheck(True, "", executable=str(src)), workdir, print)
   with open(workdir_lib.join(workdir, workdir_lib.EXECUTABLE_FILE), "rb") as f:
     assert f.read() == b"executable bytes"
+
+
+# ------------------------------------------------------------------------------------ the training loop
+
+
+def _params(exp, workdir):
+  import flax  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import model as model_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu.checkpoints import manager as ckpt  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: flax.core.meta.unbox(model_lib.init_params(exp.model, jax.random.key(0))))
+  return jax.device_get(ckpt.load_params(workdir, shapes))
+
+
+def _ship(fns, exp, workdir, lowered=None):
+  """Writes the train step of `exp` built with `fns` as the run's shipped executable."""
+  path = workdir_lib.join(str(workdir), workdir_lib.EXECUTABLE_FILE)
+  if lowered is None:
+    return executable.compile_and_save(fns, exp, path)[0]
+  sig = executable.signature(lowered, fns.mesh, exp.fingerprint())
+  executable.save(path, lowered.compile(), sig)
+  return sig
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_compile
+def test_the_loop_refuses_an_executable_for_another_topology_and_trains_bitwise_the_same(
+    tmp_path, caplog):
+  """Shipped: the fit check's executable of this config for a TPU topology, and this job's own. The
+  first compiles after one warning line, the second loads; both end with exactly the parameters and
+  evaluation of the run without a shipped file. (Another config: the fast tests above.)"""
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import step_functions  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import trainer  # pylint: disable=g-import-not-at-top
+  from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from sharding import planner  # pylint: disable=g-import-not-at-top
+
+  exp = experiment_lib.build(small_config(train__steps=1, checkpoint__save_every=1))
+  build = lambda mesh: step_functions.build_step_functions(exp.model, exp.optimizer, mesh, exp.mesh.strategy)
+  _, tpu_devices, _ = planner.topology_devices("v5p:2x2x2")  # 8 devices, as here: same experiment
+  tpu_fns = build(mesh_lib.create_mesh(exp.mesh, tpu_devices))
+  _ship(tpu_fns, exp, tmp_path / "other_topology",
+        lowered=tpu_fns.lower_train_step(exp.data.global_batch_size, exp.data.seq_len))
+  _ship(build(mesh_lib.create_mesh(exp.mesh)), exp, tmp_path / "this_job")
+
+  reference = trainer.train_and_evaluate(exp, str(tmp_path / "not_shipped"))
+  expected = _params(exp, tmp_path / "not_shipped")
+  for name, warning in [("other_topology", "topology 'tpu TPU v5"), ("this_job", None)]:
+    caplog.clear()
+    with caplog.at_level("INFO"):
+      result = trainer.train_and_evaluate(exp, str(tmp_path / name))
+    refused = [r.getMessage() for r in caplog.records if "shipped executable" in r.getMessage()]
+    if warning:
+      assert len(refused) == 1 and warning in refused[0] and "\n" not in refused[0], (name, refused)
+    else:
+      assert not refused and any("Train step: shipped." in r.getMessage() for r in caplog.records)
+    assert result.eval == reference.eval, name
+    for a, b in zip(jax.tree.leaves(_params(exp, tmp_path / name)), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(a, b, err_msg=name)
