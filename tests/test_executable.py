@@ -19,6 +19,7 @@ from recurrentgemma_tpu import workdir as workdir_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train_common import small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_workdir import ram_scheme  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 
 FINGERPRINT = "f" * 64
 
@@ -147,6 +148,17 @@ def test_an_unreadable_file_is_one_warning_line_and_a_compile(tmp_path, damage):
                                          warn=warnings.append)
   assert source == "refused" and len(warnings) == 1 and "\n" not in warnings[0]
   assert "is unreadable" in warnings[0]
+
+
+def test_a_file_in_a_remote_run_directory_is_written_and_loaded(ram_scheme):  # pylint: disable=unused-argument,redefined-outer-name
+  """The same code path as gs:// (etils.epath on the TensorFlow backend), served from memory."""
+  lowered, mesh, _ = _lowered()
+  here = executable.signature(lowered, mesh, FINGERPRINT)
+  path = "ram://bucket/run/" + workdir_lib.EXECUTABLE_FILE
+  executable.save(path, lowered.compile(), here)
+  assert workdir_lib.read_bytes(path).startswith(executable.MAGIC)
+  _, source = executable.load_or_compile(path, lowered, here, warn=pytest.fail)
+  assert source == "shipped"
 
 
 def test_no_file_compiles_without_a_warning(tmp_path):
