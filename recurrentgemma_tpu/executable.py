@@ -217,4 +217,5 @@ def train_step(fns: Any, exp: Any, workdir: str, *,
   lowered = fns.lower_train_step(exp.data.global_batch_size, exp.data.seq_len)
   here = signature(lowered, fns.mesh, exp.fingerprint())
   gloo = jax.process_count() > 1 and jax.default_backend() == "cpu"
-  return load_or_compile(workdir_lib.join(workdir, workdir_lib.EXECUTABLE_FILE), lowered, here, refuse=GLOO_REASON if gloo else None, warn=warn)
+  return load_or_compile(workdir_lib.join(workdir, workdir_lib.EXECUTABLE_FILE), lowered, here,
+                         refuse=GLOO_REASON if gloo else None, warn=warn)

@@ -150,7 +150,8 @@ def test_an_unreadable_file_is_one_warning_line_and_a_compile(tmp_path, damage):
   assert "is unreadable" in warnings[0]
 
 
-def test_a_file_in_a_remote_run_directory_is_written_and_loaded(ram_scheme):  # pylint: disable=unused-argument,redefined-outer-name
+# pylint: disable-next=unused-argument,redefined-outer-name
+def test_a_file_in_a_remote_run_directory_is_written_and_loaded(ram_scheme):
   """The same code path as gs:// (etils.epath on the TensorFlow backend), served from memory."""
   lowered, mesh, _ = _lowered()
   here = executable.signature(lowered, mesh, FINGERPRINT)
