@@ -79,9 +79,9 @@ def enable_compilation_cache(path: str | None = None, *, workdir: str | None = N
   A restarted or re-submitted job (preemption, a crash, a launcher restart) then loads its compiled
   steps instead of compiling them again; the cache key covers the program, the devices and the
   jax/XLA versions, so a hit runs the same executable a fresh compile would build. Every compile is
-  cached, however short: on a restart each one is on the critical path. Only process 0 writes (jax's rule).
-  Multi-process CPU jobs (gloo) run without it: their cached executables were measured not to
-  reproduce fresh compiles bit for bit. Call after jax.distributed.initialize.
+  cached, however short: on a restart each one is on the critical path. Only process 0 writes
+  (jax's rule). Multi-process CPU jobs (gloo) run without it: their cached executables were
+  measured not to reproduce fresh compiles bit for bit. Call after jax.distributed.initialize.
 
   Args:
     path: a local directory or a URL (gs://...); None: $RECURRENTGEMMA_TPU_COMPILATION_CACHE if set,
