@@ -117,6 +117,10 @@ def enable_compilation_cache(path: str | None = None, *, workdir: str | None = N
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  # jax's default puts a GPU autotuning directory under `path` into the compile options, and so
+  # into every cache key: a run directory copied or moved elsewhere then missed on every program
+  # (measured); without it the key does not depend on where the cache lives.
+  jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
   return path
 
 

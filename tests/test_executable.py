@@ -22,6 +22,7 @@ from test_train_common import small_config  # pylint: disable=g-import-not-at-to
 from test_workdir import ram_scheme  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 
 FINGERPRINT = "f" * 64
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _step(w, x):
@@ -240,3 +241,35 @@ def test_the_loop_refuses_an_executable_for_another_topology_and_trains_bitwise_
     assert result.eval == reference.eval, name
     for a, b in zip(jax.tree.leaves(_params(exp, tmp_path / name)), jax.tree.leaves(expected)):
       np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------ the run's cache
+
+_CACHED_PROGRAM = """
+import os, sys
+import jax, jax.numpy as jnp
+from recurrentgemma_tpu import trainer
+os.environ.pop(trainer.COMPILATION_CACHE_ENV, None)
+print(trainer.enable_compilation_cache(workdir=sys.argv[1]))
+jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)))
+"""
+
+
+def test_the_compilation_cache_lives_in_the_run_directory_and_hits_after_a_move(tmp_path):
+  """A re-submitted run finds its programs in <workdir>/compilation_cache, also when the run
+  directory was copied elsewhere (the cache key must not depend on the cache's path)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  def run(workdir):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, "-c", _CACHED_PROGRAM, str(workdir)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    cache = os.path.join(str(workdir), workdir_lib.COMPILATION_CACHE_DIR)
+    assert out.strip() == cache
+    return sorted(n for n in os.listdir(cache) if n.endswith("-cache"))
+
+  first = run(tmp_path / "run")
+  assert first  # every program compiled once, whatever its compile time
+  shutil.copytree(tmp_path / "run", tmp_path / "moved")
+  assert run(tmp_path / "moved") == first  # all hits: nothing new written
