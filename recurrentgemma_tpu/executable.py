@@ -1,4 +1,4 @@
-"""Compile once: the train step's executable, serialized with what it was built for, loaded by the hosts.
+"""Compile once: the train step's executable, saved with what it was built for, loaded by the hosts.
 
 The launcher's fit check (`python -m recurrentgemma_tpu.compile --save_executable=PATH`) already
 compiles the real train step for the target on a CPU host; the launcher ships that file in the run
@@ -35,7 +35,8 @@ from recurrentgemma_tpu import workdir as workdir_lib
 MAGIC = b"recurrentgemma_tpu executable 1\n"
 # Multi-process CPU (gloo) executables loaded from disk were measured not to reproduce fresh compiles
 # bit for bit (docs/training.md, "Compilation cache"), so such jobs always compile.
-GLOO_REASON = "multi-process CPU (gloo) jobs always compile (loaded executables are not bitwise exact there)"
+GLOO_REASON = ("multi-process CPU (gloo) jobs always compile (loaded executables are not bitwise "
+               "exact there)")
 
 
 class Unreadable(ValueError):
@@ -46,12 +47,12 @@ class Unreadable(ValueError):
 class Signature:
   """Everything that makes a compiled train step valid for a job; compared field by field."""
 
-  topology: str  # platform, device kind x count, processes, e.g. "tpu TPU v5p x 128, 32 processes"
+  topology: str  # platform, device kind x count, processes: "tpu TPU v5 x 128, 32 process(es)"
   mesh: str  # mesh axis sizes, e.g. "slice=1 data=1 fsdp=128 seq=1 model=1"
   device_assignment: str  # sha256 of the mesh's devices in order (ids, coordinates, cores, slices)
   jax: str
   jaxlib: str
-  libtpu: str  # "" when libtpu is not installed
+  libtpu: str  # "" off TPU
   compiler_env: str  # XLA_FLAGS (less the host's CPU device count) and LIBTPU_INIT_ARGS
   fingerprint: str  # experiment.Experiment.fingerprint()
   program: str  # sha256 of the lowered StableHLO: shapes, dtypes, shardings, donation, computation
