@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from launch import commands
 from launch import cost as cost_lib
@@ -27,6 +27,9 @@ from recurrentgemma_tpu import goodput as goodput_lib
 from recurrentgemma_tpu import heartbeat
 from recurrentgemma_tpu import profiling
 from recurrentgemma_tpu import workdir as workdir_lib
+
+if TYPE_CHECKING:
+  from launch import preflight as preflight_lib
 
 Log = Callable[[str], None]
 BACKENDS = {"local": local, "tpu_vm": tpu_vm, "gke": gke}
@@ -45,33 +48,33 @@ def _local_devices_per_process() -> int:
 
 
 def _preflight(spec: spec_lib.JobSpec, skip_fit_check: bool,
-               log: Log) -> tuple[int, str, float | None]:
-  """(exit code or 0, fingerprint, predicted step seconds or None). Cloud jobs always validate; the
-  fit check (which predicts the step time) only for them."""
+               log: Log) -> tuple[int, str, float | None, preflight_lib.FitCheck | None]:
+  """(exit code or 0, fingerprint, predicted step seconds or None, the fit check or None). Cloud
+  jobs always validate; the fit check (which predicts the step time) only for them."""
   from launch import preflight  # pylint: disable=g-import-not-at-top
   if spec.backend == "local" and skip_fit_check:
-    return exit_codes.OK, "", None  # the trainer validates at start and exits 2 (not retried)
+    return exit_codes.OK, "", None, None  # the trainer validates at start and exits 2 (not retried)
   try:
     if spec.backend == "local":
       from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
       config = experiment_lib.load_config(spec.config, spec.overrides)
       n = spec.num_processes * _local_devices_per_process()
-      return exit_codes.OK, experiment_lib.build(config, num_devices=n).fingerprint(), None
+      return exit_codes.OK, experiment_lib.build(config, num_devices=n).fingerprint(), None, None
     fp = preflight.fingerprint(spec)
     preflight.store_check(spec)  # a missing or mismatched data store: refused before any pod
     if skip_fit_check:
-      return exit_codes.OK, fp, None
+      return exit_codes.OK, fp, None, None
     fit = preflight.fit_check(spec, fp, log=log)  # streams the compile's lines as they come
   except (ValueError, FileNotFoundError) as e:
     _err(f"invalid job: {exit_codes.message(e)}")
-    return exit_codes.USER_ERROR, "", None
+    return exit_codes.USER_ERROR, "", None, None
   if fit.cached:
     log(fit.report + "\n(fit check cached)")
   if not fit.fits:
     _err(f"the plan does not fit {spec.target.accelerator_type} x {spec.num_slices}; see the report "
          "above (python -m recurrentgemma_tpu.compile --search finds plans that do)")
-    return exit_codes.NO_FIT, fp, fit.step_s
-  return exit_codes.OK, fp, fit.step_s
+    return exit_codes.NO_FIT, fp, fit.step_s, fit
+  return exit_codes.OK, fp, fit.step_s, fit
 
 
 def _train_steps(spec: spec_lib.JobSpec) -> int | None:
@@ -140,7 +143,7 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
       and not dry_run):
     log(f"{spec.workdir}: the run is already complete")
     return exit_codes.OK
-  rc, fp, step_s = _preflight(spec, skip_fit_check, log)
+  rc, fp, step_s, fit = _preflight(spec, skip_fit_check, log)
   if rc:
     return rc
   spec = dataclasses.replace(spec, fingerprint=fp)
@@ -152,6 +155,9 @@ def submit(spec: spec_lib.JobSpec, *, dry_run: bool = False, skip_fit_check: boo
   if existing is not None:
     log(f"resuming the job in {spec.workdir} (phase {st.phase}, attempt {st.attempt})")
   state_lib.save_spec(spec)
+  if fit is not None:  # the hosts load the fit check's executable instead of compiling
+    from launch import preflight  # pylint: disable=g-import-not-at-top
+    preflight.ship_executable(fit, spec.workdir, log)
   state_lib.clear_stop(spec.workdir)
   if st.phase in state_lib.FINAL_PHASES:
     st.phase, st.resource = "submitted", ""

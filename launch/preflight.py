@@ -4,7 +4,9 @@ Before any pod time is spent: the config is built into an Experiment (all valida
 the target's device count, then `python -m recurrentgemma_tpu.compile` compiles the real train step
 for the target topology and slice count on this CPU host and says whether it fits. The verdict is
 cached by (experiment fingerprint, topology, slices) under ~/.cache/recurrentgemma_tpu/fit/ (or
-$RG_LAUNCH_CACHE), so re-submitting or sweeping the same config does not compile again.
+$RG_LAUNCH_CACHE), so re-submitting or sweeping the same config does not compile again. The
+compiled train step is kept beside the verdict and shipped in the run directory (`ship_executable`):
+the job's hosts load it instead of compiling.
 """
 
 from __future__ import annotations
@@ -27,11 +29,29 @@ class FitCheck:
   report: str
   cached: bool = False
   step_s: float | None = None  # the planner's predicted seconds per step (sharding/planner.py)
+  executable: str | None = None  # the compiled train step (recurrentgemma_tpu/executable.py), if kept
+
+
+# The fit check's compiled train step, beside its verdict (<key>.json) in cache_dir().
+EXECUTABLE_SUFFIX = ".executable"
 
 
 def cache_dir() -> str:
   return os.environ.get("RG_LAUNCH_CACHE",
                         os.path.join(os.path.expanduser("~"), ".cache", "recurrentgemma_tpu", "fit"))
+
+
+def ship_executable(fit: FitCheck, workdir: str, log: Callable[[str], None]) -> bool:
+  """Copies the fit check's compiled train step into the run directory (local or gs://), where
+  every host of the job loads it instead of compiling (recurrentgemma_tpu/executable.py checks it
+  was built for exactly that job). Returns whether a file was shipped."""
+  from recurrentgemma_tpu import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if not fit.fits or not fit.executable:
+    return False
+  dst = workdir_lib.join(workdir, workdir_lib.EXECUTABLE_FILE)
+  workdir_lib.copy(fit.executable, dst)
+  log(f"shipped the compiled train step ({os.path.getsize(fit.executable) / 2**20:.1f} MiB) to {dst}")
+  return True
 
 
 def fit_cache_key(fingerprint: str, target: spec_lib.Target, num_slices: int) -> str:
@@ -121,15 +141,17 @@ def run_compile(argv: list[str], env: dict[str, str], timeout_s: float,
 
 def cached_fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str) -> FitCheck | None:
   """The cached verdict of `fit_check` for this job on this machine, or None (nothing compiles)."""
-  path = os.path.join(cache_dir(),
-                      f"{fit_cache_key(fingerprint_hex, spec.target, spec.num_slices)}.json")
+  key = fit_cache_key(fingerprint_hex, spec.target, spec.num_slices)
+  path = os.path.join(cache_dir(), f"{key}.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
     d = json.load(f)
   if "step_s" not in d:  # verdicts cached before the step time was kept are checked again
     return None
-  return FitCheck(d["fits"], d["report"], cached=True, step_s=d["step_s"])
+  executable = os.path.join(cache_dir(), f"{key}{EXECUTABLE_SUFFIX}")
+  return FitCheck(d["fits"], d["report"], cached=True, step_s=d["step_s"],
+                  executable=executable if os.path.exists(executable) else None)
 
 
 def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[str], None] = print,
@@ -141,11 +163,13 @@ def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[st
     return cached
   key = fit_cache_key(fingerprint_hex, spec.target, spec.num_slices)
   path = os.path.join(cache_dir(), f"{key}.json")
+  executable = os.path.join(cache_dir(), f"{key}{EXECUTABLE_SUFFIX}")
   os.makedirs(cache_dir(), exist_ok=True)
   summary_path = os.path.join(cache_dir(), f"{key}.report.{os.getpid()}.json")
   argv = ([sys.executable, "-m", "recurrentgemma_tpu.compile", f"--config={spec.config}",
            f"--topology={spec.target.topology_name}", f"--num_slices={spec.num_slices}",
-           f"--report_json={summary_path}"] + [f"--config.{o}" for o in spec.overrides])
+           f"--report_json={summary_path}", f"--save_executable={executable}"]
+          + [f"--config.{o}" for o in spec.overrides])
   log(f"fit check: compiling for {spec.target.topology_name} x {spec.num_slices} slice(s) "
       f"({spec.target.accelerator_type}) on this host...")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -162,7 +186,8 @@ def fit_check(spec: spec_lib.JobSpec, fingerprint_hex: str, *, log: Callable[[st
     os.remove(summary_path)
   except (OSError, ValueError):
     step_s = None
-  result = FitCheck(rc == exit_codes.OK, report, step_s=step_s)
+  result = FitCheck(rc == exit_codes.OK, report, step_s=step_s,
+                    executable=executable if os.path.exists(executable) else None)
   with open(path + f".tmp{os.getpid()}", "w") as f:
     json.dump({"fits": result.fits, "report": report, "topology": spec.target.topology_name,
                "num_slices": spec.num_slices, "fingerprint": fingerprint_hex, "step_s": step_s}, f)

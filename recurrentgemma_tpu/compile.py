@@ -3,7 +3,7 @@ r"""Ahead-of-time compile and fit check of the real train step for a TPU topolog
     python -m recurrentgemma_tpu.compile --config=griffin_14b --topology=v5p:4x4x8 \
         [--num_slices=N] [--mesh=DATA,FSDP,SEQ,MODEL] [--strategy=griffin] [--remat=block] \
         [--batch=512] [--seq_len=2048] [--microbatches=4] [--scan_impl=pallas_tpu] [--arrays] \
-        [--search] [--config.KEY=VALUE ...]
+        [--save_executable=PATH] [--search] [--config.KEY=VALUE ...]
 
 Validates the experiment with `experiment.build` for the topology's device count (the checks a
 training run makes), builds exactly what the training loop runs (`step_functions.build_step_functions`:
@@ -52,6 +52,10 @@ _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Write the compiled HLO text t
 _REPORT_JSON = flags.DEFINE_string(
     "report_json", None, "Also write the verdict as JSON to this path: fits, per-chip bytes and the "
     "step-time model's predicted seconds per step (what launch.submit's cost estimate uses).")
+_SAVE_EXECUTABLE = flags.DEFINE_string(
+    "save_executable", None, "Also serialize the compiled train step, with what it was built for, to "
+    "this path (local or gs://): the launcher ships it in the run directory and the job's hosts load "
+    "it instead of compiling (recurrentgemma_tpu/executable.py).")
 _SEARCH = flags.DEFINE_bool("search", False, "Search mesh x remat x micro-batches for fitting plans.")
 _SEARCH_REMATS = flags.DEFINE_list("search_remat", ["block", "dots", "none"], "Remat policies to try.")
 _SEARCH_MICRO = flags.DEFINE_list("search_microbatches", ["1", "2", "4", "8", "16"], "Micro-batch counts.")
@@ -83,11 +87,12 @@ def apply_overrides(config: Any) -> None:
 
 def compile_experiment(exp: Any, topology: str, *, max_hbm_fraction: float = 0.95,
                        print_arrays: bool = False, dump_hlo: Optional[str] = None,
-                       log=print) -> planner.CompileReport:
+                       save_executable: Optional[str] = None, log=print) -> planner.CompileReport:
   """Compiles `exp`'s train step for `topology` (x exp.mesh.num_slices) and reports per chip.
 
   `exp` is an `experiment.Experiment` built for this topology's device count, so every check
-  (mesh shape, strategy, batch split) has already run.
+  (mesh shape, strategy, batch split) has already run. `save_executable`: a path the compiled
+  step is serialized to with its signature (`executable.save`), for the job's hosts to load.
   """
   from recurrentgemma_tpu import step_functions  # pylint: disable=g-import-not-at-top
   from recurrentgemma_tpu.model import flops  # pylint: disable=g-import-not-at-top
@@ -110,6 +115,12 @@ def compile_experiment(exp: Any, topology: str, *, max_hbm_fraction: float = 0.9
   with cli.phase(f"compiling for {topology} x {num_slices} slice(s) with the TPU compiler", log) as p:
     compiled = lowered.compile()
   seconds = p.seconds
+  if save_executable:
+    from recurrentgemma_tpu import executable  # pylint: disable=g-import-not-at-top
+    with cli.phase(f"serializing the executable to {save_executable}", log):
+      size = executable.save(save_executable, compiled,
+                             executable.signature(lowered, mesh, exp.fingerprint()))
+    log(f"executable: {size / 2**20:.1f} MiB")
   if dump_hlo:
     with open(dump_hlo, "w") as f:
       f.write(compiled.as_text())
@@ -225,7 +236,8 @@ def main(argv: Sequence[str]) -> int:
       print(planner.format_search(results))
       return exit_codes.OK if any(r.status == "fits" for r in results) else exit_codes.NO_FIT
     report = compile_experiment(exp, _TOPOLOGY.value, max_hbm_fraction=_MAX_HBM.value,
-                                print_arrays=_ARRAYS.value, dump_hlo=_DUMP_HLO.value)
+                                print_arrays=_ARRAYS.value, dump_hlo=_DUMP_HLO.value,
+                                save_executable=_SAVE_EXECUTABLE.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

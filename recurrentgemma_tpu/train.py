@@ -54,7 +54,7 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache_dir", None,
     "JAX persistent compilation cache (local dir or gs://), so a restarted or resumed job loads its "
     "compiled steps instead of compiling again. Default: $RECURRENTGEMMA_TPU_COMPILATION_CACHE if set, "
-    "else ~/.cache/recurrentgemma_tpu/jax. Empty (--compilation_cache_dir=): off.")
+    "else WORKDIR/compilation_cache (gs:// with the run on pods). Empty (--compilation_cache_dir=): off.")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -90,7 +90,7 @@ def _train() -> int:
     config.checkpoint.init_from = _INIT_FROM.value
   _maybe_initialize_distributed()
   # After jax.distributed (it decides by process count), before anything is compiled.
-  cache_dir = trainer.enable_compilation_cache(_COMPILATION_CACHE.value)
+  cache_dir = trainer.enable_compilation_cache(_COMPILATION_CACHE.value, workdir=_WORKDIR.value)
   logging.info("Compilation cache: %s", cache_dir or "off")
   try:
     exp = experiment_lib.build(config)

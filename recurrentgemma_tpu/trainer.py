@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recurrentgemma_tpu import data as data_lib
+from recurrentgemma_tpu import executable as executable_lib
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import experiment as experiment_lib
 from recurrentgemma_tpu import goodput as goodput_lib
@@ -51,7 +52,8 @@ from sharding import mesh as mesh_lib
 # Steps the host may dispatch ahead of the device (2: one running, one queued).
 MAX_IN_FLIGHT = 2
 # JAX persistent compilation cache of `python -m recurrentgemma_tpu.train` when --compilation_cache_dir
-# is not given: this env var if set (the tests share one directory per session), else a per-user dir.
+# is not given: this env var if set (the tests share one directory per session), else the run's own
+# `<workdir>/compilation_cache` (gs:// on pods), else (no workdir given) a per-user dir.
 COMPILATION_CACHE_ENV = "RECURRENTGEMMA_TPU_COMPILATION_CACHE"
 DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "recurrentgemma_tpu", "jax")
 
@@ -76,25 +78,28 @@ class TrainResult:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def enable_compilation_cache(path: str | None = None) -> str:
+def enable_compilation_cache(path: str | None = None, *, workdir: str | None = None) -> str:
   """Points JAX's persistent compilation cache at `path`; call before anything is compiled.
 
-  A restarted job (preemption, a crash, a launcher restart) then loads its compiled steps instead of
-  compiling them again; the cache key covers the program, the devices and the jax/XLA versions, so
-  a hit runs the same executable a fresh compile would build. Every compile is cached, however
-  short: on a restart each one is on the critical path. Only process 0 writes (jax's rule).
-  Multi-process CPU jobs (gloo) run without it: their cached executables were measured not to
-  reproduce fresh compiles bit for bit. Call after jax.distributed.initialize.
+  A restarted or re-submitted job (preemption, a crash, a launcher restart) then loads its compiled
+  steps instead of compiling them again; the cache key covers the program, the devices and the
+  jax/XLA versions, so a hit runs the same executable a fresh compile would build. Every compile is
+  cached, however short: on a restart each one is on the critical path. Only process 0 writes
+  (jax's rule). Multi-process CPU jobs (gloo) run without it: their cached executables were
+  measured not to reproduce fresh compiles bit for bit. Call after jax.distributed.initialize.
 
   Args:
     path: a local directory or a URL (gs://...); None: $RECURRENTGEMMA_TPU_COMPILATION_CACHE if set,
-      else ~/.cache/recurrentgemma_tpu/jax; "": no persistent cache.
+      else `<workdir>/compilation_cache`, else ~/.cache/recurrentgemma_tpu/jax; "": no persistent cache.
+    workdir: the run directory (local or gs://), whose cache travels with the run.
 
   Returns:
     The directory in use, or "" when the cache is off.
   """
   if path is None:
-    path = os.environ.get(COMPILATION_CACHE_ENV, DEFAULT_COMPILATION_CACHE_DIR)
+    path = os.environ.get(COMPILATION_CACHE_ENV) or (
+        workdir_lib.join(workdir_lib.resolve(workdir), workdir_lib.COMPILATION_CACHE_DIR) if workdir
+        else DEFAULT_COMPILATION_CACHE_DIR)
   if path and jax.process_count() > 1 and jax.default_backend() == "cpu":
     # Measured (docs/training.md): a 2-process gloo job whose restarts loaded cached executables
     # ended with parameters ~1e-5 away from one compiled afresh, which breaks exact resume.
@@ -110,12 +115,17 @@ def enable_compilation_cache(path: str | None = None) -> str:
       os.makedirs(path, exist_ok=True)
     except OSError as e:
       raise exit_codes.UserError(
-          f"--compilation_cache_dir={path} cannot be created ({e.strerror}); pass a writable "
-          "directory, or --compilation_cache_dir= to run without a compilation cache.") from e
+          f"compilation cache directory {path} cannot be created ({e.strerror}); pass a writable "
+          "--compilation_cache_dir, or --compilation_cache_dir= to run without a compilation "
+          "cache.") from e
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  # jax's default puts a GPU autotuning directory under `path` into the compile options, and so
+  # into every cache key: a run directory copied or moved elsewhere then missed on every program
+  # (measured); without it the key does not depend on where the cache lives.
+  jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
   return path
 
 
@@ -353,10 +363,13 @@ class Trainer:
     in_flight: collections.deque[tuple[int, dict[str, jax.Array]]] = collections.deque()
     preempted = False
     self.heartbeat.beat("compiling", step)
+    # The launcher's shipped executable when it was built for exactly this job, else a compile.
+    train_fn, source = executable_lib.train_step(self.fns, exp, self.workdir, warn=logging.warning)
+    logging.info("Train step: %s.", source)
     while step < exp.train.steps and not preempted:
       with self.goodput.data_wait(), jax.profiler.TraceAnnotation(profiling.DATA_WAIT):
         batch = data_lib.global_batch(self.pipeline, self.spikes.data_step(step), sharding)
-      state, metrics = self.fns.train_step(state, batch)
+      state, metrics = train_fn(state, batch)
       step += 1
       logger.push(step, metrics)
       # Bound how far the host runs ahead: the device always has the next step queued, but a

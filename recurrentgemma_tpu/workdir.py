@@ -35,6 +35,8 @@ LAUNCH_STATE_FILE = "state.json"  # launch/<this>: phase, attempts and the event
 GOODPUT_FILE = "goodput.jsonl"  # process 0's timing records (goodput.py)
 PROFILE_DIR = "profile"  # on-demand profiles: the request, each capture's trace and digest (profiling.py)
 SPIKES_FILE = "spikes.json"  # loss-spike rollbacks and the data steps they skip (spikes.py)
+EXECUTABLE_FILE = "executable/train_step.bin"  # the train step compiled by the fit check (executable.py)
+COMPILATION_CACHE_DIR = "compilation_cache"  # the run's JAX persistent compilation cache
 
 
 def records(metrics_text: str | None) -> list[dict[str, Any]]:
@@ -156,6 +158,25 @@ def write_text(path: str, text: str, *, tmp_suffix: str = ".tmp") -> None:
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Replaces the file at `path` atomically, as `write_text` does."""
+  if is_remote(path):
+    _epath(path).write_bytes(data)
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def read_bytes(path: str) -> bytes:
+  if is_remote(path):
+    return _epath(path).read_bytes()
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def open_append(path: str) -> IO[str]:

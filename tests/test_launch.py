@@ -238,7 +238,9 @@ def test_fit_check_runs_the_compile_cli_once_per_fingerprint_target_and_slices(t
   assert not first.fits and not first.cached and "does not fit" in first.report
   assert calls[0][1:4] == ["-m", "recurrentgemma_tpu.compile", "--config=configs/tiny.py"]
   assert calls[0][4:6] == ["--topology=v5p:2x2x2", "--num_slices=1"]
-  assert calls[0][6].startswith("--report_json=") and calls[0][7:] == ["--config.train.steps=5"]
+  assert calls[0][6].startswith("--report_json=") and calls[0][8:] == ["--config.train.steps=5"]
+  assert calls[0][7].startswith(f"--save_executable={tmp_path / 'cache'}") and calls[0][7].endswith(
+      ".executable")  # kept beside the verdict, shipped with the job
   assert preflight.fit_check(_spec(), "f" * 64, log=quiet).cached and len(calls) == 1
   preflight.fit_check(_spec(num_slices=2), "f" * 64, log=quiet)
   preflight.fit_check(_spec(), "e" * 64, log=quiet)
