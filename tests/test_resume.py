@@ -100,25 +100,52 @@ def _losses(workdir):
 # ---------------------------------------------------------------------------- refused changes
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("override, field, fits", [
+CHANGES = [  # (override, the field named, which hints can work)
     ({"model__width": 128, "model__lru_width": 128}, "model.width: 64 -> 128", "nothing"),
     ({"model__block_pattern": "hawk"}, "model.block_pattern: ", "nothing"),  # another architecture
     ({"optimizer__learning_rate": 1e-3}, "optimizer.learning_rate: 0.003 -> 0.001", "all"),
-])
-def test_changed_config_is_refused_with_hints_that_can_work(finished, tmp_path, env, override, field,
+]
+
+
+def _assert_refusal(text, field, fits):
+  assert field in text and "Nothing was moved" in text and "another --workdir" in text, text
+  # --init_from and --accept_config_changes only where the checkpoint's arrays fit the request.
+  assert ("--init_from=" in text) == (fits == "all"), text
+  assert (f"--accept_config_changes={field.split(':')[0]}" in text) == (fits == "all"), text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, field, fits", CHANGES)
+def test_changed_config_is_refused_with_hints_that_can_work(finished, tmp_path, override, field,
                                                             fits):
+  """The resume policy on the run's newest real checkpoint, in this process, with the requested
+  model and optimizer built as the trainer builds them (the trainer's line and exit 2: the next
+  test)."""
+  directory = _copy_checkpoints(finished, tmp_path, steps=(STEPS,))
+  before = _tree_listing(directory)
+  exp = experiment_lib.build(small_config(train__steps=STEPS, **override))
+  fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh_lib.create_mesh(exp.mesh),
+                                            exp.mesh.strategy)
+  m = _manager(directory)
+  with pytest.raises(resume.ResumeRefused) as info:
+    resume.restore_or_init(exp, fns, m)
+  m.close()
+  _assert_refusal(str(info.value), field, fits)
+  assert _tree_listing(directory) == before  # every checkpoint still in place
+  assert not os.path.exists(tmp_path / "checkpoints_corrupt")
+
+
+@pytest.mark.slow
+def test_a_changed_config_stops_the_trainer_with_one_line_and_exit_2(finished, tmp_path, env):
+  (override, field, fits), = [c for c in CHANGES if "model__width" in c[0]]
   workdir = tmp_path / "wd"
   shutil.copytree(finished, workdir)
   before = _tree_listing(workdir / "checkpoints")
   rc, out = _finish(_start(workdir, env, **override), timeout=300)
   assert rc == 2, out[-4000:]
   error = [line for line in out.splitlines() if line.startswith("error: ")]
-  assert len(error) == 1 and field in error[0] and "Nothing was moved" in error[0], out[-4000:]
-  assert "another --workdir" in error[0]
-  # --init_from and --accept_config_changes only where the checkpoint's arrays fit the request.
-  assert ("--init_from=" in error[0]) == (fits == "all"), error[0]
-  assert (f"--accept_config_changes={field.split(':')[0]}" in error[0]) == (fits == "all"), error[0]
+  assert len(error) == 1, out[-4000:]
+  _assert_refusal(error[0], field, fits)
   assert "resuming" not in out.lower() and f"newest checkpoint step {STEPS} of {STEPS}" in out
   assert "Traceback" not in out
   assert _tree_listing(workdir / "checkpoints") == before  # every checkpoint still in place
