@@ -106,6 +106,16 @@ def read_bytes(path: str, policy: RetryPolicy = DEFAULT_RETRY) -> bytes | None:
     return None
 
 
+def exists(path: str) -> bool:
+  """True if `path` is an object, or a "directory" (a prefix some object's name starts with)."""
+  bucket, name = split(path.rstrip("/") + "/")
+  if name.rstrip("/") and blob(path.rstrip("/")).exists(retry=retry()):
+    return True
+  c = client()
+  return any(True for _ in c.list_blobs(c.bucket(bucket), prefix=name, max_results=1,
+                                        retry=retry()))
+
+
 def write_bytes(path: str, data: bytes, content_type: str = "application/octet-stream") -> None:
   """Writes an object (a GCS object write is atomic: readers see the old or the new one)."""
   blob(path).upload_from_string(data, content_type=content_type, retry=retry())

@@ -2,9 +2,13 @@
 
 A workdir is a local directory or a remote URL (anything with "://", e.g. `gs://bucket/run` on a TPU
 pod). Local paths use `os` exactly as before (absolute paths, tmp + rename for atomic writes);
-remote URLs go through `etils.epath` (TensorFlow's `tf.io.gfile` for gs://), are never made
-absolute, and get atomic writes from the store itself (one object write replaces the object whole).
-Orbax (checkpoints/) and `tf.summary` (tensorboard/) take gs:// paths on their own.
+gs:// goes through gcs.py's google-cloud-storage client (the one the data reader and the sweep's
+compare-and-swap records use, so a reader sees what any of them wrote), other URLs through
+`etils.epath`; remote paths are never made absolute, and get atomic writes from the store itself
+(one object write replaces the object whole). Orbax (checkpoints/), `tf.summary` (tensorboard/)
+and `open_append` take gs:// paths on their own (TensorFlow's `tf.io.gfile`).
+This module is the one file layer for run directories and sweep roots alike; launch/sweep/store.py
+adds only the compare-and-swap writes.
 
 Layout (`<workdir>/...`): checkpoints/ (and checkpoints_corrupt/ for quarantined steps,
 checkpoints_rolled_back/ for steps abandoned by a loss-spike rollback), spikes.json (the rollbacks),
@@ -19,9 +23,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from typing import IO, Any
 
 from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import gcs
 
 CHECKPOINT_DIR = "checkpoints"
 PARAMS_ITEM = "params"  # a checkpoint step's parameters item (checkpoints/manager.py)
@@ -100,14 +106,20 @@ def resolve(workdir: str | os.PathLike[str]) -> str:
 
 
 def exists(path: str) -> bool:
+  if gcs.is_gcs(path):
+    return gcs.exists(path)
   return _epath(path).exists() if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
+  if gcs.is_gcs(path):  # a "directory" is a prefix of some object's name
+    return bool(gcs.list_dir(path))
   return _epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
 
 
 def makedirs(path: str) -> None:
+  if gcs.is_gcs(path):
+    return  # a bucket has no directories
   if is_remote(path):
     _epath(path).mkdir(parents=True, exist_ok=True)
   else:
@@ -115,15 +127,23 @@ def makedirs(path: str) -> None:
 
 
 def listdir(path: str) -> list[str]:
-  """Names in directory `path` ([] if it is missing)."""
+  """Names in directory `path`, sorted ([] if it is missing); never a local write's tmp file."""
+  if gcs.is_gcs(path):
+    return gcs.list_dir(path)
   if not isdir(path):
     return []
   if is_remote(path):
-    return [p.name for p in _epath(path).iterdir()]
-  return os.listdir(path)
+    return sorted(p.name for p in _epath(path).iterdir())
+  return sorted(n for n in os.listdir(path) if not _is_tmp(n))
 
 
 def read_text(path: str) -> str:
+  """The file's text; FileNotFoundError if it does not exist."""
+  if gcs.is_gcs(path):
+    data = gcs.read_bytes(path)
+    if data is None:
+      raise FileNotFoundError(path)
+    return data.decode()
   if is_remote(path):
     return _epath(path).read_text()
   with open(path) as f:
@@ -133,14 +153,26 @@ def read_text(path: str) -> str:
 def read_text_if_exists(path: str) -> str | None:
   """The file's text, or None if it does not exist."""
   try:
-    return read_text(path) if exists(path) else None
+    return read_text(path) if gcs.is_gcs(path) or exists(path) else None
   except FileNotFoundError:
-    return None  # removed between the two calls
+    return None  # removed between the two calls (or, on gs://, never there)
+
+
+def read_json(path: str) -> Any | None:
+  """The JSON in `path`, or None if it does not exist (or is not complete JSON)."""
+  text = read_text_if_exists(path)
+  try:
+    return None if text is None else json.loads(text)
+  except json.JSONDecodeError:
+    return None
 
 
 def remove(path: str) -> None:
   """Deletes a file if it exists."""
-  if is_remote(path):
+  if gcs.is_gcs(path):
+    if exists(path):
+      gcs.delete(path)
+  elif is_remote(path):
     p = _epath(path)
     if p.exists():
       p.unlink()
@@ -148,8 +180,25 @@ def remove(path: str) -> None:
     os.remove(path)
 
 
-def write_text(path: str, text: str, *, tmp_suffix: str = ".tmp") -> None:
+# Suffix of a local write's temporary file (renamed over the file when complete).
+TMP_SUFFIX = ".tmp"
+
+
+def _is_tmp(name: str) -> bool:
+  return name.endswith(TMP_SUFFIX) or f"{TMP_SUFFIX}." in name
+
+
+def write_json(path: str, value: Any) -> None:
+  """Replaces `path` with `value` as JSON, atomically (see write_text)."""
+  write_text(path, json.dumps(value, indent=1, sort_keys=True),
+             tmp_suffix=f"{TMP_SUFFIX}.{os.getpid()}.{threading.get_ident()}")
+
+
+def write_text(path: str, text: str, *, tmp_suffix: str = TMP_SUFFIX) -> None:
   """Replaces the file at `path` atomically: local tmp file + rename, or one object write."""
+  if gcs.is_gcs(path):
+    gcs.write_bytes(path, text.encode(), content_type="text/plain")
+    return
   if is_remote(path):
     _epath(path).write_text(text)
     return

@@ -241,9 +241,9 @@ def test_damaged_newest_step_falls_back_after_at_most_one_extra_read(tmp_path, c
   shown = path if "_metadata_" in kind or kind.startswith("ocdbt") else os.path.dirname(
       os.path.dirname(os.path.dirname(path)))  # the item directory of a data file
   assert warnings[0].startswith("Checkpoint step 4 is damaged: ") and shown in warnings[0], warnings
-  assert ("checksum mismatch in array " if kind.endswith("bitflip") else "Error") in warnings[0]
+  assert ("checksum mismatch in array " if kind.endswith("altered") else "Error") in warnings[0]
   # Time: the failing item is read at most twice, every other item of step 4 at most once.
-  assert count_reads[(4, item)] == (1 if kind.endswith("bitflip") else 2), count_reads
+  assert count_reads[(4, item)] == (1 if kind.endswith("altered") else 2), count_reads
   assert all(n <= 1 for (step, it), n in count_reads.items() if step == 4 and it != item)
   # Set aside, not deleted: the damaged file is in the quarantined copy.
   assert m.all_steps() == [2]

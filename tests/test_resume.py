@@ -1,16 +1,20 @@
-"""Resume under faults, in real `python -m recurrentgemma_tpu.train` subprocesses on CPU.
+"""Resume under faults, on one uninterrupted reference run (`finished`, a real
+`python -m recurrentgemma_tpu.train` subprocess on CPU).
 
-A kill storm (SIGKILL at start-up, mid-save and mid-final-evaluation, restarted until done) must end
-bitwise equal to an uninterrupted run with its final evaluation recorded once; so must a re-run
-after each kind of damage to the newest checkpoint (it falls back, sets the step aside and trains
-on); damage to every step and a storage that fails every read move nothing and exit 1 with one
-line; a changed config is refused naming the fields, with only the hints that can work, every
-checkpoint left in place; SIGTERM before the loop and user errors give their exit codes
-(recurrentgemma_tpu/exit_codes.py) with one clear line.
+In real subprocesses: a kill storm (SIGKILL at start-up, mid-save and mid-final-evaluation,
+restarted until done) must end bitwise equal to the reference with its final evaluation recorded
+once; so must a re-run after the newest checkpoint was changed on disk (it falls back, sets the step
+aside and trains on); a storage that fails every read moves nothing and exits 1 with one line; a
+changed config is refused naming the fields, with only the hints that can work, every checkpoint
+left in place; SIGTERM before the loop and user errors give their exit codes
+(recurrentgemma_tpu/exit_codes.py) with one clear line. In this process, on copies of the
+reference's checkpoints: each kind of damage to the newest step falls back to the previous one
+naming the file and its error, and damage to every step moves nothing and names each.
 """
 
 import glob
 import json
+import logging
 import os
 import random
 import shutil
@@ -81,13 +85,10 @@ def _logged_step(workdir) -> int:
   return records[-1]["step"] if records else 0
 
 
-def _checkpoint(workdir, step=STEPS):
+def _checkpoint(workdir, targets, step=STEPS):
   """(params, state item) of one step of `workdir`, restored on this process's 8 devices."""
-  exp = experiment_lib.build(small_config(train__steps=STEPS))
-  fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh_lib.create_mesh(exp.mesh),
-                                            exp.mesh.strategy)
-  m = ckpt.CheckpointManager(workdir / "checkpoints", exp.checkpoint)
-  restored = m.restore(step, *resume.abstract_checkpoint(fns))
+  m = _manager(workdir / "checkpoints")
+  restored = m.restore(step, *targets)
   m.close()
   return jax.device_get((restored.params, restored.state))
 
@@ -99,25 +100,52 @@ def _losses(workdir):
 # ---------------------------------------------------------------------------- refused changes
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("override, field, fits", [
+CHANGES = [  # (override, the field named, which hints can work)
     ({"model__width": 128, "model__lru_width": 128}, "model.width: 64 -> 128", "nothing"),
     ({"model__block_pattern": "hawk"}, "model.block_pattern: ", "nothing"),  # another architecture
     ({"optimizer__learning_rate": 1e-3}, "optimizer.learning_rate: 0.003 -> 0.001", "all"),
-])
-def test_changed_config_is_refused_with_hints_that_can_work(finished, tmp_path, env, override, field,
+]
+
+
+def _assert_refusal(text, field, fits):
+  assert field in text and "Nothing was moved" in text and "another --workdir" in text, text
+  # --init_from and --accept_config_changes only where the checkpoint's arrays fit the request.
+  assert ("--init_from=" in text) == (fits == "all"), text
+  assert (f"--accept_config_changes={field.split(':')[0]}" in text) == (fits == "all"), text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, field, fits", CHANGES)
+def test_changed_config_is_refused_with_hints_that_can_work(finished, tmp_path, override, field,
                                                             fits):
+  """The resume policy on the run's newest real checkpoint, in this process, with the requested
+  model and optimizer built as the trainer builds them (the trainer's line and exit 2: the next
+  test)."""
+  directory = _copy_checkpoints(finished, tmp_path, steps=(STEPS,))
+  before = _tree_listing(directory)
+  exp = experiment_lib.build(small_config(train__steps=STEPS, **override))
+  fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh_lib.create_mesh(exp.mesh),
+                                            exp.mesh.strategy)
+  m = _manager(directory)
+  with pytest.raises(resume.ResumeRefused) as info:
+    resume.restore_or_init(exp, fns, m)
+  m.close()
+  _assert_refusal(str(info.value), field, fits)
+  assert _tree_listing(directory) == before  # every checkpoint still in place
+  assert not os.path.exists(tmp_path / "checkpoints_corrupt")
+
+
+@pytest.mark.slow
+def test_a_changed_config_stops_the_trainer_with_one_line_and_exit_2(finished, tmp_path, env):
+  (override, field, fits), = [c for c in CHANGES if "model__width" in c[0]]
   workdir = tmp_path / "wd"
   shutil.copytree(finished, workdir)
   before = _tree_listing(workdir / "checkpoints")
   rc, out = _finish(_start(workdir, env, **override), timeout=300)
   assert rc == 2, out[-4000:]
   error = [line for line in out.splitlines() if line.startswith("error: ")]
-  assert len(error) == 1 and field in error[0] and "Nothing was moved" in error[0], out[-4000:]
-  assert "another --workdir" in error[0]
-  # --init_from and --accept_config_changes only where the checkpoint's arrays fit the request.
-  assert ("--init_from=" in error[0]) == (fits == "all"), error[0]
-  assert (f"--accept_config_changes={field.split(':')[0]}" in error[0]) == (fits == "all"), error[0]
+  assert len(error) == 1, out[-4000:]
+  _assert_refusal(error[0], field, fits)
   assert "resuming" not in out.lower() and f"newest checkpoint step {STEPS} of {STEPS}" in out
   assert "Traceback" not in out
   assert _tree_listing(workdir / "checkpoints") == before  # every checkpoint still in place
@@ -255,36 +283,144 @@ def test_kill_storm_resumes_bitwise_and_evaluates_once(finished, tmp_path, env):
 # ---------------------------------------------------------------------------- damaged checkpoints
 
 
+@pytest.fixture(scope="module")
+def targets():
+  """Restore targets (params, state item) of the run on this process's 8 devices; nothing compiles."""
+  exp = experiment_lib.build(small_config(train__steps=STEPS))
+  fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh_lib.create_mesh(exp.mesh),
+                                            exp.mesh.strategy)
+  return resume.abstract_checkpoint(fns)
+
+
+@pytest.fixture(scope="module")
+def intact(finished, targets):
+  """step -> (params, state item) of the undamaged run, each restored once per module."""
+  cache = {}
+
+  def get(step):
+    if step not in cache:
+      cache[step] = _checkpoint(finished, targets, step)
+    return cache[step]
+
+  return get
+
+
+def _copy_checkpoints(finished, tmp_path, steps=None):
+  """A copy of the run's checkpoint directory (of `steps` only, if given)."""
+  for step in steps or os.listdir(finished / "checkpoints"):
+    shutil.copytree(finished / "checkpoints" / str(step), tmp_path / "checkpoints" / str(step))
+  return tmp_path / "checkpoints"
+
+
+def _manager(directory):
+  return ckpt.CheckpointManager(directory, ckpt.CheckpointOptions(2, 100, 0, False),
+                                retry_pause_s=0.01)
+
+
+def _expected_error(directory, step, kind):
+  """(where, what) the one-line report of `kind` damage to `step` names: the file (or the item
+  holding a data file) and the error that damage causes, whatever the file's layout."""
+  item, what = kind.split("_", 1)
+  step_dir = directory / str(step)
+  return {
+      "data_truncated": (step_dir / item, "OUT_OF_RANGE: "),  # its chunks lie past the new end
+      "data_deleted": (step_dir / item, "Error reading "),
+      "data_altered": (step_dir / item, f"checksum mismatch in array {item}/"),
+      "metadata_garbage": (step_dir / (f"{item}/_METADATA" if item != "meta" else "meta/metadata"),
+                           "UnicodeDecodeError: "),
+      "metadata_emptied": (step_dir / (f"{item}/_METADATA" if item != "meta" else "meta/metadata"),
+                           "JSONDecodeError: "),
+      "manifest_emptied": (step_dir / "params", "manifest.ocdbt\": Error decoding manifest"),
+  }[what]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", DAMAGE_KINDS)
-def test_damaged_newest_checkpoint_falls_back_and_ends_bitwise_equal(finished, tmp_path, env, kind):
-  """The finished run's newest step (12) damaged one way, then the same command again: it falls back
-  to step 10 with one warning line, sets step 12 aside, trains steps 11-12 and ends bitwise equal
-  to the uninterrupted run (a step that is still intact is simply kept)."""
+def test_each_damage_to_the_newest_step_falls_back_to_the_previous_one(finished, targets, intact,
+                                                                       tmp_path, caplog, kind):
+  """The resume policy on the real run's checkpoints, in this process (the trainer around it is the
+  next test's): step 12 damaged one way restores step 10, equal to the undamaged step 10, with one
+  warning line naming step 12, the file and that damage's error; step 12 is set aside as it was.
+  A step that is still intact is simply kept."""
+  directory = _copy_checkpoints(finished, tmp_path, steps=(STEPS - 2, STEPS))
+  damage(directory / str(STEPS), kind)
+  damaged = _tree_listing(directory / str(STEPS))
+  m = _manager(directory)
+  with caplog.at_level(logging.WARNING):
+    restored = resume.restore_newest(m, *targets)
+  m.close()
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  if kind in HARMLESS:
+    assert restored.step == STEPS and not warnings, warnings
+    assert not os.path.exists(tmp_path / "checkpoints_corrupt")
+  else:
+    assert restored.step == STEPS - 2
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    where, what = _expected_error(directory, STEPS, kind)
+    assert warnings[0].startswith(f"Checkpoint step {STEPS} is damaged: {where}: "), warnings[0]
+    assert what in warnings[0] and "continuing from step 10" in warnings[0], warnings[0]
+    (moved,) = os.listdir(tmp_path / "checkpoints_corrupt")  # set aside as it was, not deleted
+    assert moved.startswith(f"{STEPS}.")
+    assert _tree_listing(tmp_path / "checkpoints_corrupt" / moved) == damaged
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get((restored.params, restored.state)),
+               intact(restored.step))
+
+
+@pytest.mark.slow
+def test_a_run_whose_newest_step_is_damaged_falls_back_and_ends_bitwise_equal(finished, targets,
+                                                                             tmp_path, env):
+  """The same command again after step 12's optimizer state was changed on disk: it falls back to
+  step 10 with one warning line, sets step 12 aside, trains steps 11-12 and ends bitwise equal to
+  the uninterrupted run, evaluated once."""
   workdir = tmp_path / "wd"
   shutil.copytree(finished, workdir)
-  path = damage(workdir / "checkpoints" / str(STEPS), kind)
+  damage(workdir / "checkpoints" / str(STEPS), "state_data_altered")
   damaged = _tree_listing(workdir / "checkpoints" / str(STEPS))
   rc, out = _finish(_start(workdir, env))
-  assert rc == 0, out[-4000:]
+  assert rc == 0 and f"Training completed at step {STEPS}" in out, out[-4000:]
   warnings = [line for line in out.splitlines() if "is damaged" in line]
-  if kind in HARMLESS:
-    assert f"Training already complete at step {STEPS}" in out and not warnings, out[-4000:]
-    assert not os.path.exists(workdir / "checkpoints_corrupt")
-  else:
-    assert f"Training completed at step {STEPS}" in out, out[-4000:]
-    assert len(warnings) == 1, out[-4000:]
-    assert f"WARNING: Checkpoint step {STEPS} is damaged: " in warnings[0]
-    assert "continuing from step 10" in warnings[0] and str(workdir) in warnings[0]
-    named = path if "_data_" not in kind else str(workdir / "checkpoints" / str(STEPS) / kind.split("_")[0])
-    assert named in warnings[0], warnings[0]
-    (moved,) = os.listdir(workdir / "checkpoints_corrupt")  # set aside as it was, not deleted
-    assert moved.startswith(f"{STEPS}.")
-    assert _tree_listing(workdir / "checkpoints_corrupt" / moved) == damaged
+  assert len(warnings) == 1, out[-4000:]
+  assert (f"WARNING: Checkpoint step {STEPS} is damaged: {workdir / 'checkpoints' / str(STEPS)}/state: "
+          "checksum mismatch in array state/") in warnings[0], warnings[0]
+  assert "continuing from step 10" in warnings[0]
+  (moved,) = os.listdir(workdir / "checkpoints_corrupt")
+  assert moved.startswith(f"{STEPS}.")
+  assert _tree_listing(workdir / "checkpoints_corrupt" / moved) == damaged
   assert _losses(workdir) == _losses(finished)
   got_eval = metrics_lib.read_metrics(str(workdir), "eval")
   assert got_eval == metrics_lib.read_metrics(str(finished), "eval") and len(got_eval) == 1
-  jax.tree.map(np.testing.assert_array_equal, _checkpoint(workdir), _checkpoint(finished))
+  jax.tree.map(np.testing.assert_array_equal, _checkpoint(workdir, targets),
+               _checkpoint(finished, targets))
+
+
+@pytest.mark.slow
+def test_damage_to_every_step_names_each_and_moves_nothing(finished, targets, tmp_path):
+  """Every step damaged, each another way: nothing restores, nothing is moved, and the one line
+  names each step with its file and its own error (in this process; the trainer's exit 1 with
+  that line is the next test's)."""
+  directory = _copy_checkpoints(finished, tmp_path)
+  kinds = [k for k in DAMAGE_KINDS if k not in HARMLESS]
+  steps = sorted(int(s) for s in os.listdir(directory))
+  chosen = {step: kinds[(3 * i) % len(kinds)] for i, step in enumerate(steps)}
+  for step, kind in chosen.items():
+    damage(directory / str(step), kind)
+  before = _tree_listing(directory)
+  m = _manager(directory)
+  with pytest.raises(ckpt.StorageError) as info:
+    resume.restore_newest(m, *targets)
+  m.close()
+  line = str(info.value)
+  assert line.startswith(f"No checkpoint in {directory} could be read, so nothing was moved and "
+                         "nothing restarts from step 0: ") and "\n" not in line, line
+  # Each step's part of the line, newest first, holds its own file and error.
+  starts = [line.index(f"step {step}: ") for step in reversed(steps)]
+  assert starts == sorted(starts), line
+  for (step, kind), begin, stop in zip(sorted(chosen.items(), reverse=True), starts,
+                                       starts[1:] + [len(line)]):
+    where, what = _expected_error(directory, step, kind)
+    assert line[begin:stop].startswith(f"step {step}: {where}: ") and what in line[begin:stop], (
+        kind, line[begin:stop])
+  assert _tree_listing(directory) == before and not os.path.exists(tmp_path / "checkpoints_corrupt")
 
 
 def _refused_with_nothing_moved(workdir, env):
@@ -302,24 +438,11 @@ def _refused_with_nothing_moved(workdir, env):
 
 
 @pytest.mark.slow
-def test_damage_to_every_step_names_each_and_moves_nothing(finished, tmp_path, env):
-  workdir = tmp_path / "wd"
-  shutil.copytree(finished, workdir)
-  kinds = [k for k in DAMAGE_KINDS if k not in HARMLESS]
-  steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
-  for i, step in enumerate(steps):
-    damage(workdir / "checkpoints" / str(step), kinds[(3 * i) % len(kinds)])
-  line = _refused_with_nothing_moved(workdir, env)
-  for i, step in enumerate(steps):
-    assert f"step {step}: {workdir / 'checkpoints' / str(step)}" in line, (step, line)
-  assert "checksum mismatch" in line and "OUT_OF_RANGE" in line  # each step's own error
-
-
-@pytest.mark.slow
 def test_storage_error_on_every_read_moves_nothing(finished, tmp_path, env):
   """Every file of every step answers reads with EIO, like a failed disk or a dead network mount
   (the files are links to /proc/self/mem, whose first page no process maps): still listed, never
-  readable. Root reads through chmod, so this is how a test makes reads fail for real."""
+  readable. Root reads through chmod, so this is how a test makes reads fail for real. The trainer
+  stops with exit 1 and the one line, nothing moved or trained."""
   workdir = tmp_path / "wd"
   shutil.copytree(finished, workdir)
   for root, _, files in os.walk(workdir / "checkpoints"):

@@ -22,6 +22,7 @@ from launch.sweep import report
 from launch.sweep import runner
 from launch.sweep import state as state_lib
 from launch.sweep import store
+from recurrentgemma_tpu import workdir as workdir_lib
 from launch.sweep import targets
 import gcs_emulator as gcs_emulator_lib
 
@@ -241,7 +242,7 @@ def test_only_one_of_many_racing_claims_wins(lease_root):
 
 def test_renewal_and_steal_are_compare_and_swaps(lease_root):
   root = lease_root
-  beat = store.join(root, "state", "t", "heartbeat.1.json")
+  beat = workdir_lib.join(root, "state", "t", "heartbeat.1.json")
   n, gen = state_lib.claim_lease(root, "t")
   assert n == 1
   gen = state_lib.renew(root, "t", 1, gen)
@@ -253,20 +254,20 @@ def test_renewal_and_steal_are_compare_and_swaps(lease_root):
   # ... so a steal that judged the heartbeat at `seen` loses, and so does a renewal from there.
   assert store.replace_if(beat, {"released": True}, seen) is None
   assert state_lib.renew(root, "t", 1, gen) is None
-  assert store.read_json(beat)["released"] is False
+  assert workdir_lib.read_json(beat)["released"] is False
   # A driver that finds the lease stale (ttl 0) closes it, then takes lease 2 ...
   assert state_lib.claim_lease(root, "t", ttl_s=0.0)[0] == 2
-  assert store.read_json(beat)["released"] is True and "closed_by" in store.read_json(beat)
+  assert workdir_lib.read_json(beat)["released"] is True and "closed_by" in workdir_lib.read_json(beat)
   # ... and the old holder's next renewal fails, so it knows to stop its copy.
   assert state_lib.renew(root, "t", 1, newer) is None
   # Create-if-absent is exclusive on both stores.
-  path = store.join(root, "once.json")
+  path = workdir_lib.join(root, "once.json")
   assert store.create_exclusive(path, {"a": 1}) and not store.create_exclusive(path, {"a": 2})
-  assert store.read_json(path) == {"a": 1}
-  assert sorted(store.listdir(store.join(root, "state", "t"))) == [
+  assert workdir_lib.read_json(path) == {"a": 1}
+  assert sorted(workdir_lib.listdir(workdir_lib.join(root, "state", "t"))) == [
       "claim.1.json", "claim.2.json", "heartbeat.1.json", "heartbeat.2.json"]
-  # A driver's progress line reads the trial's files through the same store (not etils.epath,
-  # which cannot reach the emulator).
+  # The one file layer reads what the compare-and-swaps wrote (gs:// through the same client, not
+  # etils.epath, which cannot reach the emulator): listings, records and a driver's progress line.
   assert state_lib.progress(state_lib.trial_dir(root, "t")) == (0, None)
 
 

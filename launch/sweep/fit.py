@@ -433,14 +433,14 @@ def main(root: str, sweep: Any, *, predict: float = 0.0, n_bootstrap: int = 300,
   `target_loss`: also prints each family's compute budget to reach that loss; `pricing(flops)`
   (launch/cost.py through the command) the cost of each budget printed."""
   from launch.sweep import report  # pylint: disable=g-import-not-at-top
-  from launch.sweep import store  # pylint: disable=g-import-not-at-top
   rows = report.read_results(root)
   fits = fit_sweep(rows, n_bootstrap=n_bootstrap, n_starts=n_starts)
   if not fits:
     raise exit_codes.UserError(f"{root}: no finished trials with an eval loss; run `collect` "
                                "after `run`")
   print(format_report(fits))
-  workdir_lib.write_text(store.join(root, "fit.json"), json.dumps(_public(fits), indent=1, default=float))
+  workdir_lib.write_text(workdir_lib.join(root, "fit.json"),
+                         json.dumps(_public(fits), indent=1, default=float))
   if predict:
     record = {"time": time.time(), "sweep": sweep.name, "flops": predict,
               "code_version": report.code_version(),
@@ -448,8 +448,8 @@ def main(root: str, sweep: Any, *, predict: float = 0.0, n_bootstrap: int = 300,
     for fam, p in record["predictions"].items():
       print(f"prediction {fam} at C={predict:.3g}: loss {p['predicted_loss']:.4f} "
             f"[{p['interval_95'][0]:.4f}, {p['interval_95'][1]:.4f}] ({p['form']} fit)")
-    path = store.join(root, "predictions", f"{int(record['time'])}_{predict:.3g}.json")
-    store.write_json(path, record)
+    path = workdir_lib.join(root, "predictions", f"{int(record['time'])}_{predict:.3g}.json")
+    workdir_lib.write_json(path, record)
     print(f"recorded {path}")
     if pricing is not None:
       print(f"cost at C={predict:.3g}: {pricing(predict)}")

@@ -19,7 +19,7 @@ import numpy as np
 from launch.sweep import fit as fit_lib
 from launch.sweep import report
 from launch.sweep import state as state_lib
-from launch.sweep import store
+from recurrentgemma_tpu import gcs
 
 COLORS = {"mqa": "tab:blue", "hawk": "tab:orange", "griffin": "tab:green"}
 
@@ -148,7 +148,7 @@ def isoflop(rows: Sequence[dict[str, Any]], fits: dict[str, Any], out_dir: str) 
 
 def plot_all(root: str, sweep: Any, *, n_bootstrap: int = 200) -> list[str]:
   """Every figure of a collected sweep; returns the paths written."""
-  if store.is_gcs(root):
+  if gcs.is_gcs(root):
     raise ValueError("plot writes local files: copy the root locally first (gsutil -m cp -r)")
   rows = report.read_results(root)
   fits = fit_lib.fit_sweep(rows, n_bootstrap=n_bootstrap)

@@ -27,7 +27,6 @@ from typing import Any, Sequence
 from launch import progress as progress_lib
 from launch.sweep import definition
 from launch.sweep import state as state_lib
-from launch.sweep import store
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import goodput as goodput_lib
 from recurrentgemma_tpu import workdir as workdir_lib
@@ -102,7 +101,7 @@ def trial_goodput(root: str, trial_id: str) -> goodput_lib.Ledger:
 
 def _target(root: str, trial_id: str) -> str:
   """The TPU target `run` chose for the trial (pod backends), else ""."""
-  choice = store.read_json(store.join(state_lib.state_dir(root, trial_id), "target.json")) or {}
+  choice = workdir_lib.read_json(workdir_lib.join(state_lib.state_dir(root, trial_id), "target.json")) or {}
   return choice.get("target") or ""
 
 
@@ -148,7 +147,7 @@ def row(root: str, trial: definition.Trial, retries: int, version: str) -> dict[
 def read_results(root: str) -> list[dict[str, Any]]:
   """The rows `collect` wrote (ROOT/results.jsonl)."""
   import json  # pylint: disable=g-import-not-at-top
-  path = store.join(root, "results.jsonl")
+  path = workdir_lib.join(root, "results.jsonl")
   text = workdir_lib.read_text_if_exists(path)
   if text is None:
     raise exit_codes.UserError(f"{path} does not exist; run `python -m launch.sweep collect` first")
@@ -189,13 +188,13 @@ def collect(root: str, sweep: definition.Sweep, trials: Sequence[definition.Tria
             file=sys.stderr)
   rows = [row(root, t, retries, version) for t in trials]
   workdir_lib.makedirs(root)
-  totals = store.join(root, "goodput.json")
+  totals = workdir_lib.join(root, "goodput.json")
   summed = goodput_lib.total(r["goodput"] for r in rows)
   log("\n".join(_goodput_lines(summed, len(rows))))
   workdir_lib.write_text(totals, json.dumps({"total": summed,
                                              "trials": {r["id"]: r["goodput"] for r in rows}},
                                             indent=1, sort_keys=True) + "\n")
-  jsonl = store.join(root, "results.jsonl")
+  jsonl = workdir_lib.join(root, "results.jsonl")
   workdir_lib.write_text(jsonl, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=COLUMNS)
@@ -204,14 +203,14 @@ def collect(root: str, sweep: definition.Sweep, trials: Sequence[definition.Tria
     writer.writerow(r | {"variables": json.dumps(r["variables"], sort_keys=True),
                          "downstream": json.dumps(r["downstream"], sort_keys=True),
                          "goodput": json.dumps(r["goodput"], sort_keys=True)})
-  csv_path = store.join(root, "results.csv")
+  csv_path = workdir_lib.join(root, "results.csv")
   workdir_lib.write_text(csv_path, buf.getvalue())
   try:
     import tensorboard  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     log("(no HParams log: it needs the sweep extra, pip install -e '.[sweep]')")
     return [csv_path, jsonl, totals]
-  hparams = write_hparams(store.join(root, "hparams"), rows, sweep.metric)
+  hparams = write_hparams(workdir_lib.join(root, "hparams"), rows, sweep.metric)
   return [csv_path, jsonl, totals, hparams]
 
 
@@ -231,7 +230,7 @@ def write_hparams(logdir: str, rows: Sequence[dict[str, Any]], metric: str) -> s
   for r in rows:
     if r["final_eval_loss"] is None:
       continue
-    with tf.summary.create_file_writer(store.join(logdir, r["id"])).as_default():
+    with tf.summary.create_file_writer(workdir_lib.join(logdir, r["id"])).as_default():
       values = {v: r["variables"].get(v, "") for v in variables}
       values = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
       hp.hparams(values | {k: float(r[k]) for k in numeric}, trial_id=r["id"])

@@ -32,7 +32,9 @@ from launch.sweep import state as state_lib
 from launch.sweep import store
 from launch.sweep import targets as targets_lib
 from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import gcs
 from recurrentgemma_tpu import preemption
+from recurrentgemma_tpu import workdir as workdir_lib
 
 HEARTBEAT_EVERY_S = 15.0
 POLL_S = 2.0
@@ -84,7 +86,7 @@ def _die_with_parent() -> None:
 
 
 def _log_path(root: str, trial_id: str, lease: int) -> str:
-  if store.is_gcs(root):
+  if gcs.is_gcs(root):
     base = os.path.join(os.path.expanduser("~/.cache/recurrentgemma_tpu/sweep_logs"),
                         root[len("gs://"):].replace("/", "_"))
   else:
@@ -309,7 +311,7 @@ class Driver:
 
 def run_sweep(root: str, trials: Sequence[definition.Trial], opts: Options) -> int:
   """Runs a sweep's trials with signal handling; exit code 0 all done, 1 some failed, 42 stopped."""
-  store.makedirs(root)
+  workdir_lib.makedirs(root)
   driver = Driver(root, trials, opts)
 
   def on_signal(signum, frame):  # pylint: disable=unused-argument

@@ -49,15 +49,15 @@ class Ledger:
 
 
 def trial_dir(root: str, trial_id: str) -> str:
-  return store.join(root, "trials", trial_id)
+  return workdir_lib.join(root, "trials", trial_id)
 
 
 def state_dir(root: str, trial_id: str) -> str:
-  return store.join(root, "state", trial_id)
+  return workdir_lib.join(root, "state", trial_id)
 
 
 def _path(root: str, trial_id: str, name: str) -> str:
-  return store.join(state_dir(root, trial_id), name)
+  return workdir_lib.join(state_dir(root, trial_id), name)
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -93,22 +93,22 @@ class TrialState:
 
 
 def leases(root: str, trial_id: str) -> list[int]:
-  names = store.listdir(state_dir(root, trial_id))
+  names = workdir_lib.listdir(state_dir(root, trial_id))
   return sorted(int(m.group(1)) for m in map(_CLAIM.match, names) if m)
 
 
 def lease_is_live(root: str, trial_id: str, n: int, ttl_s: float = DEFAULT_TTL_S,
                   beat: dict[str, Any] | None = None) -> bool:
   """Whether lease `n` is held; `beat` is its heartbeat if the caller has read it already."""
-  claim = store.read_json(_path(root, trial_id, f"claim.{n}.json"))
+  claim = workdir_lib.read_json(_path(root, trial_id, f"claim.{n}.json"))
   if claim is None:
     # Created but not yet readable: the creator is writing it now.
     return True
   if beat is None:
-    beat = store.read_json(_path(root, trial_id, f"heartbeat.{n}.json")) or {}
+    beat = workdir_lib.read_json(_path(root, trial_id, f"heartbeat.{n}.json")) or {}
   if beat.get("released"):
     return False
-  if store.exists(_path(root, trial_id, f"attempt.{n}.json")):
+  if workdir_lib.exists(_path(root, trial_id, f"attempt.{n}.json")):
     return False
   last = max(float(claim.get("time", 0)), float(beat.get("time", 0)))
   if time.time() - last > ttl_s:
@@ -125,7 +125,7 @@ def read_state(root: str, trial_id: str, retries: int, ttl_s: float = DEFAULT_TT
   ns = leases(root, trial_id)
   attempts = []
   for n in ns:
-    a = store.read_json(_path(root, trial_id, f"attempt.{n}.json"))
+    a = workdir_lib.read_json(_path(root, trial_id, f"attempt.{n}.json"))
     if a is not None:
       attempts.append(a)
   failures = sum(a.get("outcome") == "failed" for a in attempts)
@@ -141,15 +141,15 @@ def read_state(root: str, trial_id: str, retries: int, ttl_s: float = DEFAULT_TT
     # A lease whose driver died (killed) without recording how it ended: an interruption; its
     # time runs from the claim to the last heartbeat.
     restarts += 1
-    claim_m = store.read_json(_path(root, trial_id, f"claim.{m}.json")) or {}
-    beat_m = store.read_json(_path(root, trial_id, f"heartbeat.{m}.json")) or {}
+    claim_m = workdir_lib.read_json(_path(root, trial_id, f"claim.{m}.json")) or {}
+    beat_m = workdir_lib.read_json(_path(root, trial_id, f"heartbeat.{m}.json")) or {}
     if claim_m and beat_m:
       wall += max(0.0, float(beat_m.get("time", 0)) - float(claim_m.get("time", 0)))
   owner = ""
   if n:
-    claim = store.read_json(_path(root, trial_id, f"claim.{n}.json")) or {}
+    claim = workdir_lib.read_json(_path(root, trial_id, f"claim.{n}.json")) or {}
     owner = f"{claim.get('host', '?')}:{claim.get('pid', '?')}"
-  if store.exists(_path(root, trial_id, "done.json")):
+  if workdir_lib.exists(_path(root, trial_id, "done.json")):
     s = DONE
   elif live:
     s = RUNNING
@@ -168,7 +168,7 @@ def read_state(root: str, trial_id: str, retries: int, ttl_s: float = DEFAULT_TT
 
 def _fits_nowhere(root: str, trial_id: str) -> bool:
   """targets.py planned this trial and no candidate target fits it."""
-  choice = store.read_json(_path(root, trial_id, "target.json"))
+  choice = workdir_lib.read_json(_path(root, trial_id, "target.json"))
   return choice is not None and not choice.get("target")
 
 
@@ -195,7 +195,7 @@ def claim_lease(root: str, trial_id: str,
   gen = renew(root, trial_id, n + 1, 0)
   if gen is None:
     return None
-  if store.exists(_path(root, trial_id, "done.json")):
+  if workdir_lib.exists(_path(root, trial_id, "done.json")):
     # Finished by another driver between our look and our claim.
     release(root, trial_id, n + 1)
     return None
@@ -220,7 +220,7 @@ def renew(root: str, trial_id: str, n: int, gen: store.Generation,
 def heartbeat(root: str, trial_id: str, n: int, child_pid: int | None = None,
               released: bool = False) -> None:
   """Writes lease `n`'s heartbeat unconditionally (releasing it; see `renew` for the holder's)."""
-  store.write_json(_path(root, trial_id, f"heartbeat.{n}.json"),
+  workdir_lib.write_json(_path(root, trial_id, f"heartbeat.{n}.json"),
                    {"time": time.time(), "pid": os.getpid(), "child_pid": child_pid,
                     "released": released})
 
@@ -233,7 +233,7 @@ def record_attempt(root: str, trial_id: str, n: int, outcome: str, **fields: Any
   """Ends lease `n` with its outcome (done | failed | interrupted); `done` also marks the trial."""
   record = {"lease": n, "outcome": outcome, "host": socket.gethostname(), "pid": os.getpid(),
             **fields}
-  store.write_json(_path(root, trial_id, f"attempt.{n}.json"), record)
+  workdir_lib.write_json(_path(root, trial_id, f"attempt.{n}.json"), record)
   if outcome == "done":
     store.create_exclusive(_path(root, trial_id, "done.json"), record)
   release(root, trial_id, n)
@@ -241,24 +241,24 @@ def record_attempt(root: str, trial_id: str, n: int, outcome: str, **fields: Any
 
 def write_trial(root: str, trial: Any) -> None:
   path = _path(root, trial.id, "trial.json")
-  if not store.exists(path):
-    store.write_json(path, trial.to_json())
+  if not workdir_lib.exists(path):
+    workdir_lib.write_json(path, trial.to_json())
 
 
 def read_records(workdir: str) -> list[dict[str, Any]]:
   """The trainer's metrics.jsonl records (complete lines only), read through the store."""
-  return workdir_lib.records(store.read_text(store.join(workdir, workdir_lib.METRICS_FILE)))
+  return workdir_lib.records(workdir_lib.read_text_if_exists(workdir_lib.join(workdir, workdir_lib.METRICS_FILE)))
 
 
 def completed(workdir: str, steps: int) -> bool:
   """The trainer's "run complete" rule (workdir.is_complete) on the trial's metrics.jsonl."""
-  return workdir_lib.is_complete(store.read_text(store.join(workdir, workdir_lib.METRICS_FILE)),
+  return workdir_lib.is_complete(workdir_lib.read_text_if_exists(workdir_lib.join(workdir, workdir_lib.METRICS_FILE)),
                                  steps)
 
 
 def progress(workdir: str) -> tuple[int, float | None]:
   """(step, seconds per step or None) of a running trial, from its heartbeat or its metrics."""
-  beat = heartbeat_lib.parse(store.read_text(store.join(workdir, workdir_lib.HEARTBEAT_DIR,
+  beat = heartbeat_lib.parse(workdir_lib.read_text_if_exists(workdir_lib.join(workdir, workdir_lib.HEARTBEAT_DIR,
                                                     "process_0.json")))
   if beat is not None:
     return beat.step, beat.step_time

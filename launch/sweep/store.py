@@ -1,5 +1,10 @@
-"""Files under a sweep root, on local disk or a bucket (gs://), with two atomic primitives.
+"""The sweep's compare-and-swap records, on local disk or a bucket (gs://): three primitives.
 
+Every other read, write and listing of a sweep root goes through the one file layer of run
+directories (recurrentgemma_tpu/workdir.py, gs:// by gcs.py's client); this module adds only what
+that layer cannot do, conditional writes:
+
+- `read_json_gen(path)`: the JSON in a file and its generation, what the two writes compare with;
 - `create_exclusive(path, value)`: create-if-absent. Locally O_CREAT|O_EXCL; on GCS an upload with
   the precondition `ifGenerationMatch=0`, which the server refuses (412) when the object exists.
 - `replace_if(path, value, gen)`: compare-and-swap. `gen` is the generation `read_json_gen`
@@ -7,11 +12,10 @@
   On GCS the upload carries `ifGenerationMatch=<gen>` (object generations); locally the compare and
   the rename happen under an flock of the file's directory.
 
-Leases (state.py) are built on them. Under gs:// every operation goes through the
-google-cloud-storage client (the `sweep` extra): etils.epath has no conditional writes, and one
-client for all of a root's state keeps what a driver reads consistent with what it wrote. The
-client is recurrentgemma_tpu/gcs.py's (it honours `STORAGE_EMULATOR_HOST`, which the tests point
-at a local GCS emulator).
+Leases (state.py) are built on them. Under gs:// they go through recurrentgemma_tpu/gcs.py's
+google-cloud-storage client (it honours `STORAGE_EMULATOR_HOST`, which the tests point at a local
+GCS emulator), the client workdir.py reads gs:// with, so what a driver reads is what it wrote.
+Local writes replace the file by a rename of a temporary file that workdir.listdir never lists.
 """
 
 from __future__ import annotations
@@ -24,15 +28,9 @@ import threading
 from typing import Any, Iterator
 
 from recurrentgemma_tpu import gcs
+from recurrentgemma_tpu import workdir as workdir_lib
 
 Generation = int | str  # GCS: the object's generation; local: inode-mtime-size of the file
-
-def is_gcs(path: str) -> bool:
-  return str(path).startswith("gs://")
-
-
-def join(*parts: str) -> str:
-  return "/".join(str(p).rstrip("/") for p in parts)
 
 
 def _dumps(value: Any) -> str:
@@ -104,7 +102,7 @@ def _dir_lock(path: str) -> Iterator[None]:
 
 def _local_replace(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+  tmp = f"{path}{workdir_lib.TMP_SUFFIX}.{os.getpid()}.{threading.get_ident()}"
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
@@ -115,7 +113,7 @@ def _local_replace(path: str, text: str) -> None:
 
 def read_json_gen(path: str) -> tuple[Any | None, Generation]:
   """(the JSON in `path` or None, its generation; 0 if the file does not exist)."""
-  if is_gcs(path):
+  if gcs.is_gcs(path):
     text, gen = _gcs_read(path)
   else:
     gen = _local_generation(path)
@@ -134,35 +132,17 @@ def read_json_gen(path: str) -> tuple[Any | None, Generation]:
     return None, gen
 
 
-def read_text(path: str) -> str | None:
-  """The text in `path`, or None if it does not exist."""
-  if is_gcs(path):
-    return _gcs_read(path)[0]
-  try:
-    with open(path) as f:
-      return f.read()
-  except FileNotFoundError:
-    return None
 
 
-def read_json(path: str) -> Any | None:
-  """The JSON in `path`, or None if it does not exist (or is being replaced and is partial)."""
-  return read_json_gen(path)[0]
 
 
-def write_json(path: str, value: Any) -> None:
-  """Replaces `path` atomically (tmp + rename locally; a GCS object write is atomic)."""
-  if is_gcs(path):
-    _gcs_write(path, _dumps(value), None)
-    return
-  _local_replace(path, _dumps(value))
 
 
 def replace_if(path: str, value: Any, gen: Generation) -> Generation | None:
   """Writes `value` only if `path` is still at generation `gen` (0: absent); the new generation,
   or None if another writer got there first."""
   text = _dumps(value)
-  if is_gcs(path):
+  if gcs.is_gcs(path):
     return _gcs_write(path, text, int(gen))
   with _dir_lock(path):
     if _local_generation(path) != gen:
@@ -174,7 +154,7 @@ def replace_if(path: str, value: Any, gen: Generation) -> Generation | None:
 def create_exclusive(path: str, value: Any) -> bool:
   """Writes JSON to `path` only if no file is there; True if this call created it."""
   text = _dumps(value)
-  if is_gcs(path):
+  if gcs.is_gcs(path):
     return _gcs_write(path, text, 0) is not None
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   try:
@@ -184,28 +164,3 @@ def create_exclusive(path: str, value: Any) -> bool:
   with os.fdopen(fd, "w") as f:
     f.write(text)
   return True
-
-
-def listdir(path: str) -> list[str]:
-  """Names directly under `path` (files and sub-directories); [] if there is none."""
-  if is_gcs(path):
-    probe = _blob(join(path, "x"))
-    prefix = probe.name[:-1]
-    pages = probe.client.list_blobs(probe.bucket, prefix=prefix, delimiter="/")
-    names = [b.name[len(prefix):] for b in pages]
-    names += [p[len(prefix):].rstrip("/") for p in pages.prefixes]
-    return sorted(n for n in names if n)
-  if not os.path.isdir(path):
-    return []
-  return sorted(n for n in os.listdir(path) if ".tmp." not in n)
-
-
-def exists(path: str) -> bool:
-  if is_gcs(path):
-    return _blob(path).exists()
-  return os.path.exists(path)
-
-
-def makedirs(path: str) -> None:
-  if not is_gcs(path):  # GCS has no directories
-    os.makedirs(path, exist_ok=True)

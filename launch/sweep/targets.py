@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from launch import spec as spec_lib
 from launch.sweep import definition
 from launch.sweep import state as state_lib
-from launch.sweep import store
+from recurrentgemma_tpu import workdir as workdir_lib
 
 TARGET_FILE = "target.json"
 
@@ -75,7 +75,7 @@ def choose(trial: definition.Trial, cands: Sequence[spec_lib.Target],
 
 
 def read(root: str, trial_id: str) -> dict[str, Any] | None:
-  return store.read_json(store.join(state_lib.state_dir(root, trial_id), TARGET_FILE))
+  return workdir_lib.read_json(workdir_lib.join(state_lib.state_dir(root, trial_id), TARGET_FILE))
 
 
 def plan(root: str, trials: Sequence[definition.Trial], names: Sequence[str],
@@ -93,7 +93,7 @@ def plan(root: str, trials: Sequence[definition.Trial], names: Sequence[str],
       out[trial.id] = previous
       continue
     choice = choose(trial, cands, check)
-    store.write_json(store.join(state_lib.state_dir(root, trial.id), TARGET_FILE), choice)
+    workdir_lib.write_json(workdir_lib.join(state_lib.state_dir(root, trial.id), TARGET_FILE), choice)
     out[trial.id] = choice
     if choice["target"]:
       log(f"target {trial.id} {trial.label}: {choice['target']} ({choice['topology']})")
