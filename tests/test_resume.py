@@ -349,7 +349,9 @@ def test_each_damage_to_the_newest_step_falls_back_to_the_previous_one(finished,
   with caplog.at_level(logging.WARNING):
     restored = resume.restore_newest(m, *targets)
   m.close()
-  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  # The policy's lines (absl); asyncio may also log, late, a chunk read the failed restore abandoned.
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING and r.name == "absl"]
   if kind in HARMLESS:
     assert restored.step == STEPS and not warnings, warnings
     assert not os.path.exists(tmp_path / "checkpoints_corrupt")
