@@ -204,6 +204,9 @@ def run(spec: spec_lib.JobSpec, runner=None, *, python: str = sys.executable, po
       st.phase = "restarting"
       state_lib.save_state(wd, st)
   except (_Terminated, KeyboardInterrupt):
+    # A second SIGTERM while the job is being stopped (a parent's death signal after a sweep's
+    # SIGTERM, say) asks for what is already under way: it must not cut the stop short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log("launcher terminated: SIGTERM to the job (the trainer saves at its next step, exits 42)")
     _terminate(procs)
     codes = [p.returncode for p in procs]
