@@ -342,7 +342,7 @@ class Trainer:
                     len(self.spikes.rollbacks), self.exp.spikes.max_rollbacks, rollback.describe())
     resumed = resume_lib.restore_step(self.fns, self.ckpt, rollback.restored_step)
     self.spikes.restore_detector(resumed.meta)
-    self.writer.write(rollback.restored_step, rollback.scalars(), prefix="rollback")
+    self.writer.write(rollback.detected_step, rollback.scalars(), prefix="rollback")
     self.writer.flush()
     return resumed.state, rollback.restored_step
 
@@ -352,7 +352,7 @@ class Trainer:
       return
     text = workdir_lib.read_text_if_exists(workdir_lib.join(self.workdir, workdir_lib.METRICS_FILE))
     for rollback in self.spikes.missing_records(text):
-      self.writer.write(rollback.restored_step, rollback.scalars(), prefix="rollback")
+      self.writer.write(rollback.detected_step, rollback.scalars(), prefix="rollback")
     self.writer.flush()
 
   def _train(self, state: train_step_lib.TrainState, step: int,

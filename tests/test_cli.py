@@ -150,8 +150,8 @@ COMMANDS = [
         ([], ["--workdir is required"]),
         (["--workdir=/no/such/run"], ["/no/such/run"]),
         (["--workdir=/tmp/x", "stray"], ["stray"]),
-    ]) for name, extra in (("status", []), ("logs", ["follow", "lines"]), ("stop", ["dry_run"]),
-                           ("gc", ["dry_run"]))
+    ]) for name, extra in (("status", ["goodput"]), ("logs", ["follow", "lines"]),
+                           ("stop", ["dry_run"]), ("gc", ["dry_run"]), ("profile", ["steps", "process"]))
 ]
 
 

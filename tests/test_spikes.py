@@ -21,6 +21,7 @@ import pytest
 
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import experiment as experiment_lib
+from recurrentgemma_tpu import goodput as goodput_lib
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu import spikes
 from recurrentgemma_tpu import trainer
@@ -278,7 +279,9 @@ def test_injected_spikes_are_detected_rolled_back_skipped_and_the_run_finishes(s
   assert result.status == "completed" and result.step == STEPS
   assert _rollbacks(workdir) == EXPECTED
   records = metrics_lib.read_metrics(str(workdir), split="rollback")
-  assert [(r["first_bad_step"], r["detected_step"], r["step"]) for r in records] == [(9, 9, 4)] * 2
+  assert [(r["first_bad_step"], r["detected_step"], r["step"]) for r in records] == [(9, 9, 9)] * 2
+  ledger = goodput_lib.read(str(workdir))  # the run's goodput ledger counts both rollbacks
+  assert (ledger.rollbacks, ledger.rollback_steps) == (2, 2 * (9 - 4)), ledger.lines()
   recorded = json.loads((workdir / workdir_lib.SPIKES_FILE).read_text())["rollbacks"]
   assert [(r["restored_step"], r["skip_from"], r["skip_to"]) for r in recorded] == EXPECTED
   meta = _final_meta(workdir)["spikes"]
