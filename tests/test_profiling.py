@@ -55,19 +55,20 @@ class _Plane:
     self.plane = space.planes.add(name=name, id=len(space.planes))
     self._events, self._stats = {}, {}
 
+  @staticmethod
+  def _metadata_id(ids, metadata, name):
+    """The id of `name` in a plane's metadata map (`ids` remembers them), added on first use."""
+    if name not in ids:
+      ids[name] = len(ids) + 1
+      metadata[ids[name]].id = ids[name]
+      metadata[ids[name]].name = name
+    return ids[name]
+
   def stat_id(self, name):
-    if name not in self._stats:
-      self._stats[name] = len(self._stats) + 1
-      self.plane.stat_metadata[self._stats[name]].id = self._stats[name]
-      self.plane.stat_metadata[self._stats[name]].name = name
-    return self._stats[name]
+    return self._metadata_id(self._stats, self.plane.stat_metadata, name)
 
   def event_id(self, name):
-    if name not in self._events:
-      self._events[name] = len(self._events) + 1
-      self.plane.event_metadata[self._events[name]].id = self._events[name]
-      self.plane.event_metadata[self._events[name]].name = name
-    return self._events[name]
+    return self._metadata_id(self._events, self.plane.event_metadata, name)
 
   def line(self, name, timestamp_ns=0):
     return self.plane.lines.add(name=name, id=len(self.plane.lines), timestamp_ns=timestamp_ns)
