@@ -6,6 +6,8 @@ training runs in subprocesses).
 
 import os
 
+import tensorstore as ts
+
 
 def largest_data_file(item_dir):
   """The largest array data file of an item (OCDBT keeps them under ocdbt.process_<i>/d/)."""
@@ -66,6 +68,28 @@ def _corrupt_a_chunk(path: str) -> None:
   data[end - 4:end - 1] = ((size - raw) << 3 | _RLE << 1 | 1).to_bytes(3, "little")
   data[end - 1] = 0xA5
   open(path, "wb").write(bytes(data))
+
+
+def garble_chunk(step_dir, item: str, key: str) -> str:
+  """Overwrites the zstd magic number of one stored array chunk (`key`, e.g.
+  "embedder.input_embedding/0.1") so that only reads of that chunk fail to decode; returns the data
+  file. On a multi-process restore only the process whose shard holds the chunk hits the damage.
+  Where the chunk lies comes from the item's OCDBT b-tree (TensorStore's own dump)."""
+  item_dir = os.path.join(str(step_dir), item)
+  kv = ts.KvStore.open({"driver": "file", "path": item_dir + os.sep}).result()
+  root = ts.ocdbt.dump(kv).result()["versions"][-1]
+  assert root["root_height"] == 0, f"{item_dir}: a b-tree of more than one node"
+  entries = ts.ocdbt.dump(kv, root["root"]["location"]).result()["entries"]
+  value = next(e["indirect_value"] for e in entries if e["key"] == key.encode())
+  # "value:<prefix>:<data file>:<offset>:<length>", the prefix relative to the item
+  _, prefix, name, offset, _ = value.split(":")
+  path = os.path.join(item_dir, prefix, name)
+  with open(path, "r+b") as f:
+    f.seek(int(offset))
+    assert f.read(4) == _ZSTD_MAGIC, (path, offset)
+    f.seek(int(offset))
+    f.write(b"\0" * 4)
+  return path
 
 
 def damage(step_dir, kind: str) -> str:

@@ -202,18 +202,27 @@ def _write_random_steps(directory, steps):
   m.close()
 
 
+def _before_each_read(monkeypatch, hook):
+  """Calls `hook(step, item)` before every read of one item of one step (the item directory is
+  `<checkpoints>/<step>/<item>`); what it raises is what that read raises."""
+  real = ckpt._read_alone  # pylint: disable=protected-access
+
+  def read(handler_type, item_dir, args):
+    hook(int(os.path.basename(os.path.dirname(item_dir))), os.path.basename(item_dir))
+    return real(handler_type, item_dir, args)
+
+  monkeypatch.setattr(ckpt, "_read_alone", read)
+
+
 @pytest.fixture
 def count_reads(monkeypatch):
-  """{(step, item): number of times Orbax was asked to read that item} for every restore."""
+  """{(step, item): number of times that item was read} for every restore."""
   reads = {}
-  real = ckpt.ocp.CheckpointManager.restore
 
-  def counting(self, step, *args, **kwargs):
-    for item in kwargs["args"].keys():
-      reads[(step, item)] = reads.get((step, item), 0) + 1
-    return real(self, step, *args, **kwargs)
+  def count(step, item):
+    reads[(step, item)] = reads.get((step, item), 0) + 1
 
-  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", counting)
+  _before_each_read(monkeypatch, count)
   return reads
 
 
@@ -266,16 +275,14 @@ def test_garbled_checkpoint_metadata_is_damage(tmp_path):
 
 def test_transient_read_error_is_retried_and_nothing_is_quarantined(tmp_path, monkeypatch, caplog):
   _write_random_steps(tmp_path / "ck", [2, 4])
-  real = ckpt.ocp.CheckpointManager.restore
   failures = []
 
-  def flaky(self, step, *args, **kwargs):
-    if "params" in kwargs["args"].keys() and not failures:  # the first array read: a storage hiccup
+  def flaky(step, item):
+    if item == "params" and not failures:  # the first array read: a storage hiccup
       failures.append(step)
       raise ValueError("UNAVAILABLE: Error reading params/d/...: connection reset by peer")
-    return real(self, step, *args, **kwargs)
 
-  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", flaky)
+  _before_each_read(monkeypatch, flaky)
   p, st = _random_state(0)
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
   with caplog.at_level(logging.INFO):
@@ -290,10 +297,10 @@ def test_transient_read_error_is_retried_and_nothing_is_quarantined(tmp_path, mo
 def test_storage_down_moves_nothing_and_names_every_step(tmp_path, monkeypatch, count_reads):
   _write_random_steps(tmp_path / "ck", [2, 4])
 
-  def down(self, step, *args, **kwargs):
+  def down(step, item):
     raise ValueError("UNAVAILABLE: storage is down")
 
-  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", down)
+  _before_each_read(monkeypatch, down)
   p, st = _random_state(0)
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), retry_pause_s=0.01)
   with pytest.raises(ckpt.StorageError) as info:
@@ -309,12 +316,12 @@ def test_storage_failing_differently_each_time_judges_nothing(tmp_path, monkeypa
   _write_random_steps(tmp_path / "ck", [2, 4])
   calls = []
 
-  def flaky(self, step, *args, **kwargs):
+  def flaky(step, item):
     calls.append(step)
     raise ValueError(["UNAVAILABLE: connection reset", "DEADLINE_EXCEEDED: timed out",
                       "PERMISSION_DENIED: token expired"][len(calls) % 3])
 
-  monkeypatch.setattr(ckpt.ocp.CheckpointManager, "restore", flaky)
+  _before_each_read(monkeypatch, flaky)
   p, st = _random_state(0)
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5), read_attempts=3,
                              retry_pause_s=0.01)

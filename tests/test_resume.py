@@ -32,10 +32,11 @@ from recurrentgemma_tpu import heartbeat
 from recurrentgemma_tpu import metrics as metrics_lib
 from recurrentgemma_tpu.checkpoints import manager as ckpt
 from recurrentgemma_tpu.checkpoints import resume
-from checkpoint_damage import DAMAGE_KINDS, HARMLESS, damage
+from checkpoint_damage import DAMAGE_KINDS, HARMLESS, damage, garble_chunk
 from recurrentgemma_tpu import step_functions
 from sharding import mesh as mesh_lib
-from test_train_common import REPO, small_config, subprocess_env, train_command, wait_for
+from test_train_common import (REPO, readable_tail, small_config, subprocess_env, train_command,
+                               wait_for)
 
 STEPS = 12
 
@@ -460,12 +461,15 @@ def test_storage_error_on_every_read_moves_nothing(finished, tmp_path, env):
 
 @pytest.mark.slow
 def test_two_hosts_agree_on_a_damaged_newest_step(finished, tmp_path):
-  """Two processes (one CPU device each, gloo) act as two hosts: each reads only its own shards, so
-  one may hit the damaged chunk alone; they must still take every decision together (fall back,
-  set step 12 aside once, train on) instead of diverging or hanging."""
+  """Two processes (one CPU device each, gloo) act as two hosts, each reading only its own shards:
+  one chunk of the newest step is damaged, which only one host reads. While that host's read fails,
+  the other's succeeds and would verify its checksums, a computation across hosts; every decision
+  must still be taken together (fall back, set step 12 aside once, train on) instead of the two
+  running different collectives, which aborts or hangs them."""
   workdir = tmp_path / "wd"
   shutil.copytree(finished, workdir)
-  damage(workdir / "checkpoints" / str(STEPS), "params_data_truncated")
+  # The last of 8 chunks along the width, which the 2-way fsdp mesh gives to one host only.
+  garble_chunk(workdir / "checkpoints" / str(STEPS), "params", "groups.block_0.mlp_block.ffw_up_w/0.0.7.0")
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -476,7 +480,11 @@ def test_two_hosts_agree_on_a_damaged_newest_step(finished, tmp_path):
       text=True) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
+    assert p.returncode == 0, readable_tail(out)
+  # The damage was one host's alone: the other read its shards and was told of the failure.
+  told = ["(params) failed (read 1 of at most 4; again in 1.0 s): the read failed on another process"
+          in out for out in outs]
+  assert sum(told) == 1, told
   warnings = [line for line in outs[0].splitlines() if "is damaged" in line]
   assert len(warnings) == 1 and "continuing from step 10" in warnings[0], outs[0][-4000:]
   assert len(os.listdir(workdir / "checkpoints_corrupt")) == 1

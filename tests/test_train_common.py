@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -60,6 +61,12 @@ def subprocess_env(num_devices: int = 8) -> dict[str, str]:
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return env
+
+
+def readable_tail(out: str, chars: int = 4000) -> str:
+  """The end of a subprocess's output, less the list of loaded extension modules that Python prints
+  after a fatal error (thousands of characters that would push the error itself out of view)."""
+  return re.sub(r"\nExtension modules: [^\n]*", "\n[extension module list left out]", out)[-chars:]
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:

@@ -264,8 +264,7 @@ class CheckpointManager:
 
     def read():
       _check_step_metadata(step_dir)
-      out = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
-      meta = out[META_ITEM]
+      meta = _read_alone(ocp.JsonCheckpointHandler, step_dir / META_ITEM, ocp.args.JsonRestore())
       if not isinstance(meta, dict) or meta.get("step", step) != step:
         raise CheckpointDamaged(step, f"its meta item is not this step's: {str(meta)[:200]}",
                                 os.fspath(step_dir / META_ITEM))
@@ -288,31 +287,37 @@ class CheckpointManager:
     if self.checksums and "checksums" not in meta:
       logging.warning("Checkpoint step %d has no checksums (written by an older version); its "
                       "arrays are not verified.", step)
-    out = {item: self._read(step, item, functools.partial(self._read_item, step, item, target, meta))
-           for item, target in trees.items()}
+    out = {}
+    for item, target in trees.items():
+      item_dir = self.directory / str(step) / item
+      read = functools.partial(_read_alone, ocp.StandardCheckpointHandler, item_dir,
+                               ocp.args.StandardRestore(target))
+      out[item] = self._read(step, item, read, functools.partial(self._verify, step, item, meta))
     return Restored(step=step, params=out[PARAMS_ITEM], state=out[STATE_ITEM], meta=meta)
 
-  def _read_item(self, step: int, item: str, target: PyTree, meta: Mapping[str, Any]) -> PyTree:
-    """One read of an array item, verified against the checksums in `meta`."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
-    if self.checksums and "checksums" in meta:
-      expected = {p: c for p, c in meta["checksums"].items() if p.startswith(f"{item}/")}
-      bad = integrity_lib.mismatches(expected, integrity_lib.checksums({item: restored}))
-      if bad:
-        raise CheckpointDamaged(
-            step, f"checksum mismatch in array {', '.join(bad[:5])}"
-            + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
-            os.fspath(self.directory / str(step) / item))
-    return restored
+  def _verify(self, step: int, item: str, meta: Mapping[str, Any], restored: PyTree) -> None:
+    """Checks a read array item against the checksums in `meta` (a computation across processes,
+    so it runs only once every process has read its shards; all raise CheckpointDamaged alike)."""
+    if not (self.checksums and "checksums" in meta):
+      return
+    expected = {p: c for p, c in meta["checksums"].items() if p.startswith(f"{item}/")}
+    bad = integrity_lib.mismatches(expected, integrity_lib.checksums({item: restored}))
+    if bad:
+      raise CheckpointDamaged(
+          step, f"checksum mismatch in array {', '.join(bad[:5])}"
+          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
+          os.fspath(self.directory / str(step) / item))
 
-  def _read(self, step: int, item: str, fn: Callable[[], Any]) -> Any:
-    """Runs `fn` (one read of `item` of `step`) until it succeeds, else raises StepUnreadable.
+  def _read(self, step: int, item: str, fn: Callable[[], Any],
+            verify: Callable[[Any], None] | None = None) -> Any:
+    """Runs `fn` (one read of `item` of `step`, by this process alone) until it succeeds on every
+    process, then `verify` on the result; else raises StepUnreadable.
 
     A failed verification (CheckpointDamaged) is final at once; any other error is read again after
     a pause, and given up when it repeats (`_signature`: the same error up to numbers and quoted
     names), so a damaged file costs one extra read, or after `read_attempts` reads of errors that
-    keep changing. All processes take each decision together.
+    keep changing. All processes take each decision together; no collective runs between a read and
+    that decision (one host's read may fail while another's succeeds).
     """
     item_dir = self.directory / str(step) / item
     pause, previous = self.retry_pause_s, None
@@ -332,6 +337,11 @@ class CheckpointManager:
       all_ok, stop, all_persistent = _all_processes(
           ok, ok or persistent or attempt == self.read_attempts, ok or persistent)
       if all_ok:
+        try:
+          if verify is not None:
+            verify(result)
+        except CheckpointDamaged as e:  # raised by every process alike
+          raise StepUnreadable(step, *_describe(item_dir, e), persistent=True, reads=attempt) from e
         return result
       path, text = _describe(item_dir, error)
       if stop:
@@ -486,6 +496,18 @@ def _drop_leftovers_of_failed_reads() -> None:
 
   hook._drops_failed_read_leftovers = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
+
+
+def _read_alone(handler_type: type[Any], item_dir: epath.Path, args: Any) -> Any:
+  """Reads one item with a new Orbax handler of its type, with no barrier across processes after it
+  (unlike CheckpointManager.restore): a process whose read raised would never reach that barrier,
+  and the others would then wait in a different collective than its own (gloo aborts, TPU hosts
+  hang). `_read` takes the decision with every process after each read instead."""
+  handler = handler_type()
+  try:
+    return handler.restore(item_dir, args=args)
+  finally:
+    handler.close()
 
 
 def _all_processes(*flags: bool) -> tuple[bool, ...]:
