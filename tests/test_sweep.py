@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -473,42 +474,97 @@ def test_a_nan_trial_runs_exactly_once_and_status_and_collect_say_so(tmp_path):
   assert row["status"] == "failed" and "exit 3 (stopped on a non-finite loss)" in row["error"]
 
 
-@pytest.mark.slow
-def test_a_sigkilled_driver_s_trial_saves_exits_42_and_the_rerun_redoes_no_step(tmp_path):
-  from recurrentgemma_tpu import heartbeat  # pylint: disable=g-import-not-at-top
-  from test_train_common import assert_resumed_at_the_save  # pylint: disable=g-import-not-at-top
-  steps, root = 1500, tmp_path / "root"
-  cmd, env = _one_trial_sweep(tmp_path, **{"train.steps": steps, "checkpoint.save_every": 100000,
-                                           "train.log_every": 50})
-  driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def _gone(pid):
+  """Whether `pid` has exited (an orphan reaped by init, or a zombie not yet reaped)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+  except OSError:
+    return True
 
-  def training():
+
+def _stop_and_check_the_save(workdir, beat, floor, steps):
+  """Waits for the trainer of `beat` to stop; checks it saved a step in [floor, steps) and said so
+  in the attempt's log block; returns that step."""
+  deadline = time.time() + 300
+  while not _gone(beat.pid):  # it got SIGTERM (from its launcher, or from the kernel) and saves
+    assert time.time() < deadline, "the trainer did not stop"
+    time.sleep(0.2)
+  saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert floor <= saved < steps, (floor, saved, steps)
+  log = (workdir / "logs" / "process_0.log").read_text()
+  assert f"Stopped after saving step {saved}" in log.split("===== rg-launch attempt")[-1], log[-3000:]
+  return saved
+
+
+@pytest.mark.slow
+def test_a_sigkilled_driver_or_launcher_leaves_a_saved_trainer_and_the_rerun_redoes_no_step(
+    tmp_path):
+  """One trial, two deaths. The driver SIGKILLed: the kernel sends its launcher SIGTERM, which
+  passes it on (the trainer saves, exits 42, the launcher says so). Then the trial's own launcher
+  (`launch.submit`, the driver's argv) SIGKILLed: the kernel sends the trainer SIGTERM and it saves.
+  Each re-run resumes at the save before it; extending the finished run is the same job."""
+  from recurrentgemma_tpu import heartbeat  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from test_train_common import assert_resumed_at_the_save  # pylint: disable=g-import-not-at-top
+  # Every step is logged, so the kills land a few steps in; only the SIGTERM path saves before the
+  # end, which is far enough off that a kill always lands mid-training.
+  steps, root = 400, tmp_path / "root"
+  cmd, env = _one_trial_sweep(tmp_path, **{"train.steps": steps, "checkpoint.save_every": 100000})
+
+  def training(proc, after_pid=None, min_step=5):
+    """The trial's workdir, the trainer's heartbeat and its logged step once that is >= min_step."""
+    assert proc.poll() is None, f"exited {proc.returncode} before training"
     trials = list((root / "trials").glob("*")) if (root / "trials").exists() else []
     beat = heartbeat.read_record(str(trials[0]), 0) if trials else None
-    return (trials[0], beat) if beat and beat.phase == "training" and beat.step >= 5 else None
+    if not beat or beat.phase != "training" or beat.pid == after_pid:
+      return None
+    records = metrics_lib.read_metrics(str(trials[0]))
+    logged = records[-1]["step"] if records else 0
+    return (trials[0], beat, logged) if logged >= min_step else None
 
-  deadline = time.time() + 600
-  while not (found := training()):
-    assert driver.poll() is None and time.time() < deadline, "the trial never trained"
-    time.sleep(0.1)
-  workdir, beat = found
+  def wait(predicate):
+    deadline = time.time() + 600
+    while not (found := predicate()):
+      assert time.time() < deadline, "the trial never trained"
+      time.sleep(0.1)
+    return found
+
+  # 1. The driver SIGKILLed.
+  driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+  workdir, beat, logged = wait(lambda: training(driver))
   os.kill(driver.pid, signal.SIGKILL)
   driver.wait()
+  saved = _stop_and_check_the_save(workdir, beat, max(beat.step, logged), steps)
+  (launcher_log,) = (root / "logs").glob("*.log")
   deadline = time.time() + 300
-  while os.path.exists(f"/proc/{beat.pid}") and time.time() < deadline:
-    time.sleep(0.2)  # the launcher got SIGTERM from the kernel, passed it on; the trainer saves
-  saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
-  assert beat.step <= saved < steps
-  log = (workdir / "logs" / "process_0.log").read_text()
-  assert f"Stopped after saving step {saved}" in log, log[-3000:]
-  launcher_log = "".join(p.read_text() for p in (root / "logs").glob("*.log"))
-  assert "job stopped: exit codes [42]" in launcher_log, launcher_log[-3000:]
+  while "job stopped:" not in launcher_log.read_text():  # the launcher reaps its trainer, then says
+    assert time.time() < deadline, launcher_log.read_text()[-3000:]
+    time.sleep(0.2)
+  assert "job stopped: exit codes [42]" in launcher_log.read_text(), launcher_log.read_text()[-3000:]
 
+  # 2. The trial's launcher, run by hand as the driver ran it, SIGKILLed.
+  argv = shlex.split(launcher_log.read_text().splitlines()[0][len("$ "):])
+  assert argv[1:3] == ["-m", "launch.submit"] and f"--config.train.steps={steps}" in argv, argv
+  launcher = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+  _, beat, logged = wait(lambda: training(launcher, after_pid=beat.pid, min_step=saved + 5))
+  os.kill(launcher.pid, signal.SIGKILL)
+  launcher.wait()
+  first_save, saved = saved, _stop_and_check_the_save(workdir, beat, max(beat.step, logged), steps)
+  assert_resumed_at_the_save(workdir, first_save)  # this attempt's start-up block
+
+  # 3. A new driver finishes the trial from that save.
   rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
   assert_resumed_at_the_save(workdir, saved)
   assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == steps
+  # 4. Extending the finished run is the same job for the launcher, as it is for the trainer.
+  longer = [a.replace(f"train.steps={steps}", f"train.steps={steps + 10}") for a in argv]
+  rerun = subprocess.run(longer, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+  assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == steps + 10
 
 
 # ------------------------------------------------------------------------------------ targets

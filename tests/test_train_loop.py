@@ -114,8 +114,11 @@ def _logged_step(workdir) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_run(reference, tmp_path):
-  """Preempted (SIGTERM), resumed, hard-killed (SIGKILL), resumed again: same run as `reference`."""
+def test_sigterm_saves_where_it_stops_and_the_resume_reproduces_the_uninterrupted_run(reference,
+                                                                                     tmp_path):
+  """Preempted (SIGTERM), resumed to the end: same run as `reference`. (A SIGKILL mid-run, whose
+  resume redoes the steps after the newest checkpoint and replaces their loss records, is
+  tests/test_resume.py's kill storm.)"""
   # 1. SIGTERM to the whole process group, as the local launcher and a VM shutdown send it (its
   # stderr filter child must survive it): the job saves the step it is at and exits with 42.
   proc = _start(tmp_path, checkpoint__save_every=4)
@@ -134,19 +137,12 @@ def test_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_run(refer
   assert preempted_at == _logged_step(tmp_path)  # saved where it stopped
   jax.tree.map(np.testing.assert_array_equal, _params_at(tmp_path, preempted_at),
                _params_at(reference, preempted_at))
-  # 2. Resume, then SIGKILL mid-run (no chance to save).
-  proc = _start(tmp_path, checkpoint__save_every=4)
-  wait_for(lambda: _logged_step(tmp_path) >= preempted_at + 6, proc, 300, "6 more steps")
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert _logged_step(tmp_path) < STEPS, "the run finished before it could be killed"
-  # 3. Resume to the end: loss at every step (one record per step, re-run steps replaced) and the
-  # final parameters are identical to the uninterrupted run's.
+  # 2. Resume to the end: loss at every step (one record per step) and the final parameters are
+  # identical to the uninterrupted run's.
   proc = _start(tmp_path, checkpoint__save_every=4)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-4000:]
-  assert "Resumed from" in out
+  assert "Resumed from" in out and f"checkpoints at step {preempted_at}." in out, out[-4000:]
   assert _losses(tmp_path) == _losses(reference)
   jax.tree.map(np.testing.assert_array_equal, _params_at(tmp_path), _params_at(reference))
 
