@@ -22,7 +22,7 @@ import sentencepiece as spm
 from configs import base
 from recurrentgemma_tpu import data, gcs
 from recurrentgemma_tpu.data import corpus, prepare
-from test_data import (SEQ, cache_dir, corpus_root, make_config, make_pipeline,  # noqa: F401
+from test_data import (SEQ, VOCAB, cache_dir, corpus_root, make_config, make_pipeline,  # noqa: F401
                        pipeline, reference_chunks, stored_segments)
 
 import gcs_emulator
@@ -208,23 +208,50 @@ def test_parquet_source_decodes_to_the_written_documents(where, corpus_root, cac
 
 # ------------------------------------------------------------------------------- Beam
 
+BEAM_SHARDS = 3
+BEAM_ROOT = f"gs://{BUCKET}/tiny"
+
+
+@pytest.fixture(scope="module")
+def beam_store(pipeline, corpus_root, cache_dir, bucket) -> str:  # pylint: disable=unused-argument
+  """The prepare command on Beam (DirectRunner, one worker) writes the tiny config's store (on
+  the small test corpus, BEAM_SHARDS shards) into the bucket; returns its gs:// directory. Shared
+  by the Beam tests: the byte comparison (as the 1-worker store) and the training run."""
+  pytest.importorskip("apache_beam")
+  import subprocess
+  import sys
+
+  from test_train_common import REPO, subprocess_env
+
+  argv = [sys.executable, "-m", "recurrentgemma_tpu.data.prepare", "--config=configs/tiny.py"] + [
+      f"--config.{o}" for o in _small_overrides(corpus_root, cache_dir, "")] + [
+          f"--config.data.sources.default.num_shards={BEAM_SHARDS}", f"--store={BEAM_ROOT}",
+          "--runner=DirectRunner", "--num_workers=1"]
+  prep = subprocess.run(argv, cwd=REPO, env=subprocess_env(num_devices=1), capture_output=True,
+                        text=True, timeout=900)
+  assert prep.returncode == 0, prep.stderr[-4000:]
+  directory = json.loads(prep.stdout)["sources"]["default"]["store"]
+  assert directory.startswith(BEAM_ROOT + "/default-")
+  return directory
+
 
 @pytest.mark.slow
 def test_beam_stores_are_byte_identical_for_1_and_2_workers(pipeline, corpus_root, cache_dir,
-                                                           tmp_path):
-  """DirectRunner in multi-processing mode, 1 and 2 workers, 3 shards: the same bytes as the
-  in-process preparation, and every document exactly once against a reference tokenization."""
+                                                           tmp_path, beam_store):
+  """DirectRunner in multi-processing mode, 1 worker (the prepare command, into the bucket) and
+  2 workers (into a local directory), 3 shards: the same bytes as the in-process preparation, and
+  every document exactly once against a reference tokenization."""
   pytest.importorskip("apache_beam")
   dirs = {}
-  for how, runner, workers in (("inproc", "", 1), ("beam1", "DirectRunner", 1),
-                               ("beam2", "DirectRunner", 2)):
+  for how, runner, workers in (("inproc", "", 1), ("beam2", "DirectRunner", 2)):
     config = make_config(corpus_root, cache_dir, store=str(tmp_path / how))
-    config.data.sources.default.num_shards = 3
+    config.data.sources.default.num_shards = BEAM_SHARDS
     p = prepare.prepare(data.data_config_from(config), runner=runner, num_workers=workers)
     dirs[how] = p.stores[0].directory
   reference = _files(dirs["inproc"])
   assert len([n for n in reference if n.endswith(".rows")]) == 6  # 3 shards x 2 splits
-  assert _files(dirs["beam1"]) == reference
+  assert os.path.basename(beam_store) == os.path.basename(dirs["inproc"])  # same key
+  assert _objects(beam_store) == reference  # 1 worker
   assert _files(dirs["beam2"]) == reference
   sp = spm.SentencePieceProcessor(model_proto=pipeline.vocab.model_bytes)
   source = pipeline.config.sources[0]
@@ -252,8 +279,9 @@ def _download(prefix: str, directory) -> None:
       f.write(raw)
 
 
-def _start_two(workdir, store: str, cache: str, tmpdir: str):
-  """The README's job (shrunk) as 2 jax.distributed processes reading `store`."""
+def _start_two(workdir, store: str, cache: str, tmpdir: str, corpus_root: str):
+  """The README's job (shrunk; the data settings of `beam_store`) as 2 jax.distributed processes
+  reading `store`."""
   import socket
   import subprocess
 
@@ -267,7 +295,10 @@ def _start_two(workdir, store: str, cache: str, tmpdir: str):
     env = {**subprocess_env(num_devices=1), "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
            "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid), "TMPDIR": tmpdir}
     argv = train_command(str(workdir), train__steps=E2E_STEPS, data__store=store,
-                         data__cache_dir=cache, data__sources__default__num_shards=2)
+                         data__cache_dir=cache, data__sources__default__default_root=corpus_root,
+                         model__vocab_size=VOCAB, data__sources__default__validation_fraction=0.15,
+                         data__sources__default__max_documents=0,
+                         data__sources__default__num_shards=BEAM_SHARDS)
     procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, start_new_session=True))
   return procs
@@ -291,46 +322,40 @@ def _losses(workdir) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_training_reads_a_beam_store_from_a_bucket_and_resumes_bitwise(tmp_path, bucket):
-  """Beam (DirectRunner) prepares the shrunk tiny config's store into the bucket; a 2-process run
-  reading it, SIGKILLed mid-run and run again, gives the loss curve of an uninterrupted run reading
-  the same store from local disk, and keeps no store bytes on local disk."""
+def test_training_reads_a_beam_store_from_a_bucket_and_resumes_bitwise(pipeline, corpus_root,
+                                                                        tmp_path, beam_store):
+  """The store Beam (DirectRunner) prepared into the bucket (`beam_store`, the shrunk tiny
+  config's); a 2-process run reading it, SIGKILLed mid-run and run again, gives the loss curve of
+  an uninterrupted run reading the same store from local disk, and keeps no store bytes on local
+  disk."""
   pytest.importorskip("apache_beam")
+  import shutil
   import signal
-  import subprocess
 
-  from test_train_common import REPO, subprocess_env, train_command, wait_for
+  from test_train_common import wait_for
 
-  root = f"gs://{BUCKET}/tiny"
-  prep_cache = str(tmp_path / "prep_cache")
-  argv = [a for a in train_command("unused", data__cache_dir=prep_cache,
-                                   data__sources__default__num_shards=2)
-          if not a.startswith("--workdir")]
-  argv[2] = "recurrentgemma_tpu.data.prepare"
-  # One worker: test_beam_stores_are_byte_identical_for_1_and_2_workers covers two.
-  argv += [f"--store={root}", "--runner=DirectRunner", "--num_workers=1"]
-  prep = subprocess.run(argv, cwd=REPO, env=subprocess_env(num_devices=1), capture_output=True,
-                        text=True, timeout=900)
-  assert prep.returncode == 0, prep.stderr[-4000:]
-  described = json.loads(prep.stdout)
-  directory = described["sources"]["default"]["store"]
-  assert directory.startswith(root + "/default-")
+  root = BEAM_ROOT
   local_root = tmp_path / "local_store"
   _download(root, local_root)
-  assert any(n.endswith(".rows") for n in os.listdir(local_root / os.path.basename(directory)))
+  assert any(n.endswith(".rows") for n in os.listdir(local_root / os.path.basename(beam_store)))
+  # The jobs' data caches start with the tokenizer the session trained (the same settings), so
+  # no job trains its own; they must end with nothing else.
+  for cache in ("c1", "c3"):
+    os.makedirs(tmp_path / cache / "tokenizers")
+    shutil.copy(pipeline.vocab.path, tmp_path / cache / "tokenizers")
 
   for name in ("t1", "t3"):
     os.makedirs(tmp_path / name)
   # Reference: the same store read from local disk.
   _finish(_start_two(tmp_path / "local", str(local_root), str(tmp_path / "c1"),
-                     str(tmp_path / "t1")))
+                     str(tmp_path / "t1"), corpus_root))
   reference = _losses(tmp_path / "local")
   assert sorted(reference) == list(range(1, E2E_STEPS + 1))
 
   # From the bucket: SIGKILL both processes mid-run, then run again: it resumes from the last
   # checkpoint, and every step's loss is the local run's (bitwise: floats from JSON compare exactly).
   killed = tmp_path / "killed"
-  procs = _start_two(killed, root, str(tmp_path / "c3"), str(tmp_path / "t3"))
+  procs = _start_two(killed, root, str(tmp_path / "c3"), str(tmp_path / "t3"), corpus_root)
   try:
     wait_for(lambda: (killed / "metrics.jsonl").exists() and max(_losses(killed), default=0) >= 5,
              procs[0], 600, "step 5")
@@ -342,7 +367,7 @@ def test_training_reads_a_beam_store_from_a_bucket_and_resumes_bitwise(tmp_path,
   before = _losses(killed)
   assert max(before) < E2E_STEPS
   assert before == {step: reference[step] for step in before}  # read from the bucket, uninterrupted
-  _finish(_start_two(killed, root, str(tmp_path / "c3"), str(tmp_path / "t3")))
+  _finish(_start_two(killed, root, str(tmp_path / "c3"), str(tmp_path / "t3"), corpus_root))
   assert _losses(killed) == reference
 
   # No store bytes on local disk: the data caches hold only the tokenizer, temp dirs nothing.
@@ -427,6 +452,9 @@ def test_bad_input_is_one_line_and_exit_2(pipeline, corpus_root, cache_dir, tmp_
       "truncated shard": (train(truncated), rf"{re.escape(shard)} is \d+ bytes but"),
       "unknown runner": (prep + ["--runner=SparkRuner"], r"--runner='SparkRuner' is not a Beam"),
       "parquet without the column": (prep + [
+          # The session's tokenizer: without a default source the embedded one would be trained
+          # on the whole stdlib first (tens of seconds), before the Parquet file is opened.
+          f"--config.data.tokenizer={pipeline.vocab.path}",
           "--config.data.sources.default.kind=files", "--config.data.sources.default.format=parquet",
           f"--config.data.sources.default.pattern={tmp_path / 'pq' / '*.parquet'}"],
           r"has no column 'text' \(config text_key\)"),

@@ -104,9 +104,13 @@ def tokenizer_path(cfg: DataConfig) -> str:
   """Path of the SentencePiece model to use, training the embedded one if it is not cached."""
   if cfg.tokenizer:
     path = cfg.tokenizer
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if _is_local(path):
+      found = os.path.exists(path)
+    else:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-    if not tf.io.gfile.exists(path):
+      found = tf.io.gfile.exists(path)
+    if not found:
       raise TokenizerError(f"config.data.tokenizer={path!r} does not exist.")
     return path
   # The default source's own settings (e.g. a custom default_root) decide the corpus, if present.
@@ -124,17 +128,34 @@ def tokenizer_path(cfg: DataConfig) -> str:
   return path
 
 
+def _is_local(path: str) -> bool:
+  return "://" not in path
+
+
+def _read_model(path: str) -> bytes:
+  """A tokenizer file's bytes: a local file directly, so that a process whose only need is the
+  tokenizer (every training process but the first) does not start TensorFlow; other filesystems
+  (gs://, ...) through tf.io.gfile."""
+  if _is_local(path):
+    try:
+      with open(path, "rb") as f:
+        return f.read()
+    except OSError as e:
+      raise TokenizerError(f"cannot read tokenizer {path!r}: {e.strerror or e}") from None
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      return f.read()
+  except tf.errors.OpError as e:
+    raise TokenizerError(f"cannot read tokenizer {path!r}: {e.message}") from None
+
+
 class Vocabulary:
   """Encode/decode for the sampler and the pipeline; wraps one SentencePiece model."""
 
   def __init__(self, path: str, model_vocab_size: int):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-    try:
-      with tf.io.gfile.GFile(path, "rb") as f:
-        self.model_bytes = f.read()
-    except tf.errors.OpError as e:
-      raise TokenizerError(f"cannot read tokenizer {path!r}: {e.message}") from None
+    self.model_bytes = _read_model(path)
     self.path = path
     self._sp = spm.SentencePieceProcessor()
     try:
