@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import sentencepiece as spm
 
 from recurrentgemma_tpu import exit_codes
+from recurrentgemma_tpu import workdir as workdir_lib
 from recurrentgemma_tpu.data import corpus, locks
 from recurrentgemma_tpu.data.config import DataConfig, SourceConfig
 
@@ -104,7 +105,7 @@ def tokenizer_path(cfg: DataConfig) -> str:
   """Path of the SentencePiece model to use, training the embedded one if it is not cached."""
   if cfg.tokenizer:
     path = cfg.tokenizer
-    if _is_local(path):
+    if not workdir_lib.is_remote(path):
       found = os.path.exists(path)
     else:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -128,15 +129,11 @@ def tokenizer_path(cfg: DataConfig) -> str:
   return path
 
 
-def _is_local(path: str) -> bool:
-  return "://" not in path
-
-
 def _read_model(path: str) -> bytes:
   """A tokenizer file's bytes: a local file directly, so that a process whose only need is the
   tokenizer (every training process but the first) does not start TensorFlow; other filesystems
   (gs://, ...) through tf.io.gfile."""
-  if _is_local(path):
+  if not workdir_lib.is_remote(path):
     try:
       with open(path, "rb") as f:
         return f.read()
