@@ -44,7 +44,7 @@ LONGEST_FIRST = {
     # ~440, 420, 310, 290, 250 CPU-s, ...; the files added since, estimated), so that --dist
     # loadfile starts the longest first and no long file is left to run alone at the end.
     "slow": ("test_data_store.py", "test_launch_local.py", "test_train_loop.py", "test_sharding.py",
-             "test_resume.py", "test_goodput.py", "test_sweep.py", "test_compile.py",
+             "test_resume.py", "test_sweep.py", "test_compile.py",
              "test_evaluate.py", "test_spikes.py", "test_executable.py", "test_hf_bridge.py",
              "test_profiling.py", "test_evaluate_hf.py", "test_launch_cost.py",
              "test_train_families.py", "test_data.py", "test_model_memory.py"),

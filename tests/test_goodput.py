@@ -1,26 +1,21 @@
-"""The goodput ledger: its arithmetic on hand-made records (fast), and, for real, a 2-process local
-job preempted twice (SIGTERM) and SIGKILLed once, whose ledger must add up to the measured
-wall-clock time and count exactly the steps that were trained twice (slow)."""
+"""The goodput ledger: its arithmetic on hand-made records, the recorder, sweep totals and
+`launch.status --goodput`. The ledger of a real 2-process local job, preempted, killed and hung,
+which must add up to the measured wall-clock time and count exactly the steps that were trained
+twice, is checked in tests/test_launch_local.py (slow), with that job's other checks."""
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from launch import jobs
 from launch import spec as spec_lib
 from launch import state as launch_state
-from launch.sweep import definition
 from launch.sweep import report
 from recurrentgemma_tpu import goodput
 from recurrentgemma_tpu import heartbeat
-from recurrentgemma_tpu import workdir as workdir_lib
 
 # ------------------------------------------------------------------------------------ arithmetic
 
@@ -218,158 +213,3 @@ def test_launch_status_goodput_shows_the_ledger_of_a_launched_run(tmp_path):
 class _Trial:
   def __init__(self, trial_id):
     self.id = trial_id
-
-
-# ------------------------------------------------------------------------------------ for real
-
-STEPS, SAVE_EVERY = 40, 4
-_SWEEP = """
-import ml_collections
-from launch.sweep.axes import product, sweep
-
-def get_sweep(arg=""):
-  s = ml_collections.ConfigDict()
-  s.name = "goodput"
-  s.base = "configs/tiny.py"
-  s.overrides = {}
-  s.choices = {"family": {"hawk": {"model": {"block_pattern": "hawk"}}}}
-  s.axes = product(sweep("family", ["hawk"]))
-  s.tokens = {"rule": "config"}
-  s.lr = {"rule": "config"}
-  s.metric = "eval/loss"
-  s.retries = 1
-  return s
-"""
-
-
-def _train_steps_logged(workdir):
-  text = workdir_lib.read_text_if_exists(os.path.join(workdir, workdir_lib.METRICS_FILE))
-  return [r["step"] for r in workdir_lib.records(text) if r.get("split") == "train"]
-
-
-def _inject_faults(workdir, done, out):
-  """Attempt 1: SIGTERM to both processes; 2: SIGKILL (process 0 frozen first, so the metrics read
-  just before are its last); 3: SIGTERM. Each waits for training past every step logged before.
-  `out` gets (signal, metrics steps logged at that moment) per fault, or an exception."""
-  try:
-    high = 0
-    for attempt, sig in ((1, signal.SIGTERM), (2, signal.SIGKILL), (3, signal.SIGTERM)):
-      while not done.is_set():
-        st = launch_state.load_state(workdir)
-        steps = _train_steps_logged(workdir)
-        last = steps[-1] if steps else 0
-        if (st.attempt == attempt and st.phase == "running" and len(st.pids) == 2
-            and last >= high + 2 and (sig != signal.SIGKILL or last % SAVE_EVERY >= 2)):
-          break
-        time.sleep(0.01)
-      else:
-        return
-      if sig == signal.SIGKILL:
-        for pid in st.pids:
-          os.killpg(pid, signal.SIGSTOP)
-        steps = _train_steps_logged(workdir)
-        out.append((sig, steps))
-        os.kill(st.pids[1], signal.SIGKILL)  # the launcher then kills the frozen process 0
-      else:
-        steps = _train_steps_logged(workdir)
-        out.append((sig, steps))
-        for pid in st.pids:
-          os.killpg(pid, signal.SIGTERM)  # a preemption: every host gets SIGTERM
-      high = max(steps)
-  except Exception as e:  # pylint: disable=broad-except
-    out.append(e)
-
-
-def _resumed_at(log, attempt):
-  """The step attempt `attempt` of process 0 resumed from, as its own log line says."""
-  section = log.split(f"===== rg-launch attempt {attempt} process 0")[1].split("===== rg-launch")[0]
-  return int(re.search(r"Resumed from \S+ at step (\d+)\.", section).group(1))
-
-
-def _tensorboard_goodput(workdir):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  by_step = {}
-  for name in sorted(os.listdir(os.path.join(workdir, "tensorboard"))):
-    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, "tensorboard", name)):
-      for v in event.summary.value:
-        if v.tag.startswith("goodput/"):
-          by_step.setdefault(event.step, {})[v.tag[len("goodput/"):]] = float(tf.make_ndarray(v.tensor))
-  return by_step
-
-
-@pytest.mark.slow
-def test_a_preempted_and_killed_local_job_s_ledger_adds_up_and_counts_the_redone_steps(
-    tmp_path, monkeypatch):
-  from test_train_common import REPO, SMALL  # pylint: disable=g-import-not-at-top
-  sweep_file = tmp_path / "goodput_sweep.py"
-  sweep_file.write_text(_SWEEP)
-  sweep = definition.load_sweep(str(sweep_file))
-  trials = definition.expand(sweep)
-  root = str(tmp_path / "root")
-  workdir = os.path.join(root, "trials", trials[0].id)  # the run is also a one-trial sweep's trial
-  monkeypatch.chdir(REPO)
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-  monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  overrides = {**SMALL, "train.steps": STEPS, "checkpoint.save_every": SAVE_EVERY}
-  spec = spec_lib.JobSpec(
-      config="configs/tiny.py", overrides=tuple(f"{k}={v}" for k, v in overrides.items()),
-      workdir=workdir, backend="local", target=None, num_processes=2,
-      budgets=spec_lib.Budgets(max_preemptions=5, max_failures=2, startup_timeout_s=900,
-                               min_hang_s=120))
-  done, faults = threading.Event(), []
-  injector = threading.Thread(target=_inject_faults, args=(workdir, done, faults), daemon=True)
-  injector.start()
-  t0 = time.time()
-  try:
-    rc = jobs.submit(spec, skip_fit_check=True)
-  finally:
-    t1 = time.time()
-    done.set()
-    injector.join()
-  assert rc == 0 and [f[0] for f in faults] == [signal.SIGTERM, signal.SIGKILL, signal.SIGTERM], faults
-  st = launch_state.load_state(workdir)
-  assert (st.phase, st.attempt, st.preemptions, st.failures) == ("done", 4, 2, 1), st
-
-  # The steps trained twice, from the metrics records alone: those logged before a fault that lie
-  # after the step the next attempt resumed from (its own log line says which).
-  log = open(os.path.join(workdir, "logs", "process_0.log")).read()
-  redone = sum(sum(1 for s in steps if s > _resumed_at(log, attempt + 2))
-               for attempt, (_, steps) in enumerate(faults))
-  assert redone >= 1  # the SIGKILL came after the newest save
-
-  ledger = goodput.read(workdir)
-  measured = t1 - t0
-  print(f"measured {measured:.2f}s, {redone} steps redone; the ledger:", *ledger.lines(), sep="\n")
-  assert sum(ledger.seconds.values()) == pytest.approx(ledger.wall_clock_s, rel=1e-9)
-  assert sum(ledger.seconds.values()) == pytest.approx(measured, rel=0.01)
-  assert ledger.work_lost_steps == redone
-  assert (ledger.productive_steps, ledger.attempts) == (STEPS, 4)
-  for category in ("productive", "queued", "startup", "compile", "checkpoint", "evaluation",
-                   "work_lost"):
-    assert ledger.seconds[category] > 0, (category, ledger)
-
-  # launch.status --goodput shows that ledger.
-  lines = []
-  jobs.status(workdir, goodput=True, log=lines.append)
-  assert lines[-len(ledger.lines()):] == ledger.lines()
-  assert f"({redone} steps redone)" in "\n".join(lines) and "  attempts 4, rollbacks 0" in "\n".join(lines)
-
-  # TensorBoard: each attempt that returned (two preempted, the last completed) wrote its ledger.
-  board = _tensorboard_goodput(workdir)
-  assert [v["attempts"] for _, v in sorted(board.items())] == [1, 3, 4]
-  final = board[STEPS]
-  assert final["work_lost_steps"] == redone and final["productive_steps"] == STEPS
-  assert sum(final[f"{c}_s"] for c in goodput.CATEGORIES) == pytest.approx(final["wall_clock_s"],
-                                                                          rel=1e-4)
-  # The trainer's own window ends when it returns, a little before the launcher's last event.
-  assert ledger.wall_clock_s - 30 < final["wall_clock_s"] <= ledger.wall_clock_s
-
-  # The sweep totals of a one-trial sweep are this ledger.
-  status = report.status_table(root, trials, sweep.retries)
-  assert "\n".join(ledger.lines()[1:]) in status and "sweep goodput over 1 trials:" in status
-  report.collect(root, sweep, trials)
-  (row,) = [json.loads(l) for l in open(os.path.join(root, "results.jsonl"))]
-  assert row["goodput"] == pytest.approx(ledger.scalars())
-  totals = json.load(open(os.path.join(root, "goodput.json")))
-  assert totals["total"] == pytest.approx(ledger.scalars())
