@@ -31,7 +31,7 @@ from launch.sweep import report
 from recurrentgemma_tpu import goodput
 from recurrentgemma_tpu import heartbeat
 from recurrentgemma_tpu import workdir as workdir_lib
-from test_train_common import REPO, SMALL, assert_resumed_at_the_save, small_config, subprocess_env
+from test_train_common import REPO, SMALL, small_config, subprocess_env
 
 STEPS, SAVE_EVERY = 32, 8  # few saves: each costs seconds on a busy machine
 # Generous (the machine is shared: a live process must never look hung), and below jax.distributed's
@@ -66,19 +66,6 @@ def _submit(workdir, *extra):
           + [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + list(extra))
   return subprocess.Popen(argv, cwd=REPO, env=subprocess_env(num_devices=1), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-
-
-def _wait(predicate, proc, what, timeout=600):
-  deadline = time.time() + timeout
-  while True:
-    value = predicate()
-    if value:
-      return value
-    if proc.poll() is not None:
-      raise AssertionError(f"launcher exited ({proc.returncode}) before {what}:\n"
-                           f"{proc.stdout.read()[-4000:] if proc.stdout else ''}")
-    assert time.time() < deadline, f"timed out waiting for {what}"
-    time.sleep(0.05)
 
 
 def _params(workdir):
