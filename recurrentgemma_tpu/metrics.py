@@ -82,12 +82,6 @@ class MetricsWriter:
     self._jsonl = None
     if self.enabled:
       workdir_lib.makedirs(workdir)
-      # Imported here so processes that never write do not pay for TensorFlow's start-up.
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      self._scalar_metadata = summary_pb2.SummaryMetadata(
-          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
       self._tb_dir = workdir_lib.join(workdir, workdir_lib.TENSORBOARD_DIR)  # opened on the first write: a
       # re-run with nothing to do leaves no empty events file
 
@@ -109,7 +103,14 @@ class MetricsWriter:
     if not self.enabled:
       return
     if self._tb is None:
-      self._tb = self._tf.summary.create_file_writer(self._tb_dir)
+      # TensorFlow (seconds to import) only once there is something to write, so that a run
+      # refused at start-up (a bad store, a changed config) or already complete never starts it.
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._scalar_metadata = summary_pb2.SummaryMetadata(
+          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+      self._tb = tf.summary.create_file_writer(self._tb_dir)
     with self._tb.as_default(step=step):
       for k, v in scalars.items():
         # tf.summary.scalar lives in the separate `tensorboard` package; the raw write with the
