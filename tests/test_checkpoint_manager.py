@@ -89,6 +89,26 @@ def test_interrupted_save_is_never_used(tmp_path):
   m.close()
 
 
+def test_close_waits_for_orbax_s_cleanup_of_interrupted_saves(tmp_path, monkeypatch):
+  """A run that ends without saving (refused at start-up) closes its manager at once: close must
+  still wait for Orbax's background removal of an interrupted save's leftovers (slowed here), which
+  would otherwise fail at interpreter shutdown and print a traceback after the run's error line."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.path import temporary_paths  # pylint: disable=g-import-not-at-top
+
+  real = temporary_paths.cleanup_temporary_paths
+
+  async def slow_cleanup(*args, **kwargs):
+    await asyncio.sleep(1.0)
+    return await real(*args, **kwargs)
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  leftover = tmp_path / "6.orbax-checkpoint-tmp-1795320000"
+  leftover.mkdir()
+  ckpt.CheckpointManager(tmp_path, _options(keep_last=5)).close()
+  assert not leftover.exists()
+
+
 def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path, caplog):
   m = ckpt.CheckpointManager(tmp_path / "ck", _options(keep_last=5))
   _save_steps(m, [2, 4])

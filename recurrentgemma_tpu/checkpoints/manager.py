@@ -254,6 +254,13 @@ class CheckpointManager:
     try:
       self.wait_until_finished()
     finally:
+      # Orbax removes the leftovers of interrupted saves in a thread that it waits for only before
+      # its first save. A run that ends without saving (refused at start-up) would otherwise exit
+      # with that thread running, and its failure at interpreter shutdown would print a traceback
+      # after the run's one error line.
+      cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+      if cleanup is not None:
+        cleanup.result()
       self._manager.close()
 
   # ---------------------------------------------------------------- restoring
