@@ -257,10 +257,15 @@ class CheckpointManager:
       # Orbax removes the leftovers of interrupted saves in a thread that it waits for only before
       # its first save. A run that ends without saving (refused at start-up) would otherwise exit
       # with that thread running, and its failure at interpreter shutdown would print a traceback
-      # after the run's one error line.
+      # after the run's one error line. Removing leftovers is best effort (the next start tries
+      # again), so its failure (e.g. a failed save's files still being written) is only logged.
       cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
       if cleanup is not None:
-        cleanup.result()
+        try:
+          cleanup.result()
+        except Exception as e:  # pylint: disable=broad-except
+          logging.info("Removing leftovers of interrupted saves in %s failed: %s", self.directory,
+                       _one_line(e))
       self._manager.close()
 
   # ---------------------------------------------------------------- restoring
