@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "pyyaml>=6,<7",  # launch/ writes GKE JobSet manifests
     # Every host reads its rows of a gs:// data store by range reads (recurrentgemma_tpu/gcs.py).
     "google-cloud-storage>=3,<4",
+    # TensorBoard event files' record checksums (recurrentgemma_tpu/events.py).
+    "google-crc32c>=1.5,<2",
 ]
 
 EXTRAS_REQUIRE = {

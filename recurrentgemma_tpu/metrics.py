@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recurrentgemma_tpu import events
 from recurrentgemma_tpu import exit_codes
 from recurrentgemma_tpu import workdir as workdir_lib
 
@@ -82,8 +83,9 @@ class MetricsWriter:
     self._jsonl = None
     if self.enabled:
       workdir_lib.makedirs(workdir)
-      self._tb_dir = workdir_lib.join(workdir, workdir_lib.TENSORBOARD_DIR)  # opened on the first write: a
-      # re-run with nothing to do leaves no empty events file
+      # Its file is created at the first write: a run refused at start-up, or re-run with nothing
+      # to do, leaves none.
+      self._tb = events.EventWriter(workdir_lib.join(workdir, workdir_lib.TENSORBOARD_DIR))
 
   def start(self, step: int) -> None:
     """Opens the log at the step training (re)starts from; drops log records past it on resume.
@@ -102,21 +104,7 @@ class MetricsWriter:
     """Writes one record of scalars for `step` (names get `prefix/` in TensorBoard)."""
     if not self.enabled:
       return
-    if self._tb is None:
-      # TensorFlow (seconds to import) only once there is something to write, so that a run
-      # refused at start-up (a bad store, a changed config) or already complete never starts it.
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      self._scalar_metadata = summary_pb2.SummaryMetadata(
-          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
-      self._tb = tf.summary.create_file_writer(self._tb_dir)
-    with self._tb.as_default(step=step):
-      for k, v in scalars.items():
-        # tf.summary.scalar lives in the separate `tensorboard` package; the raw write with the
-        # scalars plugin's metadata produces the same event record without that dependency.
-        self._tf.summary.write(f"{prefix}/{k}", self._tf.constant(float(v), self._tf.float32),
-                               metadata=self._scalar_metadata)
+    self._tb.scalars(step, {f"{prefix}/{k}": v for k, v in scalars.items()})
     record = {"step": int(step), "split": prefix, **{k: float(v) for k, v in scalars.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     if self._listener is not None:
@@ -135,15 +123,13 @@ class MetricsWriter:
 
   def flush(self) -> None:
     if self.enabled:
-      if self._tb is not None:
-        self._tb.flush()
+      self._tb.flush()
       if self._jsonl:
         self._jsonl.flush()
 
   def close(self) -> None:
     if self.enabled:
-      if self._tb is not None:
-        self._tb.close()
+      self._tb.close()
       if self._jsonl:
         self._jsonl.close()
         self._jsonl = None

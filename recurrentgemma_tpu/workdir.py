@@ -5,8 +5,8 @@ pod). Local paths use `os` exactly as before (absolute paths, tmp + rename for a
 gs:// goes through gcs.py's google-cloud-storage client (the one the data reader and the sweep's
 compare-and-swap records use, so a reader sees what any of them wrote), other URLs through
 `etils.epath`; remote paths are never made absolute, and get atomic writes from the store itself
-(one object write replaces the object whole). Orbax (checkpoints/), `tf.summary` (tensorboard/)
-and `open_append` take gs:// paths on their own (TensorFlow's `tf.io.gfile`).
+(one object write replaces the object whole). Orbax (checkpoints/) and `open_append` (metrics.jsonl,
+the TensorBoard event files of events.py) take gs:// paths on their own (TensorFlow's `tf.io.gfile`).
 This module is the one file layer for run directories and sweep roots alike; launch/sweep/store.py
 adds only the compare-and-swap writes.
 
@@ -228,13 +228,15 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def open_append(path: str) -> IO[str]:
-  """A text file open for appending (line-buffered locally; a remote one is uploaded on flush)."""
+def open_append(path: str, binary: bool = False) -> IO[Any]:
+  """A file open for appending: text (line-buffered locally) or `binary` (unbuffered locally: each
+  write is one system call). A remote one is uploaded on flush."""
+  mode = "ab" if binary else "a"
   if is_remote(path):
     # epath's open is a context manager; this is the file object it wraps for gs:// (TensorFlow).
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.io.gfile.GFile(path, "a")
-  return open(path, "a", buffering=1)
+    return tf.io.gfile.GFile(path, mode)
+  return open(path, mode, buffering=0 if binary else 1)
 
 
 def copy(src: str, dst: str) -> None:

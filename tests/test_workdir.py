@@ -13,6 +13,7 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from etils.epath import register
+import numpy as np
 import pytest
 
 from recurrentgemma_tpu import cli
@@ -96,6 +97,12 @@ def _check_outputs(workdir):
   assert workdir_lib.listdir(workdir_lib.join(workdir, "heartbeat")) == ["process_0.json"]
   events = workdir_lib.listdir(workdir_lib.join(workdir, "tensorboard"))
   assert len(events) == 1 and events[0].startswith("events.out.tfevents.")
+  # Read back by TensorFlow's reader (through its file layer for a remote workdir).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  logged = [(e.step, v.tag, tf.make_ndarray(v.tensor)) for e in tf.compat.v1.train.summary_iterator(
+      workdir_lib.join(workdir, "tensorboard", events[0])) for v in e.summary.value]
+  assert logged == [(1, "train/loss", np.float32(1.0)), (2, "train/loss", np.float32(0.5)),
+                    (3, "train/loss", np.float32(1 / 3)), (3, "eval/loss", np.float32(0.5))]
 
 
 def test_local_workdir(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any, Mapping
 
+from recurrentgemma_tpu import events
 from recurrentgemma_tpu import workdir as workdir_lib
 
 DOWNSTREAM_DIR = "downstream"
@@ -48,17 +49,10 @@ def write(workdir: str, step: int, scores: Mapping[str, float], details: Mapping
 
 
 def _write_scalars(workdir: str, step: int, scores: Mapping[str, float]) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
-  # The same raw scalar events as metrics.MetricsWriter, in their own run directory so that the
-  # training writer's event files are never touched.
-  metadata = summary_pb2.SummaryMetadata(
-      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
-  writer = tf.summary.create_file_writer(
-      workdir_lib.join(workdir, workdir_lib.TENSORBOARD_DIR, DOWNSTREAM_DIR))
-  with writer.as_default(step=int(step)):
-    for name, value in scores.items():
-      tf.summary.write(f"downstream/{name}", tf.constant(float(value), tf.float32), metadata=metadata)
+  # The training writer's kind of events, in their own run directory so that the training writer's
+  # event files are never touched.
+  writer = events.EventWriter(workdir_lib.join(workdir, workdir_lib.TENSORBOARD_DIR, DOWNSTREAM_DIR))
+  writer.scalars(step, {f"downstream/{name}": value for name, value in scores.items()})
   writer.close()
 
 
