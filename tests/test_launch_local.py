@@ -5,8 +5,8 @@ a one-trial sweep's trial. The job is preempted (SIGTERM to both processes), the
 SIGKILLed, then the other is SIGSTOPped; the launcher restarts the job each time (the third time
 through its heartbeat watchdog). Its final parameters equal those of an uninterrupted run of the
 same job (`python -m launch.submit`), and its goodput ledger adds up to the measured wall-clock time
-and counts exactly the steps that were trained twice. A SIGKILLed launcher leaves a trainer that
-saves, and the re-run resumes there.
+and counts exactly the steps that were trained twice. Both hosts resume at the same step, and the
+two-process job's losses equal those of the job run in one process (up to reduction order).
 """
 
 import json
@@ -82,9 +82,13 @@ def _params(workdir):
   return jax.device_get(ckpt.load_params(workdir / "checkpoints" / str(STEPS), abstract))
 
 
-def _train_steps_logged(workdir):
+def _train_losses(workdir):
   text = workdir_lib.read_text_if_exists(os.path.join(workdir, workdir_lib.METRICS_FILE))
-  return [r["step"] for r in workdir_lib.records(text) if r.get("split") == "train"]
+  return [(r["step"], r["loss"]) for r in workdir_lib.records(text) if r.get("split") == "train"]
+
+
+def _train_steps_logged(workdir):
+  return [step for step, _ in _train_losses(workdir)]
 
 
 def _inject_faults(workdir, done, out):
@@ -142,9 +146,10 @@ def _inject_faults(workdir, done, out):
     out.append(e)
 
 
-def _resumed_at(log, attempt):
-  """The step attempt `attempt` of process 0 resumed from, as its own log line says."""
-  section = log.split(f"===== rg-launch attempt {attempt} process 0")[1].split("===== rg-launch")[0]
+def _resumed_at(log, attempt, process=0):
+  """The step attempt `attempt` of `process` resumed from, as its own log line says."""
+  section = log.split(f"===== rg-launch attempt {attempt} process {process}")[1].split(
+      "===== rg-launch")[0]
   return int(re.search(r"Resumed from \S+ at step (\d+)\.", section).group(1))
 
 
@@ -245,7 +250,13 @@ def test_a_preempted_killed_and_hung_local_job_reproduces_the_uninterrupted_run_
   totals = json.load(open(os.path.join(root, "goodput.json")))
   assert totals["total"] == pytest.approx(ledger.scalars())
 
-  # The same job uninterrupted, submitted from the command line: the same parameters, bit for bit.
+  # Both hosts resumed each restart at the same step, and process 1 knew it was one of two.
+  for attempt in (2, 3, 4):
+    assert _resumed_at(logs[1], attempt, process=1) == _resumed_at(logs[0], attempt)
+  assert "jax.distributed: process 1 of 2." in logs[1]
+
+  # The same job uninterrupted, submitted from the command line: the same parameters, bit for bit,
+  # and a checkpoint at every save step.
   reference = tmp_path / "reference"
   proc = _submit(reference)
   out, _ = proc.communicate(timeout=900)
@@ -253,6 +264,18 @@ def test_a_preempted_killed_and_hung_local_job_reproduces_the_uninterrupted_run_
   assert state_lib.load_state(str(reference)).attempt == 1
   jax.tree.map(np.testing.assert_array_equal, _params(pathlib.Path(workdir)),
                _params(reference))
+  assert sorted(int(s) for s in os.listdir(reference / "checkpoints")) == list(
+      range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))
+  # Two processes train what one process does (the same global batches; up to reduction order):
+  # the job in this process, on this process's devices.
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import trainer  # pylint: disable=g-import-not-at-top
+  one = tmp_path / "one_process"
+  trainer.train_and_evaluate(experiment_lib.build(small_config(**{
+      k.replace(".", "__"): v for k, v in OVERRIDES.items()})), str(one))
+  two = _train_losses(reference)
+  assert [s for s, _ in two] == [s for s, _ in _train_losses(one)] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([l for _, l in two], [l for _, l in _train_losses(one)], rtol=1e-4)
   # Re-submitting a finished run does nothing and succeeds.
   proc = _submit(reference)
   out, _ = proc.communicate(timeout=300)

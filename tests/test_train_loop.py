@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 
 import jax
@@ -145,42 +144,3 @@ def test_sigterm_saves_where_it_stops_and_the_resume_reproduces_the_uninterrupte
   assert "Resumed from" in out and f"checkpoints at step {preempted_at}." in out, out[-4000:]
   assert _losses(tmp_path) == _losses(reference)
   jax.tree.map(np.testing.assert_array_equal, _params_at(tmp_path), _params_at(reference))
-
-
-# ---------------------------------------------------------------------------- two processes
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _run_two_processes(workdir, steps):
-  port = _free_port()
-  procs = [subprocess.Popen(
-      train_command(str(workdir), f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                    f"--process_id={i}", train__steps=steps),
-      cwd=REPO, env=subprocess_env(num_devices=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-4000:]
-  return outs
-
-
-@pytest.mark.slow
-def test_two_processes_checkpoint_and_resume(reference, tmp_path):
-  """Two local processes (one CPU device each, gloo collectives) act as two hosts of a pod."""
-  outs = _run_two_processes(tmp_path, steps=4)
-  assert "process 1 of 2" in outs[1]
-  outs = _run_two_processes(tmp_path, steps=6)
-  assert all("Resumed from" in out and "at step 4" in out for out in outs)
-  m = ckpt.CheckpointManager(tmp_path / "checkpoints", ckpt.CheckpointOptions(2, 100, 0, False))
-  assert m.all_steps() == [2, 4, 6]
-  m.close()
-  # Only process 0 writes logs; one record per step; the same numbers as the 8-device run up to
-  # reduction order (the global batch of each step does not depend on the process layout).
-  got, want = _losses(tmp_path), _losses(reference)[:6]
-  assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, 7))
-  np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-4)
