@@ -5,7 +5,9 @@ operands sharded over a device mesh, including along time (a `ScanPlacement` nam
 axes). Kernel modules: `tpu` (Mosaic), `gpu` (Triton), `reference` (XLA).
 """
 
+from pallas_kernels._common import platform_dependent, tracing_for
 from pallas_kernels.scan import IMPLS, linear_scan
 from pallas_kernels.sequence_parallel import ScanPlacement, sequence_parallel_linear_scan
 
-__all__ = ["IMPLS", "ScanPlacement", "linear_scan", "sequence_parallel_linear_scan"]
+__all__ = ["IMPLS", "ScanPlacement", "linear_scan", "platform_dependent", "sequence_parallel_linear_scan",
+           "tracing_for"]

@@ -6,13 +6,45 @@ dispatcher (`scan.linear_scan`, `sequence_parallel_linear_scan`) validates and t
 backends' unchecked `run`.
 """
 
+import contextlib
+import contextvars
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 ACC_DTYPE = jnp.float32  # the scan state and every accumulation, whatever the input dtype
+
+# The platform a step function is being traced for, when its mesh says (`tracing_for`).
+_TRACE_PLATFORM: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "trace_platform", default=None)
+
+
+@contextlib.contextmanager
+def tracing_for(platform: Optional[str]) -> Iterator[None]:
+  """Within it, `platform_dependent` traces only `platform`'s branch ("cpu" or "tpu"; None or any
+  other platform: every branch, as jax.lax.platform_dependent does)."""
+  token = _TRACE_PLATFORM.set(platform if platform in ("cpu", "tpu") else None)
+  try:
+    yield
+  finally:
+    _TRACE_PLATFORM.reset(token)
+
+
+def platform_dependent(*args, default: Callable, **per_platform: Callable):
+  """jax.lax.platform_dependent, less the tracing of branches that cannot be lowered.
+
+  jax traces every branch and keeps the lowered platform's at lowering. A train step traced that way
+  traced the model's forward and backward once per branch of each call (the fused CPU loss and the
+  plain one, the CPU and TPU/GPU scans): half of a small run's trace time (py-spy). Where the
+  platform is known at trace time (`tracing_for`), only its branch is traced; the program is the
+  one lowering would have kept.
+  """
+  platform = _TRACE_PLATFORM.get()
+  if platform is not None:
+    return per_platform.get(platform, default)(*args)
+  return jax.lax.platform_dependent(*args, default=default, **per_platform)
 
 
 def check_operands(x: jax.Array, a: jax.Array, h0: Optional[jax.Array]) -> None:

@@ -71,7 +71,7 @@ def _dispatch(x: jax.Array, a: jax.Array, h0: Optional[jax.Array], *, reverse: b
     fn = _impl_fn(name, False)
     return lambda x, a, h0: fn(x, a, h0, reverse=reverse)
 
-  return jax.lax.platform_dependent(
+  return _common.platform_dependent(
       x, a, h0,
       tpu=branch("pallas_tpu"),
       cuda=branch("pallas_gpu"),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import pallas_kernels
 from sharding import rules as rules_lib
 
 MU_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -116,7 +117,7 @@ def apply_update(c: OptimizerConfig, logical_axes: Any, grads: Any, opt_state: A
   (`per_group=None`) is whole leaves on the CPU backend and per group elsewhere.
   """
   if per_group is None:
-    return jax.lax.platform_dependent(
+    return pallas_kernels.platform_dependent(
         grads, opt_state, params,
         cpu=functools.partial(apply_update, c, logical_axes, per_group=False),
         default=functools.partial(apply_update, c, logical_axes, per_group=True))

@@ -73,7 +73,11 @@ class _InMeshContext:
 
   @contextlib.contextmanager
   def _context(self):
-    with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules):
+    # The mesh's devices say which platform the step is lowered for: other platforms' branches are
+    # not traced (pallas_kernels.platform_dependent).
+    platform = self._mesh.devices.flat[0].platform
+    with jax.set_mesh(self._mesh), nn.logical_axis_rules(self._rules), \
+        pallas_kernels.tracing_for(platform):
       yield
 
   def __call__(self, *args):

@@ -104,8 +104,8 @@ def _loss_and_grad(model_config: model_lib.ModelConfig, z_loss: float, scan_plac
                                                 scan_placement=scan_placement), has_aux=True)
 
   def loss_and_grad(params, batch, total_weight):
-    return jax.lax.platform_dependent(params, batch, total_weight, cpu=branch(_fused_loss_sums),
-                                      default=branch(_loss_sums))
+    return pallas_kernels.platform_dependent(params, batch, total_weight,
+                                             cpu=branch(_fused_loss_sums), default=branch(_loss_sums))
   return loss_and_grad
 
 

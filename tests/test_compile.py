@@ -200,3 +200,43 @@ def test_loop_counting_in_steps_of_two(start, trips):
   count = hlo.matmul_flops(_STEP2_LOOP.replace("START", str(start)))
   assert count.loops == [("body", trips)]
   assert count.flops == trips * 2 * (2 * 8 * 8 * 8)
+
+
+def _program(compiled) -> str:
+  """A compiled program's computations, less what names the tracing rather than the program: the
+  source-location tables after the module's header, each instruction's metadata, and the numbers
+  in instruction and computation names (renumbered in order of appearance)."""
+  header, tables = compiled.as_text().split("\nFileNames\n", 1)
+  body = tables[re.search(r"^(%|ENTRY)", tables, re.M).start():]
+  body = re.sub(r",? ?stack_frame_id=\d+", "", re.sub(r", metadata=\{[^}]*\}", "", body))
+  names = {}
+  return header + re.sub(r"%[\w.-]+", lambda m: names.setdefault(m.group(0), f"%v{len(names)}"), body)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_a_step_traced_for_its_mesh_s_platform_is_the_program_jax_s_lowering_keeps(platform,
+                                                                                  monkeypatch):
+  """The step functions trace only their mesh platform's branches of `platform_dependent` (the
+  fused CPU loss, the Pallas or XLA scan, ...); the compiled train step is the one
+  jax.lax.platform_dependent gives after tracing every branch, instruction for instruction."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+
+  import pallas_kernels  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from recurrentgemma_tpu import step_functions  # pylint: disable=g-import-not-at-top
+  from test_train_common import small_config  # pylint: disable=g-import-not-at-top
+
+  exp = experiment_lib.build(small_config(), num_devices=4)
+  devices = planner.topology_devices("v5p:2x2x1")[1] if platform == "tpu" else jax.devices()[:4]
+  mesh = mesh_lib.create_mesh(exp.mesh, devices)
+
+  def compiled():
+    fns = step_functions.build_step_functions(exp.model, exp.optimizer, mesh, exp.mesh.strategy)
+    return fns.lower_train_step(exp.data.global_batch_size, exp.data.seq_len).compile()
+
+  pruned = compiled()
+  monkeypatch.setattr(pallas_kernels, "tracing_for", lambda _: contextlib.nullcontext())
+  every_branch = compiled()
+  assert _program(pruned) == _program(every_branch)
+  kernels = _program(pruned).count('custom_call_target="tpu_custom_call"')
+  assert kernels == (4 if platform == "tpu" else 0)  # the scan's forward and backward, 2 layers

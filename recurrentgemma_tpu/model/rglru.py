@@ -143,8 +143,8 @@ def block_diagonal_gates(x_BTR: jax.Array, w_x: jax.Array, b_x: jax.Array, w_a: 
   add communication where `rnn` is sharded over `model`, so only the lowered CPU program uses the
   per-block form; TPU and GPU keep the einsum (only the lowered platform's branch is compiled).
   """
-  return jax.lax.platform_dependent(x_BTR, w_x, b_x, w_a, b_a, cpu=_gates_per_block,
-                                    default=_gates_einsum)
+  return pallas_kernels.platform_dependent(x_BTR, w_x, b_x, w_a, b_a, cpu=_gates_per_block,
+                                          default=_gates_einsum)
 
 
 class RGLRU(nn.Module):
