@@ -9,5 +9,5 @@ from pallas_kernels._common import platform_dependent, tracing_for
 from pallas_kernels.scan import IMPLS, linear_scan
 from pallas_kernels.sequence_parallel import ScanPlacement, sequence_parallel_linear_scan
 
-__all__ = ["IMPLS", "ScanPlacement", "linear_scan", "platform_dependent", "sequence_parallel_linear_scan",
-           "tracing_for"]
+__all__ = ["IMPLS", "ScanPlacement", "linear_scan", "platform_dependent",
+           "sequence_parallel_linear_scan", "tracing_for"]

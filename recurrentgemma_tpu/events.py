@@ -71,7 +71,7 @@ def _masked_crc(data: bytes) -> bytes:
   return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
 
-def record(data: bytes) -> bytes:
+def _record(data: bytes) -> bytes:
   """One TFRecord: length, its masked CRC-32C, the data, the data's masked CRC-32C."""
   length = struct.pack("<Q", len(data))
   return length + _masked_crc(length) + data + _masked_crc(data)
@@ -88,7 +88,7 @@ class EventWriter:
     """One event holding every `tag: value` of `step` (float32, as TensorBoard plots them)."""
     now = time.time()
     summary = b"".join(_message(1, _scalar_value(tag, float(v))) for tag, v in values.items())
-    self._write(record(_event(now, int(step), summary=summary)))
+    self._write(_record(_event(now, int(step), summary=summary)))
 
   def _write(self, data: bytes) -> None:
     if self._file is None:
@@ -97,7 +97,7 @@ class EventWriter:
               f"{os.getpid()}.{next(_names)}.v2")
       path = workdir_lib.join(self.logdir, name)
       self._file = workdir_lib.open_append(path, binary=True)
-      data = record(_event(time.time(), 0, file_version=_FILE_VERSION)) + data
+      data = _record(_event(time.time(), 0, file_version=_FILE_VERSION)) + data
     self._file.write(data)
 
   def flush(self) -> None:
