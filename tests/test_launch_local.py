@@ -272,9 +272,9 @@ def test_a_preempted_killed_and_hung_local_job_reproduces_the_uninterrupted_run_
   one = tmp_path / "one_process"
   trainer.train_and_evaluate(experiment_lib.build(small_config(**{
       k.replace(".", "__"): v for k, v in OVERRIDES.items()})), str(one))
-  two = _train_losses(reference)
-  assert [s for s, _ in two] == [s for s, _ in _train_losses(one)] == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([l for _, l in two], [l for _, l in _train_losses(one)], rtol=1e-4)
+  two, one = _train_losses(reference), _train_losses(one)
+  assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-4)
   # Re-submitting a finished run does nothing and succeeds.
   proc = _submit(reference)
   out, _ = proc.communicate(timeout=300)
